@@ -1,0 +1,318 @@
+"""Exact per-example LoRA gradients, computed a batch at a time.
+
+For a linear map y = x W^T the gradient of a loss with respect to W is
+sum_t dL/dy_t (outer) x_t. Forward hooks on every trainable linear layer (the
+LoRA ``lora_A``/``lora_B`` layers) keep each layer's input x and output y;
+one ``torch.autograd.grad`` call returns dL/dy for all of them at once, and a
+batched matmul gives the per-example weight gradients. Each example's loss is
+its own mean over its completion tokens, and the examples do not interact in
+eval mode, so each row equals the batch-size-1 gradient exactly.
+
+The flattened gradient vector (dimension D) is the concatenation of the
+trainable parameters in ``named_parameters`` order, each flattened row-major:
+the same order a plain ``torch.cat([p.grad.flatten() ...])`` gives.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from contextlib import contextmanager, nullcontext
+from dataclasses import dataclass
+from typing import Callable, Iterator, Sequence
+
+import numpy as np
+import torch
+from torch import nn
+
+from .data import IGNORE_INDEX, Encoded
+
+
+@dataclass(frozen=True)
+class ParamBlock:
+    """One trainable weight: its name, shape (out, in) and offset in the flat vector."""
+
+    name: str
+    shape: tuple[int, int]
+    offset: int
+
+    @property
+    def size(self) -> int:
+        return self.shape[0] * self.shape[1]
+
+
+@dataclass(frozen=True)
+class GradientLayout:
+    blocks: tuple[ParamBlock, ...]
+
+    @property
+    def dim(self) -> int:
+        return sum(b.size for b in self.blocks)
+
+    def describe(self) -> dict:
+        return {"dim": self.dim, "blocks": [[b.name, list(b.shape), b.offset] for b in self.blocks]}
+
+
+def trainable_linears(model: nn.Module) -> tuple[GradientLayout, list[nn.Linear]]:
+    """The trainable parameters as (layout, owning linear layers), in named_parameters order.
+
+    Only bias-free ``nn.Linear`` weights are supported (that is what LoRA trains);
+    anything else trainable is a configuration error we report by name.
+    """
+    owner: dict[int, tuple[str, nn.Module]] = {}
+    for mod_name, mod in model.named_modules():
+        for p_name, p in mod.named_parameters(recurse=False):
+            owner[id(p)] = (f"{mod_name}.{p_name}" if mod_name else p_name, mod)
+    blocks, modules, offset = [], [], 0
+    for name, p in model.named_parameters():
+        if not p.requires_grad:
+            continue
+        _, mod = owner[id(p)]
+        if not isinstance(mod, nn.Linear) or p is not mod.weight or (mod.bias is not None and mod.bias.requires_grad):
+            raise ValueError(
+                f"trainable parameter {name!r} is not the weight of a bias-free nn.Linear; "
+                "per-example gradients support LoRA adapters on linear layers only "
+                "(no modules_to_save, no trainable biases or embeddings)"
+            )
+        blocks.append(ParamBlock(name, tuple(p.shape), offset))
+        modules.append(mod)
+        offset += p.numel()
+    if not blocks:
+        raise ValueError("model has no trainable parameters; load a LoRA adapter first")
+    return GradientLayout(tuple(blocks)), modules
+
+
+# ----------------------------------------------------------------- batching
+
+@dataclass
+class Batch:
+    indices: list[int]          # positions in the caller's example list
+    input_ids: torch.Tensor     # (B, T), right-padded
+    attention_mask: torch.Tensor
+    labels: torch.Tensor        # IGNORE_INDEX on prompt and padding
+    n_tokens: int               # real tokens (for throughput)
+
+
+def length_batches(encoded: Sequence[Encoded], max_tokens: int, max_batch_size: int = 64,
+                   pad_id: int = 0) -> Iterator[Batch]:
+    """Group examples of similar length so that B x T stays under a token budget.
+
+    Sorting by length keeps padding small; the order inside the result is
+    restored by the caller through ``Batch.indices``.
+    """
+    order = sorted(range(len(encoded)), key=lambda i: (len(encoded[i].input_ids), i))
+    batch: list[int] = []
+    longest = 0
+    for i in order:
+        n = len(encoded[i].input_ids)
+        if batch and (max(longest, n) * (len(batch) + 1) > max_tokens or len(batch) >= max_batch_size):
+            yield _collate(encoded, batch, pad_id)
+            batch, longest = [], 0
+        batch.append(i)
+        longest = max(longest, n)
+    if batch:
+        yield _collate(encoded, batch, pad_id)
+
+
+def _collate(encoded: Sequence[Encoded], idx: list[int], pad_id: int) -> Batch:
+    T = max(len(encoded[i].input_ids) for i in idx)
+    ids = torch.full((len(idx), T), pad_id, dtype=torch.long)
+    labels = torch.full((len(idx), T), IGNORE_INDEX, dtype=torch.long)
+    mask = torch.zeros((len(idx), T), dtype=torch.long)
+    for row, i in enumerate(idx):
+        e = encoded[i]
+        n = len(e.input_ids)
+        ids[row, :n] = torch.tensor(e.input_ids)
+        labels[row, :n] = torch.tensor(e.labels)
+        mask[row, :n] = 1
+    return Batch(idx, ids, mask, labels, int(mask.sum()))
+
+
+def per_example_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Mean next-token cross-entropy over each example's label tokens -> (B,)."""
+    shift_logits = logits[:, :-1].float()
+    shift_labels = labels[:, 1:]
+    ce = nn.functional.cross_entropy(
+        shift_logits.reshape(-1, shift_logits.size(-1)), shift_labels.reshape(-1),
+        ignore_index=IGNORE_INDEX, reduction="none",
+    ).view(shift_labels.shape)
+    counts = (shift_labels != IGNORE_INDEX).sum(dim=1)
+    if bool((counts == 0).any()):
+        raise ValueError("an example has no completion tokens; filter those out before computing gradients")
+    return ce.sum(dim=1) / counts
+
+
+# ----------------------------------------------------------- the gradient pass
+
+@contextmanager
+def _capture_io(modules: Sequence[nn.Module]):
+    """Keep each module's (input, output) of the current forward pass."""
+    store: list[list] = [[] for _ in modules]
+
+    def make_hook(k):
+        def hook(mod, inputs, output):
+            store[k].append((inputs[0], output))
+        return hook
+
+    handles = [m.register_forward_hook(make_hook(k)) for k, m in enumerate(modules)]
+    try:
+        yield store
+    finally:
+        for h in handles:
+            h.remove()
+
+
+def autocast_for(device: torch.device, dtype: torch.dtype):
+    if device.type == "cuda" and dtype in (torch.bfloat16, torch.float16):
+        return torch.autocast("cuda", dtype=dtype)
+    return nullcontext()
+
+
+def batch_block_gradients(model: nn.Module, modules: Sequence[nn.Module], batch: Batch,
+                          device: torch.device, dtype: torch.dtype = torch.float32
+                          ) -> tuple[torch.Tensor, Iterator[tuple[int, torch.Tensor]]]:
+    """Run one forward/backward; return (per-example losses, iterator of (block, grads (B, size))).
+
+    Gradients are produced block by block so a caller can project and drop
+    each one: the batch never holds a B x D matrix unless the caller builds it.
+    """
+    ids = batch.input_ids.to(device)
+    mask = batch.attention_mask.to(device)
+    labels = batch.labels.to(device)
+    with _capture_io(modules) as store, autocast_for(device, dtype):
+        logits = model(input_ids=ids, attention_mask=mask).logits
+    losses = per_example_loss(logits, labels)
+    for k, calls in enumerate(store):
+        if len(calls) != 1:
+            raise RuntimeError(f"trainable layer {k} ran {len(calls)} times in one forward pass; "
+                               "shared (tied) LoRA layers are not supported")
+    outputs = [calls[0][1] for calls in store]
+    grads_out = torch.autograd.grad(losses.sum(), outputs, allow_unused=True)
+
+    def blocks():
+        for k, (calls, gy) in enumerate(zip(store, grads_out)):
+            x = calls[0][0]
+            B = x.shape[0]
+            if gy is None:  # layer not on the loss path
+                yield k, torch.zeros(B, outputs[k].shape[-1] * x.shape[-1], device=device)
+                continue
+            gy = gy.float().reshape(B, -1, gy.shape[-1])
+            xf = x.detach().float().reshape(B, -1, x.shape[-1])
+            yield k, torch.bmm(gy.transpose(1, 2), xf).reshape(B, -1)
+
+    return losses.detach(), blocks()
+
+
+@dataclass
+class PassStats:
+    examples: int = 0
+    tokens: int = 0
+    seconds: float = 0.0
+
+    @property
+    def examples_per_s(self) -> float:
+        return self.examples / self.seconds if self.seconds else math.nan
+
+    @property
+    def tokens_per_s(self) -> float:
+        return self.tokens / self.seconds if self.seconds else math.nan
+
+
+def gradient_pass(model: nn.Module, encoded: Sequence[Encoded], consume: Callable[[Batch, torch.Tensor, Iterator], None],
+                  device: torch.device, dtype: torch.dtype = torch.float32, max_tokens: int = 4096,
+                  max_batch_size: int = 64, pad_id: int = 0,
+                  progress: Callable[[int, int, PassStats], None] | None = None) -> PassStats:
+    """Drive the per-example gradient computation over examples in length-sorted batches."""
+    model.eval()
+    _, modules = trainable_linears(model)
+    stats = PassStats()
+    start = time.perf_counter()
+    for batch in length_batches(encoded, max_tokens, max_batch_size, pad_id):
+        losses, blocks = batch_block_gradients(model, modules, batch, device, dtype)
+        consume(batch, losses, blocks)
+        stats.examples += len(batch.indices)
+        stats.tokens += batch.n_tokens
+        stats.seconds = time.perf_counter() - start
+        if progress is not None:
+            progress(stats.examples, len(encoded), stats)
+    return stats
+
+
+def full_gradients(model: nn.Module, encoded: Sequence[Encoded], out: np.ndarray | None = None,
+                   **kwargs) -> tuple[np.ndarray, np.ndarray]:
+    """All per-example gradients as an (N, D) float32 array (pass a memmap as ``out`` for big N x D).
+
+    Returns (gradients, losses).
+    """
+    layout, _ = trainable_linears(model)
+    if out is None:
+        out = np.zeros((len(encoded), layout.dim), dtype=np.float32)
+    losses = np.zeros(len(encoded), dtype=np.float64)
+
+    def consume(batch, batch_losses, blocks):
+        rows = np.asarray(batch.indices)
+        order = np.argsort(rows)  # memmaps write faster in row order
+        losses[rows] = batch_losses.cpu().double().numpy()
+        buf = np.empty((len(rows), layout.dim), dtype=np.float32)
+        for k, g in blocks:
+            b = layout.blocks[k]
+            buf[:, b.offset:b.offset + b.size] = g.cpu().numpy()
+        out[rows[order]] = buf[order]
+
+    device = kwargs.pop("device", torch.device("cpu"))
+    gradient_pass(model, encoded, consume, device=device, **kwargs)
+    return out, losses
+
+
+def projected_gradients(model: nn.Module, encoded: Sequence[Encoded], basis: torch.Tensor,
+                        **kwargs) -> tuple[np.ndarray, np.ndarray, np.ndarray, PassStats]:
+    """Per-example gradients projected on ``basis`` (D x K): returns (z (N, K), |g| (N,), losses, stats).
+
+    ``basis`` may hold the bases of many targets side by side, so one pass
+    serves them all. It is sliced block by block, matching the flat layout.
+    """
+    layout, _ = trainable_linears(model)
+    if basis.shape[0] != layout.dim:
+        raise ValueError(f"basis has {basis.shape[0]} rows but the model's LoRA gradient has "
+                         f"{layout.dim} entries; the basis was built for another adapter")
+    device = kwargs.pop("device", torch.device("cpu"))
+    basis = basis.to(device=device, dtype=torch.float32)
+    slices = [basis[b.offset:b.offset + b.size] for b in layout.blocks]
+    n = len(encoded)
+    z = np.zeros((n, basis.shape[1]), dtype=np.float32)
+    norms = np.zeros(n, dtype=np.float64)
+    losses = np.zeros(n, dtype=np.float64)
+
+    def consume(batch, batch_losses, blocks):
+        acc = torch.zeros(len(batch.indices), basis.shape[1], device=device)
+        sq = torch.zeros(len(batch.indices), device=device, dtype=torch.float64)
+        for k, g in blocks:
+            acc += g @ slices[k]
+            sq += g.double().pow(2).sum(dim=1)
+        rows = np.asarray(batch.indices)
+        z[rows] = acc.cpu().numpy()
+        norms[rows] = sq.sqrt().cpu().numpy()
+        losses[rows] = batch_losses.cpu().double().numpy()
+
+    stats = gradient_pass(model, encoded, consume, device=device, **kwargs)
+    return z, norms, losses, stats
+
+
+def reference_gradients(model: nn.Module, encoded: Sequence[Encoded], device=torch.device("cpu")) -> np.ndarray:
+    """The obviously-right way: batch size 1, ``loss.backward()``, concatenated ``p.grad``.
+
+    Slow; used by tests and benchmarks as the baseline.
+    """
+    model.eval()
+    params = [p for p in model.parameters() if p.requires_grad]
+    rows = []
+    for e in encoded:
+        ids = torch.tensor([e.input_ids], device=device)
+        labels = torch.tensor([e.labels], device=device)
+        model.zero_grad(set_to_none=True)
+        logits = model(input_ids=ids).logits
+        loss = per_example_loss(logits, labels)[0]
+        loss.backward()
+        rows.append(torch.cat([p.grad.flatten() for p in params]).cpu().numpy())
+    model.zero_grad(set_to_none=True)
+    return np.stack(rows).astype(np.float32)

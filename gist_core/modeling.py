@@ -1,0 +1,204 @@
+"""The embedded default model: a BPE tokenizer and a small Llama trained on the pool.
+
+Also the model/adapter loading helpers shared by every stage. Loading never
+reaches the network: ``local_files_only`` is always set, and remote code runs
+only when the caller passes ``trust_remote_code=True``.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Sequence
+
+import torch
+from torch import nn
+
+from .data import Encoded
+
+CHAT_TOKENS = ["<|system|>", "<|user|>", "<|assistant|>"]
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def train_bpe_tokenizer(texts: Sequence[str], vocab_size: int = 2048):
+    """Byte-level BPE tokenizer trained on ``texts``; deterministic for the same texts."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size,
+        special_tokens=["<pad>", "<s>", "</s>", *CHAT_TOKENS],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    tok.train_from_iterator(texts, trainer)
+    return PreTrainedTokenizerFast(
+        tokenizer_object=tok, bos_token="<s>", eos_token="</s>", pad_token="<pad>",
+        additional_special_tokens=CHAT_TOKENS, model_max_length=4096,
+    )
+
+
+@dataclass
+class TinyLlamaSpec:
+    hidden_size: int = 128
+    layers: int = 4
+    heads: int = 4
+    kv_heads: int = 4
+    intermediate_size: int = 352
+    max_positions: int = 256
+
+
+def tiny_llama(vocab_size: int, spec: TinyLlamaSpec, tokenizer=None, seed: int = 0):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    config = LlamaConfig(
+        vocab_size=vocab_size, hidden_size=spec.hidden_size, intermediate_size=spec.intermediate_size,
+        num_hidden_layers=spec.layers, num_attention_heads=spec.heads, num_key_value_heads=spec.kv_heads,
+        max_position_embeddings=spec.max_positions, tie_word_embeddings=True,
+        bos_token_id=getattr(tokenizer, "bos_token_id", None), eos_token_id=getattr(tokenizer, "eos_token_id", None),
+        pad_token_id=getattr(tokenizer, "pad_token_id", None),
+    )
+    torch.manual_seed(seed)
+    return LlamaForCausalLM(config)
+
+
+def causal_lm_batches(encoded: Sequence[Encoded], batch_size: int, rng: random.Random, pad_id: int):
+    """Shuffled, right-padded batches (input_ids, attention_mask, labels)."""
+    order = list(range(len(encoded)))
+    rng.shuffle(order)
+    for start in range(0, len(order), batch_size):
+        idx = order[start:start + batch_size]
+        T = max(len(encoded[i].input_ids) for i in idx)
+        ids = torch.full((len(idx), T), pad_id, dtype=torch.long)
+        labels = torch.full((len(idx), T), -100, dtype=torch.long)
+        mask = torch.zeros((len(idx), T), dtype=torch.long)
+        for r, i in enumerate(idx):
+            n = len(encoded[i].input_ids)
+            ids[r, :n] = torch.tensor(encoded[i].input_ids)
+            labels[r, :n] = torch.tensor(encoded[i].labels)
+            mask[r, :n] = 1
+        yield ids, mask, labels
+
+
+def pretrain(model: nn.Module, encoded: Sequence[Encoded], steps: int, batch_size: int, lr: float,
+             seed: int, pad_id: int, log: Callable[[str], None] = print) -> list[float]:
+    """Plain causal-LM training of the base model; bounded by a step count (deterministic)."""
+    seed_everything(seed)
+    rng = random.Random(seed)
+    opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.01)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / 20) * max(0.1, 1 - s / steps))
+    model.train()
+    losses: list[float] = []
+    start = time.perf_counter()
+    while len(losses) < steps:
+        for ids, mask, labels in causal_lm_batches(encoded, batch_size, rng, pad_id):
+            loss = model(input_ids=ids, attention_mask=mask, labels=labels).loss
+            loss.backward()
+            nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+            opt.step()
+            sched.step()
+            opt.zero_grad(set_to_none=True)
+            losses.append(float(loss))
+            if len(losses) % 50 == 0 or len(losses) == steps:
+                rate = len(losses) / (time.perf_counter() - start)
+                log(f"pretrain step {len(losses)}/{steps} loss {loss.item():.3f} ({rate:.1f} steps/s)")
+            if len(losses) >= steps:
+                break
+    model.eval()
+    return losses
+
+
+# ------------------------------------------------------------------ loading
+
+def load_tokenizer(path: str, trust_remote_code: bool = False):
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(path, local_files_only=True, trust_remote_code=trust_remote_code)
+    if tok.pad_token_id is None:
+        # Causal LMs often ship without a pad token; padding is masked anyway.
+        tok.pad_token = tok.eos_token
+    return tok
+
+
+def check_model_path(path: str) -> None:
+    """A clear error for a model that is neither a local directory nor in the local hub cache."""
+    if os.path.isdir(path):
+        if not os.path.isfile(os.path.join(path, "config.json")):
+            raise FileNotFoundError(f"model directory {path!r} has no config.json; point model_name_or_path "
+                                    "at a directory written by save_pretrained")
+        return
+    try:
+        from huggingface_hub import try_to_load_from_cache
+
+        if isinstance(try_to_load_from_cache(path, "config.json"), str):
+            return
+    except Exception:  # not a valid repo id either
+        pass
+    raise FileNotFoundError(
+        f"model {path!r} is neither a local directory nor a hub id in the local cache; "
+        "download it first (huggingface-cli download ...) or give a local path"
+    )
+
+
+def load_causal_lm(path: str, device: torch.device, dtype: torch.dtype, trust_remote_code: bool = False):
+    from transformers import AutoModelForCausalLM
+
+    check_model_path(path)
+    model = AutoModelForCausalLM.from_pretrained(
+        path, local_files_only=True, trust_remote_code=trust_remote_code, torch_dtype=dtype,
+    )
+    return model.to(device).eval()
+
+
+def attach_lora(model: nn.Module, r: int, alpha: int, dropout: float, target_modules: Sequence[str], seed: int):
+    from peft import LoraConfig, get_peft_model
+
+    names = {n.split(".")[-1] for n, _ in model.named_modules()}
+    missing = [t for t in target_modules if t not in names]
+    if missing:
+        raise ValueError(f"LoRA target modules {missing} do not exist in {type(model).__name__}; "
+                         f"available linear layers include {sorted(n for n in names if 'proj' in n or 'attn' in n)[:12]}")
+    torch.manual_seed(seed)
+    cfg = LoraConfig(r=r, lora_alpha=alpha, lora_dropout=dropout, target_modules=list(target_modules),
+                     bias="none", task_type="CAUSAL_LM")
+    return get_peft_model(model, cfg)
+
+
+def load_adapter(model: nn.Module, adapter_dir: str):
+    """Load a saved PEFT adapter onto a freshly loaded base model, LoRA weights trainable."""
+    from peft import PeftModel
+
+    if not os.path.isfile(os.path.join(adapter_dir, "adapter_config.json")):
+        raise FileNotFoundError(f"{adapter_dir!r} is not a PEFT adapter directory (no adapter_config.json)")
+    try:
+        peft_model = PeftModel.from_pretrained(model, adapter_dir, is_trainable=True)
+    except (RuntimeError, ValueError, KeyError) as exc:
+        raise ValueError(f"adapter {adapter_dir!r} does not fit the base model: {exc}") from exc
+    return peft_model.eval()
+
+
+def model_summary(model: nn.Module) -> dict:
+    total = sum(p.numel() for p in model.parameters())
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    return {"parameters": total, "trainable_parameters": trainable, "class": type(model).__name__}
+
+
+def save_json(path: str | Path, obj) -> None:
+    """Write JSON atomically: a reader never sees a half-written file."""
+    path = Path(path)
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    tmp.write_text(json.dumps(obj, indent=2, sort_keys=True, default=str))
+    os.replace(tmp, path)
+
+

@@ -1,0 +1,45 @@
+"""GIST scores: cosine to each subtask's mean target direction, max over subtasks."""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+import numpy as np
+
+
+def _normalize_rows(x: np.ndarray) -> np.ndarray:
+    """Unit rows; an all-zero row stays zero (its cosine is 0, never NaN)."""
+    norms = np.linalg.norm(x, axis=1, keepdims=True)
+    return np.divide(x, norms, out=np.zeros_like(x, dtype=np.float64), where=norms > 0)
+
+
+def subtask_directions(Z: np.ndarray, subtasks: Sequence[str]) -> tuple[list[str], np.ndarray]:
+    """t_s = normalize(mean of subtask s's rows of Z), subtasks in sorted order."""
+    labels = np.asarray(subtasks)
+    names = sorted(set(labels.tolist()))
+    means = np.stack([Z[labels == name].mean(axis=0) for name in names])
+    return names, _normalize_rows(means.astype(np.float64))
+
+
+def cosine_to_subtasks(z: np.ndarray, directions: np.ndarray) -> np.ndarray:
+    """cos(z_i, t_s) for candidates z (M x k) and unit directions (S x k) -> M x S."""
+    return _normalize_rows(np.asarray(z, dtype=np.float64)) @ directions.T
+
+
+def checkpoint_weights(avg_learning_rates: Sequence[float]) -> np.ndarray:
+    """LESS weights each checkpoint by its epoch's average learning rate, normalized to sum 1."""
+    w = np.asarray(avg_learning_rates, dtype=np.float64)
+    if w.size == 0 or np.any(w < 0) or w.sum() <= 0:
+        raise ValueError(f"checkpoint weights must be non-negative and not all zero, got {list(w)}")
+    return w / w.sum()
+
+
+def combine_and_max(cosines: Sequence[np.ndarray], weights: Sequence[float]) -> tuple[np.ndarray, np.ndarray]:
+    """Weighted sum of per-checkpoint M x S cosine matrices, then max over subtasks.
+
+    Returns (score (M,), index of the best subtask (M,)).
+    """
+    if len(cosines) != len(weights):
+        raise ValueError("one weight per checkpoint is required")
+    total = sum(w * c for w, c in zip(weights, cosines))
+    return total.max(axis=1), total.argmax(axis=1)

@@ -1,0 +1,1 @@
+"""gist_resources."""
