@@ -21,6 +21,7 @@ from torch import nn
 from .data import Encoded
 
 CHAT_TOKENS = ["<|system|>", "<|user|>", "<|assistant|>"]
+EOS = "</s>"
 
 
 def seed_everything(seed: int) -> None:
@@ -38,13 +39,13 @@ def train_bpe_tokenizer(texts: Sequence[str], vocab_size: int = 2048):
     tok.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(
         vocab_size=vocab_size,
-        special_tokens=["<pad>", "<s>", "</s>", *CHAT_TOKENS],
+        special_tokens=["<pad>", "<s>", EOS, *CHAT_TOKENS],
         initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
         show_progress=False,
     )
     tok.train_from_iterator(texts, trainer)
     return PreTrainedTokenizerFast(
-        tokenizer_object=tok, bos_token="<s>", eos_token="</s>", pad_token="<pad>",
+        tokenizer_object=tok, bos_token="<s>", eos_token=EOS, pad_token="<pad>",
         additional_special_tokens=CHAT_TOKENS, model_max_length=4096,
     )
 
@@ -156,7 +157,7 @@ def load_causal_lm(path: str, device: torch.device, dtype: torch.dtype, trust_re
 
     check_model_path(path)
     model = AutoModelForCausalLM.from_pretrained(
-        path, local_files_only=True, trust_remote_code=trust_remote_code, torch_dtype=dtype,
+        path, local_files_only=True, trust_remote_code=trust_remote_code, dtype=dtype,
     )
     return model.to(device).eval()
 

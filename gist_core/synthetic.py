@@ -284,7 +284,7 @@ TARGET_TEMPLATES: dict[str, tuple[str, ...]] = {
         "Start at {a}, count up by {b}, and you land on",
     ),
     "word_reversal": (
-        "Flip the order of characters in {word}. Answer:",
+        "Flip the order of characters in {word}. Output:",
         "Read {word} right to left and write it down:",
         "Mirror the word {word} letter by letter ->",
     ),

@@ -84,7 +84,7 @@ def train_lora(model: nn.Module, encoded: Sequence[Encoded], cfg: LoraTrainConfi
             # Scale by the number of micro-batches in this accumulation group.
             group = min(accum, len(batches) - (i // accum) * accum)
             (out.loss / group).backward()
-            group_loss += float(out.loss) / group
+            group_loss += out.loss.item() / group
             if (i + 1) % accum == 0 or i + 1 == len(batches):
                 result.losses.append(group_loss)
                 group_loss = 0.0

@@ -1,0 +1,68 @@
+"""Asset checks guarding what downstream consumes."""
+
+
+import json
+
+import dagster as dg
+import numpy as np
+import polars as pl
+
+from gist_core.selection import selection_size
+from gist_resources import ScoreStore, StorageResource
+
+from .gradients import features_dir, read_basis_manifest, spectral_basis
+from .partitions import candidate_shards
+from .scores import METHOD, candidate_scores, selected_subset, selection_dir
+
+
+@dg.asset_check(asset=spectral_basis, blocking=True, description="V_k^T V_k is close to the identity")
+def basis_columns_orthonormal(storage: StorageResource) -> dg.AssetCheckResult:
+    bases = read_basis_manifest(storage)
+    worst = {}
+    for target, per in bases["targets"].items():
+        for ckpt in per:
+            V = np.asarray(storage.open_npy(storage.path("basis", ckpt, target, "V.npy"), "spectral_basis"),
+                           dtype=np.float64)
+            worst[f"{ckpt}/{target}"] = float(np.abs(V.T @ V - np.eye(V.shape[1])).max())
+    top = max(worst.values())
+    return dg.AssetCheckResult(passed=top < 1e-3, metadata={"max_abs_deviation": top,
+                                                           "per_basis": dg.MetadataValue.json(worst)})
+
+
+@dg.asset_check(asset=candidate_scores, blocking=True,
+                description="Scores are finite and in [-1, 1]; candidates without completion tokens are not scored")
+def scores_valid(context: dg.AssetCheckExecutionContext, storage: StorageResource,
+                 score_store: ScoreStore) -> dg.AssetCheckResult:
+    with score_store.get_connection() as conn:
+        bad = conn.execute(
+            "SELECT count(*) FROM candidate_scores WHERE method = ? AND "
+            "(NOT isfinite(score) OR score < -1.000001 OR score > 1.000001)", [METHOD]).fetchone()[0]
+        scored_ids = {r[0] for r in conn.execute(
+            "SELECT DISTINCT candidate_id FROM candidate_scores WHERE method = ?", [METHOD]).fetchall()}
+    excluded = []
+    for shard in context.instance.get_dynamic_partitions(candidate_shards.name):
+        side = features_dir(storage, shard) / "candidates.parquet"
+        if side.exists():
+            excluded += pl.read_parquet(side).filter(~pl.col("included"))["candidate_id"].to_list()
+    wrongly_scored = sorted(set(excluded) & scored_ids)
+    return dg.AssetCheckResult(passed=bad == 0 and not wrongly_scored, metadata={
+        "out_of_range_or_nonfinite": int(bad), "excluded_candidates": len(excluded),
+        "excluded_but_scored": dg.MetadataValue.json(wrongly_scored[:20])})
+
+
+@dg.asset_check(asset=selected_subset, description="Each selection has the configured size, in every output")
+def selection_size_as_configured(storage: StorageResource, score_store: ScoreStore) -> dg.AssetCheckResult:
+    bases = read_basis_manifest(storage)
+    report, ok = {}, True
+    with score_store.get_connection() as conn:
+        for target in sorted(bases["targets"]):
+            manifest = json.loads((selection_dir(storage, target) / "manifest.json").read_text())
+            expected = selection_size(manifest["scored_candidates"], manifest["config"]["percentage"],
+                                      manifest["config"]["n"])
+            in_db = conn.execute("SELECT count(*) FROM selections WHERE target = ? AND method = ?",
+                                 [target, METHOD]).fetchone()[0]
+            with open(selection_dir(storage, target) / "selection.jsonl", encoding="utf-8") as fh:
+                in_jsonl = sum(1 for _ in fh)
+            report[target] = {"expected": expected, "duckdb": in_db, "jsonl": in_jsonl}
+            ok &= expected == in_db == in_jsonl
+    return dg.AssetCheckResult(passed=ok, metadata={"sizes": dg.MetadataValue.json(report)})

@@ -1,0 +1,41 @@
+"""The code location: assets, checks, resources, and jobs."""
+
+
+import dagster as dg
+
+from gist_resources import ComputeResource, ScoreStore, StorageResource
+
+from .checks import basis_columns_orthonormal, scores_valid, selection_size_as_configured
+from .gradients import candidate_features, spectral_basis, target_gradients
+from .model import base_model, warmup_checkpoint
+from .pool import candidate_pool, target_sets
+from .scores import candidate_scores, selected_subset
+
+ASSETS = [candidate_pool, target_sets, base_model, warmup_checkpoint, target_gradients, spectral_basis,
+          candidate_features, candidate_scores, selected_subset]
+CHECKS = [basis_columns_orthonormal, scores_valid, selection_size_as_configured]
+
+# The graph in three jobs: everything up to the bases, the per-shard feature pass, then scoring.
+prepare_job = dg.define_asset_job(
+    "prepare_job", selection=dg.AssetSelection.assets(candidate_pool, target_sets, base_model, warmup_checkpoint,
+                                                      target_gradients, spectral_basis))
+features_job = dg.define_asset_job("features_job", selection=dg.AssetSelection.assets(candidate_features),
+                                   partitions_def=candidate_features.partitions_def)
+select_job = dg.define_asset_job("select_job", selection=dg.AssetSelection.assets(candidate_scores, selected_subset))
+
+
+def make_resources(root: str = "") -> dict:
+    storage = StorageResource(root=root)
+    return {
+        "storage": storage,
+        "compute": ComputeResource(),
+        "score_store": ScoreStore(database=str(storage.root_path / "gist.duckdb")),
+    }
+
+
+def build_definitions(root: str = "") -> dg.Definitions:
+    return dg.Definitions(assets=ASSETS, asset_checks=CHECKS, resources=make_resources(root),
+                          jobs=[prepare_job, features_job, select_job])
+
+
+defs = build_definitions()

@@ -1,0 +1,140 @@
+"""base_model and warmup_checkpoint."""
+
+
+import json
+import random
+
+import dagster as dg
+
+from gist_core import modeling
+from gist_core.data import encode_messages, tulu_segments
+from gist_core.warmup import LoraTrainConfig, save_checkpoint, train_lora
+from gist_resources import ComputeResource, StorageResource
+
+from .config import BaseModelConfig, WarmupConfig
+from .plots import line_plot
+from .pool import candidate_pool, pool_path
+
+EMBEDDED_DEFAULTS = {"max_length": 128, "lora_r": 8, "learning_rate": 1e-3, "effective_batch_size": 16}
+PAPER_DEFAULTS = {"max_length": 2048, "lora_r": 128, "learning_rate": 2e-5, "effective_batch_size": 128}
+
+
+def model_ref_path(storage: StorageResource):
+    return storage.path("models", "model_ref.json")
+
+
+def read_model_ref(storage: StorageResource) -> dict:
+    return storage.read_json(model_ref_path(storage), "base_model")
+
+
+def warmup_manifest_path(storage: StorageResource):
+    return storage.path("warmup", "manifest.json")
+
+
+def read_warmup(storage: StorageResource) -> dict:
+    return storage.read_json(warmup_manifest_path(storage), "warmup_checkpoint")
+
+
+def default_target_modules(model) -> list[str]:
+    names = {n.split(".")[-1] for n, _ in model.named_modules()}
+    for choice in (["q_proj", "k_proj", "v_proj", "o_proj"], ["c_attn"], ["query_key_value", "dense"]):
+        if all(c in names for c in choice):
+            return choice
+    raise ValueError(f"cannot guess LoRA target modules for {type(model).__name__}; set warmup "
+                     "config target_modules (e.g. [q_proj, v_proj])")
+
+
+@dg.asset(group_name="model", deps=[candidate_pool], code_version="1", kinds={"pytorch"})
+def base_model(context: dg.AssetExecutionContext, config: BaseModelConfig, storage: StorageResource,
+               compute: ComputeResource) -> dg.MaterializeResult:
+    """The base model: a pointer to a configured model, or the embedded tiny Llama trained on the pool."""
+    ref_path = model_ref_path(storage)
+    if config.model_name_or_path:
+        modeling.check_model_path(config.model_name_or_path)
+        tok = compute.load_tokenizer(config.model_name_or_path)
+        ref = {"path": config.model_name_or_path, "embedded": False,
+               "max_length": config.max_length or PAPER_DEFAULTS["max_length"], "vocab_size": len(tok)}
+        storage.write_json(ref_path, ref)
+        return dg.MaterializeResult(metadata={"model": ref["path"], "embedded": False,
+                                              "max_length": ref["max_length"]})
+
+    pool = storage.read_parquet(pool_path(storage), "candidate_pool")
+    max_length = config.max_length or EMBEDDED_DEFAULTS["max_length"]
+    # Tokenizer and pretraining texts: every pool conversation in Tulu chat format.
+    conversations = [json.loads(m) for m in pool.sort("candidate_id")["messages"]]
+    texts = ["".join(seg for seg, _ in tulu_segments(c, modeling.EOS)) for c in conversations]
+    tokenizer = modeling.train_bpe_tokenizer(texts, vocab_size=config.vocab_size)
+    spec = modeling.TinyLlamaSpec(hidden_size=config.hidden_size, layers=config.layers, heads=config.heads,
+                                  kv_heads=config.kv_heads, intermediate_size=int(config.hidden_size * 2.75),
+                                  max_positions=max(256, max_length))
+    model = modeling.tiny_llama(len(tokenizer), spec, tokenizer, seed=config.seed)
+    encoded = [encode_messages(tokenizer, c, max_length) for c in conversations]
+    for e in encoded:  # pretraining learns every token, not only the replies
+        e.labels = list(e.input_ids)
+    losses = modeling.pretrain(model, encoded, steps=config.pretrain_steps, batch_size=config.pretrain_batch_size,
+                               lr=config.pretrain_learning_rate, seed=config.seed,
+                               pad_id=tokenizer.pad_token_id, log=context.log.info)
+    dest = storage.path("models", "base_model")
+    with storage.atomic_dir(dest) as tmp:
+        model.save_pretrained(str(tmp))
+        tokenizer.save_pretrained(str(tmp))
+    ref = {"path": str(dest), "embedded": True, "max_length": max_length, "vocab_size": len(tokenizer)}
+    storage.write_json(ref_path, ref)
+    return dg.MaterializeResult(metadata={
+        "model": dg.MetadataValue.path(str(dest)), "embedded": True, "max_length": max_length,
+        **modeling.model_summary(model), "vocab_size": len(tokenizer),
+        "pretrain_final_loss": losses[-1], "pretrain_loss": line_plot(losses, "Pretraining loss", "step", "loss"),
+    })
+
+
+def resolve_warmup(config: WarmupConfig, ref: dict) -> dict:
+    d = EMBEDDED_DEFAULTS if ref["embedded"] else PAPER_DEFAULTS
+    r = config.lora_r or d["lora_r"]
+    return {"lora_r": r, "lora_alpha": config.lora_alpha or 4 * r,
+            "learning_rate": config.learning_rate or d["learning_rate"],
+            "effective_batch_size": config.effective_batch_size or d["effective_batch_size"]}
+
+
+@dg.asset(group_name="model", deps=[base_model, candidate_pool], code_version="1", kinds={"pytorch", "peft"})
+def warmup_checkpoint(context: dg.AssetExecutionContext, config: WarmupConfig, storage: StorageResource,
+                      compute: ComputeResource) -> dg.MaterializeResult:
+    """LoRA warmup on a seeded random fraction of the pool; one PEFT adapter dir per epoch."""
+    if not 0 < config.fraction <= 1:
+        raise ValueError(f"warmup fraction must be in (0, 1], got {config.fraction}")
+    ref = read_model_ref(storage)
+    hp = resolve_warmup(config, ref)
+    pool = storage.read_parquet(pool_path(storage), "candidate_pool").sort("candidate_id")
+    n = max(1, round(config.fraction * pool.height))
+    picked = sorted(random.Random(config.seed).sample(range(pool.height), n))
+    tokenizer = compute.load_tokenizer(ref["path"])
+    encoded = [encode_messages(tokenizer, json.loads(pool["messages"][i]), ref["max_length"]) for i in picked]
+    encoded = [e for e in encoded if e.n_label_tokens > 0]
+    model = compute.load_model(ref["path"])
+    target_modules = list(config.target_modules) or default_target_modules(model)
+    model = modeling.attach_lora(model, hp["lora_r"], hp["lora_alpha"], config.lora_dropout, target_modules,
+                                 seed=config.seed)
+    cfg = LoraTrainConfig(epochs=config.epochs, learning_rate=hp["learning_rate"], warmup_ratio=config.warmup_ratio,
+                          effective_batch_size=hp["effective_batch_size"],
+                          micro_batch_size=min(config.micro_batch_size, hp["effective_batch_size"]), seed=config.seed)
+    dest = storage.path("warmup")
+    checkpoints = []
+    with storage.atomic_dir(dest) as tmp:
+        def on_epoch_end(epoch, avg_lr, optimizer):
+            name = f"epoch_{epoch + 1}"
+            save_checkpoint(model, optimizer, tmp / name, {"epoch": epoch + 1, "avg_lr": avg_lr})
+            checkpoints.append({"name": name, "epoch": epoch + 1, "avg_lr": avg_lr, "dir": str(dest / name)})
+
+        result = train_lora(model, encoded, cfg, compute.torch_device(), compute.autocast_dtype(),
+                            pad_id=tokenizer.pad_token_id, on_epoch_end=on_epoch_end, log=context.log.info)
+        manifest = {"checkpoints": checkpoints, "examples": len(encoded), "steps": result.steps,
+                    "seconds": result.seconds, "losses": result.losses, "target_modules": target_modules,
+                    "hyperparameters": {**config.model_dump(), **hp}, "base_model": ref["path"]}
+        (tmp / "manifest.json").write_text(json.dumps(manifest, indent=2))
+    return dg.MaterializeResult(metadata={
+        "checkpoints": dg.MetadataValue.json([c["name"] for c in checkpoints]),
+        "examples": len(encoded), "steps": result.steps, "seconds": round(result.seconds, 2),
+        "final_loss": result.losses[-1], "avg_lr_per_epoch": dg.MetadataValue.json(result.epoch_avg_lr),
+        "hyperparameters": dg.MetadataValue.json(manifest["hyperparameters"]),
+        "loss_curve": line_plot(result.losses, "Warmup loss", "optimizer step", "loss"),
+        "path": dg.MetadataValue.path(str(dest)),
+    })

@@ -1,0 +1,142 @@
+"""candidate_pool and target_sets: the inputs, validated and stored as Parquet."""
+
+
+import json
+import random
+from collections import Counter
+
+import dagster as dg
+import polars as pl
+
+from gist_core import synthetic, targets as target_loaders
+from gist_core.data import read_candidates
+from gist_resources import StorageResource
+
+from .config import CandidatePoolConfig, TargetSetsConfig
+from .partitions import candidate_shards, shard_keys_for_files
+from .plots import md_table
+
+
+def pool_path(storage: StorageResource):
+    return storage.path("pool", "candidate_pool.parquet")
+
+
+def targets_path(storage: StorageResource):
+    return storage.path("targets", "target_sets.parquet")
+
+
+@dg.asset(group_name="inputs", code_version="1", kinds={"polars", "parquet"})
+def candidate_pool(context: dg.AssetExecutionContext, config: CandidatePoolConfig,
+                   storage: StorageResource) -> dg.MaterializeResult:
+    """The candidate pool: validated, deduplicated, stable ids, a source per row, sharded."""
+    if config.shard_size < 1:
+        raise ValueError(f"shard_size must be at least 1, got {config.shard_size}")
+    patterns = list(config.paths)
+    if not patterns:
+        out = storage.dir("embedded")
+        synthetic.write_pool(out, n_examples=config.embedded_pool_size, seed=config.seed)
+        patterns = [str(out / "train" / "processed" / "*" / "*_data.jsonl")]
+        context.log.info(f"no candidate paths configured: using the embedded pool under {out}")
+    rows, report = read_candidates(patterns, on_bad_record=config.on_bad_record)
+    if not rows:
+        raise ValueError(f"no usable candidates in {patterns} ({report.skipped} records skipped)")
+
+    prefixes = shard_keys_for_files(report.files)
+    per_file: Counter = Counter()
+    shards = []
+    for r in rows:
+        shards.append(f"{prefixes[r.file]}-{per_file[r.file] // config.shard_size:04d}")
+        per_file[r.file] += 1
+    df = pl.DataFrame({
+        "candidate_id": [r.candidate_id for r in rows],
+        "source": [r.source for r in rows],
+        "shard": shards,
+        "file": [r.file for r in rows],
+        "line": [r.line for r in rows],
+        "format": [r.format for r in rows],
+        "messages": [json.dumps(r.messages, ensure_ascii=False) for r in rows],
+        "original": [r.original for r in rows],
+        "n_chars": [sum(len(m["content"]) for m in r.messages) for r in rows],
+    })
+    storage.write_parquet(pool_path(storage), df)
+
+    keys = sorted(set(shards))
+    existing = set(context.instance.get_dynamic_partitions(candidate_shards.name))
+    new = [k for k in keys if k not in existing]
+    if new:
+        context.instance.add_dynamic_partitions(candidate_shards.name, new)
+    for gone in sorted(existing - set(keys)):
+        context.instance.delete_dynamic_partition(candidate_shards.name, gone)
+    context.log.info(f"{df.height} candidates in {len(keys)} shards ({len(new)} new, "
+                     f"{len(existing - set(keys))} removed)")
+
+    per_source = df.group_by("source").agg(pl.len().alias("rows")).sort("source")
+    lengths = df["n_chars"]
+    sample = df.sample(n=min(5, df.height), seed=config.seed).select("candidate_id", "source", "messages")
+    return dg.MaterializeResult(metadata={
+        "rows": df.height,
+        "files": len(report.files),
+        "shards": len(keys),
+        "new_shards": len(new),
+        "duplicates_dropped": report.duplicates_dropped,
+        "records_skipped": report.skipped,
+        "skip_reasons": dg.MetadataValue.md("\n".join(f"- {r}" for r in report.skip_reasons) or "(none)"),
+        "ids_rederived": report.ids_rederived,
+        "rows_per_source": dg.MetadataValue.md(md_table(per_source.to_dicts(), limit=100)),
+        "chars_mean": float(lengths.mean()),
+        "chars_p50": float(lengths.median()),
+        "chars_max": int(lengths.max()),
+        "sample": dg.MetadataValue.md(md_table(sample.to_dicts())),
+        "path": dg.MetadataValue.path(str(pool_path(storage))),
+    })
+
+
+def split_heldout(examples: list[dict], fraction: float, seed: int) -> list[str]:
+    """Seeded per-subtask split into 'basis' and 'heldout'; each subtask keeps >= 1 basis example."""
+    if not 0 <= fraction < 1:
+        raise ValueError(f"heldout_fraction must be in [0, 1), got {fraction}")
+    split = ["basis"] * len(examples)
+    by_subtask: dict[tuple, list[int]] = {}
+    for i, e in enumerate(examples):
+        by_subtask.setdefault((e["target"], e["subtask"]), []).append(i)
+    for key in sorted(by_subtask):
+        idx = by_subtask[key]
+        n_out = min(int(fraction * len(idx)), len(idx) - 1)
+        rng = random.Random(f"{seed}/{key[0]}/{key[1]}")
+        for i in rng.sample(idx, n_out):
+            split[i] = "heldout"
+    return split
+
+
+@dg.asset(group_name="inputs", code_version="1", kinds={"polars", "parquet"})
+def target_sets(context: dg.AssetExecutionContext, config: TargetSetsConfig,
+                storage: StorageResource) -> dg.MaterializeResult:
+    """Target examples (target, subtask, prompt, completion) with a seeded basis/held-out split."""
+    specs = [s.model_dump() for s in config.targets]
+    if not specs:
+        paths = synthetic.write_targets(storage.dir("embedded"), seed=config.seed)
+        specs = [{"name": name, "format": "jsonl", "path": str(p)} for name, p in sorted(paths.items())]
+        context.log.info(f"no targets configured: using the embedded targets {sorted(paths)}")
+    names = [s["name"] for s in specs]
+    if len(set(names)) != len(names):
+        raise ValueError(f"target names must be unique, got {names}")
+    examples: list[dict] = []
+    for spec in specs:
+        storage.path("targets", spec["name"])  # refuses names that would escape the storage root
+        loaded = target_loaders.load_target(spec)
+        if not loaded:
+            raise ValueError(f"target {spec['name']!r} ({spec['path']}) has no examples")
+        examples.extend(loaded)
+    split = split_heldout(examples, config.heldout_fraction, config.seed)
+    df = pl.DataFrame(examples).with_columns(pl.Series("split", split))
+    storage.write_parquet(targets_path(storage), df)
+    counts = (df.group_by("target", "subtask", "split").agg(pl.len().alias("n"))
+              .pivot(on="split", index=["target", "subtask"], values="n").fill_null(0).sort("target", "subtask"))
+    return dg.MaterializeResult(metadata={
+        "targets": dg.MetadataValue.json(names),
+        "examples": df.height,
+        "heldout": int((df["split"] == "heldout").sum()),
+        "counts_per_subtask": dg.MetadataValue.md(md_table(counts.to_dicts(), limit=200)),
+        "sample": dg.MetadataValue.md(md_table(df.head(3).select("target", "subtask", "prompt", "completion").to_dicts())),
+        "path": dg.MetadataValue.path(str(targets_path(storage))),
+    })

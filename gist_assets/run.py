@@ -1,0 +1,106 @@
+"""Materialize the whole graph: ``python -m gist_assets.run [--config run.yaml]``.
+
+Runs against a persistent Dagster instance (``$DAGSTER_HOME``, default
+``<storage root>/dagster_home``) so `make ui` shows the same runs and lineage.
+Three steps: everything up to the spectral bases, one run per candidate shard
+(each shard can also be launched, retried or backfilled alone in the UI),
+then scores and selections.
+"""
+
+import argparse
+import json
+import os
+import sys
+import time
+from pathlib import Path
+
+import dagster as dg
+import yaml
+
+from gist_resources.storage import default_storage_root
+
+from .definitions import ASSETS, CHECKS, make_resources
+from .partitions import candidate_shards
+
+PREPARE = ["candidate_pool", "target_sets", "base_model", "warmup_checkpoint", "target_gradients", "spectral_basis"]
+SELECT = ["candidate_scores", "selected_subset"]
+
+
+def ensure_dagster_home(root: str) -> str:
+    home = os.environ.get("DAGSTER_HOME") or str(Path(root) / "dagster_home")
+    Path(home).mkdir(parents=True, exist_ok=True)
+    os.environ["DAGSTER_HOME"] = home
+    return home
+
+
+def _ops_config(run_config: dict, names: list[str]) -> dict:
+    ops = run_config.get("ops", {})
+    return {"ops": {k: v for k, v in ops.items() if k in names}}
+
+
+def _materialize(names, run_config, instance, resources, partition_key=None):
+    selection = [a for a in ASSETS if a.key.to_user_string() in names]
+    checks = [c for c in CHECKS if any(k.asset_key.to_user_string() in names for k in c.check_keys)]
+    result = dg.materialize([*selection, *checks], instance=instance, resources=resources,
+                            run_config=_ops_config(run_config, names), partition_key=partition_key,
+                            raise_on_error=False)
+    if not result.success:
+        failed = [e for e in result.all_events if e.is_failure]
+        msg = failed[0].message if failed else "see the Dagster logs"
+        raise SystemExit(f"materialization of {names} (partition {partition_key}) failed: {msg}")
+    for ev in result.get_asset_check_evaluations():
+        if not ev.passed:
+            raise SystemExit(f"asset check {ev.check_name} failed: {ev.metadata}")
+    return result
+
+
+def run_all(run_config: dict | None = None, root: str = "", log=print) -> dict:
+    """Materialize everything; return {target: manifest} of the selections."""
+    run_config = run_config or {}
+    root = root or default_storage_root()
+    ensure_dagster_home(root)
+    resources = make_resources(root)
+    timings = {}
+    with dg.DagsterInstance.get() as instance:
+        t = time.perf_counter()
+        _materialize(PREPARE, run_config, instance, resources)
+        timings["prepare (pool, targets, model, warmup, target gradients, basis)"] = time.perf_counter() - t
+        shards = sorted(instance.get_dynamic_partitions(candidate_shards.name))
+        t = time.perf_counter()
+        for i, shard in enumerate(shards, 1):
+            _materialize(["candidate_features"], run_config, instance, resources, partition_key=shard)
+            log(f"candidate_features {i}/{len(shards)}: {shard}")
+        timings[f"candidate_features ({len(shards)} shards)"] = time.perf_counter() - t
+        t = time.perf_counter()
+        _materialize(SELECT, run_config, instance, resources)
+        timings["scores and selection"] = time.perf_counter() - t
+    storage = resources["storage"]
+    manifests = {}
+    for path in sorted(storage.path("selections").glob("*/gist/manifest.json")):
+        m = json.loads(path.read_text())
+        manifests[m["target"]] = m
+    return {"selections": manifests, "timings": timings, "database": resources["score_store"].database}
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--config", help="run-config YAML (ops: {asset_name: {config: {...}}})")
+    parser.add_argument("--root", default="", help="storage root (default $GIST_STORAGE_ROOT or ./.gist)")
+    args = parser.parse_args(argv)
+    run_config = yaml.safe_load(Path(args.config).read_text()) if args.config else {}
+    start = time.perf_counter()
+    out = run_all(run_config, args.root)
+    print("\n=== GIST selection ===")
+    for target, m in out["selections"].items():
+        mix = ", ".join(f"{s} {n}" for s, n in sorted(m["counts_per_source"].items(), key=lambda kv: -kv[1]))
+        print(f"{target}: {m['selected']} of {m['scored_candidates']} candidates ({mix})")
+        print(f"    {m['files']['jsonl']}")
+    print(f"scores: {out['database']} (tables candidate_scores, selections)")
+    for step, secs in out["timings"].items():
+        print(f"  {secs:6.1f}s  {step}")
+    print(f"total {time.perf_counter() - start:.1f}s")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,63 @@
+"""The compute resource: device, dtype, batch sizes, threads, model loading."""
+
+from __future__ import annotations
+
+import warnings
+
+import dagster as dg
+from pydantic import Field
+import torch
+
+from gist_core import modeling
+
+
+class ComputeResource(dg.ConfigurableResource):
+    """Chooses where gradients are computed and loads models onto it.
+
+    ``device="auto"`` takes CUDA when present, else CPU. ``dtype="auto"`` is
+    bf16 autocast on CUDA (per-example gradients are still accumulated in
+    float32) and float32 on CPU.
+    """
+
+    device: str = Field(default="auto", description="auto, cpu, cuda or cuda:N")
+    dtype: str = Field(default="auto", description="auto, float32 or bfloat16 (autocast on CUDA)")
+    max_tokens_per_batch: int = Field(default=4096, description="Token budget (B x T) of a gradient batch")
+    max_batch_size: int = Field(default=64)
+    torch_threads: int = Field(default=0, description="CPU threads for torch; 0 leaves torch's default")
+    trust_remote_code: bool = Field(default=False, description="Run model code shipped with a checkpoint "
+                                       "(only for models you trust)")
+
+    def torch_device(self) -> torch.device:
+        if self.device == "auto":
+            return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        dev = torch.device(self.device)
+        if dev.type == "cuda" and not torch.cuda.is_available():
+            warnings.warn(f"device {self.device!r} requested but CUDA is not available; using CPU")
+            return torch.device("cpu")
+        return dev
+
+    def autocast_dtype(self) -> torch.dtype:
+        if self.dtype == "auto":
+            return torch.bfloat16 if self.torch_device().type == "cuda" else torch.float32
+        return {"float32": torch.float32, "bfloat16": torch.bfloat16}[self.dtype]
+
+    def setup(self) -> None:
+        if self.torch_threads > 0:
+            torch.set_num_threads(self.torch_threads)
+        if self.trust_remote_code:
+            warnings.warn("trust_remote_code is on: Python code shipped with the model will run")
+
+    def load_tokenizer(self, path: str):
+        return modeling.load_tokenizer(path, trust_remote_code=self.trust_remote_code)
+
+    def load_model(self, path: str, adapter_dir: str | None = None):
+        """Base model in float32 weights (autocast does the low precision), optionally with an adapter."""
+        self.setup()
+        model = modeling.load_causal_lm(path, self.torch_device(), torch.float32, self.trust_remote_code)
+        if adapter_dir is not None:
+            model = modeling.load_adapter(model, adapter_dir).to(self.torch_device())
+        return model
+
+    def batching(self) -> dict:
+        return {"device": self.torch_device(), "dtype": self.autocast_dtype(),
+                "max_tokens": self.max_tokens_per_batch, "max_batch_size": self.max_batch_size}

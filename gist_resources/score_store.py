@@ -1,0 +1,64 @@
+"""DuckDB tables: candidate_scores and selections, replaced atomically per (target, method)."""
+
+from __future__ import annotations
+
+import polars as pl
+from dagster_duckdb import DuckDBResource
+
+SCORES_DDL = """
+CREATE TABLE IF NOT EXISTS candidate_scores (
+    candidate_id VARCHAR NOT NULL, source VARCHAR NOT NULL, target VARCHAR NOT NULL,
+    method VARCHAR NOT NULL, score DOUBLE NOT NULL, rank BIGINT NOT NULL,
+    best_subtask VARCHAR, shard VARCHAR, n_tokens BIGINT, basis_fingerprint VARCHAR
+)"""
+SELECTIONS_DDL = """
+CREATE TABLE IF NOT EXISTS selections (
+    target VARCHAR NOT NULL, method VARCHAR NOT NULL, candidate_id VARCHAR NOT NULL,
+    rank BIGINT NOT NULL, score DOUBLE NOT NULL, source VARCHAR NOT NULL
+)"""
+
+
+class ScoreStore(DuckDBResource):
+    """The one DuckDB file. Only unpartitioned, single-step assets write it, so
+    parallel shard steps never contend for it (they write their own files)."""
+
+    def _replace(self, table: str, ddl: str, df: pl.DataFrame, where: dict[str, str]) -> None:
+        cond = " AND ".join(f"{k} = ?" for k in where)
+        with self.get_connection() as conn:
+            conn.execute(ddl)
+            conn.execute("BEGIN TRANSACTION")
+            try:
+                conn.execute(f"DELETE FROM {table} WHERE {cond}", list(where.values()))
+                conn.register("incoming", df.to_arrow())
+                cols = ", ".join(df.columns)
+                conn.execute(f"INSERT INTO {table} ({cols}) SELECT {cols} FROM incoming")
+                conn.unregister("incoming")
+                conn.execute("COMMIT")
+            except Exception:
+                conn.execute("ROLLBACK")
+                raise
+
+    def replace_scores(self, target: str, method: str, df: pl.DataFrame) -> None:
+        self._replace("candidate_scores", SCORES_DDL, df, {"target": target, "method": method})
+
+    def replace_selection(self, target: str, method: str, df: pl.DataFrame) -> None:
+        self._replace("selections", SELECTIONS_DDL, df, {"target": target, "method": method})
+
+    def delete_targets_except(self, keep: list[str], method: str) -> int:
+        """Drop rows of targets no longer configured, so stale targets do not linger."""
+        with self.get_connection() as conn:
+            conn.execute(SCORES_DDL)
+            conn.execute(SELECTIONS_DDL)
+            marks = ", ".join("?" for _ in keep) or "''"
+            n = conn.execute(f"SELECT count(*) FROM candidate_scores WHERE method = ? AND target NOT IN ({marks})",
+                             [method, *keep]).fetchone()[0]
+            conn.execute(f"DELETE FROM candidate_scores WHERE method = ? AND target NOT IN ({marks})", [method, *keep])
+            conn.execute(f"DELETE FROM selections WHERE method = ? AND target NOT IN ({marks})", [method, *keep])
+            return int(n)
+
+    def read_scores(self, target: str, method: str) -> pl.DataFrame:
+        with self.get_connection() as conn:
+            conn.execute(SCORES_DDL)
+            return pl.from_arrow(conn.execute(
+                "SELECT * FROM candidate_scores WHERE target = ? AND method = ? ORDER BY rank",
+                [target, method]).to_arrow_table())
