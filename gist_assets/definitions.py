@@ -19,8 +19,7 @@ CHECKS = [basis_columns_orthonormal, scores_valid, selection_size_as_configured]
 prepare_job = dg.define_asset_job(
     "prepare_job", selection=dg.AssetSelection.assets(candidate_pool, target_sets, base_model, warmup_checkpoint,
                                                       target_gradients, spectral_basis))
-features_job = dg.define_asset_job("features_job", selection=dg.AssetSelection.assets(candidate_features),
-                                   partitions_def=candidate_features.partitions_def)
+features_job = dg.define_asset_job("features_job", selection=dg.AssetSelection.assets(candidate_features))
 select_job = dg.define_asset_job("select_job", selection=dg.AssetSelection.assets(candidate_scores, selected_subset))
 
 

@@ -26,6 +26,10 @@ PREPARE = ["candidate_pool", "target_sets", "base_model", "warmup_checkpoint", "
 SELECT = ["candidate_scores", "selected_subset"]
 
 
+class PipelineError(RuntimeError):
+    """A step or a blocking check failed; the message carries Dagster's error."""
+
+
 def ensure_dagster_home(root: str) -> str:
     home = os.environ.get("DAGSTER_HOME") or str(Path(root) / "dagster_home")
     Path(home).mkdir(parents=True, exist_ok=True)
@@ -47,33 +51,36 @@ def _materialize(names, run_config, instance, resources, partition_key=None):
     if not result.success:
         failed = [e for e in result.all_events if e.is_failure]
         msg = failed[0].message if failed else "see the Dagster logs"
-        raise SystemExit(f"materialization of {names} (partition {partition_key}) failed: {msg}")
+        raise PipelineError(f"materialization of {names} (partition {partition_key}) failed: {msg}")
     for ev in result.get_asset_check_evaluations():
         if not ev.passed:
-            raise SystemExit(f"asset check {ev.check_name} failed: {ev.metadata}")
+            raise PipelineError(f"asset check {ev.check_name} failed: {ev.metadata}")
     return result
 
 
-def run_all(run_config: dict | None = None, root: str = "", log=print) -> dict:
-    """Materialize everything; return {target: manifest} of the selections."""
+def run_all(run_config: dict | None = None, root: str = "", instance: dg.DagsterInstance | None = None,
+            log=print) -> dict:
+    """Materialize everything; return the selections' manifests, step timings and the database path."""
     run_config = run_config or {}
     root = root or default_storage_root()
-    ensure_dagster_home(root)
     resources = make_resources(root)
+    if instance is None:
+        ensure_dagster_home(root)
+        with dg.DagsterInstance.get() as instance:
+            return run_all(run_config, root, instance, log)
     timings = {}
-    with dg.DagsterInstance.get() as instance:
-        t = time.perf_counter()
-        _materialize(PREPARE, run_config, instance, resources)
-        timings["prepare (pool, targets, model, warmup, target gradients, basis)"] = time.perf_counter() - t
-        shards = sorted(instance.get_dynamic_partitions(candidate_shards.name))
-        t = time.perf_counter()
-        for i, shard in enumerate(shards, 1):
-            _materialize(["candidate_features"], run_config, instance, resources, partition_key=shard)
-            log(f"candidate_features {i}/{len(shards)}: {shard}")
-        timings[f"candidate_features ({len(shards)} shards)"] = time.perf_counter() - t
-        t = time.perf_counter()
-        _materialize(SELECT, run_config, instance, resources)
-        timings["scores and selection"] = time.perf_counter() - t
+    t = time.perf_counter()
+    _materialize(PREPARE, run_config, instance, resources)
+    timings["prepare (pool, targets, model, warmup, target gradients, basis)"] = time.perf_counter() - t
+    shards = sorted(instance.get_dynamic_partitions(candidate_shards.name))
+    t = time.perf_counter()
+    for i, shard in enumerate(shards, 1):
+        _materialize(["candidate_features"], run_config, instance, resources, partition_key=shard)
+        log(f"candidate_features {i}/{len(shards)}: {shard}")
+    timings[f"candidate_features ({len(shards)} shards)"] = time.perf_counter() - t
+    t = time.perf_counter()
+    _materialize(SELECT, run_config, instance, resources)
+    timings["scores and selection"] = time.perf_counter() - t
     storage = resources["storage"]
     manifests = {}
     for path in sorted(storage.path("selections").glob("*/gist/manifest.json")):
@@ -89,7 +96,11 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
     run_config = yaml.safe_load(Path(args.config).read_text()) if args.config else {}
     start = time.perf_counter()
-    out = run_all(run_config, args.root)
+    try:
+        out = run_all(run_config, args.root)
+    except PipelineError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
     print("\n=== GIST selection ===")
     for target, m in out["selections"].items():
         mix = ", ".join(f"{s} {n}" for s, n in sorted(m["counts_per_source"].items(), key=lambda kv: -kv[1]))

@@ -124,10 +124,12 @@ def expand_paths(patterns: Iterable[str]) -> list[str]:
     for pattern in patterns:
         pattern = os.path.expanduser(pattern)
         if any(ch in pattern for ch in "*?["):
-            matches = sorted(glob.glob(pattern, recursive=True))
+            # Only files count: a pattern that matches nothing but directories
+            # must fail as loudly as one that matches nothing at all.
+            matches = [m for m in sorted(glob.glob(pattern, recursive=True)) if os.path.isfile(m)]
             if not matches:
                 raise FileNotFoundError(f"candidate pattern {pattern!r} matched no files; check the path in config")
-            found.extend(m for m in matches if os.path.isfile(m))
+            found.extend(matches)
         else:
             if not os.path.isfile(pattern):
                 raise FileNotFoundError(f"candidate file {pattern!r} does not exist; check the path in config")
@@ -154,7 +156,10 @@ def iter_jsonl(path: str) -> Iterator[tuple[int, object | BadRecordError]]:
         raise BadRecordError(path, line, f"file is not valid UTF-8 (byte {exc.start}); re-encode it as UTF-8") from exc
     if not text.strip():
         raise BadRecordError(path, 0, "file is empty (no records)")
-    for lineno, line in enumerate(text.splitlines(), start=1):
+    # Split on "\n" only: str.splitlines() also breaks on U+2028/U+2029/U+0085,
+    # which JSON allows unescaped inside strings (json.dumps(ensure_ascii=False)
+    # writes them raw), so it would corrupt valid records and shift line numbers.
+    for lineno, line in enumerate(text.split("\n"), start=1):
         if not line.strip():
             continue
         try:

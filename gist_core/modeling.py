@@ -110,7 +110,7 @@ def pretrain(model: nn.Module, encoded: Sequence[Encoded], steps: int, batch_siz
             opt.step()
             sched.step()
             opt.zero_grad(set_to_none=True)
-            losses.append(float(loss))
+            losses.append(loss.item())
             if len(losses) % 50 == 0 or len(losses) == steps:
                 rate = len(losses) / (time.perf_counter() - start)
                 log(f"pretrain step {len(losses)}/{steps} loss {loss.item():.3f} ({rate:.1f} steps/s)")

@@ -59,6 +59,5 @@ class ScoreStore(DuckDBResource):
     def read_scores(self, target: str, method: str) -> pl.DataFrame:
         with self.get_connection() as conn:
             conn.execute(SCORES_DDL)
-            return pl.from_arrow(conn.execute(
-                "SELECT * FROM candidate_scores WHERE target = ? AND method = ? ORDER BY rank",
-                [target, method]).to_arrow_table())
+            return conn.sql("SELECT * FROM candidate_scores WHERE target = ? AND method = ? ORDER BY rank",
+                            params=[target, method]).pl()

@@ -1,0 +1,46 @@
+# The two commands: `make demo` (materialize the whole graph on the embedded default)
+# and `make test` (the whole test suite). Both create/update .venv first.
+PYTHON ?= $(shell command -v python3.11 || command -v python3)
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+# Torch is installed first so that nothing pulls a newer (CUDA) build. Here the CPU
+# wheel of 2.13.0 is on disk; elsewhere set TORCH_INDEX, e.g.
+# https://download.pytorch.org/whl/cpu (CPU) or .../whl/cu128 (GPU).
+TORCH_VERSION ?= 2.13.0
+TORCH_INDEX ?=
+HOST ?= 127.0.0.1
+PORT ?= 3000
+export GIST_STORAGE_ROOT ?= $(CURDIR)/.gist
+export DAGSTER_HOME ?= $(GIST_STORAGE_ROOT)/dagster_home
+
+.PHONY: demo test test-fast test-slow ui bench install clean
+
+$(STAMP): pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --upgrade pip
+	$(BIN)/python -c "import torch" 2>/dev/null || \
+	  $(BIN)/python -m pip install --quiet torch==$(TORCH_VERSION) $(if $(TORCH_INDEX),--index-url $(TORCH_INDEX))
+	$(BIN)/python -m pip install --quiet -e '.[test]'
+	touch $(STAMP)
+
+install: $(STAMP)
+
+demo: $(STAMP)
+	$(BIN)/python -m gist_assets.run
+
+test: $(STAMP)
+	$(BIN)/python -m pytest -q
+
+test-fast: $(STAMP)
+	$(BIN)/python -m pytest -q -m "not slow"
+
+test-slow: $(STAMP)
+	$(BIN)/python -m pytest -q -m slow
+
+ui: $(STAMP)
+	mkdir -p "$(DAGSTER_HOME)"
+	$(BIN)/dagster-webserver -h $(HOST) -p $(PORT) -w workspace.yaml
+
+clean:
+	rm -rf .gist

@@ -1,0 +1,263 @@
+"""Unit tests for gist_core/spectral.py, scoring.py and selection.py (DESIGN.md §1 steps 3, 5, 6)."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from gist_core.scoring import checkpoint_weights, combine_and_max, cosine_to_subtasks, subtask_directions
+from gist_core.selection import rank_order, selection_size, top_selection
+from gist_core.spectral import build_basis, choose_rank, column_chunks, gram_matrix, spectrum
+
+
+@pytest.fixture
+def G():
+    return np.random.default_rng(0).standard_normal((12, 300))
+
+
+def align_signs(V: np.ndarray, ref: np.ndarray) -> np.ndarray:
+    """Flip columns of V so each has a non-negative dot product with the reference column."""
+    signs = np.sign(np.sum(V * ref, axis=0))
+    signs[signs == 0] = 1
+    return V * signs
+
+
+# ------------------------------------------------------------------ spectral
+
+def test_build_basis_matches_numpy_and_torch_svd(G):
+    basis, notes = build_basis(G, k=5)
+    assert notes == []
+    assert basis.k == 5 and basis.V.shape == (300, 5) and basis.Z.shape == (12, 5) and basis.dim == 300
+
+    U_np, s_np, Vt_np = np.linalg.svd(G, full_matrices=False)
+    s_t = torch.linalg.svdvals(torch.from_numpy(G)).numpy()
+    np.testing.assert_allclose(basis.s, s_np, rtol=1e-9, atol=1e-9)
+    np.testing.assert_allclose(basis.s, s_t, rtol=1e-9, atol=1e-9)
+
+    V = basis.V.astype(np.float64)
+    np.testing.assert_allclose(align_signs(V, Vt_np[:5].T), Vt_np[:5].T, atol=1e-5)
+    _, _, Vh_t = torch.linalg.svd(torch.from_numpy(G), full_matrices=False)
+    np.testing.assert_allclose(np.abs(np.sum(V * Vh_t.numpy()[:5].T, axis=0)), np.ones(5), atol=1e-5)
+
+    np.testing.assert_allclose(V.T @ V, np.eye(5), atol=1e-5)
+    # Z = U_k diag(s_k) (up to the same column signs as V)
+    signs = np.sign(np.sum(V * Vt_np[:5].T, axis=0))
+    np.testing.assert_allclose(basis.Z * signs, U_np[:, :5] * s_np[:5], atol=1e-8)
+    # projecting the target rows onto the basis reproduces the target coordinates
+    np.testing.assert_allclose(G @ V, basis.Z, atol=1e-4)
+    assert basis.energy_kept == pytest.approx(np.sum(s_np[:5] ** 2) / np.sum(s_np ** 2))
+
+
+def test_full_rank_basis_reconstructs_G(G):
+    basis, _ = build_basis(G, energy=1.0)
+    assert basis.k == 12 and basis.energy_kept == pytest.approx(1.0)
+    np.testing.assert_allclose(basis.Z @ basis.V.T.astype(np.float64), G, atol=1e-4)
+
+
+def test_chunked_equals_single_chunk(G):
+    starts, width = column_chunks(300, 12, budget_bytes=12 * 8 * 7)
+    assert width == 7 and len(starts) == 43
+    one, _ = build_basis(G, k=4)
+    many, _ = build_basis(G, k=4, budget_bytes=1)   # one column per chunk: 300 chunks
+    odd, _ = build_basis(G, k=4, budget_bytes=12 * 8 * 7)
+    np.testing.assert_allclose(gram_matrix(G, budget_bytes=1), G @ G.T, rtol=1e-10, atol=1e-10)
+    for other in (many, odd):
+        np.testing.assert_allclose(other.s, one.s, rtol=1e-10)
+        np.testing.assert_allclose(other.V, one.V, atol=1e-6)
+        np.testing.assert_allclose(other.Z, one.Z, atol=1e-8)
+
+
+def test_memmap_input_and_output(G, tmp_path):
+    path = tmp_path / "G.npy"
+    np.save(path, G.astype(np.float32))
+    mm = np.load(path, mmap_mode="r")
+    assert isinstance(mm, np.memmap)
+    ref, _ = build_basis(G.astype(np.float32), k=3)
+    out = np.lib.format.open_memmap(tmp_path / "V.npy", mode="w+", dtype=np.float32, shape=(300, 3))
+    basis, _ = build_basis(mm, k=3, budget_bytes=12 * 8 * 16, out=out)
+    assert basis.V is out
+    out.flush()
+    np.testing.assert_allclose(np.load(tmp_path / "V.npy"), ref.V, atol=1e-6)
+    np.testing.assert_allclose(basis.s, ref.s, rtol=1e-9)
+
+
+def test_spectrum_descending_and_clipped():
+    K = np.diag([1.0, 9.0, -1e-12, 4.0])
+    s, U = spectrum(K)
+    np.testing.assert_allclose(s, [3.0, 2.0, 1.0, 0.0])
+    assert not np.isnan(s).any()
+    np.testing.assert_allclose(np.abs(U[:, 0]), [0, 1, 0, 0])
+
+
+@pytest.mark.parametrize("energy, k", [(0.5, 1), (9 / 14, 1), (0.9, 2), (13 / 14, 2), (0.95, 3), (1.0, 3)])
+def test_choose_rank_by_energy(energy, k):
+    # s^2 = 9, 4, 1; cumulative fractions 9/14 = 0.643, 13/14 = 0.929, 1
+    got, notes = choose_rank(np.array([3.0, 2.0, 1.0]), energy=energy)
+    assert got == k and notes == []
+
+
+def test_choose_rank_fixed_k_and_clamp():
+    s = np.array([3.0, 2.0, 1.0, 0.0, 1e-12])
+    assert choose_rank(s, k=2) == (2, [])
+    k, notes = choose_rank(s, k=10)
+    assert k == 3
+    assert len(notes) == 1 and "k=10" in notes[0] and "using k=3" in notes[0]
+    assert choose_rank(s, energy=1.0)[0] == 3
+
+
+def test_rank_deficient_G():
+    rng = np.random.default_rng(1)
+    G = rng.standard_normal((12, 4)) @ rng.standard_normal((4, 300))   # rank 4
+    basis, notes = build_basis(G, k=8)
+    assert basis.k == 4 and notes and "using k=4" in notes[0]
+    assert np.all(basis.s[4:] < basis.s[0] * 1e-6)
+    V = basis.V.astype(np.float64)
+    np.testing.assert_allclose(V.T @ V, np.eye(4), atol=1e-5)
+    np.testing.assert_allclose(basis.Z @ V.T, G, atol=1e-4)
+    e, _ = build_basis(G, energy=1.0)
+    assert e.k == 4 and e.energy_kept == pytest.approx(1.0)
+
+
+def test_all_zero_G_errors():
+    with pytest.raises(ValueError, match="all target gradients are zero"):
+        build_basis(np.zeros((5, 40)), k=2)
+    with pytest.raises(ValueError, match="all target gradients are zero"):
+        build_basis(np.zeros((5, 40)), energy=0.9)
+
+
+@pytest.mark.parametrize("kwargs, match", [
+    ({}, "exactly one"),
+    ({"k": 2, "energy": 0.9}, "exactly one"),
+    ({"k": 0}, "at least 1"),
+    ({"k": -3}, "at least 1"),
+    ({"energy": 0.0}, r"\(0, 1\]"),
+    ({"energy": 1.5}, r"\(0, 1\]"),
+    ({"energy": -0.1}, r"\(0, 1\]"),
+    ({"energy": float("nan")}, r"\(0, 1\]"),
+])
+def test_choose_rank_invalid_arguments(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        choose_rank(np.array([3.0, 2.0, 1.0]), **kwargs)
+
+
+# ------------------------------------------------------------------- scoring
+
+def test_subtask_directions_by_hand():
+    Z = np.array([[1.0, 0.0], [3.0, 0.0], [0.0, 2.0], [1.0, 1.0], [-1.0, 1.0]])
+    names, D = subtask_directions(Z, ["math", "math", "zulu", "bio", "zulu"])
+    assert names == ["bio", "math", "zulu"]
+    expected = []
+    for name, rows in (("bio", [3]), ("math", [0, 1]), ("zulu", [2, 4])):
+        m = Z[rows].mean(axis=0)
+        expected.append(m / np.linalg.norm(m))
+    np.testing.assert_allclose(D, np.array(expected))
+    np.testing.assert_allclose(np.linalg.norm(D, axis=1), 1.0)
+    np.testing.assert_allclose(D[2], [-1 / np.sqrt(10), 3 / np.sqrt(10)])
+
+
+def test_subtask_with_zero_mean_gives_zero_direction():
+    Z = np.array([[1.0, 2.0], [-1.0, -2.0], [0.0, 1.0]])
+    names, D = subtask_directions(Z, ["a", "a", "b"])
+    assert names == ["a", "b"]
+    assert not np.isnan(D).any()
+    np.testing.assert_array_equal(D[0], [0.0, 0.0])
+
+
+def test_cosine_to_subtasks_matches_explicit_cosines():
+    rng = np.random.default_rng(2)
+    z = rng.standard_normal((7, 5))
+    Z = rng.standard_normal((9, 5))
+    _, D = subtask_directions(Z, list("aabbbcccc"))
+    C = cosine_to_subtasks(z, D)
+    assert C.shape == (7, 3)
+    for i in range(7):
+        for j in range(3):
+            expected = z[i] @ D[j] / (np.linalg.norm(z[i]) * np.linalg.norm(D[j]))
+            assert C[i, j] == pytest.approx(expected, abs=1e-12)
+    assert np.all(np.abs(C) <= 1 + 1e-12)
+
+
+def test_zero_candidate_scores_zero_not_nan():
+    D = np.array([[1.0, 0.0], [0.0, 1.0]])
+    C = cosine_to_subtasks(np.array([[0.0, 0.0], [2.0, 0.0]], dtype=np.float32), D)
+    np.testing.assert_array_equal(C, [[0.0, 0.0], [1.0, 0.0]])
+    score, best = combine_and_max([C], [1.0])
+    assert not np.isnan(score).any()
+    np.testing.assert_array_equal(score, [0.0, 1.0])
+
+
+def test_combine_and_max_by_hand():
+    # 2 candidates x 2 subtasks, 2 checkpoints
+    c1 = np.array([[0.2, 0.8], [0.5, -0.1]])
+    c2 = np.array([[0.6, 0.0], [0.1, 0.9]])
+    score, best = combine_and_max([c1, c2], [0.75, 0.25])
+    # candidate 0: [0.15+0.15, 0.6+0] = [0.30, 0.60] -> 0.60 (subtask 1)
+    # candidate 1: [0.375+0.025, -0.075+0.225] = [0.40, 0.15] -> 0.40 (subtask 0)
+    np.testing.assert_allclose(score, [0.60, 0.40])
+    np.testing.assert_array_equal(best, [1, 0])
+    # max is taken after the weighted sum, not per checkpoint
+    assert score[0] < 0.75 * c1[0].max() + 0.25 * c2[0].max()
+    with pytest.raises(ValueError, match="one weight per checkpoint"):
+        combine_and_max([c1, c2], [1.0])
+
+
+def test_checkpoint_weights():
+    np.testing.assert_allclose(checkpoint_weights([2e-5, 1e-5, 1e-5]), [0.5, 0.25, 0.25])
+    np.testing.assert_allclose(checkpoint_weights([3.0]), [1.0])
+    np.testing.assert_allclose(checkpoint_weights([0.0, 1.0]), [0.0, 1.0])
+    assert checkpoint_weights([1, 2, 3, 4]).sum() == pytest.approx(1.0)
+    for bad in ([], [0.0, 0.0], [1.0, -0.5]):
+        with pytest.raises(ValueError, match="non-negative and not all zero"):
+            checkpoint_weights(bad)
+
+
+# ----------------------------------------------------------------- selection
+
+@pytest.mark.parametrize("pool, pct, expected", [
+    (100, 0.05, 5), (10, 0.05, 1), (3, 0.01, 1), (10, 0.3, 3), (100, 0.29, 29), (7, 0.5, 3), (10, 1.0, 10),
+])
+def test_selection_size_percentage(pool, pct, expected):
+    assert selection_size(pool, percentage=pct) == expected
+
+
+def test_selection_size_n_and_errors():
+    assert selection_size(10, n=1) == 1
+    assert selection_size(10, n=10) == 10
+    for kwargs, match in [
+        ({}, "exactly one"),
+        ({"percentage": 0.1, "n": 2}, "exactly one"),
+        ({"n": 0}, "between 1 and"),
+        ({"n": 11}, "between 1 and"),
+        ({"n": -1}, "between 1 and"),
+        ({"percentage": 0.0}, r"\(0, 1\]"),
+        ({"percentage": 1.5}, r"\(0, 1\]"),
+        ({"percentage": -0.2}, r"\(0, 1\]"),
+    ]:
+        with pytest.raises(ValueError, match=match):
+            selection_size(10, **kwargs)
+    with pytest.raises(ValueError, match="no scored candidates"):
+        selection_size(0, n=1)
+
+
+def test_top_selection_order_and_tie_breaking():
+    ids = ["d", "b", "a", "c", "e"]
+    scores = np.array([0.5, 0.9, 0.5, 0.5, 0.1])
+    order = rank_order(scores, ids)
+    assert [ids[i] for i in order] == ["b", "a", "c", "d", "e"]
+    sel = top_selection(scores, ids, n=3)
+    assert sel.dtype == np.int64
+    assert [ids[i] for i in sel] == ["b", "a", "c"]
+    assert list(scores[sel]) == sorted(scores[sel], reverse=True)
+    assert [ids[i] for i in top_selection(scores, ids, percentage=0.4)] == ["b", "a"]
+    assert len(top_selection(scores, ids, percentage=1.0)) == 5
+
+
+def test_top_selection_is_independent_of_input_order():
+    rng = np.random.default_rng(3)
+    ids = [f"cand-{i:03d}" for i in range(50)]
+    scores = np.round(rng.random(50), 1)   # many ties
+    chosen = {ids[i] for i in top_selection(scores, ids, percentage=0.2)}
+    perm = rng.permutation(50)
+    chosen_perm = {ids[i] for i in perm[top_selection(scores[perm], [ids[i] for i in perm], percentage=0.2)]}
+    assert chosen == chosen_perm and len(chosen) == 10
