@@ -51,6 +51,14 @@ def _materialize(names, run_config, instance, resources, partition_key=None):
     if not result.success:
         failed = [e for e in result.all_events if e.is_failure]
         msg = failed[0].message if failed else "see the Dagster logs"
+        # The event message only says "Execution of step ... failed"; the asset's own error is the
+        # innermost cause of the step's (wrapped) error.
+        errors = [e.step_failure_data.error for e in result.get_step_failure_events() if e.step_failure_data.error]
+        if errors:
+            err = errors[0]
+            while err.cause is not None:
+                err = err.cause
+            msg = err.message.strip()
         raise PipelineError(f"materialization of {names} (partition {partition_key}) failed: {msg}")
     for ev in result.get_asset_check_evaluations():
         if not ev.passed:
