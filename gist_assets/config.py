@@ -44,7 +44,7 @@ class BaseModelConfig(dg.Config):
     layers: int = 4
     heads: int = 4
     kv_heads: int = 4
-    pretrain_steps: int = 500
+    pretrain_steps: int = 250
     pretrain_batch_size: int = 32
     pretrain_learning_rate: float = 3e-3
     seed: int = 0

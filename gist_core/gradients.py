@@ -253,11 +253,10 @@ def full_gradients(model: nn.Module, encoded: Sequence[Encoded], out: np.ndarray
         rows = np.asarray(batch.indices)
         order = np.argsort(rows)  # memmaps write faster in row order
         losses[rows] = batch_losses.cpu().double().numpy()
-        buf = np.empty((len(rows), layout.dim), dtype=np.float32)
+        # Block by block: peak memory is B x (largest block), never B x D.
         for k, g in blocks:
             b = layout.blocks[k]
-            buf[:, b.offset:b.offset + b.size] = g.cpu().numpy()
-        out[rows[order]] = buf[order]
+            out[rows[order], b.offset:b.offset + b.size] = g.cpu().numpy()[order]
 
     device = kwargs.pop("device", torch.device("cpu"))
     gradient_pass(model, encoded, consume, device=device, **kwargs)
