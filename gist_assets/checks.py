@@ -10,9 +10,10 @@ import polars as pl
 from gist_core.selection import selection_size
 from gist_resources import ScoreStore, StorageResource
 
+from .baselines import baseline_scores
 from .gradients import features_dir, read_basis_manifest, spectral_basis
 from .partitions import candidate_shards
-from .scores import METHOD, candidate_scores, selected_subset, selection_dir
+from .scores import candidate_scores, selected_subset, selection_dir
 
 
 @dg.asset_check(asset=spectral_basis, blocking=True, description="V_k^T V_k is close to the identity")
@@ -29,16 +30,12 @@ def basis_columns_orthonormal(storage: StorageResource) -> dg.AssetCheckResult:
                                                            "per_basis": dg.MetadataValue.json(worst)})
 
 
-@dg.asset_check(asset=candidate_scores, blocking=True,
-                description="Scores are finite and in [-1, 1]; candidates without completion tokens are not scored")
-def scores_valid(context: dg.AssetCheckExecutionContext, storage: StorageResource,
-                 score_store: ScoreStore) -> dg.AssetCheckResult:
+def _scores_valid(context, storage: StorageResource, score_store: ScoreStore) -> dg.AssetCheckResult:
     with score_store.get_connection() as conn:
         bad = conn.execute(
-            "SELECT count(*) FROM candidate_scores WHERE method = ? AND "
-            "(NOT isfinite(score) OR score < -1.000001 OR score > 1.000001)", [METHOD]).fetchone()[0]
-        scored_ids = {r[0] for r in conn.execute(
-            "SELECT DISTINCT candidate_id FROM candidate_scores WHERE method = ?", [METHOD]).fetchall()}
+            "SELECT count(*) FROM candidate_scores WHERE "
+            "(NOT isfinite(score) OR score < -1.000001 OR score > 1.000001)").fetchone()[0]
+        scored_ids = {r[0] for r in conn.execute("SELECT DISTINCT candidate_id FROM candidate_scores").fetchall()}
     excluded = []
     for shard in context.instance.get_dynamic_partitions(candidate_shards.name):
         side = features_dir(storage, shard) / "candidates.parquet"
@@ -50,19 +47,36 @@ def scores_valid(context: dg.AssetCheckExecutionContext, storage: StorageResourc
         "excluded_but_scored": dg.MetadataValue.json(wrongly_scored[:20])})
 
 
+@dg.asset_check(asset=candidate_scores, blocking=True,
+                description="Scores are finite and in [-1, 1]; candidates without completion tokens are not scored")
+def scores_valid(context: dg.AssetCheckExecutionContext, storage: StorageResource,
+                 score_store: ScoreStore) -> dg.AssetCheckResult:
+    return _scores_valid(context, storage, score_store)
+
+
+@dg.asset_check(asset=baseline_scores, blocking=True, name="scores_valid",
+                description="Baseline scores are finite and in [-1, 1]; no candidate without completion tokens")
+def baseline_scores_valid(context: dg.AssetCheckExecutionContext, storage: StorageResource,
+                          score_store: ScoreStore) -> dg.AssetCheckResult:
+    return _scores_valid(context, storage, score_store)
+
+
 @dg.asset_check(asset=selected_subset, description="Each selection has the configured size, in every output")
 def selection_size_as_configured(storage: StorageResource, score_store: ScoreStore) -> dg.AssetCheckResult:
     bases = read_basis_manifest(storage)
     report, ok = {}, True
+    methods = score_store.methods()
     with score_store.get_connection() as conn:
-        for target in sorted(bases["targets"]):
-            manifest = json.loads((selection_dir(storage, target) / "manifest.json").read_text())
-            expected = selection_size(manifest["scored_candidates"], manifest["config"]["percentage"],
-                                      manifest["config"]["n"])
-            in_db = conn.execute("SELECT count(*) FROM selections WHERE target = ? AND method = ?",
-                                 [target, METHOD]).fetchone()[0]
-            with open(selection_dir(storage, target) / "selection.jsonl", encoding="utf-8") as fh:
-                in_jsonl = sum(1 for _ in fh)
-            report[target] = {"expected": expected, "duckdb": in_db, "jsonl": in_jsonl}
-            ok &= expected == in_db == in_jsonl
+        for method in methods:
+            for target in sorted(bases["targets"]):
+                folder = selection_dir(storage, target, method)
+                manifest = json.loads((folder / "manifest.json").read_text())
+                expected = selection_size(manifest["scored_candidates"], manifest["config"]["percentage"],
+                                          manifest["config"]["n"])
+                in_db = conn.execute("SELECT count(*) FROM selections WHERE target = ? AND method = ?",
+                                     [target, method]).fetchone()[0]
+                with open(folder / "selection.jsonl", encoding="utf-8") as fh:
+                    in_jsonl = sum(1 for _ in fh)
+                report[f"{target}/{method}"] = {"expected": expected, "duckdb": in_db, "jsonl": in_jsonl}
+                ok &= expected == in_db == in_jsonl
     return dg.AssetCheckResult(passed=ok, metadata={"sizes": dg.MetadataValue.json(report)})

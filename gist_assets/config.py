@@ -79,3 +79,7 @@ class SpectralBasisConfig(dg.Config):
 class SelectionConfig(dg.Config):
     percentage: Optional[float] = Field(default=0.05, description="Top fraction of scored candidates")
     n: Optional[int] = Field(default=None, description="Instead of percentage: top n (set percentage to null)")
+    strategy: str = Field(default="top", description="'top' (global top by score) or 'round_robin' (subtasks "
+                          "take turns picking their best remaining candidate)")
+    max_per_source: Optional[int] = Field(default=None, description="Cap on selected candidates per source")
+    methods: list[str] = Field(default=[], description="Methods to select with; empty = every scored method")

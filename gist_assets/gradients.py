@@ -4,6 +4,7 @@
 import hashlib
 import json
 import time
+from dataclasses import dataclass
 
 import dagster as dg
 import numpy as np
@@ -157,8 +158,48 @@ def load_bases(storage: StorageResource, ckpt_name: str, targets: list[str]):
     return torch.from_numpy(np.concatenate(blocks, axis=1)), slices
 
 
-def features_dir(storage: StorageResource, shard: str):
-    return storage.path("features", shard)
+def features_dir(storage: StorageResource, shard: str, method: str = "gist"):
+    """GIST features under features/<shard>; each baseline under features_<method>/<shard>."""
+    return storage.path("features" if method == "gist" else f"features_{method}", shard)
+
+
+@dataclass
+class ShardInput:
+    """One shard's candidates, tokenized; ``keep`` are those with completion tokens."""
+
+    tokenizer: object
+    encoded: list
+    keep: list[int]
+    side: pl.DataFrame  # per candidate: id, source, token counts, included, exclude_reason
+
+    @classmethod
+    def load(cls, storage: StorageResource, compute: ComputeResource, ref: dict, shard: str) -> "ShardInput":
+        pool = (storage.read_parquet(pool_path(storage), "candidate_pool")
+                .filter(pl.col("shard") == shard).select("candidate_id", "source", "messages"))
+        if pool.height == 0:
+            raise ValueError(f"shard {shard!r} has no candidates in the current pool; re-materialize "
+                             "candidate_pool (it removes shards of deleted files)")
+        tokenizer = compute.load_tokenizer(ref["path"])
+        encoded = [encode_messages(tokenizer, json.loads(m), ref["max_length"]) for m in pool["messages"]]
+        included = [e.n_label_tokens > 0 for e in encoded]
+        side = pool.select("candidate_id", "source").with_columns(
+            pl.Series("n_tokens", [len(e.input_ids) for e in encoded]),
+            pl.Series("n_label_tokens", [e.n_label_tokens for e in encoded]),
+            pl.Series("truncated", [e.truncated for e in encoded]),
+            pl.Series("included", included),
+            pl.Series("exclude_reason", [None if ok else f"no completion tokens within max_length={ref['max_length']}"
+                                         for ok in included], dtype=pl.Utf8),
+        )
+        return cls(tokenizer, encoded, [i for i, ok in enumerate(included) if ok], side)
+
+    def write(self, storage: StorageResource, shard: str, method: str, tensors: dict, meta: dict) -> None:
+        """features.safetensors + candidates.parquet + meta.json, swapped in together."""
+        from safetensors.numpy import save_file
+
+        with storage.atomic_dir(features_dir(storage, shard, method)) as tmp:
+            save_file(tensors, str(tmp / "features.safetensors"))
+            self.side.write_parquet(tmp / "candidates.parquet")
+            (tmp / "meta.json").write_text(json.dumps({"shard": shard, **meta}, indent=2))
 
 
 @dg.asset(group_name="gist", deps=[candidate_pool, spectral_basis, base_model], partitions_def=candidate_shards,
@@ -166,20 +207,10 @@ def features_dir(storage: StorageResource, shard: str):
 def candidate_features(context: dg.AssetExecutionContext, storage: StorageResource,
                        compute: ComputeResource) -> dg.MaterializeResult:
     """One shard's candidate gradients projected onto every target's basis, in one pass per checkpoint."""
-    from safetensors.numpy import save_file
-
     shard = context.partition_key
     ref, bases = read_model_ref(storage), read_basis_manifest(storage)
-    pool = (storage.read_parquet(pool_path(storage), "candidate_pool")
-            .filter(pl.col("shard") == shard).select("candidate_id", "source", "messages"))
-    if pool.height == 0:
-        raise ValueError(f"shard {shard!r} has no candidates in the current pool; re-materialize candidate_pool "
-                         "(it removes shards of deleted files)")
-    tokenizer = compute.load_tokenizer(ref["path"])
-    encoded = [encode_messages(tokenizer, json.loads(m), ref["max_length"]) for m in pool["messages"]]
-    n_label = [e.n_label_tokens for e in encoded]
-    included = [n > 0 for n in n_label]
-    keep = [i for i, ok in enumerate(included) if ok]
+    shard_in = ShardInput.load(storage, compute, ref, shard)
+    encoded, keep, tokenizer = shard_in.encoded, shard_in.keep, shard_in.tokenizer
     targets = sorted(bases["targets"])
     tensors, timings = {}, {}
     for ckpt in bases["checkpoints"]:
@@ -195,27 +226,16 @@ def candidate_features(context: dg.AssetExecutionContext, storage: StorageResour
         timings[ckpt["name"]] = {"seconds": stats.seconds, "examples_per_s": stats.examples_per_s,
                                  "tokens_per_s": stats.tokens_per_s}
         del model
-    side = pool.select("candidate_id", "source").with_columns(
-        pl.Series("n_tokens", [len(e.input_ids) for e in encoded]),
-        pl.Series("n_label_tokens", n_label),
-        pl.Series("truncated", [e.truncated for e in encoded]),
-        pl.Series("included", included),
-        pl.Series("exclude_reason", [None if ok else f"no completion tokens within max_length={ref['max_length']}"
-                                     for ok in included], dtype=pl.Utf8),
-    )
+    side = shard_in.side
     fingerprints = {t: {c: v["fingerprint"] for c, v in per.items()} for t, per in bases["targets"].items()}
-    with storage.atomic_dir(features_dir(storage, shard)) as tmp:
-        save_file(tensors, str(tmp / "features.safetensors"))
-        side.write_parquet(tmp / "candidates.parquet")
-        (tmp / "meta.json").write_text(json.dumps({"shard": shard, "fingerprints": fingerprints,
-                                                   "checkpoints": [c["name"] for c in bases["checkpoints"]],
-                                                   "timings": timings}, indent=2))
+    shard_in.write(storage, shard, "gist", tensors, {
+        "fingerprints": fingerprints, "checkpoints": [c["name"] for c in bases["checkpoints"]], "timings": timings})
     n_excluded = len(encoded) - len(keep)
     if n_excluded:
         context.log.warning(f"{n_excluded} candidates in {shard} have no completion tokens within "
                             f"max_length={ref['max_length']}; they are excluded from scoring")
     return dg.MaterializeResult(metadata={
-        "candidates": pool.height, "scored": len(keep), "excluded_no_completion": n_excluded,
+        "candidates": len(encoded), "scored": len(keep), "excluded_no_completion": n_excluded,
         "truncated": int(side["truncated"].sum()), "tokens": int(side["n_tokens"].sum()),
         "timings": dg.MetadataValue.json(timings),
         "bytes_per_candidate": round(sum(t.nbytes for t in tensors.values()) / max(1, len(keep)), 1),

@@ -70,3 +70,34 @@ def md_table(rows: list[dict], limit: int = 20) -> str:
     lines = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
     lines += ["| " + " | ".join(cell(r[c]) for c in cols) + " |" for r in rows[:limit]]
     return "\n".join(lines)
+
+
+def bar_chart(groups: dict[str, dict[str, float]], title: str, ylabel: str,
+              zero_based: bool = True) -> dg.MetadataValue:
+    """Grouped bars: one group per outer key (e.g. target), one bar per inner key (e.g. method).
+
+    ``zero_based=False`` zooms the y axis onto the values (differences of a few
+    hundredths in a loss of ~5 would be invisible from zero); bars carry their values.
+    """
+    import numpy as np
+
+    series = list(dict.fromkeys(s for per in groups.values() for s in per))
+    names = list(groups)
+    plt, fig, ax = _figure()
+    fig.set_size_inches(max(5, 0.45 * len(names) * max(1, len(series))), 3)
+    width = 0.8 / max(1, len(series))
+    x = np.arange(len(names))
+    for j, s in enumerate(series):
+        values = [groups[n].get(s, float("nan")) for n in names]
+        bars = ax.bar(x + (j - (len(series) - 1) / 2) * width, values, width, label=s)
+        ax.bar_label(bars, fmt="%.3f", fontsize=5, rotation=90, padding=2)
+    finite = [v for per in groups.values() for v in per.values() if v is not None and np.isfinite(v)]
+    if finite:
+        lo, hi = min(finite), max(finite)
+        pad = 0.25 * (hi - lo) or 0.05 * abs(hi) or 1.0
+        ax.set_ylim(0 if zero_based and lo >= 0 else lo - pad, hi + 2 * pad)
+    ax.set_xticks(x)
+    ax.set_xticklabels(names, fontsize=7)
+    ax.set_ylabel(ylabel)
+    ax.legend(fontsize=6, ncol=min(4, max(1, len(series))))
+    return _to_md(plt, fig, title)

@@ -21,9 +21,15 @@ from gist_resources.storage import default_storage_root
 
 from .definitions import ASSETS, CHECKS, make_resources
 from .partitions import candidate_shards
+from .scores import METHOD
 
 PREPARE = ["candidate_pool", "target_sets", "base_model", "warmup_checkpoint", "target_gradients", "spectral_basis"]
+SHARD = ["candidate_features"]
 SELECT = ["candidate_scores", "selected_subset"]
+# --compare adds the baselines and the fine-tune-and-evaluate stage.
+COMPARE_SHARD = ["less_candidate_features", "representation_features"]
+COMPARE_SELECT = ["baseline_scores"]
+EVALUATE = ["selection_evaluation"]
 
 
 class PipelineError(RuntimeError):
@@ -67,7 +73,7 @@ def _materialize(names, run_config, instance, resources, partition_key=None):
 
 
 def run_all(run_config: dict | None = None, root: str = "", instance: dg.DagsterInstance | None = None,
-            log=print) -> dict:
+            log=print, compare: bool = False) -> dict:
     """Materialize everything; return the selections' manifests, step timings and the database path."""
     run_config = run_config or {}
     root = root or default_storage_root()
@@ -75,23 +81,28 @@ def run_all(run_config: dict | None = None, root: str = "", instance: dg.Dagster
     if instance is None:
         ensure_dagster_home(root)
         with dg.DagsterInstance.get() as instance:
-            return run_all(run_config, root, instance, log)
+            return run_all(run_config, root, instance, log, compare)
     timings = {}
     t = time.perf_counter()
     _materialize(PREPARE, run_config, instance, resources)
     timings["prepare (pool, targets, model, warmup, target gradients, basis)"] = time.perf_counter() - t
     shards = sorted(instance.get_dynamic_partitions(candidate_shards.name))
     t = time.perf_counter()
+    shard_assets = SHARD + (COMPARE_SHARD if compare else [])
     for i, shard in enumerate(shards, 1):
-        _materialize(["candidate_features"], run_config, instance, resources, partition_key=shard)
-        log(f"candidate_features {i}/{len(shards)}: {shard}")
-    timings[f"candidate_features ({len(shards)} shards)"] = time.perf_counter() - t
+        _materialize(shard_assets, run_config, instance, resources, partition_key=shard)
+        log(f"{', '.join(shard_assets)} {i}/{len(shards)}: {shard}")
+    timings[f"{', '.join(shard_assets)} ({len(shards)} shards)"] = time.perf_counter() - t
     t = time.perf_counter()
-    _materialize(SELECT, run_config, instance, resources)
+    _materialize(SELECT + (COMPARE_SELECT if compare else []), run_config, instance, resources)
     timings["scores and selection"] = time.perf_counter() - t
+    if compare:
+        t = time.perf_counter()
+        _materialize(EVALUATE, run_config, instance, resources)
+        timings["evaluation (fine-tune on each selection)"] = time.perf_counter() - t
     storage = resources["storage"]
     manifests = {}
-    for path in sorted(storage.path("selections").glob("*/gist/manifest.json")):
+    for path in sorted(storage.path("selections").glob(f"*/{METHOD}/manifest.json")):
         m = json.loads(path.read_text())
         manifests[m["target"]] = m
     return {"selections": manifests, "timings": timings, "database": resources["score_store"].database}
@@ -101,11 +112,13 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--config", help="run-config YAML (ops: {asset_name: {config: {...}}})")
     parser.add_argument("--root", default="", help="storage root (default $GIST_STORAGE_ROOT or ./.gist)")
+    parser.add_argument("--compare", action="store_true", help="also run the baselines (random, less, "
+                        "representation) and fine-tune on every selection to compare held-out loss")
     args = parser.parse_args(argv)
     run_config = yaml.safe_load(Path(args.config).read_text()) if args.config else {}
     start = time.perf_counter()
     try:
-        out = run_all(run_config, args.root)
+        out = run_all(run_config, args.root, compare=args.compare)
     except PipelineError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1

@@ -9,8 +9,8 @@ import numpy as np
 import polars as pl
 from safetensors.numpy import load_file
 
-from gist_core.scoring import checkpoint_weights, combine_and_max, cosine_to_subtasks, subtask_directions
-from gist_core.selection import rank_order, selection_size
+from gist_core.scoring import checkpoint_weights, cosine_to_subtasks, subtask_directions, weighted_sum
+from gist_core.selection import capped_top, rank_order, round_robin, selection_size
 from gist_resources import ScoreStore, StorageResource
 
 from .config import SelectionConfig
@@ -51,6 +51,31 @@ def load_shard_features(storage: StorageResource, shards: list[str], bases: dict
     return side, tensors
 
 
+def write_method_scores(score_store: ScoreStore, target: str, method: str, scored: pl.DataFrame,
+                        per_subtask: np.ndarray, subtask_names: list[str], fingerprint: str) -> dict:
+    """Max over subtasks, rank (ties by id), then both tables for (target, method) in their transactions."""
+    score = per_subtask.max(axis=1)
+    best = per_subtask.argmax(axis=1)
+    ids = scored["candidate_id"].to_list()
+    rank = np.empty(len(ids), dtype=np.int64)
+    rank[rank_order(score, ids)] = np.arange(1, len(ids) + 1)
+    df = scored.select("candidate_id", "source", "shard", "n_tokens").with_columns(
+        pl.lit(target).alias("target"), pl.lit(method).alias("method"),
+        pl.Series("score", score), pl.Series("rank", rank),
+        pl.Series("best_subtask", [subtask_names[i] for i in best]),
+        pl.lit(fingerprint).alias("basis_fingerprint"),
+    )
+    score_store.replace_scores(target, method, df)
+    long = pl.DataFrame({
+        "candidate_id": np.repeat(np.asarray(ids, dtype=object), len(subtask_names)).tolist(),
+        "subtask": subtask_names * len(ids),
+        "score": per_subtask.reshape(-1),
+    }).with_columns(pl.lit(target).alias("target"), pl.lit(method).alias("method"))
+    score_store.replace_subtask_scores(target, method, long)
+    return {"target": target, "method": method, "scored": df.height, "mean": float(score.mean()),
+            "max": float(score.max()), "min": float(score.min())}
+
+
 @dg.asset(group_name="gist", deps=[candidate_features, spectral_basis, candidate_pool], code_version="1",
           kinds={"duckdb"})
 def candidate_scores(context: dg.AssetExecutionContext, storage: StorageResource,
@@ -70,24 +95,11 @@ def candidate_scores(context: dg.AssetExecutionContext, storage: StorageResource
         for ckpt in ckpts:
             meta = json.loads(storage.path("basis", ckpt, target, "meta.json").read_text())
             Z = np.load(storage.path("basis", ckpt, target, "Z.npy"), allow_pickle=False)
-            names, directions = subtask_directions(Z, meta["subtasks"])
-            subtask_names = names
+            subtask_names, directions = subtask_directions(Z, meta["subtasks"])
             cosines.append(cosine_to_subtasks(tensors[f"{ckpt}/{target}"], directions))
-        score, best = combine_and_max(cosines, weights)
-        ids = scored["candidate_id"].to_list()
-        order = rank_order(score, ids)
-        rank = np.empty(len(ids), dtype=np.int64)
-        rank[order] = np.arange(1, len(ids) + 1)
         fingerprint = "+".join(bases["targets"][target][c]["fingerprint"] for c in ckpts)
-        df = scored.select("candidate_id", "source", "shard", "n_tokens").with_columns(
-            pl.lit(target).alias("target"), pl.lit(METHOD).alias("method"),
-            pl.Series("score", score), pl.Series("rank", rank),
-            pl.Series("best_subtask", [subtask_names[i] for i in best]),
-            pl.lit(fingerprint).alias("basis_fingerprint"),
-        )
-        score_store.replace_scores(target, METHOD, df)
-        summary.append({"target": target, "scored": df.height, "mean": float(score.mean()),
-                        "max": float(score.max()), "min": float(score.min())})
+        summary.append(write_method_scores(score_store, target, METHOD, scored, weighted_sum(cosines, weights),
+                                           subtask_names, fingerprint))
     removed = score_store.delete_targets_except(targets, METHOD)
     excluded = side.filter(~pl.col("included"))
     return dg.MaterializeResult(metadata={
@@ -102,54 +114,88 @@ def candidate_scores(context: dg.AssetExecutionContext, storage: StorageResource
     })
 
 
-def selection_dir(storage: StorageResource, target: str):
-    return storage.path("selections", target, METHOD)
+def selection_dir(storage: StorageResource, target: str, method: str = METHOD):
+    return storage.path("selections", target, method)
 
 
-@dg.asset(group_name="gist", deps=[candidate_scores, candidate_pool], code_version="1",
+def choose(config: SelectionConfig, scores: pl.DataFrame, subtask_scores: pl.DataFrame) -> pl.DataFrame:
+    """Apply the configured strategy to one (target, method): the chosen rows, best first."""
+    size = selection_size(scores.height, config.percentage, config.n)
+    ids = scores["candidate_id"].to_list()
+    sources = scores["source"].to_list()
+    if config.strategy == "top":
+        picked = capped_top(scores["score"].to_numpy(), ids, size, sources, config.max_per_source)
+    elif config.strategy == "round_robin":
+        wide = subtask_scores.pivot(on="subtask", index="candidate_id", values="score")
+        wide = scores.select("candidate_id").join(wide, on="candidate_id", how="left")
+        picked = round_robin(wide.drop("candidate_id").to_numpy(), ids, size, sources, config.max_per_source)
+    else:
+        raise ValueError(f"selection strategy must be 'top' or 'round_robin', got {config.strategy!r}")
+    if len(picked) < size:
+        raise ValueError(f"only {len(picked)} of {size} candidates can be selected with max_per_source="
+                         f"{config.max_per_source}; raise the cap or lower the selection size")
+    return scores[picked.tolist()].with_columns(pl.Series("selection_rank", np.arange(1, size + 1)))
+
+
+@dg.asset(group_name="gist", deps=[candidate_scores, dg.AssetKey("baseline_scores"), candidate_pool], code_version="2",
           kinds={"duckdb", "parquet"})
 def selected_subset(context: dg.AssetExecutionContext, config: SelectionConfig, storage: StorageResource,
                     score_store: ScoreStore) -> dg.MaterializeResult:
-    """Per target: top percentage / n candidates as JSONL in their own format, Parquet, and a manifest."""
+    """Per target and method: the chosen candidates as JSONL in their own format, Parquet, and a manifest."""
     bases = read_basis_manifest(storage)
-    pool = storage.read_parquet(pool_path(storage), "candidate_pool").select("candidate_id", "original")
-    pool_mix = Counter(storage.read_parquet(pool_path(storage), "candidate_pool")["source"].to_list())
+    pool_df = storage.read_parquet(pool_path(storage), "candidate_pool")
+    pool = pool_df.select("candidate_id", "original")
+    pool_mix = Counter(pool_df["source"].to_list())
     ref, warm = read_model_ref(storage), read_warmup(storage)
+    methods = list(config.methods) or score_store.methods()
+    targets = sorted(bases["targets"])
     meta: dict = {}
-    for target in sorted(bases["targets"]):
-        scores = score_store.read_scores(target, METHOD)
-        size = selection_size(scores.height, config.percentage, config.n)
-        chosen = scores.head(size).join(pool, on="candidate_id", how="left").sort("rank")
-        dest = selection_dir(storage, target)
-        mix = Counter(chosen["source"].to_list())
-        manifest = {
-            "target": target, "method": METHOD, "config": config.model_dump(), "selected": size,
-            "scored_candidates": scores.height, "score_cut": float(chosen["score"][-1]),
-            "counts_per_source": dict(sorted(mix.items())), "model": ref["path"],
-            "checkpoints": [c for c in warm["checkpoints"] if c["name"] in {x["name"] for x in bases["checkpoints"]}],
-            "basis": {c: {**v, "dir": str(storage.path("basis", c, target))} for c, v in bases["targets"][target].items()},
-            "artifacts": {"candidate_pool": str(pool_path(storage)), "database": score_store.database,
-                          "warmup": str(storage.path("warmup")), "basis": str(storage.path("basis")),
-                          "target_gradients": str(storage.path("target_gradients")),
-                          "features": str(storage.path("features"))},
-            "files": {"jsonl": str(dest / "selection.jsonl"), "parquet": str(dest / "selection.parquet")},
-        }
-        with storage.atomic_dir(dest) as tmp:
-            with open(tmp / "selection.jsonl", "w", encoding="utf-8") as fh:
-                for line in chosen["original"]:
-                    fh.write(line + "\n")
-            chosen.write_parquet(tmp / "selection.parquet")
-            (tmp / "manifest.json").write_text(json.dumps(manifest, indent=2, sort_keys=True))
-        score_store.replace_selection(target, METHOD, chosen.select(
-            pl.lit(target).alias("target"), pl.lit(METHOD).alias("method"), "candidate_id", "rank", "score", "source"))
-        mix_rows = [{"source": s, "selected": mix.get(s, 0), "selected_share": round(mix.get(s, 0) / size, 3),
-                     "pool_share": round(n / sum(pool_mix.values()), 3)} for s, n in sorted(pool_mix.items())]
-        meta[f"{target}/selected"] = size
-        meta[f"{target}/source_mix"] = dg.MetadataValue.md(md_table(mix_rows, limit=100))
-        meta[f"{target}/top"] = dg.MetadataValue.md(md_table(
-            chosen.head(10).select("rank", "candidate_id", "source", "score", "best_subtask").to_dicts()))
-        meta[f"{target}/histogram"] = histogram(scores["score"].to_list(), f"{target}: scores",
-                                                mark=manifest["score_cut"])
-        meta[f"{target}/manifest"] = dg.MetadataValue.path(str(dest / "manifest.json"))
-    score_store.delete_targets_except(sorted(bases["targets"]), METHOD)
+    for method in methods:
+        for target in targets:
+            scores = score_store.read_scores(target, method)
+            if scores.height == 0:
+                raise ValueError(f"no {method!r} scores for target {target!r}; materialize its scores asset first")
+            subtasks = score_store.read_subtask_scores(target, method) if config.strategy == "round_robin" else None
+            chosen = (choose(config, scores, subtasks).join(pool, on="candidate_id", how="left")
+                      .sort("selection_rank"))
+            size = chosen.height
+            dest = selection_dir(storage, target, method)
+            mix = Counter(chosen["source"].to_list())
+            manifest = {
+                "target": target, "method": method, "config": config.model_dump(), "selected": size,
+                "scored_candidates": scores.height, "score_cut": float(chosen["score"].min()),
+                "counts_per_source": dict(sorted(mix.items())), "model": ref["path"],
+                "checkpoints": [c for c in warm["checkpoints"]
+                                if c["name"] in {x["name"] for x in bases["checkpoints"]}],
+                "basis": {c: {**v, "dir": str(storage.path("basis", c, target))}
+                          for c, v in bases["targets"][target].items()} if method == METHOD else None,
+                "artifacts": {"candidate_pool": str(pool_path(storage)), "database": score_store.database,
+                              "warmup": str(storage.path("warmup")), "basis": str(storage.path("basis")),
+                              "target_gradients": str(storage.path("target_gradients")),
+                              "features": str(storage.path("features"))},
+                "files": {"jsonl": str(dest / "selection.jsonl"), "parquet": str(dest / "selection.parquet")},
+            }
+            with storage.atomic_dir(dest) as tmp:
+                with open(tmp / "selection.jsonl", "w", encoding="utf-8") as fh:
+                    for line in chosen["original"]:
+                        fh.write(line + "\n")
+                chosen.write_parquet(tmp / "selection.parquet")
+                (tmp / "manifest.json").write_text(json.dumps(manifest, indent=2, sort_keys=True))
+            score_store.replace_selection(target, method, chosen.select(
+                pl.lit(target).alias("target"), pl.lit(method).alias("method"), "candidate_id",
+                pl.col("selection_rank").alias("rank"), "score", "source"))
+            key = target if method == METHOD else f"{target}/{method}"
+            mix_rows = [{"source": s, "selected": mix.get(s, 0), "selected_share": round(mix.get(s, 0) / size, 3),
+                         "pool_share": round(n / sum(pool_mix.values()), 3)} for s, n in sorted(pool_mix.items())]
+            meta[f"{key}/selected"] = size
+            meta[f"{key}/source_mix"] = dg.MetadataValue.md(md_table(mix_rows, limit=100))
+            if method == METHOD:
+                meta[f"{key}/top"] = dg.MetadataValue.md(md_table(
+                    chosen.head(10).select("selection_rank", "candidate_id", "source", "score",
+                                           "best_subtask").to_dicts()))
+                meta[f"{key}/histogram"] = histogram(scores["score"].to_list(), f"{target}: scores",
+                                                     mark=manifest["score_cut"])
+            meta[f"{key}/manifest"] = dg.MetadataValue.path(str(dest / "manifest.json"))
+    for method in methods:
+        score_store.delete_targets_except(targets, method)
     return dg.MaterializeResult(metadata=meta)

@@ -1,13 +1,38 @@
-"""How a selection is judged: fine-tune on it, then the target's held-out loss (DESIGN.md §7)."""
+"""How a selection is judged: fine-tune on it, then the target's held-out loss and accuracy (DESIGN.md §7).
 
-from dataclasses import dataclass
-from typing import Sequence
+Two measures on a target's held-out examples (never used to build the basis):
 
+* **held-out loss**: the mean over examples of each example's mean completion-token
+  cross-entropy (the same loss GIST takes gradients of);
+* **accuracy**, for multiple-choice targets only (MMLU-style completions " A", " B", ...):
+  the model's log-probability of every option completion after the prompt, the argmax
+  is its answer. A target is multiple choice when every completion, stripped, is one
+  capital letter A-J; the options are A up to the largest letter seen (at least A-D).
+  Each option is tokenized exactly as the completion is (the same whitespace around
+  the letter, through ``encode_prompt_completion``). Other targets get ``None``.
+
+One fine-tune can be judged on several targets' held-out sets at once
+(``finetune_and_evaluate_many``): a reference such as "the whole pool" does not
+depend on the target, so it is trained once.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from typing import Callable, Mapping, Sequence
+
+import numpy as np
 import torch
+from torch import nn
 
-from .data import Encoded
+from .data import IGNORE_INDEX, Encoded, encode_prompt_completion
+from .gradients import autocast_for, length_batches
 from .modeling import attach_lora
-from .warmup import LoraTrainConfig, mean_completion_loss, train_lora
+from .warmup import LoraTrainConfig, train_lora
+
+LETTERS = "ABCDEFGHIJ"
+MIN_OPTIONS = 4  # A-D at least, as MMLU
 
 
 @dataclass
@@ -19,23 +44,175 @@ class FinetuneSpec:
     train: LoraTrainConfig = None  # type: ignore[assignment]
 
 
-def finetune_and_evaluate(load_base, train: Sequence[Encoded], heldout: Sequence[Encoded], spec: FinetuneSpec,
-                          device: torch.device, pad_id: int, log=lambda _: None) -> dict:
-    """LoRA fine-tune a fresh copy of the base model on ``train``; held-out mean completion loss.
+# ------------------------------------------------------------ multiple choice
+
+def multiple_choice_options(completions: Sequence[str]) -> list[str] | None:
+    """The option letters when every completion, stripped, is one capital letter A-J; else None."""
+    stripped = [c.strip() for c in completions]
+    if not stripped or not all(len(s) == 1 and s in LETTERS for s in stripped):
+        return None
+    last = max(LETTERS.index(s) for s in stripped)
+    return list(LETTERS[:max(last + 1, MIN_OPTIONS)])
+
+
+def option_completion(completion: str, letter: str) -> str:
+    """``completion`` with its answer letter replaced by ``letter``, whitespace kept (" A" -> " B")."""
+    core = completion.strip()
+    i = completion.index(core)
+    return completion[:i] + letter + completion[i + len(core):]
+
+
+@dataclass
+class HeldoutSet:
+    """A target's held-out examples, encoded once for every model judged on them."""
+
+    encoded: list[Encoded]                               # for the loss (completion tokens only)
+    options: list[str] | None = None                     # multiple-choice letters, or None
+    option_encoded: list[list[Encoded]] = field(default_factory=list)  # per example, per option
+    answers: list[int] = field(default_factory=list)     # index of the correct option
+    dropped: int = 0                                     # examples without completion tokens
+
+    @property
+    def is_multiple_choice(self) -> bool:
+        return self.options is not None
+
+    def __len__(self) -> int:
+        return len(self.encoded)
+
+
+def prepare_heldout(tokenizer, prompts: Sequence[str], completions: Sequence[str], max_length: int,
+                    name: str = "target") -> HeldoutSet:
+    """Encode held-out examples (and, for a multiple-choice target, every option of each).
+
+    Examples whose completion is truncated away are dropped (and counted);
+    raises ValueError when none is left.
+    """
+    if len(prompts) != len(completions):
+        raise ValueError("prompts and completions differ in length")
+    options = multiple_choice_options(completions)
+    held = HeldoutSet(encoded=[], options=options)
+    for prompt, completion in zip(prompts, completions):
+        enc = encode_prompt_completion(tokenizer, prompt, completion, max_length)
+        if enc.n_label_tokens == 0:
+            held.dropped += 1
+            continue
+        held.encoded.append(enc)
+        if options is not None:
+            held.option_encoded.append([
+                encode_prompt_completion(tokenizer, prompt, option_completion(completion, letter), max_length)
+                for letter in options])
+            held.answers.append(options.index(completion.strip()))
+    if not held.encoded:
+        raise ValueError(f"{name}: no held-out example has completion tokens (there are {len(prompts)} held-out "
+                         "examples); set target_sets.heldout_fraction > 0 so some examples judge the selections")
+    return held
+
+
+@torch.no_grad()
+def completion_scores(model: nn.Module, encoded: Sequence[Encoded], device: torch.device,
+                      pad_id: int = 0, dtype: torch.dtype = torch.float32, max_tokens: int = 4096,
+                      max_batch_size: int = 32) -> tuple[np.ndarray, np.ndarray]:
+    """Per example: (mean completion-token loss, summed completion log-probability).
+
+    Examples with no completion tokens get (nan, -inf). Batches are length-sorted
+    under a token budget, so long prompts do not blow up the logits' memory.
+    """
+    model.eval()
+    mean_loss = np.full(len(encoded), np.nan)
+    sum_logp = np.full(len(encoded), -np.inf)
+    for batch in length_batches(encoded, max_tokens, max_batch_size, pad_id):
+        with autocast_for(device, dtype):
+            logits = model(input_ids=batch.input_ids.to(device),
+                           attention_mask=batch.attention_mask.to(device)).logits
+        labels = batch.labels[:, 1:].to(device)
+        mask = labels != IGNORE_INDEX
+        rows = mask.nonzero(as_tuple=True)
+        # Only the label positions: (M, V) log-softmax, not (B, T, V).
+        logp = torch.log_softmax(logits[:, :-1][rows].float(), dim=-1)
+        tok = logp.gather(-1, labels[rows].unsqueeze(-1)).squeeze(-1)
+        sums = torch.zeros(labels.shape[0], device=device, dtype=torch.float64)
+        sums.index_add_(0, rows[0], tok.double())
+        counts = mask.sum(dim=1)
+        for r, i in enumerate(batch.indices):
+            if int(counts[r]) > 0:
+                sum_logp[i] = float(sums[r])
+                mean_loss[i] = -float(sums[r]) / int(counts[r])
+    return mean_loss, sum_logp
+
+
+def option_log_probs(model: nn.Module, held: HeldoutSet, device: torch.device, pad_id: int = 0,
+                     dtype: torch.dtype = torch.float32, max_tokens: int = 4096) -> np.ndarray:
+    """(examples, options): log P(option completion | prompt), summed over its tokens."""
+    if not held.is_multiple_choice:
+        raise ValueError("not a multiple-choice held-out set")
+    n_opt = len(held.options)
+    flat = [e for per in held.option_encoded for e in per]
+    _, sum_logp = completion_scores(model, flat, device, pad_id, dtype, max_tokens)
+    return sum_logp.reshape(len(held.option_encoded), n_opt)
+
+
+def multiple_choice_accuracy(logp: np.ndarray, answers: Sequence[int]) -> float:
+    """Share of examples whose highest-scoring option is the answer (ties: the first option)."""
+    predicted = np.argmax(logp, axis=1)
+    return float(np.mean(predicted == np.asarray(answers)))
+
+
+def evaluate_heldout(model: nn.Module, held: HeldoutSet, device: torch.device, pad_id: int = 0,
+                     dtype: torch.dtype = torch.float32, max_tokens: int = 4096) -> dict:
+    """{"heldout_loss", "accuracy" (None unless multiple choice), "heldout_examples"}."""
+    mean_loss, _ = completion_scores(model, held.encoded, device, pad_id, dtype, max_tokens)
+    accuracy = None
+    if held.is_multiple_choice:
+        accuracy = multiple_choice_accuracy(option_log_probs(model, held, device, pad_id, dtype, max_tokens),
+                                            held.answers)
+    return {"heldout_loss": float(np.mean(mean_loss)), "accuracy": accuracy, "heldout_examples": len(held)}
+
+
+# ------------------------------------------------------------------ fine-tune
+
+def finetune_and_evaluate_many(load_base: Callable[[], nn.Module], train: Sequence[Encoded],
+                               heldouts: Mapping[str, HeldoutSet], spec: FinetuneSpec, device: torch.device,
+                               pad_id: int, dtype: torch.dtype = torch.float32, max_tokens: int = 4096,
+                               log: Callable[[str], None] = lambda _: None) -> dict[str, dict]:
+    """One LoRA fine-tune of a fresh base model on ``train``, judged on every held-out set.
 
     ``load_base`` returns a fresh base model, so every compared selection starts
     from the same weights with the same seed and hyperparameters. An empty
     ``train`` evaluates the base model itself (the "no fine-tuning" reference).
+    Returns {name: {"heldout_loss", "accuracy", "heldout_examples", "train_examples",
+    "train_seconds"}}.
     """
     model = load_base()
-    before = mean_completion_loss(model, heldout, device, pad_id=pad_id)
+    seconds = 0.0
+    if train:
+        model = attach_lora(model, spec.lora_r, spec.lora_alpha, spec.lora_dropout, spec.target_modules,
+                            seed=spec.train.seed)
+        start = time.perf_counter()
+        train_lora(model, list(train), spec.train, device, dtype=dtype, pad_id=pad_id, log=log)
+        seconds = time.perf_counter() - start
+    out = {name: {**evaluate_heldout(model, held, device, pad_id, dtype, max_tokens),
+                  "train_examples": len(train), "train_seconds": seconds}
+           for name, held in heldouts.items()}
+    del model
+    return out
+
+
+def finetune_and_evaluate(load_base, train: Sequence[Encoded], heldout: Sequence[Encoded] | HeldoutSet,
+                          spec: FinetuneSpec, device: torch.device, pad_id: int, log=lambda _: None) -> dict:
+    """LoRA fine-tune a fresh copy of the base model on ``train``; held-out loss (and accuracy).
+
+    ``heldout`` is a ``HeldoutSet`` (accuracy for multiple-choice targets) or plain
+    encoded examples (loss only). Also reports the base model's loss (``base_loss``).
+    """
+    held = heldout if isinstance(heldout, HeldoutSet) else HeldoutSet(encoded=list(heldout))
+    before = evaluate_heldout(load_base(), held, device, pad_id)
     if not train:
-        return {"heldout_loss": before, "base_loss": before, "train_examples": 0}
-    model = attach_lora(model, spec.lora_r, spec.lora_alpha, spec.lora_dropout, spec.target_modules,
-                        seed=spec.train.seed)
-    train_lora(model, list(train), spec.train, device, pad_id=pad_id, log=log)
-    after = mean_completion_loss(model, heldout, device, pad_id=pad_id)
-    return {"heldout_loss": after, "base_loss": before, "train_examples": len(train)}
+        return {**before, "base_loss": before["heldout_loss"], "base_accuracy": before["accuracy"],
+                "train_examples": 0}
+    after = finetune_and_evaluate_many(load_base, train, {"_": held}, spec, device, pad_id, log=log)["_"]
+    return {"heldout_loss": after["heldout_loss"], "accuracy": after["accuracy"],
+            "heldout_examples": after["heldout_examples"], "base_loss": before["heldout_loss"],
+            "base_accuracy": before["accuracy"], "train_examples": len(train)}
 
 
 def compare_selections(load_base, tokenizer, selections: dict[str, list[list[dict]]],
@@ -45,16 +222,16 @@ def compare_selections(load_base, tokenizer, selections: dict[str, list[list[dic
 
     An empty selection is the "no fine-tuning" reference (the base model).
     """
-    from .data import encode_messages, encode_prompt_completion
+    from .data import encode_messages
 
-    held = [encode_prompt_completion(tokenizer, p, c, max_length) for p, c in heldout]
-    held = [e for e in held if e.n_label_tokens > 0]
-    if not held:
-        raise ValueError("no held-out example has completion tokens; set target_sets.heldout_fraction > 0")
+    held = prepare_heldout(tokenizer, [p for p, _ in heldout], [c for _, c in heldout], max_length)
     out = {}
     for name, conversations in selections.items():
         train = [encode_messages(tokenizer, m, max_length) for m in conversations]
         train = [e for e in train if e.n_label_tokens > 0]
-        out[name] = finetune_and_evaluate(load_base, train, held, spec, device, tokenizer.pad_token_id, log)
+        result = finetune_and_evaluate_many(load_base, train, {"_": held}, spec, device, tokenizer.pad_token_id,
+                                            log=log)["_"]
+        out[name] = {"heldout_loss": result["heldout_loss"], "accuracy": result["accuracy"],
+                     "train_examples": len(train)}
         log(f"{name}: held-out loss {out[name]['heldout_loss']:.4f} after {len(train)} examples")
     return out

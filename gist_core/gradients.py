@@ -263,6 +263,31 @@ def full_gradients(model: nn.Module, encoded: Sequence[Encoded], out: np.ndarray
     return out, losses
 
 
+def block_features(model: nn.Module, encoded: Sequence[Encoded],
+                   project_block: Callable[[int, torch.Tensor], torch.Tensor], out_dim: int,
+                   **kwargs) -> tuple[np.ndarray, np.ndarray, np.ndarray, PassStats]:
+    """Per-example features sum_k project_block(k, g_k) built block by block: (z (N, out_dim), |g|, losses, stats)."""
+    device = kwargs.pop("device", torch.device("cpu"))
+    n = len(encoded)
+    z = np.zeros((n, out_dim), dtype=np.float32)
+    norms = np.zeros(n, dtype=np.float64)
+    losses = np.zeros(n, dtype=np.float64)
+
+    def consume(batch, batch_losses, blocks):
+        acc = torch.zeros(len(batch.indices), out_dim, device=device)
+        sq = torch.zeros(len(batch.indices), device=device, dtype=torch.float64)
+        for k, g in blocks:
+            acc += project_block(k, g)
+            sq += g.double().pow(2).sum(dim=1)
+        rows = np.asarray(batch.indices)
+        z[rows] = acc.cpu().numpy()
+        norms[rows] = sq.sqrt().cpu().numpy()
+        losses[rows] = batch_losses.cpu().double().numpy()
+
+    stats = gradient_pass(model, encoded, consume, device=device, **kwargs)
+    return z, norms, losses, stats
+
+
 def projected_gradients(model: nn.Module, encoded: Sequence[Encoded], basis: torch.Tensor,
                         **kwargs) -> tuple[np.ndarray, np.ndarray, np.ndarray, PassStats]:
     """Per-example gradients projected on ``basis`` (D x K): returns (z (N, K), |g| (N,), losses, stats).
@@ -274,27 +299,10 @@ def projected_gradients(model: nn.Module, encoded: Sequence[Encoded], basis: tor
     if basis.shape[0] != layout.dim:
         raise ValueError(f"basis has {basis.shape[0]} rows but the model's LoRA gradient has "
                          f"{layout.dim} entries; the basis was built for another adapter")
-    device = kwargs.pop("device", torch.device("cpu"))
+    device = kwargs.get("device", torch.device("cpu"))
     basis = basis.to(device=device, dtype=torch.float32)
     slices = [basis[b.offset:b.offset + b.size] for b in layout.blocks]
-    n = len(encoded)
-    z = np.zeros((n, basis.shape[1]), dtype=np.float32)
-    norms = np.zeros(n, dtype=np.float64)
-    losses = np.zeros(n, dtype=np.float64)
-
-    def consume(batch, batch_losses, blocks):
-        acc = torch.zeros(len(batch.indices), basis.shape[1], device=device)
-        sq = torch.zeros(len(batch.indices), device=device, dtype=torch.float64)
-        for k, g in blocks:
-            acc += g @ slices[k]
-            sq += g.double().pow(2).sum(dim=1)
-        rows = np.asarray(batch.indices)
-        z[rows] = acc.cpu().numpy()
-        norms[rows] = sq.sqrt().cpu().numpy()
-        losses[rows] = batch_losses.cpu().double().numpy()
-
-    stats = gradient_pass(model, encoded, consume, device=device, **kwargs)
-    return z, norms, losses, stats
+    return block_features(model, encoded, lambda k, g: g @ slices[k], basis.shape[1], **kwargs)
 
 
 def reference_gradients(model: nn.Module, encoded: Sequence[Encoded], device=torch.device("cpu")) -> np.ndarray:

@@ -34,12 +34,27 @@ def checkpoint_weights(avg_learning_rates: Sequence[float]) -> np.ndarray:
     return w / w.sum()
 
 
+def weighted_sum(per_checkpoint: Sequence[np.ndarray], weights: Sequence[float]) -> np.ndarray:
+    """Weighted sum of per-checkpoint M x S score matrices."""
+    if len(per_checkpoint) != len(weights):
+        raise ValueError("one weight per checkpoint is required")
+    return sum(w * c for w, c in zip(weights, per_checkpoint))
+
+
 def combine_and_max(cosines: Sequence[np.ndarray], weights: Sequence[float]) -> tuple[np.ndarray, np.ndarray]:
     """Weighted sum of per-checkpoint M x S cosine matrices, then max over subtasks.
 
     Returns (score (M,), index of the best subtask (M,)).
     """
-    if len(cosines) != len(weights):
-        raise ValueError("one weight per checkpoint is required")
-    total = sum(w * c for w, c in zip(weights, cosines))
+    total = weighted_sum(cosines, weights)
     return total.max(axis=1), total.argmax(axis=1)
+
+
+def mean_cosine_per_subtask(candidates: np.ndarray, targets: np.ndarray, subtasks: Sequence[str]
+                            ) -> tuple[list[str], np.ndarray]:
+    """LESS: cosine of each candidate to each target example, averaged within each subtask -> M x S."""
+    labels = np.asarray(subtasks)
+    names = sorted(set(labels.tolist()))
+    cos = _normalize_rows(np.asarray(candidates, dtype=np.float64)) @ _normalize_rows(
+        np.asarray(targets, dtype=np.float64)).T
+    return names, np.stack([cos[:, labels == name].mean(axis=1) for name in names], axis=1)

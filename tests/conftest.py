@@ -1,5 +1,6 @@
 import os
 
+import dagster as dg
 import pytest
 import torch
 
@@ -13,3 +14,16 @@ def storage_root(tmp_path, monkeypatch):
     root = tmp_path / "gist_root"
     monkeypatch.setenv("GIST_STORAGE_ROOT", str(root))
     return root
+
+
+@pytest.fixture(scope="session")
+def small_run(tmp_path_factory):
+    """The whole graph, baselines and evaluation included, on the small embedded default (tests only read it)."""
+    from gist_assets.run import run_all
+    from small_config import SMALL
+
+    root = tmp_path_factory.mktemp("gist_small")
+    with dg.instance_for_test() as instance:
+        out = run_all(SMALL, str(root), instance=instance, log=lambda _: None, compare=True)
+        shards = instance.get_dynamic_partitions("candidate_shards")
+        yield {"root": root, "out": out, "shards": shards, "instance": instance}

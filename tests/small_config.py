@@ -7,4 +7,5 @@ SMALL = {"ops": {
     "warmup_checkpoint": {"config": {"fraction": 0.1, "epochs": 2}},
     "spectral_basis": {"config": {"k": 8}},
     "selected_subset": {"config": {"percentage": 0.1}},
+    "selection_evaluation": {"config": {"epochs": 1}},
 }}

@@ -19,15 +19,6 @@ from gist_resources import ComputeResource
 from small_config import SMALL
 
 
-@pytest.fixture(scope="module")
-def small_run(tmp_path_factory):
-    root = tmp_path_factory.mktemp("gist_small")
-    with dg.instance_for_test() as instance:
-        out = run_all(SMALL, str(root), instance=instance, log=lambda _: None)
-        shards = instance.get_dynamic_partitions("candidate_shards")
-        yield {"root": root, "out": out, "shards": shards, "instance": instance}
-
-
 def _db(root):
     return duckdb.connect(str(root / "gist.duckdb"), read_only=True)
 
@@ -41,16 +32,20 @@ def test_graph_outputs(small_run):
     assert targets == ["arithmetic_sums", "geography", "word_reversal"]
     with _db(root) as db:
         rows = db.execute("SELECT target, method, count(*), count(DISTINCT candidate_id) FROM candidate_scores "
-                          "GROUP BY 1, 2 ORDER BY 1").fetchall()
+                          "WHERE method = 'gist' GROUP BY 1, 2 ORDER BY 1").fetchall()
         n_scored = rows[0][2]
         assert [r[0] for r in rows] == targets
         assert all(r[1] == "gist" and r[2] == r[3] == n_scored for r in rows)  # one row per candidate
-        ranks = db.execute("SELECT target, min(rank), max(rank), count(DISTINCT rank) FROM candidate_scores "
-                           "GROUP BY 1").fetchall()
-        assert all(r[1] == 1 and r[2] == r[3] == n_scored for r in ranks)
-        sel_counts = dict(db.execute("SELECT target, count(*) FROM selections GROUP BY 1").fetchall())
+        ranks = db.execute("SELECT target, method, min(rank), max(rank), count(DISTINCT rank), count(*) "
+                           "FROM candidate_scores GROUP BY 1, 2").fetchall()
+        assert len(ranks) == 3 * 4  # targets x (gist, random, less, representation)
+        assert all(r[2] == 1 and r[3] == r[4] == r[5] == n_scored for r in ranks)
+        sel_counts = db.execute("SELECT target, method, count(*) FROM selections GROUP BY 1, 2").fetchall()
+        evaluations = db.execute("SELECT target, method FROM evaluations").fetchall()
     expected = selection_size(n_scored, percentage=0.1)
-    assert sel_counts == {t: expected for t in targets}
+    assert len(sel_counts) == 12 and all(r[2] == expected for r in sel_counts)
+    assert set(evaluations) == {(t, m) for t in targets
+                                for m in ("gist", "random", "less", "representation", "base", "full_pool")}
     for target, manifest in out["selections"].items():
         lines = open(manifest["files"]["jsonl"], encoding="utf-8").read().splitlines()
         assert len(lines) == expected == manifest["selected"]
@@ -96,20 +91,20 @@ def test_scores_match_plain_computation(small_run):
                 dirs = dirs / dirs.norm(dim=1, keepdim=True)
                 total = total + w * ((z / z.norm(dim=1, keepdim=True)) @ dirs.T)
             expected = total.max(dim=1).values.numpy()
-            got = dict(db.execute("SELECT candidate_id, score FROM candidate_scores WHERE target = ?",
-                                  [target]).fetchall())
+            got = dict(db.execute("SELECT candidate_id, score FROM candidate_scores WHERE target = ? "
+                                  "AND method = 'gist'", [target]).fetchall())
             np.testing.assert_allclose([got[i] for i in ids], expected, atol=1e-4)
             order = sorted(range(len(ids)), key=lambda j: (-expected[j], ids[j]))
             n_sel = selection_size(len(ids), percentage=0.1)
-            chosen = [r[0] for r in db.execute("SELECT candidate_id FROM selections WHERE target = ? ORDER BY rank",
-                                               [target]).fetchall()]
+            chosen = [r[0] for r in db.execute("SELECT candidate_id FROM selections WHERE target = ? "
+                                               "AND method = 'gist' ORDER BY rank", [target]).fetchall()]
             assert chosen == [ids[j] for j in order[:n_sel]]
 
 
 def test_checks_passed(small_run):
     instance = small_run["instance"]
     for asset, check in [("spectral_basis", "basis_columns_orthonormal"), ("candidate_scores", "scores_valid"),
-                         ("selected_subset", "selection_size_as_configured")]:
+                         ("baseline_scores", "scores_valid"), ("selected_subset", "selection_size_as_configured")]:
         key = AssetCheckKey(AssetKey(asset), check)
         summary = instance.event_log_storage.get_latest_asset_check_execution_by_key([key])[key]
         assert summary.status.value == "SUCCEEDED", (asset, check, summary.status)
@@ -119,12 +114,51 @@ def test_rematerialize_same_seed_is_identical(small_run, tmp_path):
     """Same inputs and seed, a fresh storage root: identical scores and selections, same row counts."""
     first = small_run["root"]
     with dg.instance_for_test() as instance:
-        run_all(SMALL, str(tmp_path), instance=instance, log=lambda _: None)
-    query = "SELECT candidate_id, target, method, score, rank FROM candidate_scores ORDER BY target, candidate_id"
+        run_all(SMALL, str(tmp_path), instance=instance, log=lambda _: None, compare=True)
+    query = ("SELECT candidate_id, target, method, score, rank FROM candidate_scores "
+             "ORDER BY target, method, candidate_id")
     with _db(first) as a, _db(tmp_path) as b:
         assert a.execute(query).fetchall() == b.execute(query).fetchall()
-        sel = "SELECT * FROM selections ORDER BY target, rank"
+        sel = "SELECT * FROM selections ORDER BY target, method, rank"
         assert a.execute(sel).fetchall() == b.execute(sel).fetchall()
     for target in ["arithmetic_sums", "geography", "word_reversal"]:
-        rel = ("selections", target, "gist", "selection.jsonl")
-        assert first.joinpath(*rel).read_bytes() == tmp_path.joinpath(*rel).read_bytes()
+        for method in ["gist", "random", "less", "representation"]:
+            rel = ("selections", target, method, "selection.jsonl")
+            assert first.joinpath(*rel).read_bytes() == tmp_path.joinpath(*rel).read_bytes()
+
+
+def test_less_features_match_plain_computation(small_run):
+    """LESS candidate features: bs=1 gradients, Adam direction from the saved state, dense projection."""
+    from gist_core.gradients import trainable_linears
+    from gist_core.projection import BlockProjector
+    from gist_core.warmup import load_optimizer_state
+    from safetensors.numpy import load_file
+
+    root = small_run["root"]
+    ref = json.loads((root / "models" / "model_ref.json").read_text())
+    shard = sorted(small_run["shards"])[0]
+    folder = root / "features_less" / shard
+    meta = json.loads((folder / "meta.json").read_text())
+    features = load_file(str(folder / "features.safetensors"))
+    side = pl.read_parquet(folder / "candidates.parquet").filter(pl.col("included"))
+    pool = pl.read_parquet(root / "pool" / "candidate_pool.parquet").filter(pl.col("shard") == shard)
+    assert side["candidate_id"].to_list() == pool["candidate_id"].to_list()
+    compute = ComputeResource()
+    tok = compute.load_tokenizer(ref["path"])
+    enc = [encode_messages(tok, json.loads(m), ref["max_length"]) for m in pool["messages"]]
+    proj = meta["projection"]
+    for ckpt in meta["checkpoints"]:
+        ckpt_dir = root / "warmup" / ckpt
+        info = json.loads((ckpt_dir / "checkpoint_info.json").read_text())
+        model = compute.load_model(ref["path"], str(ckpt_dir))
+        g = torch.from_numpy(reference_gradients(model, enc)).double()
+        state = load_optimizer_state(ckpt_dir)
+        names = [n for n, p in model.named_parameters() if p.requires_grad]
+        m = torch.cat([state[n]["exp_avg"].flatten() for n in names]).double()
+        v = torch.cat([state[n]["exp_avg_sq"].flatten() for n in names]).double()
+        b1, b2 = info["betas"]
+        direction = (b1 * m + (1 - b1) * g) / torch.sqrt(b2 * v + (1 - b2) * g ** 2 + info["adam_eps"])
+        layout, _ = trainable_linears(model)
+        P = BlockProjector(layout, proj["dim"], proj["seed"], proj["kind"]).dense().double()
+        np.testing.assert_allclose(features[ckpt], (direction @ P).numpy(), rtol=1e-3, atol=1e-4)
+        assert float(v.abs().sum()) > 0  # real moments, not an empty state

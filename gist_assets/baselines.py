@@ -1,0 +1,209 @@
+"""Baselines beside GIST, on the same candidates and budget: random, LESS, representation (RDS-style)."""
+
+import hashlib
+import json
+
+import dagster as dg
+import numpy as np
+import polars as pl
+from pydantic import Field
+from safetensors.numpy import load_file
+
+from gist_core.data import encode_prompt_completion
+from gist_core.gradients import GradientLayout, ParamBlock, block_features, trainable_linears
+from gist_core.projection import BlockProjector, adam_direction
+from gist_core.representation import mean_pooled_hidden_states
+from gist_core.scoring import (checkpoint_weights, cosine_to_subtasks, mean_cosine_per_subtask,
+                               subtask_directions, weighted_sum)
+from gist_core.warmup import load_optimizer_state
+from gist_resources import ComputeResource, ScoreStore, StorageResource
+
+from .gradients import GRADIENT_RETRY, ShardInput, candidate_features, features_dir, progress_logger, target_gradients
+from .model import base_model, read_model_ref, read_warmup, warmup_checkpoint
+from .partitions import candidate_shards
+from .plots import md_table
+from .pool import candidate_pool, target_sets, targets_path
+from .scores import write_method_scores
+
+
+class LessFeaturesConfig(dg.Config):
+    projection_dim: int = Field(default=0, description="Random projection dimension (0: 8192, LESS's "
+                                "default; 1024 for the embedded model)")
+    projection: str = Field(default="rademacher", description="rademacher or gaussian (entries of variance 1/d)")
+    seed: int = 0
+
+
+def _grads_manifest(storage: StorageResource) -> dict:
+    return storage.read_json(storage.path("target_gradients", "manifest.json"), "target_gradients")
+
+
+def _layout(manifest: dict) -> GradientLayout:
+    return GradientLayout(tuple(ParamBlock(n, tuple(shape), off) for n, shape, off in manifest["layout"]["blocks"]))
+
+
+def _timing(stats) -> dict:
+    return {"seconds": stats.seconds, "examples_per_s": stats.examples_per_s, "tokens_per_s": stats.tokens_per_s}
+
+
+@dg.asset(group_name="baselines", deps=[candidate_pool, target_gradients, base_model], partitions_def=candidate_shards,
+          code_version="1", retry_policy=GRADIENT_RETRY, kinds={"pytorch", "safetensors"})
+def less_candidate_features(context: dg.AssetExecutionContext, config: LessFeaturesConfig,
+                            storage: StorageResource, compute: ComputeResource) -> dg.MaterializeResult:
+    """LESS: Adam-preconditioned candidate gradients, randomly projected; target-independent.
+
+    Uses the same checkpoints as the GIST target gradients.
+    """
+    shard = context.partition_key
+    ref, grads = read_model_ref(storage), _grads_manifest(storage)
+    dim = config.projection_dim or (1024 if ref["embedded"] else 8192)
+    shard_in = ShardInput.load(storage, compute, ref, shard)
+    tensors, timings = {}, {}
+    for ckpt in grads["checkpoints"]:
+        model = compute.load_model(ref["path"], ckpt["dir"])
+        layout, _ = trainable_linears(model)
+        info = json.loads((storage.path("warmup", ckpt["name"], "checkpoint_info.json")).read_text())
+        state = load_optimizer_state(ckpt["dir"])
+        missing = [b.name for b in layout.blocks if b.name not in state]
+        if missing:
+            raise ValueError(f"optimizer state of {ckpt['dir']} has no moments for {missing[:3]}; "
+                             "re-materialize warmup_checkpoint")
+        device = compute.torch_device()
+        moments = [(state[b.name]["exp_avg"].reshape(-1).to(device), state[b.name]["exp_avg_sq"].reshape(-1).to(device))
+                   for b in layout.blocks]
+        projector = BlockProjector(layout, dim, config.seed, config.projection, device=device)
+        betas, eps = tuple(info["betas"]), info["adam_eps"]
+
+        def project(k, g):
+            return projector.project_block(k, adam_direction(g, *moments[k], betas=betas, eps=eps))
+
+        z, _, _, stats = block_features(model, [shard_in.encoded[i] for i in shard_in.keep], project, dim,
+                                        pad_id=shard_in.tokenizer.pad_token_id,
+                                        progress=progress_logger(context, f"less {shard}/{ckpt['name']}"),
+                                        **compute.batching())
+        tensors[ckpt["name"]] = z
+        timings[ckpt["name"]] = _timing(stats)
+    projection = {"dim": dim, "kind": config.projection, "seed": config.seed}
+    shard_in.write(storage, shard, "less", tensors, {"projection": projection, "timings": timings,
+                                                     "checkpoints": [c["name"] for c in grads["checkpoints"]]})
+    return dg.MaterializeResult(metadata={
+        "scored": len(shard_in.keep), "projection": dg.MetadataValue.json(projection),
+        "timings": dg.MetadataValue.json(timings),
+        "bytes_per_candidate": round(sum(t.nbytes for t in tensors.values()) / max(1, len(shard_in.keep)), 1)})
+
+
+def _last_checkpoint(storage: StorageResource) -> dict:
+    return read_warmup(storage)["checkpoints"][-1]
+
+
+@dg.asset(group_name="baselines", deps=[candidate_pool, warmup_checkpoint, base_model], partitions_def=candidate_shards,
+          code_version="1", retry_policy=GRADIENT_RETRY, kinds={"pytorch", "safetensors"})
+def representation_features(context: dg.AssetExecutionContext, storage: StorageResource,
+                            compute: ComputeResource) -> dg.MaterializeResult:
+    """Mean-pooled last-layer hidden states of each candidate (model with the last warmup adapter)."""
+    import time
+
+    shard = context.partition_key
+    ref, ckpt = read_model_ref(storage), _last_checkpoint(storage)
+    shard_in = ShardInput.load(storage, compute, ref, shard)
+    model = compute.load_model(ref["path"], ckpt["dir"])
+    b = compute.batching()
+    start = time.perf_counter()
+    reps = mean_pooled_hidden_states(model, [shard_in.encoded[i] for i in shard_in.keep], b["device"], b["dtype"],
+                                     b["max_tokens"], b["max_batch_size"], shard_in.tokenizer.pad_token_id)
+    seconds = time.perf_counter() - start
+    shard_in.write(storage, shard, "representation", {"hidden": reps},
+                   {"checkpoint": ckpt["name"], "timings": {ckpt["name"]: {"seconds": seconds}}})
+    return dg.MaterializeResult(metadata={"scored": len(shard_in.keep), "seconds": round(seconds, 2),
+                                          "bytes_per_candidate": reps.shape[1] * 4 if reps.size else 0})
+
+
+class BaselineScoresConfig(dg.Config):
+    methods: list[str] = Field(default=["random", "less", "representation"], description="Baselines to score")
+    random_seed: int = 0
+
+
+def _load_method_features(storage: StorageResource, shards: list[str], method: str):
+    """Concatenated sidecars and tensors of one method's shard features; missing shards named."""
+    missing = [s for s in shards if not (features_dir(storage, s, method) / "meta.json").exists()]
+    if missing:
+        asset = {"gist": "candidate_features", "less": "less_candidate_features",
+                 "representation": "representation_features"}[method]
+        raise ValueError(f"{asset} is missing for shards {missing}; materialize those partitions first")
+    sides, parts, metas = [], [], []
+    for s in shards:
+        d = features_dir(storage, s, method)
+        sides.append(pl.read_parquet(d / "candidates.parquet").with_columns(pl.lit(s).alias("shard")))
+        parts.append(load_file(str(d / "features.safetensors")))
+        metas.append(json.loads((d / "meta.json").read_text()))
+    tensors = {k: np.concatenate([p[k] for p in parts]) for k in parts[0]}
+    return pl.concat(sides).filter(pl.col("included")), tensors, metas
+
+
+def random_scores(candidate_ids: list[str], seed: int) -> np.ndarray:
+    """A seeded uniform number per candidate, from its id: the top-n is a seeded uniform sample."""
+    return np.array([int(hashlib.sha256(f"{seed}:{cid}".encode()).hexdigest()[:13], 16) / 16 ** 13
+                     for cid in candidate_ids])
+
+
+@dg.asset(group_name="baselines",
+          deps=[candidate_features, less_candidate_features, representation_features, target_gradients, target_sets,
+                warmup_checkpoint],
+          code_version="1", kinds={"duckdb"})
+def baseline_scores(context: dg.AssetExecutionContext, config: BaselineScoresConfig, storage: StorageResource,
+                    compute: ComputeResource, score_store: ScoreStore) -> dg.MaterializeResult:
+    """Scores of the baselines in the same candidate_scores table (column `method`)."""
+    unknown = sorted(set(config.methods) - {"random", "less", "representation"})
+    if unknown:
+        raise ValueError(f"unknown baseline methods {unknown}; choose from random, less, representation")
+    shards = sorted(context.instance.get_dynamic_partitions(candidate_shards.name))
+    grads = _grads_manifest(storage)
+    targets = sorted(grads["targets"])
+    avg_lr = {c["name"]: c["avg_lr"] for c in read_warmup(storage)["checkpoints"]}
+    summary = []
+    if "random" in config.methods:
+        side, _, _ = _load_method_features(storage, shards, "gist")
+        score = random_scores(side["candidate_id"].to_list(), config.random_seed)
+        for target in targets:
+            summary.append(write_method_scores(score_store, target, "random", side, score[:, None], ["all"],
+                                               f"random-seed-{config.random_seed}"))
+    if "less" in config.methods:
+        side, tensors, metas = _load_method_features(storage, shards, "less")
+        projections = {json.dumps(m["projection"], sort_keys=True) for m in metas}
+        ckpt_sets = {tuple(m["checkpoints"]) for m in metas}
+        if len(projections) != 1 or ckpt_sets != {tuple(c["name"] for c in grads["checkpoints"])}:
+            raise ValueError("less_candidate_features shards were computed with different projections or "
+                             "checkpoints than the current target gradients; re-materialize all its partitions")
+        proj = metas[0]["projection"]
+        projector = BlockProjector(_layout(grads), proj["dim"], proj["seed"], proj["kind"])
+        ckpts = [c["name"] for c in grads["checkpoints"]]
+        weights = checkpoint_weights([avg_lr[c] for c in ckpts])
+        for target in targets:
+            per_ckpt, names = [], None
+            for ckpt in ckpts:
+                G = storage.open_npy(storage.path("target_gradients", ckpt, f"{target}.npy"), "target_gradients")
+                labels = pl.read_parquet(storage.path("target_gradients", ckpt, f"{target}.parquet"))
+                names, m = mean_cosine_per_subtask(tensors[ckpt], projector.project_rows(G), labels["subtask"])
+                per_ckpt.append(m)
+            summary.append(write_method_scores(score_store, target, "less", side, weighted_sum(per_ckpt, weights),
+                                               names, f"less-{proj['kind']}-{proj['dim']}-seed-{proj['seed']}"))
+    if "representation" in config.methods:
+        side, tensors, metas = _load_method_features(storage, shards, "representation")
+        ref, ckpt = read_model_ref(storage), _last_checkpoint(storage)
+        model = compute.load_model(ref["path"], ckpt["dir"])
+        tokenizer = compute.load_tokenizer(ref["path"])
+        df = storage.read_parquet(targets_path(storage), "target_sets").filter(pl.col("split") == "basis")
+        b = compute.batching()
+        for target in targets:
+            rows = df.filter(pl.col("target") == target).sort("example_id")
+            enc = [encode_prompt_completion(tokenizer, p, c, ref["max_length"])
+                   for p, c in zip(rows["prompt"], rows["completion"])]
+            reps = mean_pooled_hidden_states(model, enc, b["device"], b["dtype"], b["max_tokens"],
+                                             b["max_batch_size"], tokenizer.pad_token_id)
+            names, directions = subtask_directions(reps, rows["subtask"].to_list())
+            summary.append(write_method_scores(score_store, target, "representation", side,
+                                               cosine_to_subtasks(tensors["hidden"], directions), names,
+                                               f"representation-{ckpt['name']}"))
+        del model
+    for method in config.methods:
+        score_store.delete_targets_except(targets, method)
+    return dg.MaterializeResult(metadata={"scores": dg.MetadataValue.md(md_table(summary, limit=100))})

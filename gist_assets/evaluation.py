@@ -1,0 +1,267 @@
+"""selection_evaluation: fine-tune on every selection, judge it on the target's held-out examples.
+
+How a selection is judged (DESIGN.md §7): LoRA fine-tune the base model on it, then
+the target's held-out loss (examples never used to build the basis) and, for
+multiple-choice targets, accuracy. Every method found in the DuckDB ``selections``
+table (gist and whatever baselines were selected) is fine-tuned with the same
+hyperparameters and seed. Two references per target: ``base`` (no fine-tuning) and
+``full_pool`` (the whole pool; target-independent, so trained once and judged on
+every target). Identical training sets (e.g. a random baseline shared by all
+targets) are trained once as well: the fine-tune depends only on the set of
+candidates, not on their rank order.
+
+Next to the quality, each method's cost as stored: bytes of features per scored
+candidate and the seconds of its feature pass, read from ``features/<shard>/``
+(gist) or ``features_<method>/<shard>/`` (meta.json ``timings`` and
+``features.safetensors``); None where a method keeps no features.
+"""
+
+import json
+import math
+import time
+
+import dagster as dg
+import numpy as np
+import polars as pl
+from pydantic import Field
+
+from gist_core.data import encode_messages
+from gist_core.evaluate import FinetuneSpec, HeldoutSet, evaluate_heldout, finetune_and_evaluate_many, prepare_heldout
+from gist_core.warmup import LoraTrainConfig
+from gist_resources import ComputeResource, ScoreStore, StorageResource
+
+from .model import base_model, default_target_modules, read_model_ref
+from .plots import bar_chart, md_table
+from .pool import candidate_pool, pool_path, target_sets, targets_path
+from .scores import selected_subset
+
+BASE, FULL_POOL = "base", "full_pool"
+SCHEMA = {"target": pl.Utf8, "method": pl.Utf8, "train_examples": pl.Int64, "heldout_examples": pl.Int64,
+          "heldout_loss": pl.Float64, "accuracy": pl.Float64, "bytes_per_candidate": pl.Float64,
+          "feature_pass_seconds": pl.Float64}
+
+
+class EvaluationConfig(dg.Config):
+    """Fine-tune settings, identical for every method compared."""
+
+    epochs: int = 3
+    learning_rate: float = Field(default=0.0, description="0: 1e-3 for the embedded model, 2e-5 otherwise")
+    effective_batch_size: int = 16
+    micro_batch_size: int = 16
+    lora_r: int = 8
+    lora_alpha: int = 32
+    include_full_pool: bool = Field(default=True, description="Also fine-tune once on the whole pool (a "
+                                    "reference judged on every target)")
+    seed: int = 0
+
+
+def finetune_spec(config: EvaluationConfig, ref: dict, target_modules: list[str]) -> FinetuneSpec:
+    lr = config.learning_rate or (1e-3 if ref["embedded"] else 2e-5)
+    if config.epochs < 1 or config.effective_batch_size < 1 or config.micro_batch_size < 1:
+        raise ValueError("selection_evaluation: epochs, effective_batch_size and micro_batch_size must be >= 1")
+    return FinetuneSpec(lora_r=config.lora_r, lora_alpha=config.lora_alpha, target_modules=tuple(target_modules),
+                        train=LoraTrainConfig(epochs=config.epochs, learning_rate=lr,
+                                              effective_batch_size=config.effective_batch_size,
+                                              micro_batch_size=min(config.micro_batch_size,
+                                                                   config.effective_batch_size),
+                                              seed=config.seed))
+
+
+def heldout_sets(targets: pl.DataFrame, tokenizer, max_length: int) -> dict[str, HeldoutSet]:
+    """Every target's held-out examples, encoded; a clear error for a target without any."""
+    out, empty = {}, []
+    for target in sorted(targets["target"].unique().to_list()):
+        held = targets.filter((pl.col("target") == target) & (pl.col("split") == "heldout"))
+        if held.height == 0:
+            empty.append(target)
+            continue
+        out[target] = prepare_heldout(tokenizer, held["prompt"].to_list(), held["completion"].to_list(),
+                                      max_length, name=f"target {target!r}")
+    if empty:
+        raise ValueError(f"targets {empty} have no held-out examples, so nothing can judge the selections; set "
+                         "target_sets.heldout_fraction > 0 (e.g. 0.2) and re-materialize target_sets and what "
+                         "follows")
+    return out
+
+
+def read_selections(score_store: ScoreStore) -> pl.DataFrame:
+    """(target, method, candidate_id) of every selection in DuckDB."""
+    with score_store.get_connection() as conn:
+        exists = conn.execute("SELECT count(*) FROM information_schema.tables WHERE table_name = 'selections'"
+                              ).fetchall()[0][0]
+        if not exists:
+            raise ValueError(f"{score_store.database} has no selections table; materialize selected_subset first")
+        return conn.sql("SELECT target, method, candidate_id FROM selections ORDER BY target, method, rank").pl()
+
+
+def _scored_count(d) -> int | None:
+    """Candidates with features in one shard dir: candidates.parquet's `included`, else the tensors' rows."""
+    side = d / "candidates.parquet"
+    if side.exists():
+        df = pl.read_parquet(side)
+        return int(df["included"].sum()) if "included" in df.columns else df.height
+    with open(d / "features.safetensors", "rb") as fh:  # safetensors: 8-byte length, then a JSON header
+        n = int.from_bytes(fh.read(8), "little")
+        header = json.loads(fh.read(n))
+    rows = [v["shape"][0] for k, v in header.items() if k != "__metadata__" and v.get("shape")]
+    return max(rows) if rows else None
+
+
+def feature_costs(storage: StorageResource, method: str, shards: list[str]) -> tuple[float | None, float | None]:
+    """(bytes of stored features per scored candidate, seconds of the feature pass summed over shards
+    and checkpoints); (None, None) unless every shard of the pool has them."""
+    folder = "features" if method == "gist" else f"features_{method}"
+    total_bytes, scored, seconds, timed = 0, 0, 0.0, False
+    for shard in shards:
+        try:
+            d = storage.path(folder, shard)
+        except ValueError:  # a method name that is not a plain file name keeps no features here
+            return None, None
+        meta_path, tensors = d / "meta.json", d / "features.safetensors"
+        if not meta_path.exists() or not tensors.exists():
+            return None, None
+        meta = json.loads(meta_path.read_text())
+        total_bytes += tensors.stat().st_size
+        scored += _scored_count(d) or 0
+        for timing in (meta.get("timings") or {}).values():
+            if isinstance(timing, dict) and "seconds" in timing:
+                seconds += float(timing["seconds"])
+                timed = True
+    if not shards:
+        return None, None
+    return (total_bytes / scored if scored else None), (seconds if timed else None)
+
+
+def _plan(selections: pl.DataFrame, targets: list[str], pool_ids: list[str], include_full_pool: bool):
+    """Group (target, method) pairs by their training set: one fine-tune per distinct set."""
+    plan: dict[tuple[str, ...], list[tuple[str, str]]] = {}
+    if include_full_pool:
+        plan.setdefault(tuple(sorted(pool_ids)), []).extend((t, FULL_POOL) for t in targets)
+    for (target, method), df in sorted(selections.group_by("target", "method"), key=lambda kv: kv[0]):
+        if target in targets:
+            plan.setdefault(tuple(sorted(df["candidate_id"].to_list())), []).append((target, method))
+    return plan
+
+
+def _fmt(v):
+    if v is None or (isinstance(v, float) and math.isnan(v)):
+        return ""
+    return round(v, 4) if isinstance(v, float) else v
+
+
+@dg.asset(group_name="evaluation", deps=[selected_subset, target_sets, base_model, candidate_pool],
+          code_version="1", kinds={"pytorch", "duckdb"})
+def selection_evaluation(context: dg.AssetExecutionContext, config: EvaluationConfig, storage: StorageResource,
+                         compute: ComputeResource, score_store: ScoreStore) -> dg.MaterializeResult:
+    """Fine-tune on each method's selection (same settings and seed), then held-out loss and accuracy per target."""
+    ref = read_model_ref(storage)
+    tokenizer = compute.load_tokenizer(ref["path"])
+    pool = storage.read_parquet(pool_path(storage), "candidate_pool")
+    heldouts = heldout_sets(storage.read_parquet(targets_path(storage), "target_sets"), tokenizer,
+                            ref["max_length"])
+    targets = sorted(heldouts)
+    for target, held in heldouts.items():
+        if held.dropped:
+            context.log.warning(f"{target}: {held.dropped} held-out examples have no completion tokens within "
+                                f"max_length={ref['max_length']} and are not judged")
+    selections = read_selections(score_store)
+    stray = sorted(set(selections["target"].unique().to_list()) - set(targets))
+    if stray:
+        context.log.warning(f"selections of targets {stray} are not in target_sets (stale); they are not evaluated")
+    unknown = sorted(set(selections["candidate_id"].to_list()) - set(pool["candidate_id"].to_list()))
+    if unknown:
+        raise ValueError(f"{len(unknown)} selected candidates (e.g. {unknown[:3]}) are not in the current pool; "
+                         "re-materialize the scores and selected_subset")
+    methods = sorted(selections["method"].unique().to_list())
+    for target in targets:
+        have = selections.filter(pl.col("target") == target)["method"].unique().to_list()
+        if not have:
+            context.log.warning(f"target {target!r} has no selections; only the references are evaluated")
+
+    messages = dict(zip(pool["candidate_id"].to_list(), pool["messages"].to_list()))
+    encoded: dict = {}
+
+    def train_set(ids):
+        for i in ids:
+            if i not in encoded:
+                encoded[i] = encode_messages(tokenizer, json.loads(messages[i]), ref["max_length"])
+        return [encoded[i] for i in ids if encoded[i].n_label_tokens > 0]
+
+    device, dtype = compute.torch_device(), compute.autocast_dtype()
+    pad_id, max_tokens = tokenizer.pad_token_id, compute.max_tokens_per_batch
+    results: dict[tuple[str, str], dict] = {}
+
+    # The base model: no fine-tuning, judged on every target; it also names the LoRA target modules.
+    start = time.perf_counter()
+    model = compute.load_model(ref["path"])
+    spec = finetune_spec(config, ref, default_target_modules(model))
+    for target, held in heldouts.items():
+        results[(target, BASE)] = {**evaluate_heldout(model, held, device, pad_id, dtype, max_tokens),
+                                   "train_examples": 0}
+    del model
+    context.log.info(f"base model (no fine-tuning) judged on {len(targets)} targets in "
+                     f"{time.perf_counter() - start:.1f}s")
+
+    plan = _plan(selections, targets, list(messages), config.include_full_pool)
+    context.log.info(f"{len(plan)} fine-tunes for {sum(len(v) for v in plan.values())} (target, method) pairs, "
+                     f"methods {methods}; lr {spec.train.learning_rate:g}, {config.epochs} epochs, "
+                     f"r={config.lora_r}, seed {config.seed}")
+    for n, (ids, pairs) in enumerate(plan.items(), 1):
+        train = train_set(ids)
+        names = ", ".join(f"{t}/{m}" for t, m in pairs)
+        if not train:
+            raise ValueError(f"the selection of {names} has no example with completion tokens within "
+                             f"max_length={ref['max_length']}")
+        start = time.perf_counter()
+        context.log.info(f"fine-tune {n}/{len(plan)}: {names} ({len(train)} examples)")
+        judged = {t: heldouts[t] for t in sorted({t for t, _ in pairs})}
+        out = finetune_and_evaluate_many(lambda: compute.load_model(ref["path"]), train, judged, spec, device,
+                                         pad_id, dtype, max_tokens, log=context.log.debug)
+        for target, method in pairs:
+            results[(target, method)] = out[target]
+        summary = "; ".join(
+            f"{t} loss {out[t]['heldout_loss']:.4f}"
+            + ("" if out[t]["accuracy"] is None else f" acc {out[t]['accuracy']:.3f}") for t in judged)
+        context.log.info(f"fine-tune {n}/{len(plan)} done in {time.perf_counter() - start:.1f}s: {summary}")
+
+    shards = sorted(pool["shard"].unique().to_list())
+    costs = {m: feature_costs(storage, m, shards) for m in methods}
+    rows = []
+    for (target, method), r in results.items():
+        cost = costs.get(method, (None, None))
+        rows.append({"target": target, "method": method, "train_examples": r["train_examples"],
+                     "heldout_examples": r["heldout_examples"], "heldout_loss": r["heldout_loss"],
+                     "accuracy": r["accuracy"], "bytes_per_candidate": cost[0], "feature_pass_seconds": cost[1]})
+    bad = [(r["target"], r["method"]) for r in rows if not np.isfinite(r["heldout_loss"])]
+    if bad:
+        raise ValueError(f"non-finite held-out loss for {bad}; lower evaluation learning_rate")
+    df = pl.DataFrame(rows, schema=SCHEMA).sort("target", "heldout_loss", "method")
+    score_store.replace_evaluations(df)
+
+    table = [{k: _fmt(v) for k, v in r.items()} for r in df.to_dicts()]
+    meta = {
+        "comparison": dg.MetadataValue.md(md_table(table, limit=1000)),
+        "heldout_loss_chart": bar_chart(
+            {t: {r["method"]: r["heldout_loss"] for r in df.filter(pl.col("target") == t).sort("method").to_dicts()}
+             for t in targets}, "Held-out loss after fine-tuning (lower is better)", "held-out loss",
+            zero_based=False),
+        "rows": df.height, "fine_tunes": len(plan), "methods": dg.MetadataValue.json(methods),
+        "hyperparameters": dg.MetadataValue.json({
+            "epochs": config.epochs, "learning_rate": spec.train.learning_rate, "lora_r": spec.lora_r,
+            "lora_alpha": spec.lora_alpha, "lora_dropout": spec.lora_dropout,
+            "target_modules": list(spec.target_modules), "effective_batch_size": spec.train.effective_batch_size,
+            "micro_batch_size": spec.train.micro_batch_size, "seed": config.seed,
+            "include_full_pool": config.include_full_pool}),
+        "database": dg.MetadataValue.path(score_store.database),
+    }
+    with_acc = df.filter(pl.col("accuracy").is_not_null())
+    if with_acc.height:
+        meta["accuracy_chart"] = bar_chart(
+            {t: {r["method"]: r["accuracy"] for r in with_acc.filter(pl.col("target") == t).sort("method").to_dicts()}
+             for t in sorted(with_acc["target"].unique().to_list())},
+            "Held-out accuracy after fine-tuning (multiple-choice targets)", "accuracy")
+    for target in targets:
+        best = df.filter((pl.col("target") == target) & ~pl.col("method").is_in([BASE, FULL_POOL]))
+        if best.height:
+            meta[f"{target}/best_method"] = best["method"][0]
+    return dg.MaterializeResult(metadata=meta)

@@ -1,0 +1,85 @@
+"""Seeded random projections of LoRA gradients, applied block by block (the LESS baseline).
+
+The D x d projection matrix is never materialized whole: each gradient block
+(one LoRA weight) has its own rows, generated in row chunks from a generator
+seeded by (seed, block, chunk), so the same rows come out whatever the batch.
+Entries have mean 0 and variance 1/d (Rademacher +-1/sqrt(d), or Gaussian).
+Chunks are cached while they fit a memory budget.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import torch
+
+from .gradients import GradientLayout
+
+KINDS = ("rademacher", "gaussian")
+
+
+class BlockProjector:
+    def __init__(self, layout: GradientLayout, dim: int, seed: int = 0, kind: str = "rademacher",
+                 chunk_rows: int = 4096, cache_bytes: int = 512 << 20, device: torch.device | str = "cpu"):
+        if kind not in KINDS:
+            raise ValueError(f"projection must be one of {KINDS}, got {kind!r}")
+        if dim < 1:
+            raise ValueError(f"projection dimension must be positive, got {dim}")
+        self.layout, self.dim, self.seed, self.kind = layout, dim, seed, kind
+        self.chunk_rows, self.device = chunk_rows, torch.device(device)
+        self._cache: dict[tuple[int, int], torch.Tensor] = {}
+        self._cache_left = cache_bytes
+
+    def _chunk(self, block: int, chunk: int, rows: int) -> torch.Tensor:
+        key = (block, chunk)
+        if key in self._cache:
+            return self._cache[key]
+        gen = torch.Generator().manual_seed((self.seed * 1_000_003 + block * 10_007 + chunk) % (2 ** 63))
+        if self.kind == "rademacher":
+            m = torch.randint(0, 2, (rows, self.dim), generator=gen, dtype=torch.int8).float().mul_(2).sub_(1)
+        else:
+            m = torch.randn(rows, self.dim, generator=gen)
+        m = m.div_(math.sqrt(self.dim)).to(self.device)
+        if m.numel() * 4 <= self._cache_left:
+            self._cache[key] = m
+            self._cache_left -= m.numel() * 4
+        return m
+
+    def project_block(self, block: int, g: torch.Tensor) -> torch.Tensor:
+        """(B, block size) -> (B, d): this block's share of g @ P."""
+        size = self.layout.blocks[block].size
+        out = torch.zeros(g.shape[0], self.dim, device=g.device, dtype=torch.float32)
+        for c, start in enumerate(range(0, size, self.chunk_rows)):
+            stop = min(size, start + self.chunk_rows)
+            out += g[:, start:stop].float() @ self._chunk(block, c, stop - start)
+        return out
+
+    def project_rows(self, G: np.ndarray, row_chunk: int = 256) -> np.ndarray:
+        """Project full gradients (N x D, e.g. a memmap) -> N x d, reading G a slab at a time."""
+        out = np.zeros((G.shape[0], self.dim), dtype=np.float32)
+        for r in range(0, G.shape[0], row_chunk):
+            acc = torch.zeros(min(row_chunk, G.shape[0] - r), self.dim, device=self.device)
+            for k, b in enumerate(self.layout.blocks):
+                g = torch.from_numpy(np.ascontiguousarray(G[r:r + row_chunk, b.offset:b.offset + b.size]))
+                acc += self.project_block(k, g.to(self.device))
+            out[r:r + acc.shape[0]] = acc.cpu().numpy()
+        return out
+
+    def dense(self) -> torch.Tensor:
+        """The whole D x d matrix (tests only)."""
+        return torch.cat([torch.cat([self._chunk(k, c, min(self.chunk_rows, b.size - s))
+                                     for c, s in enumerate(range(0, b.size, self.chunk_rows))])
+                          for k, b in enumerate(self.layout.blocks)])
+
+
+def adam_direction(g: torch.Tensor, exp_avg: torch.Tensor, exp_avg_sq: torch.Tensor,
+                   betas: tuple[float, float] = (0.9, 0.999), eps: float = 1e-8) -> torch.Tensor:
+    """The update direction LESS uses: one Adam step's moments from the checkpoint's state, no bias correction.
+
+    m' = b1 m + (1 - b1) g;  v' = b2 v + (1 - b2) g^2;  direction = m' / sqrt(v' + eps)
+    """
+    b1, b2 = betas
+    m = b1 * exp_avg + (1 - b1) * g
+    v = b2 * exp_avg_sq + (1 - b2) * g.pow(2)
+    return m / torch.sqrt(v + eps)
