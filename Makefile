@@ -14,7 +14,7 @@ PORT ?= 3000
 export GIST_STORAGE_ROOT ?= $(CURDIR)/.gist
 export DAGSTER_HOME ?= $(GIST_STORAGE_ROOT)/dagster_home
 
-.PHONY: demo test test-fast test-slow ui bench install clean
+.PHONY: demo compare test test-fast test-slow ui bench install clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -28,6 +28,9 @@ install: $(STAMP)
 
 demo: $(STAMP)
 	$(BIN)/python -m gist_assets.run
+
+compare: $(STAMP)
+	$(BIN)/python -m gist_assets.run --compare
 
 test: $(STAMP)
 	$(BIN)/python -m pytest -q

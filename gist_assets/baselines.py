@@ -18,12 +18,14 @@ from gist_core.scoring import (checkpoint_weights, cosine_to_subtasks, mean_cosi
 from gist_core.warmup import load_optimizer_state
 from gist_resources import ComputeResource, ScoreStore, StorageResource
 
-from .gradients import GRADIENT_RETRY, ShardInput, candidate_features, features_dir, progress_logger, target_gradients
+from .gradients import (GRADIENT_RETRY, ShardInput, candidate_features, features_dir, progress_logger,
+                        read_targets_version, target_gradients)
 from .model import base_model, read_model_ref, read_warmup, warmup_checkpoint
 from .partitions import candidate_shards
 from .plots import md_table
 from .pool import candidate_pool, target_sets, targets_path
-from .scores import write_method_scores
+from .scores import scores_version_path, write_method_scores
+from .versions import asset_fingerprint, data_version
 
 
 class LessFeaturesConfig(dg.Config):
@@ -83,9 +85,10 @@ def less_candidate_features(context: dg.AssetExecutionContext, config: LessFeatu
         tensors[ckpt["name"]] = z
         timings[ckpt["name"]] = _timing(stats)
     projection = {"dim": dim, "kind": config.projection, "seed": config.seed}
-    shard_in.write(storage, shard, "less", tensors, {"projection": projection, "timings": timings,
+    version = asset_fingerprint(context, shard_in.version, grads["version"], ref["version"])
+    shard_in.write(storage, shard, "less", tensors, {"version": version, "projection": projection, "timings": timings,
                                                      "checkpoints": [c["name"] for c in grads["checkpoints"]]})
-    return dg.MaterializeResult(metadata={
+    return dg.MaterializeResult(data_version=data_version(version), metadata={
         "scored": len(shard_in.keep), "projection": dg.MetadataValue.json(projection),
         "timings": dg.MetadataValue.json(timings),
         "bytes_per_candidate": round(sum(t.nbytes for t in tensors.values()) / max(1, len(shard_in.keep)), 1)})
@@ -111,9 +114,10 @@ def representation_features(context: dg.AssetExecutionContext, storage: StorageR
     reps = mean_pooled_hidden_states(model, [shard_in.encoded[i] for i in shard_in.keep], b["device"], b["dtype"],
                                      b["max_tokens"], b["max_batch_size"], shard_in.tokenizer.pad_token_id)
     seconds = time.perf_counter() - start
+    version = asset_fingerprint(context, shard_in.version, read_warmup(storage)["version"], ref["version"])
     shard_in.write(storage, shard, "representation", {"hidden": reps},
-                   {"checkpoint": ckpt["name"], "timings": {ckpt["name"]: {"seconds": seconds}}})
-    return dg.MaterializeResult(metadata={"scored": len(shard_in.keep), "seconds": round(seconds, 2),
+                   {"version": version, "checkpoint": ckpt["name"], "timings": {ckpt["name"]: {"seconds": seconds}}})
+    return dg.MaterializeResult(data_version=data_version(version), metadata={"scored": len(shard_in.keep), "seconds": round(seconds, 2),
                                           "bytes_per_candidate": reps.shape[1] * 4 if reps.size else 0})
 
 
@@ -159,15 +163,17 @@ def baseline_scores(context: dg.AssetExecutionContext, config: BaselineScoresCon
     grads = _grads_manifest(storage)
     targets = sorted(grads["targets"])
     avg_lr = {c["name"]: c["avg_lr"] for c in read_warmup(storage)["checkpoints"]}
-    summary = []
+    summary, inputs = [], []
     if "random" in config.methods:
-        side, _, _ = _load_method_features(storage, shards, "gist")
+        side, _, metas = _load_method_features(storage, shards, "gist")
+        inputs.append(("random", [m.get("shard_version") for m in metas]))
         score = random_scores(side["candidate_id"].to_list(), config.random_seed)
         for target in targets:
             summary.append(write_method_scores(score_store, target, "random", side, score[:, None], ["all"],
                                                f"random-seed-{config.random_seed}"))
     if "less" in config.methods:
         side, tensors, metas = _load_method_features(storage, shards, "less")
+        inputs.append(("less", [m.get("version") for m in metas]))
         projections = {json.dumps(m["projection"], sort_keys=True) for m in metas}
         ckpt_sets = {tuple(m["checkpoints"]) for m in metas}
         if len(projections) != 1 or ckpt_sets != {tuple(c["name"] for c in grads["checkpoints"])}:
@@ -188,6 +194,7 @@ def baseline_scores(context: dg.AssetExecutionContext, config: BaselineScoresCon
                                                names, f"less-{proj['kind']}-{proj['dim']}-seed-{proj['seed']}"))
     if "representation" in config.methods:
         side, tensors, metas = _load_method_features(storage, shards, "representation")
+        inputs.append(("representation", [m.get("version") for m in metas]))
         ref, ckpt = read_model_ref(storage), _last_checkpoint(storage)
         model = compute.load_model(ref["path"], ckpt["dir"])
         tokenizer = compute.load_tokenizer(ref["path"])
@@ -206,4 +213,7 @@ def baseline_scores(context: dg.AssetExecutionContext, config: BaselineScoresCon
         del model
     for method in config.methods:
         score_store.delete_targets_except(targets, method)
-    return dg.MaterializeResult(metadata={"scores": dg.MetadataValue.md(md_table(summary, limit=100))})
+    version = asset_fingerprint(context, inputs, grads["version"], read_targets_version(storage))
+    storage.write_json(scores_version_path(storage, "baseline"), {"version": version})
+    return dg.MaterializeResult(data_version=data_version(version),
+                                metadata={"scores": dg.MetadataValue.md(md_table(summary, limit=100))})

@@ -20,7 +20,8 @@ from .config import SpectralBasisConfig, TargetGradientsConfig
 from .model import base_model, read_model_ref, read_warmup, warmup_checkpoint
 from .partitions import candidate_shards
 from .plots import md_table, spectrum_plot
-from .pool import candidate_pool, pool_path, target_sets, targets_path
+from .pool import candidate_pool, pool_path, read_pool_version, target_sets, targets_path
+from .versions import asset_fingerprint, data_version
 
 GRADIENT_RETRY = dg.RetryPolicy(max_retries=2, delay=5)
 
@@ -38,7 +39,7 @@ def progress_logger(context, what: str, every_s: float = 10.0):
     return report
 
 
-@dg.asset(group_name="gist", deps=[warmup_checkpoint, target_sets], code_version="1",
+@dg.asset(group_name="gist", deps=[warmup_checkpoint, target_sets], code_version="2",
           retry_policy=GRADIENT_RETRY, kinds={"pytorch", "numpy"})
 def target_gradients(context: dg.AssetExecutionContext, config: TargetGradientsConfig,
                      storage: StorageResource, compute: ComputeResource) -> dg.MaterializeResult:
@@ -53,7 +54,8 @@ def target_gradients(context: dg.AssetExecutionContext, config: TargetGradientsC
     df = storage.read_parquet(targets_path(storage), "target_sets").filter(pl.col("split") == "basis")
     tokenizer = compute.load_tokenizer(ref["path"])
     dest = storage.path("target_gradients")
-    manifest = {"checkpoints": checkpoints, "targets": {}, "max_length": ref["max_length"]}
+    version = asset_fingerprint(context, warm["version"], read_targets_version(storage), ref["version"])
+    manifest = {"version": version, "checkpoints": checkpoints, "targets": {}, "max_length": ref["max_length"]}
     excluded_rows = []
     with storage.atomic_dir(dest) as tmp:
         per_target = {}
@@ -89,7 +91,7 @@ def target_gradients(context: dg.AssetExecutionContext, config: TargetGradientsC
             manifest["layout"] = layout.describe()
             del model
         (tmp / "manifest.json").write_text(json.dumps(manifest, indent=2))
-    return dg.MaterializeResult(metadata={
+    return dg.MaterializeResult(data_version=data_version(version), metadata={
         "checkpoints": dg.MetadataValue.json([c["name"] for c in checkpoints]),
         "gradient_dim": manifest["dim"],
         "examples_per_target": dg.MetadataValue.json({k: v["n"] for k, v in manifest["targets"].items()}),
@@ -99,11 +101,15 @@ def target_gradients(context: dg.AssetExecutionContext, config: TargetGradientsC
     })
 
 
+def read_targets_version(storage: StorageResource) -> str:
+    return storage.read_json(storage.path("targets", "version.json"), "target_sets")["version"]
+
+
 def read_basis_manifest(storage: StorageResource) -> dict:
     return storage.read_json(storage.path("basis", "manifest.json"), "spectral_basis")
 
 
-@dg.asset(group_name="gist", deps=[target_gradients], code_version="1", kinds={"numpy"})
+@dg.asset(group_name="gist", deps=[target_gradients], code_version="2", kinds={"numpy"})
 def spectral_basis(context: dg.AssetExecutionContext, config: SpectralBasisConfig,
                    storage: StorageResource) -> dg.MaterializeResult:
     """Per checkpoint and target: V_k (D x k), singular values, target coordinates Z = U_k diag(s_k)."""
@@ -111,8 +117,8 @@ def spectral_basis(context: dg.AssetExecutionContext, config: SpectralBasisConfi
         raise ValueError("spectral_basis: set exactly one of k or energy (set the other to null)")
     grads = storage.read_json(storage.path("target_gradients", "manifest.json"), "target_gradients")
     dest = storage.path("basis")
-    manifest = {"checkpoints": grads["checkpoints"], "targets": {}, "dim": grads["dim"],
-                "config": config.model_dump()}
+    manifest = {"version": asset_fingerprint(context, grads["version"]), "checkpoints": grads["checkpoints"],
+                "targets": {}, "dim": grads["dim"], "config": config.model_dump()}
     spectra, ks, summary = {}, {}, []
     with storage.atomic_dir(dest) as tmp:
         for ckpt in grads["checkpoints"]:
@@ -139,7 +145,7 @@ def spectral_basis(context: dg.AssetExecutionContext, config: SpectralBasisConfi
                 summary.append({"checkpoint": ckpt["name"], "target": name, "N": G.shape[0], "k": basis.k,
                                 "energy_kept": round(basis.energy_kept, 4)})
         (tmp / "manifest.json").write_text(json.dumps(manifest, indent=2))
-    return dg.MaterializeResult(metadata={
+    return dg.MaterializeResult(data_version=data_version(manifest["version"]), metadata={
         "bases": dg.MetadataValue.md(md_table(summary, limit=100)),
         "k": dg.MetadataValue.json({k: v for k, v in ks.items()}),
         "spectrum": spectrum_plot(spectra, ks),
@@ -171,6 +177,7 @@ class ShardInput:
     encoded: list
     keep: list[int]
     side: pl.DataFrame  # per candidate: id, source, token counts, included, exclude_reason
+    version: str        # the shard's content hash from candidate_pool
 
     @classmethod
     def load(cls, storage: StorageResource, compute: ComputeResource, ref: dict, shard: str) -> "ShardInput":
@@ -190,7 +197,10 @@ class ShardInput:
             pl.Series("exclude_reason", [None if ok else f"no completion tokens within max_length={ref['max_length']}"
                                          for ok in included], dtype=pl.Utf8),
         )
-        return cls(tokenizer, encoded, [i for i, ok in enumerate(included) if ok], side)
+        version = read_pool_version(storage)["shards"].get(shard)
+        if version is None:
+            raise ValueError(f"shard {shard!r} is not in pool/shards.json; re-materialize candidate_pool")
+        return cls(tokenizer, encoded, [i for i, ok in enumerate(included) if ok], side, version)
 
     def write(self, storage: StorageResource, shard: str, method: str, tensors: dict, meta: dict) -> None:
         """features.safetensors + candidates.parquet + meta.json, swapped in together."""
@@ -203,7 +213,7 @@ class ShardInput:
 
 
 @dg.asset(group_name="gist", deps=[candidate_pool, spectral_basis, base_model], partitions_def=candidate_shards,
-          code_version="1", retry_policy=GRADIENT_RETRY, kinds={"pytorch", "safetensors"})
+          code_version="2", retry_policy=GRADIENT_RETRY, kinds={"pytorch", "safetensors"})
 def candidate_features(context: dg.AssetExecutionContext, storage: StorageResource,
                        compute: ComputeResource) -> dg.MaterializeResult:
     """One shard's candidate gradients projected onto every target's basis, in one pass per checkpoint."""
@@ -228,13 +238,15 @@ def candidate_features(context: dg.AssetExecutionContext, storage: StorageResour
         del model
     side = shard_in.side
     fingerprints = {t: {c: v["fingerprint"] for c, v in per.items()} for t, per in bases["targets"].items()}
+    version = asset_fingerprint(context, shard_in.version, bases["version"], ref["version"])
     shard_in.write(storage, shard, "gist", tensors, {
+        "version": version, "shard_version": shard_in.version, "basis_version": bases["version"],
         "fingerprints": fingerprints, "checkpoints": [c["name"] for c in bases["checkpoints"]], "timings": timings})
     n_excluded = len(encoded) - len(keep)
     if n_excluded:
         context.log.warning(f"{n_excluded} candidates in {shard} have no completion tokens within "
                             f"max_length={ref['max_length']}; they are excluded from scoring")
-    return dg.MaterializeResult(metadata={
+    return dg.MaterializeResult(data_version=data_version(version), metadata={
         "candidates": len(encoded), "scored": len(keep), "excluded_no_completion": n_excluded,
         "truncated": int(side["truncated"].sum()), "tokens": int(side["n_tokens"].sum()),
         "timings": dg.MetadataValue.json(timings),

@@ -13,7 +13,8 @@ from gist_resources import ComputeResource, StorageResource
 
 from .config import BaseModelConfig, WarmupConfig
 from .plots import line_plot
-from .pool import candidate_pool, pool_path
+from .pool import candidate_pool, pool_path, read_pool_version
+from .versions import asset_fingerprint, data_version
 
 EMBEDDED_DEFAULTS = {"max_length": 128, "lora_r": 8, "learning_rate": 1e-3, "effective_batch_size": 16}
 PAPER_DEFAULTS = {"max_length": 2048, "lora_r": 128, "learning_rate": 2e-5, "effective_batch_size": 128}
@@ -54,9 +55,10 @@ def base_model(context: dg.AssetExecutionContext, config: BaseModelConfig, stora
         tok = compute.load_tokenizer(config.model_name_or_path)
         ref = {"path": config.model_name_or_path, "embedded": False,
                "max_length": config.max_length or PAPER_DEFAULTS["max_length"], "vocab_size": len(tok)}
+        ref["version"] = asset_fingerprint(context, ref["path"], ref["max_length"])
         storage.write_json(ref_path, ref)
-        return dg.MaterializeResult(metadata={"model": ref["path"], "embedded": False,
-                                              "max_length": ref["max_length"]})
+        return dg.MaterializeResult(data_version=data_version(ref["version"]),
+                                    metadata={"model": ref["path"], "embedded": False, "max_length": ref["max_length"]})
 
     pool = storage.read_parquet(pool_path(storage), "candidate_pool")
     max_length = config.max_length or EMBEDDED_DEFAULTS["max_length"]
@@ -78,9 +80,10 @@ def base_model(context: dg.AssetExecutionContext, config: BaseModelConfig, stora
     with storage.atomic_dir(dest) as tmp:
         model.save_pretrained(str(tmp))
         tokenizer.save_pretrained(str(tmp))
-    ref = {"path": str(dest), "embedded": True, "max_length": max_length, "vocab_size": len(tokenizer)}
+    ref = {"path": str(dest), "embedded": True, "max_length": max_length, "vocab_size": len(tokenizer),
+           "version": asset_fingerprint(context, read_pool_version(storage)["version"])}
     storage.write_json(ref_path, ref)
-    return dg.MaterializeResult(metadata={
+    return dg.MaterializeResult(data_version=data_version(ref["version"]), metadata={
         "model": dg.MetadataValue.path(str(dest)), "embedded": True, "max_length": max_length,
         **modeling.model_summary(model), "vocab_size": len(tokenizer),
         "pretrain_final_loss": losses[-1], "pretrain_loss": line_plot(losses, "Pretraining loss", "step", "loss"),
@@ -126,11 +129,12 @@ def warmup_checkpoint(context: dg.AssetExecutionContext, config: WarmupConfig, s
 
         result = train_lora(model, encoded, cfg, compute.torch_device(), compute.autocast_dtype(),
                             pad_id=tokenizer.pad_token_id, on_epoch_end=on_epoch_end, log=context.log.info)
-        manifest = {"checkpoints": checkpoints, "examples": len(encoded), "steps": result.steps,
+        version = asset_fingerprint(context, ref["version"], read_pool_version(storage)["version"], hp)
+        manifest = {"version": version, "checkpoints": checkpoints, "examples": len(encoded), "steps": result.steps,
                     "seconds": result.seconds, "losses": result.losses, "target_modules": target_modules,
                     "hyperparameters": {**config.model_dump(), **hp}, "base_model": ref["path"]}
         (tmp / "manifest.json").write_text(json.dumps(manifest, indent=2))
-    return dg.MaterializeResult(metadata={
+    return dg.MaterializeResult(data_version=data_version(version), metadata={
         "checkpoints": dg.MetadataValue.json([c["name"] for c in checkpoints]),
         "examples": len(encoded), "steps": result.steps, "seconds": round(result.seconds, 2),
         "final_loss": result.losses[-1], "avg_lr_per_epoch": dg.MetadataValue.json(result.epoch_avg_lr),

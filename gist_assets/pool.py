@@ -15,17 +15,27 @@ from gist_resources import StorageResource
 from .config import CandidatePoolConfig, TargetSetsConfig
 from .partitions import candidate_shards, shard_keys_for_files
 from .plots import md_table
+from .versions import data_version, fingerprint, rows_fingerprint
 
 
 def pool_path(storage: StorageResource):
     return storage.path("pool", "candidate_pool.parquet")
 
 
+def shards_path(storage: StorageResource):
+    """{"version", "shards": {shard key: content hash}}: what each feature partition is a function of."""
+    return storage.path("pool", "shards.json")
+
+
+def read_pool_version(storage: StorageResource) -> dict:
+    return storage.read_json(shards_path(storage), "candidate_pool")
+
+
 def targets_path(storage: StorageResource):
     return storage.path("targets", "target_sets.parquet")
 
 
-@dg.asset(group_name="inputs", code_version="1", kinds={"polars", "parquet"})
+@dg.asset(group_name="inputs", code_version="2", kinds={"polars", "parquet"})
 def candidate_pool(context: dg.AssetExecutionContext, config: CandidatePoolConfig,
                    storage: StorageResource) -> dg.MaterializeResult:
     """The candidate pool: validated, deduplicated, stable ids, a source per row, sharded."""
@@ -58,9 +68,13 @@ def candidate_pool(context: dg.AssetExecutionContext, config: CandidatePoolConfi
         "original": [r.original for r in rows],
         "n_chars": [sum(len(m["content"]) for m in r.messages) for r in rows],
     })
-    storage.write_parquet(pool_path(storage), df)
-
     keys = sorted(set(shards))
+    shard_versions = {k: rows_fingerprint(part["candidate_id"], part["source"], part["messages"])
+                      for (k,), part in df.group_by("shard", maintain_order=True)}
+    version = fingerprint(sorted(shard_versions.items()))
+    storage.write_parquet(pool_path(storage), df)
+    storage.write_json(shards_path(storage), {"version": version, "shards": shard_versions})
+
     existing = set(context.instance.get_dynamic_partitions(candidate_shards.name))
     new = [k for k in keys if k not in existing]
     if new:
@@ -73,7 +87,7 @@ def candidate_pool(context: dg.AssetExecutionContext, config: CandidatePoolConfi
     per_source = df.group_by("source").agg(pl.len().alias("rows")).sort("source")
     lengths = df["n_chars"]
     sample = df.sample(n=min(5, df.height), seed=config.seed).select("candidate_id", "source", "messages")
-    return dg.MaterializeResult(metadata={
+    return dg.MaterializeResult(data_version=data_version(version), metadata={
         "rows": df.height,
         "files": len(report.files),
         "shards": len(keys),
@@ -108,7 +122,7 @@ def split_heldout(examples: list[dict], fraction: float, seed: int) -> list[str]
     return split
 
 
-@dg.asset(group_name="inputs", code_version="1", kinds={"polars", "parquet"})
+@dg.asset(group_name="inputs", code_version="2", kinds={"polars", "parquet"})
 def target_sets(context: dg.AssetExecutionContext, config: TargetSetsConfig,
                 storage: StorageResource) -> dg.MaterializeResult:
     """Target examples (target, subtask, prompt, completion) with a seeded basis/held-out split."""
@@ -130,9 +144,12 @@ def target_sets(context: dg.AssetExecutionContext, config: TargetSetsConfig,
     split = split_heldout(examples, config.heldout_fraction, config.seed)
     df = pl.DataFrame(examples).with_columns(pl.Series("split", split))
     storage.write_parquet(targets_path(storage), df)
+    version = rows_fingerprint(df["example_id"], df["target"], df["subtask"], df["prompt"], df["completion"],
+                               df["split"])
+    storage.write_json(storage.path("targets", "version.json"), {"version": version})
     counts = (df.group_by("target", "subtask", "split").agg(pl.len().alias("n"))
               .pivot(on="split", index=["target", "subtask"], values="n").fill_null(0).sort("target", "subtask"))
-    return dg.MaterializeResult(metadata={
+    return dg.MaterializeResult(data_version=data_version(version), metadata={
         "targets": dg.MetadataValue.json(names),
         "examples": df.height,
         "heldout": int((df["split"] == "heldout").sum()),

@@ -108,6 +108,20 @@ def run_all(run_config: dict | None = None, root: str = "", instance: dg.Dagster
     return {"selections": manifests, "timings": timings, "database": resources["score_store"].database}
 
 
+def print_evaluations(database: str) -> None:
+    """The evaluations table as markdown, best held-out loss first within each target."""
+    import duckdb
+
+    with duckdb.connect(database, read_only=True) as db:
+        rows = db.execute("SELECT target, method, train_examples, heldout_loss, accuracy, bytes_per_candidate, "
+                          "feature_pass_seconds FROM evaluations ORDER BY target, heldout_loss").fetchall()
+    print("\n| target | method | train examples | held-out loss | accuracy | feature bytes/candidate | "
+          "feature pass s |\n|---|---|---|---|---|---|---|")
+    for t, m, n, loss, acc, nbytes, secs in rows:
+        fmt = lambda v, f: "" if v is None else format(v, f)  # noqa: E731
+        print(f"| {t} | {m} | {n} | {loss:.3f} | {fmt(acc, '.3f')} | {fmt(nbytes, '.0f')} | {fmt(secs, '.1f')} |")
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--config", help="run-config YAML (ops: {asset_name: {config: {...}}})")
@@ -127,7 +141,9 @@ def main(argv=None) -> int:
         mix = ", ".join(f"{s} {n}" for s, n in sorted(m["counts_per_source"].items(), key=lambda kv: -kv[1]))
         print(f"{target}: {m['selected']} of {m['scored_candidates']} candidates ({mix})")
         print(f"    {m['files']['jsonl']}")
-    print(f"scores: {out['database']} (tables candidate_scores, selections)")
+    print(f"scores: {out['database']} (tables candidate_scores, subtask_scores, selections)")
+    if args.compare:
+        print_evaluations(out["database"])
     for step, secs in out["timings"].items():
         print(f"  {secs:6.1f}s  {step}")
     print(f"total {time.perf_counter() - start:.1f}s")

@@ -18,24 +18,30 @@ from .gradients import candidate_features, features_dir, read_basis_manifest, sp
 from .model import read_model_ref, read_warmup
 from .partitions import candidate_shards
 from .plots import histogram, md_table
-from .pool import candidate_pool, pool_path
+from .pool import candidate_pool, pool_path, read_pool_version
+from .versions import asset_fingerprint, data_version
 
 METHOD = "gist"
 
 
 def load_shard_features(storage: StorageResource, shards: list[str], bases: dict):
-    """Concatenate every current shard's features; refuse missing or stale shards by name."""
-    missing, stale, parts, sides = [], [], [], []
+    """Concatenate every current shard's features; refuse missing or stale shards by name.
+
+    Returns (sidecar rows, tensors, {shard: features version}).
+    """
+    missing, stale, parts, sides, versions = [], [], [], [], {}
     want = {t: {c: v["fingerprint"] for c, v in per.items()} for t, per in bases["targets"].items()}
+    pool_shards = read_pool_version(storage)["shards"]
     for shard in shards:
         d = features_dir(storage, shard)
         if not (d / "meta.json").exists():
             missing.append(shard)
             continue
         meta = json.loads((d / "meta.json").read_text())
-        if meta["fingerprints"] != want:
+        if meta["fingerprints"] != want or meta.get("shard_version") != pool_shards.get(shard):
             stale.append(shard)
             continue
+        versions[shard] = meta["version"]
         try:
             parts.append(load_file(str(d / "features.safetensors")))
         except Exception as exc:
@@ -44,11 +50,11 @@ def load_shard_features(storage: StorageResource, shards: list[str], bases: dict
         sides.append(pl.read_parquet(d / "candidates.parquet").with_columns(pl.lit(shard).alias("shard")))
     if missing or stale:
         raise ValueError(
-            f"candidate_features is missing for shards {missing} and stale (computed with another basis) for "
-            f"{stale}; materialize those partitions of candidate_features first")
+            f"candidate_features is missing for shards {missing} and stale (computed from other shard contents "
+            f"or another basis) for {stale}; materialize those partitions of candidate_features first")
     side = pl.concat(sides) if sides else pl.DataFrame()
     tensors = {k: np.concatenate([p[k] for p in parts]) for k in parts[0]} if parts else {}
-    return side, tensors
+    return side, tensors, versions
 
 
 def write_method_scores(score_store: ScoreStore, target: str, method: str, scored: pl.DataFrame,
@@ -76,14 +82,14 @@ def write_method_scores(score_store: ScoreStore, target: str, method: str, score
             "max": float(score.max()), "min": float(score.min())}
 
 
-@dg.asset(group_name="gist", deps=[candidate_features, spectral_basis, candidate_pool], code_version="1",
+@dg.asset(group_name="gist", deps=[candidate_features, spectral_basis, candidate_pool], code_version="2",
           kinds={"duckdb"})
 def candidate_scores(context: dg.AssetExecutionContext, storage: StorageResource,
                      score_store: ScoreStore) -> dg.MaterializeResult:
     """Cosine of each candidate to each subtask direction, checkpoint-weighted, max over subtasks."""
     bases = read_basis_manifest(storage)
     shards = sorted(context.instance.get_dynamic_partitions(candidate_shards.name))
-    side, tensors = load_shard_features(storage, shards, bases)
+    side, tensors, shard_versions = load_shard_features(storage, shards, bases)
     scored = side.filter(pl.col("included"))
     avg_lr = {c["name"]: c["avg_lr"] for c in read_warmup(storage)["checkpoints"]}
     ckpts = [c["name"] for c in bases["checkpoints"]]
@@ -102,7 +108,9 @@ def candidate_scores(context: dg.AssetExecutionContext, storage: StorageResource
                                            subtask_names, fingerprint))
     removed = score_store.delete_targets_except(targets, METHOD)
     excluded = side.filter(~pl.col("included"))
-    return dg.MaterializeResult(metadata={
+    version = asset_fingerprint(context, sorted(shard_versions.items()), bases["version"], read_warmup(storage)["version"])
+    storage.write_json(scores_version_path(storage, METHOD), {"version": version})
+    return dg.MaterializeResult(data_version=data_version(version), metadata={
         "rows_per_target": dg.MetadataValue.md(md_table(summary)),
         "candidates_scored": scored.height,
         "excluded_no_completion": dg.MetadataValue.md(
@@ -112,6 +120,10 @@ def candidate_scores(context: dg.AssetExecutionContext, storage: StorageResource
         "database": dg.MetadataValue.path(score_store.database),
         "shards": len(shards),
     })
+
+
+def scores_version_path(storage: StorageResource, group: str):
+    return storage.path("scores", f"{group}_version.json")
 
 
 def selection_dir(storage: StorageResource, target: str, method: str = METHOD):
@@ -137,7 +149,7 @@ def choose(config: SelectionConfig, scores: pl.DataFrame, subtask_scores: pl.Dat
     return scores[picked.tolist()].with_columns(pl.Series("selection_rank", np.arange(1, size + 1)))
 
 
-@dg.asset(group_name="gist", deps=[candidate_scores, dg.AssetKey("baseline_scores"), candidate_pool], code_version="2",
+@dg.asset(group_name="gist", deps=[candidate_scores, dg.AssetKey("baseline_scores"), candidate_pool], code_version="3",
           kinds={"duckdb", "parquet"})
 def selected_subset(context: dg.AssetExecutionContext, config: SelectionConfig, storage: StorageResource,
                     score_store: ScoreStore) -> dg.MaterializeResult:
@@ -198,4 +210,6 @@ def selected_subset(context: dg.AssetExecutionContext, config: SelectionConfig, 
             meta[f"{key}/manifest"] = dg.MetadataValue.path(str(dest / "manifest.json"))
     for method in methods:
         score_store.delete_targets_except(targets, method)
-    return dg.MaterializeResult(metadata=meta)
+    inputs = [storage.read_json(p, "scores")["version"] for p in sorted(storage.path("scores").glob("*_version.json"))]
+    version = asset_fingerprint(context, inputs, read_pool_version(storage)["version"], methods)
+    return dg.MaterializeResult(data_version=data_version(version), metadata=meta)
