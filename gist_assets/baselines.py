@@ -7,7 +7,6 @@ import dagster as dg
 import numpy as np
 import polars as pl
 from pydantic import Field
-from safetensors.numpy import load_file
 
 from gist_core.data import encode_prompt_completion
 from gist_core.gradients import GradientLayout, ParamBlock, block_features, trainable_linears
@@ -128,17 +127,18 @@ class BaselineScoresConfig(dg.Config):
 
 def _load_method_features(storage: StorageResource, shards: list[str], method: str):
     """Concatenated sidecars and tensors of one method's shard features; missing shards named."""
+    asset = {"gist": "candidate_features", "less": "less_candidate_features",
+             "representation": "representation_features"}[method]
     missing = [s for s in shards if not (features_dir(storage, s, method) / "meta.json").exists()]
     if missing:
-        asset = {"gist": "candidate_features", "less": "less_candidate_features",
-                 "representation": "representation_features"}[method]
         raise ValueError(f"{asset} is missing for shards {missing}; materialize those partitions first")
     sides, parts, metas = [], [], []
     for s in shards:
         d = features_dir(storage, s, method)
-        sides.append(pl.read_parquet(d / "candidates.parquet").with_columns(pl.lit(s).alias("shard")))
-        parts.append(load_file(str(d / "features.safetensors")))
-        metas.append(json.loads((d / "meta.json").read_text()))
+        produced_by = f"{asset} for partition {s}"
+        sides.append(storage.read_parquet(d / "candidates.parquet", produced_by).with_columns(pl.lit(s).alias("shard")))
+        parts.append(storage.load_tensors(d / "features.safetensors", produced_by))
+        metas.append(storage.read_json(d / "meta.json", produced_by))
     tensors = {k: np.concatenate([p[k] for p in parts]) for k in parts[0]}
     return pl.concat(sides).filter(pl.col("included")), tensors, metas
 

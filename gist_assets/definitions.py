@@ -5,6 +5,7 @@ import dagster as dg
 
 from gist_resources import ComputeResource, ScoreStore, StorageResource
 
+from .automation import automation_sensor, new_candidate_data, periodic_refresh, refresh_job
 from .baselines import baseline_scores, less_candidate_features, representation_features
 from .checks import basis_columns_orthonormal, baseline_scores_valid, scores_valid, selection_size_as_configured
 from .evaluation import selection_evaluation
@@ -41,7 +42,8 @@ def make_resources(root: str = "") -> dict:
 
 def build_definitions(root: str = "") -> dg.Definitions:
     return dg.Definitions(assets=ASSETS, asset_checks=CHECKS, resources=make_resources(root),
-                          jobs=[prepare_job, features_job, select_job, baseline_features_job, compare_job])
+                          jobs=[prepare_job, features_job, select_job, baseline_features_job, compare_job, refresh_job],
+                          sensors=[new_candidate_data, automation_sensor], schedules=[periodic_refresh])
 
 
 defs = build_definitions()

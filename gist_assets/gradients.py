@@ -109,7 +109,8 @@ def read_basis_manifest(storage: StorageResource) -> dict:
     return storage.read_json(storage.path("basis", "manifest.json"), "spectral_basis")
 
 
-@dg.asset(group_name="gist", deps=[target_gradients], code_version="2", kinds={"numpy"})
+@dg.asset(group_name="gist", deps=[target_gradients], code_version="2", kinds={"numpy"},
+          automation_condition=dg.AutomationCondition.eager())
 def spectral_basis(context: dg.AssetExecutionContext, config: SpectralBasisConfig,
                    storage: StorageResource) -> dg.MaterializeResult:
     """Per checkpoint and target: V_k (D x k), singular values, target coordinates Z = U_k diag(s_k)."""

@@ -2,6 +2,7 @@
 
 
 import json
+import os
 import random
 from collections import Counter
 
@@ -20,6 +21,15 @@ from .versions import data_version, fingerprint, rows_fingerprint
 
 def pool_path(storage: StorageResource):
     return storage.path("pool", "candidate_pool.parquet")
+
+
+def file_signatures(files: list[str]) -> dict[str, list[int]]:
+    """(size, mtime) per file: how the refresh sensor tells new or changed files without reading them."""
+    out = {}
+    for f in files:
+        st = os.stat(f)
+        out[f] = [st.st_size, st.st_mtime_ns]
+    return out
 
 
 def shards_path(storage: StorageResource):
@@ -73,7 +83,8 @@ def candidate_pool(context: dg.AssetExecutionContext, config: CandidatePoolConfi
                       for (k,), part in df.group_by("shard", maintain_order=True)}
     version = fingerprint(sorted(shard_versions.items()))
     storage.write_parquet(pool_path(storage), df)
-    storage.write_json(shards_path(storage), {"version": version, "shards": shard_versions})
+    storage.write_json(shards_path(storage), {"version": version, "shards": shard_versions,
+                                              "files": file_signatures(report.files)})
 
     existing = set(context.instance.get_dynamic_partitions(candidate_shards.name))
     new = [k for k in keys if k not in existing]

@@ -7,7 +7,6 @@ from collections import Counter
 import dagster as dg
 import numpy as np
 import polars as pl
-from safetensors.numpy import load_file
 
 from gist_core.scoring import checkpoint_weights, cosine_to_subtasks, subtask_directions, weighted_sum
 from gist_core.selection import capped_top, rank_order, round_robin, selection_size
@@ -19,7 +18,7 @@ from .model import read_model_ref, read_warmup
 from .partitions import candidate_shards
 from .plots import histogram, md_table
 from .pool import candidate_pool, pool_path, read_pool_version
-from .versions import asset_fingerprint, data_version
+from .versions import asset_fingerprint, data_version, fingerprint
 
 METHOD = "gist"
 
@@ -37,17 +36,14 @@ def load_shard_features(storage: StorageResource, shards: list[str], bases: dict
         if not (d / "meta.json").exists():
             missing.append(shard)
             continue
-        meta = json.loads((d / "meta.json").read_text())
+        meta = storage.read_json(d / "meta.json", f"candidate_features (partition {shard})")
         if meta["fingerprints"] != want or meta.get("shard_version") != pool_shards.get(shard):
             stale.append(shard)
             continue
         versions[shard] = meta["version"]
-        try:
-            parts.append(load_file(str(d / "features.safetensors")))
-        except Exception as exc:
-            raise ValueError(f"{d / 'features.safetensors'} is unreadable ({exc}); re-materialize "
-                             f"candidate_features for partition {shard}") from exc
-        sides.append(pl.read_parquet(d / "candidates.parquet").with_columns(pl.lit(shard).alias("shard")))
+        parts.append(storage.load_tensors(d / "features.safetensors", f"candidate_features for partition {shard}"))
+        sides.append(storage.read_parquet(d / "candidates.parquet", f"candidate_features for partition {shard}")
+                     .with_columns(pl.lit(shard).alias("shard")))
     if missing or stale:
         raise ValueError(
             f"candidate_features is missing for shards {missing} and stale (computed from other shard contents "
@@ -59,7 +55,7 @@ def load_shard_features(storage: StorageResource, shards: list[str], bases: dict
 
 def write_method_scores(score_store: ScoreStore, target: str, method: str, scored: pl.DataFrame,
                         per_subtask: np.ndarray, subtask_names: list[str], fingerprint: str) -> dict:
-    """Max over subtasks, rank (ties by id), then both tables for (target, method) in their transactions."""
+    """Max over subtasks, rank (ties by id), then both tables for (target, method) in one transaction."""
     score = per_subtask.max(axis=1)
     best = per_subtask.argmax(axis=1)
     ids = scored["candidate_id"].to_list()
@@ -71,13 +67,12 @@ def write_method_scores(score_store: ScoreStore, target: str, method: str, score
         pl.Series("best_subtask", [subtask_names[i] for i in best]),
         pl.lit(fingerprint).alias("basis_fingerprint"),
     )
-    score_store.replace_scores(target, method, df)
     long = pl.DataFrame({
         "candidate_id": np.repeat(np.asarray(ids, dtype=object), len(subtask_names)).tolist(),
         "subtask": subtask_names * len(ids),
         "score": per_subtask.reshape(-1),
     }).with_columns(pl.lit(target).alias("target"), pl.lit(method).alias("method"))
-    score_store.replace_subtask_scores(target, method, long)
+    score_store.replace_method_scores(target, method, df, long)
     return {"target": target, "method": method, "scored": df.height, "mean": float(score.mean()),
             "max": float(score.max()), "min": float(score.min())}
 
@@ -99,8 +94,8 @@ def candidate_scores(context: dg.AssetExecutionContext, storage: StorageResource
     for target in targets:
         cosines, subtask_names = [], None
         for ckpt in ckpts:
-            meta = json.loads(storage.path("basis", ckpt, target, "meta.json").read_text())
-            Z = np.load(storage.path("basis", ckpt, target, "Z.npy"), allow_pickle=False)
+            meta = storage.read_json(storage.path("basis", ckpt, target, "meta.json"), "spectral_basis")
+            Z = storage.open_npy(storage.path("basis", ckpt, target, "Z.npy"), "spectral_basis", mmap=False)
             subtask_names, directions = subtask_directions(Z, meta["subtasks"])
             cosines.append(cosine_to_subtasks(tensors[f"{ckpt}/{target}"], directions))
         fingerprint = "+".join(bases["targets"][target][c]["fingerprint"] for c in ckpts)
@@ -108,11 +103,14 @@ def candidate_scores(context: dg.AssetExecutionContext, storage: StorageResource
                                            subtask_names, fingerprint))
     removed = score_store.delete_targets_except(targets, METHOD)
     excluded = side.filter(~pl.col("included"))
-    version = asset_fingerprint(context, sorted(shard_versions.items()), bases["version"], read_warmup(storage)["version"])
-    storage.write_json(scores_version_path(storage, METHOD), {"version": version})
+    inputs = scores_inputs(shard_versions, bases["version"])
+    version = asset_fingerprint(context, inputs, read_warmup(storage)["version"])
+    storage.write_json(scores_version_path(storage, METHOD), {"version": version, "inputs": inputs})
     return dg.MaterializeResult(data_version=data_version(version), metadata={
         "rows_per_target": dg.MetadataValue.md(md_table(summary)),
         "candidates_scored": scored.height,
+        "candidates_excluded": excluded.height,
+        "candidates_truncated": int(side["truncated"].sum()),
         "excluded_no_completion": dg.MetadataValue.md(
             md_table(excluded.select("candidate_id", "source", "exclude_reason").to_dicts())),
         "checkpoint_weights": dg.MetadataValue.json(dict(zip(ckpts, weights.tolist()))),
@@ -120,6 +118,11 @@ def candidate_scores(context: dg.AssetExecutionContext, storage: StorageResource
         "database": dg.MetadataValue.path(score_store.database),
         "shards": len(shards),
     })
+
+
+def scores_inputs(shard_versions: dict[str, str], basis_version: str) -> str:
+    """What the GIST scores are a function of; the refresh sensor compares it to decide on a re-score."""
+    return fingerprint(sorted(shard_versions.items()), basis_version)
 
 
 def scores_version_path(storage: StorageResource, group: str):
@@ -150,7 +153,7 @@ def choose(config: SelectionConfig, scores: pl.DataFrame, subtask_scores: pl.Dat
 
 
 @dg.asset(group_name="gist", deps=[candidate_scores, dg.AssetKey("baseline_scores"), candidate_pool], code_version="3",
-          kinds={"duckdb", "parquet"})
+          kinds={"duckdb", "parquet"}, automation_condition=dg.AutomationCondition.eager())
 def selected_subset(context: dg.AssetExecutionContext, config: SelectionConfig, storage: StorageResource,
                     score_store: ScoreStore) -> dg.MaterializeResult:
     """Per target and method: the chosen candidates as JSONL in their own format, Parquet, and a manifest."""

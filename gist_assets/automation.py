@@ -1,0 +1,123 @@
+"""Freshness: a sensor for new candidate data, a periodic refresh schedule, declarative automation.
+
+All are off by default (turn them on in the UI, Automation tab).
+
+The sensor watches ``$GIST_WATCH_DIR`` (every ``*.jsonl`` below it). Each tick
+moves the refresh one step, and only when needed:
+
+1. a new, changed or removed file -> a ``candidate_pool`` run (re-reads the files,
+   registers new shard partitions, removes those of deleted files);
+2. shards whose content hash or basis changed -> one ``candidate_features`` run
+   per such shard (unchanged shards are not recomputed);
+3. every shard up to date but the scores made from other inputs -> a run of
+   ``candidate_scores`` and ``selected_subset``.
+
+Run keys make each request idempotent. ``$GIST_RUN_CONFIG`` may name a run-config
+YAML (the same file as ``python -m gist_assets.run --config``) applied to these runs.
+"""
+
+import glob
+import json
+import os
+from pathlib import Path
+
+import dagster as dg
+import yaml
+
+from gist_resources import StorageResource
+
+from .gradients import candidate_features, features_dir, read_basis_manifest
+from .partitions import candidate_shards
+from .pool import candidate_pool, file_signatures, read_pool_version
+from .scores import candidate_scores, scores_inputs, scores_version_path, selected_subset
+from .versions import fingerprint
+
+WATCH_ENV = "GIST_WATCH_DIR"
+RUN_CONFIG_ENV = "GIST_RUN_CONFIG"
+CRON_ENV = "GIST_REFRESH_CRON"
+
+
+def _user_ops(names: list[str]) -> dict:
+    path = os.environ.get(RUN_CONFIG_ENV)
+    ops = yaml.safe_load(Path(path).read_text()).get("ops", {}) if path else {}
+    return {"ops": {k: v for k, v in ops.items() if k in names}}
+
+
+def watched_files(watch_dir: str) -> list[str]:
+    return sorted(os.path.abspath(p) for p in glob.glob(os.path.join(watch_dir, "**", "*.jsonl"), recursive=True))
+
+
+def pool_run_config(watch_dir: str) -> dict:
+    cfg = _user_ops(["candidate_pool"])
+    pool = cfg["ops"].setdefault("candidate_pool", {}).setdefault("config", {})
+    pool["paths"] = [os.path.join(os.path.abspath(watch_dir), "**", "*.jsonl")]
+    return cfg
+
+
+def refresh_requests(storage: StorageResource, watch_dir: str, shards: list[str]) -> list[dg.RunRequest] | dg.SkipReason:
+    """The next step of the refresh (see the module docstring), as run requests."""
+    files = watched_files(watch_dir)
+    if not files:
+        return dg.SkipReason(f"no *.jsonl files under {watch_dir}")
+    signatures = file_signatures(files)
+    try:
+        pool = read_pool_version(storage)
+    except FileNotFoundError:
+        pool = {"files": {}}
+    if pool["files"] != signatures:
+        return [dg.RunRequest(run_key=f"pool-{fingerprint(signatures)}", asset_selection=[candidate_pool.key],
+                              run_config=pool_run_config(watch_dir))]
+    try:
+        basis_version = read_basis_manifest(storage)["version"]
+    except FileNotFoundError:
+        return dg.SkipReason("no spectral basis yet: materialize the graph once (prepare_job) first")
+    stale, versions = [], {}
+    for shard in shards:
+        meta_path = features_dir(storage, shard) / "meta.json"
+        meta = json.loads(meta_path.read_text()) if meta_path.exists() else {}
+        if meta.get("shard_version") != pool["shards"].get(shard) or meta.get("basis_version") != basis_version:
+            stale.append(shard)
+        else:
+            versions[shard] = meta["version"]
+    if stale:
+        return [dg.RunRequest(run_key=f"features-{s}-{pool['shards'].get(s)}-{basis_version}",
+                              asset_selection=[candidate_features.key], partition_key=s) for s in stale]
+    inputs = scores_inputs(versions, basis_version)
+    path = scores_version_path(storage, "gist")
+    current = json.loads(path.read_text()).get("inputs") if path.exists() else None
+    if current == inputs:
+        return dg.SkipReason("pool, features and scores are up to date")
+    return [dg.RunRequest(run_key=f"select-{inputs}", asset_selection=[candidate_scores.key, selected_subset.key],
+                          run_config=_user_ops(["candidate_scores", "selected_subset"]))]
+
+
+@dg.sensor(name="new_candidate_data", minimum_interval_seconds=60, default_status=dg.DefaultSensorStatus.STOPPED,
+           target=[candidate_pool, candidate_features, candidate_scores, selected_subset],
+           description=f"Refresh when candidate files under ${WATCH_ENV} are added, changed or removed")
+def new_candidate_data(context: dg.SensorEvaluationContext, storage: StorageResource):
+    watch_dir = os.environ.get(WATCH_ENV)
+    if not watch_dir:
+        return dg.SkipReason(f"set {WATCH_ENV} to the directory of candidate JSONL files to watch")
+    shards = sorted(context.instance.get_dynamic_partitions(candidate_shards.name))
+    return refresh_requests(storage, watch_dir, shards)
+
+
+refresh_job = dg.define_asset_job("refresh_job", selection=dg.AssetSelection.assets(candidate_pool),
+                                  description="Re-read the candidate files; the sensor or automation does the rest")
+
+
+
+@dg.schedule(name="periodic_refresh", job=refresh_job, cron_schedule=os.environ.get(CRON_ENV, "0 3 * * 1"),
+             default_status=dg.DefaultScheduleStatus.STOPPED,
+             description=f"Re-read the candidate files on a cron (${CRON_ENV}, default Mondays 03:00)")
+def periodic_refresh(context: dg.ScheduleEvaluationContext):
+    watch_dir = os.environ.get(WATCH_ENV)
+    return dg.RunRequest(run_config=pool_run_config(watch_dir) if watch_dir else _user_ops(["candidate_pool"]))
+
+
+# Declarative automation where it is cheap and safe: the basis follows new target
+# gradients, the selection follows new scores (the assets carry AutomationCondition.eager()).
+# Evaluated only while this sensor runs (off by default).
+automation_sensor = dg.AutomationConditionSensorDefinition(
+    "gist_automation", target=dg.AssetSelection.assets("spectral_basis", "selected_subset"),
+    default_status=dg.DefaultSensorStatus.STOPPED)

@@ -1,0 +1,99 @@
+"""New data adds work, it does not redo work: the refresh sensor on added, changed and removed files."""
+
+import json
+
+import dagster as dg
+import duckdb
+import pytest
+import yaml
+
+from gist_assets.automation import new_candidate_data
+from gist_assets.definitions import make_resources
+from gist_assets.run import _materialize, run_all
+from gist_core import synthetic
+from small_config import SMALL
+
+
+def _tick(instance, resources):
+    ctx = dg.build_sensor_context(instance=instance, resources={"storage": resources["storage"]})
+    result = new_candidate_data(ctx)
+    return result if isinstance(result, dg.SkipReason) else list(result)
+
+
+def _drive(instance, resources, run_config):
+    """Tick and run what the sensor asks until it says everything is up to date; return what ran."""
+    ran = []
+    for _ in range(10):
+        requests = _tick(instance, resources)
+        if isinstance(requests, dg.SkipReason):
+            assert "up to date" in requests.skip_message, requests.skip_message
+            return ran
+        for req in requests:
+            names = [k.to_user_string() for k in req.asset_selection]
+            cfg = {"ops": {**run_config["ops"], **(req.run_config or {}).get("ops", {})}}
+            _materialize(names, cfg, instance, resources, partition_key=req.partition_key)
+            ran.append((tuple(names), req.partition_key))
+    raise AssertionError(f"the sensor did not settle: {ran}")
+
+
+def _scored_ids(root):
+    with duckdb.connect(str(root / "gist.duckdb"), read_only=True) as db:
+        rows = db.execute("SELECT target, candidate_id FROM candidate_scores WHERE method = 'gist'").fetchall()
+    out = {}
+    for target, cid in rows:
+        out.setdefault(target, []).append(cid)
+    return {t: sorted(ids) for t, ids in out.items()}
+
+
+@pytest.mark.slow
+def test_sensor_adds_changes_and_removes_only_what_changed(tmp_path, monkeypatch):
+    root, watch = tmp_path / "root", tmp_path / "watch"
+    synthetic.write_pool(watch, n_examples=160, seed=0)
+    run_config = {"ops": {**SMALL["ops"], "candidate_pool": {"config": {"paths": [str(watch / "**" / "*.jsonl")],
+                                                                       "shard_size": 40}}}}
+    config_file = tmp_path / "run.yaml"
+    config_file.write_text(yaml.safe_dump(run_config))
+    monkeypatch.setenv("GIST_WATCH_DIR", str(watch))
+    monkeypatch.setenv("GIST_RUN_CONFIG", str(config_file))
+    resources = make_resources(str(root))
+    with dg.instance_for_test() as instance:
+        run_all(run_config, str(root), instance=instance, log=lambda _: None)
+        assert _drive(instance, resources, run_config) == []  # nothing to do after a full run
+        before = _scored_ids(root)
+        shards_before = set(instance.get_dynamic_partitions("candidate_shards"))
+        untouched = {s: (root / "features" / s / "meta.json").stat().st_mtime_ns for s in shards_before}
+
+        # 1. A new file: only its shard computes features; the scores then cover it.
+        new = watch / "new_task.jsonl"
+        new.write_text("".join(json.dumps({"prompt": f"Add {i} and {i + 7} together. Result:",
+                                           "completion": str(2 * i + 7)}) + "\n" for i in range(25)))
+        ran = _drive(instance, resources, run_config)
+        assert ran == [(("candidate_pool",), None), (("candidate_features",), "new_task-0000"),
+                       (("candidate_scores", "selected_subset"), None)]
+        after = _scored_ids(root)
+        for target, ids in after.items():
+            assert len(ids) == len(before[target]) + 25 and len(set(ids)) == len(ids)
+        assert {s: (root / "features" / s / "meta.json").stat().st_mtime_ns for s in shards_before} == untouched
+
+        # 2. A changed file: only that file's shard recomputes.
+        changed = next(watch.rglob("antonyms_data.jsonl"))
+        with open(changed, "a", encoding="utf-8") as fh:
+            fh.write(json.dumps({"dataset": "antonyms", "messages": [
+                {"role": "user", "content": "Opposite of 'early'?"}, {"role": "assistant", "content": "late"}]}) + "\n")
+        ran = _drive(instance, resources, run_config)
+        assert ran == [(("candidate_pool",), None), (("candidate_features",), "antonyms_data-0000"),
+                       (("candidate_scores", "selected_subset"), None)]
+        assert all(len(ids) == len(after[t]) + 1 for t, ids in _scored_ids(root).items())
+
+        # 3. A removed file: its shard leaves the partitions and its candidates leave scores and selections.
+        new.unlink()
+        ran = _drive(instance, resources, run_config)
+        assert ran == [(("candidate_pool",), None), (("candidate_scores", "selected_subset"), None)]
+        assert "new_task-0000" not in instance.get_dynamic_partitions("candidate_shards")
+        final = _scored_ids(root)
+        assert all(not any(cid.startswith("new_task") for cid in ids) for ids in final.values())
+        assert all(len(ids) == len(before[t]) + 1 for t, ids in final.items())
+        with duckdb.connect(str(root / "gist.duckdb"), read_only=True) as db:
+            leftover = db.execute("SELECT count(*) FROM selections s LEFT JOIN candidate_scores c USING "
+                                  "(candidate_id, target, method) WHERE c.candidate_id IS NULL").fetchone()[0]
+        assert leftover == 0
