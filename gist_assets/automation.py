@@ -26,7 +26,7 @@ import yaml
 
 from gist_resources import StorageResource
 
-from .gradients import candidate_features, features_dir, read_basis_manifest
+from .gradients import candidate_features, stale_gist_shards
 from .partitions import candidate_shards
 from .pool import candidate_pool, file_signatures, read_pool_version
 from .scores import candidate_scores, scores_inputs, scores_version_path, selected_subset
@@ -68,17 +68,9 @@ def refresh_requests(storage: StorageResource, watch_dir: str, shards: list[str]
         return [dg.RunRequest(run_key=f"pool-{fingerprint(signatures)}", asset_selection=[candidate_pool.key],
                               run_config=pool_run_config(watch_dir))]
     try:
-        basis_version = read_basis_manifest(storage)["version"]
+        stale, versions, basis_version = stale_gist_shards(storage, shards)
     except FileNotFoundError:
         return dg.SkipReason("no spectral basis yet: materialize the graph once (prepare_job) first")
-    stale, versions = [], {}
-    for shard in shards:
-        meta_path = features_dir(storage, shard) / "meta.json"
-        meta = json.loads(meta_path.read_text()) if meta_path.exists() else {}
-        if meta.get("shard_version") != pool["shards"].get(shard) or meta.get("basis_version") != basis_version:
-            stale.append(shard)
-        else:
-            versions[shard] = meta["version"]
     if stale:
         return [dg.RunRequest(run_key=f"features-{s}-{pool['shards'].get(s)}-{basis_version}",
                               asset_selection=[candidate_features.key], partition_key=s) for s in stale]

@@ -17,7 +17,7 @@ from gist_core.scoring import (checkpoint_weights, cosine_to_subtasks, mean_cosi
 from gist_core.warmup import load_optimizer_state
 from gist_resources import ComputeResource, ScoreStore, StorageResource
 
-from .gradients import (GRADIENT_RETRY, ShardInput, candidate_features, features_dir, progress_logger,
+from .gradients import (GPU_POOL, GRADIENT_RETRY, ShardInput, candidate_features, features_dir, progress_logger,
                         read_targets_version, target_gradients)
 from .model import base_model, read_model_ref, read_warmup, warmup_checkpoint
 from .partitions import candidate_shards
@@ -47,7 +47,7 @@ def _timing(stats) -> dict:
 
 
 @dg.asset(group_name="baselines", deps=[candidate_pool, target_gradients, base_model], partitions_def=candidate_shards,
-          code_version="1", retry_policy=GRADIENT_RETRY, kinds={"pytorch", "safetensors"})
+          code_version="1", retry_policy=GRADIENT_RETRY, pool=GPU_POOL, kinds={"pytorch", "safetensors"})
 def less_candidate_features(context: dg.AssetExecutionContext, config: LessFeaturesConfig,
                             storage: StorageResource, compute: ComputeResource) -> dg.MaterializeResult:
     """LESS: Adam-preconditioned candidate gradients, randomly projected; target-independent.
@@ -79,7 +79,7 @@ def less_candidate_features(context: dg.AssetExecutionContext, config: LessFeatu
 
         z, _, _, stats = block_features(model, [shard_in.encoded[i] for i in shard_in.keep], project, dim,
                                         pad_id=shard_in.tokenizer.pad_token_id,
-                                        progress=progress_logger(context, f"less {shard}/{ckpt['name']}"),
+                                        progress=progress_logger(context.log, f"less {shard}/{ckpt['name']}"),
                                         **compute.batching())
         tensors[ckpt["name"]] = z
         timings[ckpt["name"]] = _timing(stats)
@@ -98,7 +98,7 @@ def _last_checkpoint(storage: StorageResource) -> dict:
 
 
 @dg.asset(group_name="baselines", deps=[candidate_pool, warmup_checkpoint, base_model], partitions_def=candidate_shards,
-          code_version="1", retry_policy=GRADIENT_RETRY, kinds={"pytorch", "safetensors"})
+          code_version="1", retry_policy=GRADIENT_RETRY, pool=GPU_POOL, kinds={"pytorch", "safetensors"})
 def representation_features(context: dg.AssetExecutionContext, storage: StorageResource,
                             compute: ComputeResource) -> dg.MaterializeResult:
     """Mean-pooled last-layer hidden states of each candidate (model with the last warmup adapter)."""
@@ -135,10 +135,9 @@ def _load_method_features(storage: StorageResource, shards: list[str], method: s
     sides, parts, metas = [], [], []
     for s in shards:
         d = features_dir(storage, s, method)
-        produced_by = f"{asset} for partition {s}"
-        sides.append(storage.read_parquet(d / "candidates.parquet", produced_by).with_columns(pl.lit(s).alias("shard")))
-        parts.append(storage.load_tensors(d / "features.safetensors", produced_by))
-        metas.append(storage.read_json(d / "meta.json", produced_by))
+        sides.append(storage.read_parquet(d / "candidates.parquet", asset, partition=s).with_columns(pl.lit(s).alias("shard")))
+        parts.append(storage.load_tensors(d / "features.safetensors", asset, partition=s))
+        metas.append(storage.read_json(d / "meta.json", asset, partition=s))
     tensors = {k: np.concatenate([p[k] for p in parts]) for k in parts[0]}
     return pl.concat(sides).filter(pl.col("included")), tensors, metas
 

@@ -11,6 +11,7 @@ from .checks import basis_columns_orthonormal, baseline_scores_valid, scores_val
 from .evaluation import selection_evaluation
 from .gradients import candidate_features, spectral_basis, target_gradients
 from .model import base_model, warmup_checkpoint
+from .parallel import parallel_features_job
 from .pool import candidate_pool, target_sets
 from .scores import candidate_scores, selected_subset
 
@@ -42,7 +43,8 @@ def make_resources(root: str = "") -> dict:
 
 def build_definitions(root: str = "") -> dg.Definitions:
     return dg.Definitions(assets=ASSETS, asset_checks=CHECKS, resources=make_resources(root),
-                          jobs=[prepare_job, features_job, select_job, baseline_features_job, compare_job, refresh_job],
+                          jobs=[prepare_job, features_job, select_job, baseline_features_job, compare_job, refresh_job,
+                                parallel_features_job],
                           sensors=[new_candidate_data, automation_sensor], schedules=[periodic_refresh])
 
 

@@ -21,12 +21,15 @@ from .model import base_model, read_model_ref, read_warmup, warmup_checkpoint
 from .partitions import candidate_shards
 from .plots import md_table, spectrum_plot
 from .pool import candidate_pool, pool_path, read_pool_version, target_sets, targets_path
-from .versions import asset_fingerprint, data_version
+from .versions import asset_fingerprint, data_version, fingerprint
 
 GRADIENT_RETRY = dg.RetryPolicy(max_retries=2, delay=5)
+# Concurrency pool of the gradient steps: set its limit to the number of GPUs
+# (`dagster instance concurrency set gpu N`, or dagster.yaml), so at most N run at once.
+GPU_POOL = "gpu"
 
 
-def progress_logger(context, what: str, every_s: float = 10.0):
+def progress_logger(log, what: str, every_s: float = 10.0):
     """A gradient_pass progress callback that logs counts and rates at most every ``every_s``."""
     last = [0.0]
 
@@ -34,13 +37,13 @@ def progress_logger(context, what: str, every_s: float = 10.0):
         now = time.perf_counter()
         if done == total or now - last[0] >= every_s:
             last[0] = now
-            context.log.info(f"{what}: {done}/{total} examples, {stats.examples_per_s:.1f} ex/s, "
+            log.info(f"{what}: {done}/{total} examples, {stats.examples_per_s:.1f} ex/s, "
                              f"{stats.tokens_per_s:.0f} tok/s")
     return report
 
 
 @dg.asset(group_name="gist", deps=[warmup_checkpoint, target_sets], code_version="2",
-          retry_policy=GRADIENT_RETRY, kinds={"pytorch", "numpy"})
+          retry_policy=GRADIENT_RETRY, pool=GPU_POOL, kinds={"pytorch", "numpy"})
 def target_gradients(context: dg.AssetExecutionContext, config: TargetGradientsConfig,
                      storage: StorageResource, compute: ComputeResource) -> dg.MaterializeResult:
     """Exact LoRA gradient of every basis-split target example, per checkpoint: N x D .npy memmaps."""
@@ -79,7 +82,7 @@ def target_gradients(context: dg.AssetExecutionContext, config: TargetGradientsC
                 out = np.lib.format.open_memmap(tmp / ckpt["name"] / f"{name}.npy", mode="w+",
                                                 dtype=np.float32, shape=(len(enc), layout.dim))
                 _, losses = full_gradients(model, enc, out=out, pad_id=tokenizer.pad_token_id,
-                                           progress=progress_logger(context, f"{ckpt['name']}/{name}"),
+                                           progress=progress_logger(context.log, f"{ckpt['name']}/{name}"),
                                            **compute.batching())
                 out.flush()
                 del out
@@ -213,12 +216,31 @@ class ShardInput:
             (tmp / "meta.json").write_text(json.dumps({"shard": shard, **meta}, indent=2))
 
 
-@dg.asset(group_name="gist", deps=[candidate_pool, spectral_basis, base_model], partitions_def=candidate_shards,
-          code_version="2", retry_policy=GRADIENT_RETRY, kinds={"pytorch", "safetensors"})
-def candidate_features(context: dg.AssetExecutionContext, storage: StorageResource,
-                       compute: ComputeResource) -> dg.MaterializeResult:
-    """One shard's candidate gradients projected onto every target's basis, in one pass per checkpoint."""
-    shard = context.partition_key
+FEATURES_CODE_VERSION = "2"
+
+
+def stale_gist_shards(storage: StorageResource, shards: list[str]) -> tuple[list[str], dict[str, str], str]:
+    """Shards whose features are missing or were made from other shard contents or another basis.
+
+    Returns (stale shards, {fresh shard: features version}, current basis version).
+    """
+    pool, basis_version = read_pool_version(storage), read_basis_manifest(storage)["version"]
+    stale, versions = [], {}
+    for shard in shards:
+        meta_path = features_dir(storage, shard) / "meta.json"
+        meta = json.loads(meta_path.read_text()) if meta_path.exists() else {}
+        if meta.get("shard_version") != pool["shards"].get(shard) or meta.get("basis_version") != basis_version:
+            stale.append(shard)
+        else:
+            versions[shard] = meta["version"]
+    return stale, versions, basis_version
+
+
+def compute_gist_shard(storage: StorageResource, compute: ComputeResource, shard: str, log) -> tuple[str, dict]:
+    """One shard's GIST features (shared by the partitioned asset and the parallel fan-out job).
+
+    Returns (data version, metadata).
+    """
     ref, bases = read_model_ref(storage), read_basis_manifest(storage)
     shard_in = ShardInput.load(storage, compute, ref, shard)
     encoded, keep, tokenizer = shard_in.encoded, shard_in.keep, shard_in.tokenizer
@@ -229,7 +251,7 @@ def candidate_features(context: dg.AssetExecutionContext, storage: StorageResour
         V, slices = load_bases(storage, ckpt["name"], targets)
         z, norms, losses, stats = projected_gradients(
             model, [encoded[i] for i in keep], V, pad_id=tokenizer.pad_token_id,
-            progress=progress_logger(context, f"{shard}/{ckpt['name']}"), **compute.batching())
+            progress=progress_logger(log, f"{shard}/{ckpt['name']}"), **compute.batching())
         for name, (a, b) in slices.items():
             tensors[f"{ckpt['name']}/{name}"] = np.ascontiguousarray(z[:, a:b])
         tensors[f"{ckpt['name']}/grad_norm"] = norms
@@ -239,18 +261,30 @@ def candidate_features(context: dg.AssetExecutionContext, storage: StorageResour
         del model
     side = shard_in.side
     fingerprints = {t: {c: v["fingerprint"] for c, v in per.items()} for t, per in bases["targets"].items()}
-    version = asset_fingerprint(context, shard_in.version, bases["version"], ref["version"])
+    version = fingerprint("candidate_features", FEATURES_CODE_VERSION, None, shard_in.version, bases["version"],
+                          ref["version"])
     shard_in.write(storage, shard, "gist", tensors, {
         "version": version, "shard_version": shard_in.version, "basis_version": bases["version"],
         "fingerprints": fingerprints, "checkpoints": [c["name"] for c in bases["checkpoints"]], "timings": timings})
     n_excluded = len(encoded) - len(keep)
     if n_excluded:
-        context.log.warning(f"{n_excluded} candidates in {shard} have no completion tokens within "
-                            f"max_length={ref['max_length']}; they are excluded from scoring")
-    return dg.MaterializeResult(data_version=data_version(version), metadata={
+        log.warning(f"{n_excluded} candidates in {shard} have no completion tokens within "
+                    f"max_length={ref['max_length']}; they are excluded from scoring")
+    return version, {
         "candidates": len(encoded), "scored": len(keep), "excluded_no_completion": n_excluded,
         "truncated": int(side["truncated"].sum()), "tokens": int(side["n_tokens"].sum()),
         "timings": dg.MetadataValue.json(timings),
         "bytes_per_candidate": round(sum(t.nbytes for t in tensors.values()) / max(1, len(keep)), 1),
+        "device": str(compute.torch_device()),
         "path": dg.MetadataValue.path(str(features_dir(storage, shard))),
-    })
+    }
+
+
+@dg.asset(group_name="gist", deps=[candidate_pool, spectral_basis, base_model], partitions_def=candidate_shards,
+          code_version=FEATURES_CODE_VERSION, retry_policy=GRADIENT_RETRY, pool=GPU_POOL,
+          kinds={"pytorch", "safetensors"})
+def candidate_features(context: dg.AssetExecutionContext, storage: StorageResource,
+                       compute: ComputeResource) -> dg.MaterializeResult:
+    """One shard's candidate gradients projected onto every target's basis, in one pass per checkpoint."""
+    version, metadata = compute_gist_shard(storage, compute, context.partition_key, context.log)
+    return dg.MaterializeResult(data_version=data_version(version), metadata=metadata)

@@ -36,13 +36,13 @@ def load_shard_features(storage: StorageResource, shards: list[str], bases: dict
         if not (d / "meta.json").exists():
             missing.append(shard)
             continue
-        meta = storage.read_json(d / "meta.json", f"candidate_features (partition {shard})")
+        meta = storage.read_json(d / "meta.json", "candidate_features", partition=shard)
         if meta["fingerprints"] != want or meta.get("shard_version") != pool_shards.get(shard):
             stale.append(shard)
             continue
         versions[shard] = meta["version"]
-        parts.append(storage.load_tensors(d / "features.safetensors", f"candidate_features for partition {shard}"))
-        sides.append(storage.read_parquet(d / "candidates.parquet", f"candidate_features for partition {shard}")
+        parts.append(storage.load_tensors(d / "features.safetensors", "candidate_features", partition=shard))
+        sides.append(storage.read_parquet(d / "candidates.parquet", "candidate_features", partition=shard)
                      .with_columns(pl.lit(shard).alias("shard")))
     if missing or stale:
         raise ValueError(
