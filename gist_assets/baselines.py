@@ -17,13 +17,13 @@ from gist_core.scoring import (checkpoint_weights, cosine_to_subtasks, mean_cosi
 from gist_core.warmup import load_optimizer_state
 from gist_resources import ComputeResource, ScoreStore, StorageResource
 
-from .gradients import (GPU_POOL, GRADIENT_RETRY, ShardInput, candidate_features, features_dir, progress_logger,
+from .gradients import (GPU_POOL, GPU_STEP_TAGS, GRADIENT_RETRY, ShardInput, candidate_features, features_dir, progress_logger,
                         read_targets_version, target_gradients)
 from .model import base_model, read_model_ref, read_warmup, warmup_checkpoint
 from .partitions import candidate_shards
 from .plots import md_table
 from .pool import candidate_pool, target_sets, targets_path
-from .scores import scores_version_path, write_method_scores
+from .scores import DUCKDB_POOL, scores_version_path, write_method_scores
 from .versions import asset_fingerprint, data_version
 
 
@@ -47,7 +47,8 @@ def _timing(stats) -> dict:
 
 
 @dg.asset(group_name="baselines", deps=[candidate_pool, target_gradients, base_model], partitions_def=candidate_shards,
-          code_version="1", retry_policy=GRADIENT_RETRY, pool=GPU_POOL, kinds={"pytorch", "safetensors"})
+          code_version="1", retry_policy=GRADIENT_RETRY, pool=GPU_POOL, op_tags=GPU_STEP_TAGS,
+          kinds={"pytorch", "safetensors"})
 def less_candidate_features(context: dg.AssetExecutionContext, config: LessFeaturesConfig,
                             storage: StorageResource, compute: ComputeResource) -> dg.MaterializeResult:
     """LESS: Adam-preconditioned candidate gradients, randomly projected; target-independent.
@@ -98,7 +99,8 @@ def _last_checkpoint(storage: StorageResource) -> dict:
 
 
 @dg.asset(group_name="baselines", deps=[candidate_pool, warmup_checkpoint, base_model], partitions_def=candidate_shards,
-          code_version="1", retry_policy=GRADIENT_RETRY, pool=GPU_POOL, kinds={"pytorch", "safetensors"})
+          code_version="1", retry_policy=GRADIENT_RETRY, pool=GPU_POOL, op_tags=GPU_STEP_TAGS,
+          kinds={"pytorch", "safetensors"})
 def representation_features(context: dg.AssetExecutionContext, storage: StorageResource,
                             compute: ComputeResource) -> dg.MaterializeResult:
     """Mean-pooled last-layer hidden states of each candidate (model with the last warmup adapter)."""
@@ -151,7 +153,7 @@ def random_scores(candidate_ids: list[str], seed: int) -> np.ndarray:
 @dg.asset(group_name="baselines",
           deps=[candidate_features, less_candidate_features, representation_features, target_gradients, target_sets,
                 warmup_checkpoint],
-          code_version="1", kinds={"duckdb"})
+          code_version="1", pool=DUCKDB_POOL, kinds={"duckdb"})
 def baseline_scores(context: dg.AssetExecutionContext, config: BaselineScoresConfig, storage: StorageResource,
                     compute: ComputeResource, score_store: ScoreStore) -> dg.MaterializeResult:
     """Scores of the baselines in the same candidate_scores table (column `method`)."""

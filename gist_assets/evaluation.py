@@ -30,10 +30,10 @@ from gist_core.evaluate import FinetuneSpec, HeldoutSet, evaluate_heldout, finet
 from gist_core.warmup import LoraTrainConfig
 from gist_resources import ComputeResource, ScoreStore, StorageResource
 
-from .model import base_model, default_target_modules, read_model_ref
+from .model import GPU_STEP_TAGS, base_model, default_target_modules, read_model_ref
 from .plots import bar_chart, md_table
 from .pool import candidate_pool, pool_path, target_sets, targets_path
-from .scores import selected_subset
+from .scores import DUCKDB_POOL, selected_subset
 
 BASE, FULL_POOL = "base", "full_pool"
 SCHEMA = {"target": pl.Utf8, "method": pl.Utf8, "train_examples": pl.Int64, "heldout_examples": pl.Int64,
@@ -150,7 +150,7 @@ def _fmt(v):
 
 
 @dg.asset(group_name="evaluation", deps=[selected_subset, target_sets, base_model, candidate_pool],
-          code_version="1", kinds={"pytorch", "duckdb"})
+          code_version="1", pool=DUCKDB_POOL, op_tags=GPU_STEP_TAGS, kinds={"pytorch", "duckdb"})
 def selection_evaluation(context: dg.AssetExecutionContext, config: EvaluationConfig, storage: StorageResource,
                          compute: ComputeResource, score_store: ScoreStore) -> dg.MaterializeResult:
     """Fine-tune on each method's selection (same settings and seed), then held-out loss and accuracy per target."""

@@ -17,7 +17,7 @@ from gist_core.spectral import build_basis
 from gist_resources import ComputeResource, StorageResource
 
 from .config import SpectralBasisConfig, TargetGradientsConfig
-from .model import base_model, read_model_ref, read_warmup, warmup_checkpoint
+from .model import GPU_STEP_TAGS, base_model, read_model_ref, read_warmup, warmup_checkpoint
 from .partitions import candidate_shards
 from .plots import md_table, spectrum_plot
 from .pool import candidate_pool, pool_path, read_pool_version, target_sets, targets_path
@@ -27,6 +27,7 @@ GRADIENT_RETRY = dg.RetryPolicy(max_retries=2, delay=5)
 # Concurrency pool of the gradient steps: set its limit to the number of GPUs
 # (`dagster instance concurrency set gpu N`, or dagster.yaml), so at most N run at once.
 GPU_POOL = "gpu"
+# On Kubernetes (k8s_job_executor) each gradient step's pod asks for one GPU.
 
 
 def progress_logger(log, what: str, every_s: float = 10.0):
@@ -43,7 +44,7 @@ def progress_logger(log, what: str, every_s: float = 10.0):
 
 
 @dg.asset(group_name="gist", deps=[warmup_checkpoint, target_sets], code_version="2",
-          retry_policy=GRADIENT_RETRY, pool=GPU_POOL, kinds={"pytorch", "numpy"})
+          retry_policy=GRADIENT_RETRY, pool=GPU_POOL, op_tags=GPU_STEP_TAGS, kinds={"pytorch", "numpy"})
 def target_gradients(context: dg.AssetExecutionContext, config: TargetGradientsConfig,
                      storage: StorageResource, compute: ComputeResource) -> dg.MaterializeResult:
     """Exact LoRA gradient of every basis-split target example, per checkpoint: N x D .npy memmaps."""
@@ -281,7 +282,7 @@ def compute_gist_shard(storage: StorageResource, compute: ComputeResource, shard
 
 
 @dg.asset(group_name="gist", deps=[candidate_pool, spectral_basis, base_model], partitions_def=candidate_shards,
-          code_version=FEATURES_CODE_VERSION, retry_policy=GRADIENT_RETRY, pool=GPU_POOL,
+          code_version=FEATURES_CODE_VERSION, retry_policy=GRADIENT_RETRY, pool=GPU_POOL, op_tags=GPU_STEP_TAGS,
           kinds={"pytorch", "safetensors"})
 def candidate_features(context: dg.AssetExecutionContext, storage: StorageResource,
                        compute: ComputeResource) -> dg.MaterializeResult:

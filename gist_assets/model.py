@@ -16,6 +16,10 @@ from .plots import line_plot
 from .pool import candidate_pool, pool_path, read_pool_version
 from .versions import asset_fingerprint, data_version
 
+# Defined here (the first GPU stage); gradients.py and the other GPU steps import it.
+GPU_STEP_TAGS = {"dagster-k8s/config": {"container_config": {"resources": {
+    "requests": {"nvidia.com/gpu": "1"}, "limits": {"nvidia.com/gpu": "1"}}}}}
+
 EMBEDDED_DEFAULTS = {"max_length": 128, "lora_r": 8, "learning_rate": 1e-3, "effective_batch_size": 16}
 PAPER_DEFAULTS = {"max_length": 2048, "lora_r": 128, "learning_rate": 2e-5, "effective_batch_size": 128}
 
@@ -98,7 +102,8 @@ def resolve_warmup(config: WarmupConfig, ref: dict) -> dict:
             "effective_batch_size": config.effective_batch_size or d["effective_batch_size"]}
 
 
-@dg.asset(group_name="model", deps=[base_model, candidate_pool], code_version="1", kinds={"pytorch", "peft"})
+@dg.asset(group_name="model", deps=[base_model, candidate_pool], code_version="1", kinds={"pytorch", "peft"},
+          op_tags=GPU_STEP_TAGS)
 def warmup_checkpoint(context: dg.AssetExecutionContext, config: WarmupConfig, storage: StorageResource,
                       compute: ComputeResource) -> dg.MaterializeResult:
     """LoRA warmup on a seeded random fraction of the pool; one PEFT adapter dir per epoch."""

@@ -15,7 +15,7 @@ import dagster as dg
 
 from gist_resources import ComputeResource, StorageResource
 
-from .gradients import GPU_POOL, GRADIENT_RETRY, candidate_features, compute_gist_shard, stale_gist_shards
+from .gradients import GPU_POOL, GPU_STEP_TAGS, GRADIENT_RETRY, candidate_features, compute_gist_shard, stale_gist_shards
 from .partitions import candidate_shards
 
 
@@ -32,7 +32,7 @@ def shards_to_compute(context: dg.OpExecutionContext, config: FanOutConfig, stor
         yield dg.DynamicOutput(shard, mapping_key=re.sub(r"[^A-Za-z0-9_]", "_", shard))
 
 
-@dg.op(pool=GPU_POOL, retry_policy=GRADIENT_RETRY)
+@dg.op(pool=GPU_POOL, retry_policy=GRADIENT_RETRY, tags=GPU_STEP_TAGS)
 def shard_features(context: dg.OpExecutionContext, shard: str, storage: StorageResource,
                    compute: ComputeResource) -> str:
     version, metadata = compute_gist_shard(storage, compute, shard, context.log)

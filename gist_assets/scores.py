@@ -21,6 +21,9 @@ from .pool import candidate_pool, pool_path, read_pool_version
 from .versions import asset_fingerprint, data_version, fingerprint
 
 METHOD = "gist"
+# DuckDB allows one writing process: every asset that writes the database is in this
+# pool, with a limit of 1 (deploy/k8s/dagster.yaml), so even concurrent runs never contend.
+DUCKDB_POOL = "duckdb_writer"
 
 
 def load_shard_features(storage: StorageResource, shards: list[str], bases: dict):
@@ -78,7 +81,7 @@ def write_method_scores(score_store: ScoreStore, target: str, method: str, score
 
 
 @dg.asset(group_name="gist", deps=[candidate_features, spectral_basis, candidate_pool], code_version="2",
-          kinds={"duckdb"})
+          pool=DUCKDB_POOL, kinds={"duckdb"})
 def candidate_scores(context: dg.AssetExecutionContext, storage: StorageResource,
                      score_store: ScoreStore) -> dg.MaterializeResult:
     """Cosine of each candidate to each subtask direction, checkpoint-weighted, max over subtasks."""
@@ -153,7 +156,7 @@ def choose(config: SelectionConfig, scores: pl.DataFrame, subtask_scores: pl.Dat
 
 
 @dg.asset(group_name="gist", deps=[candidate_scores, dg.AssetKey("baseline_scores"), candidate_pool], code_version="3",
-          kinds={"duckdb", "parquet"}, automation_condition=dg.AutomationCondition.eager())
+          pool=DUCKDB_POOL, kinds={"duckdb", "parquet"}, automation_condition=dg.AutomationCondition.eager())
 def selected_subset(context: dg.AssetExecutionContext, config: SelectionConfig, storage: StorageResource,
                     score_store: ScoreStore) -> dg.MaterializeResult:
     """Per target and method: the chosen candidates as JSONL in their own format, Parquet, and a manifest."""
