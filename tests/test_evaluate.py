@@ -8,7 +8,7 @@ import torch
 
 from gist_core import modeling
 from gist_core.data import IGNORE_INDEX, encode_prompt_completion
-from gist_core.evaluate import (FinetuneSpec, compare_selections, evaluate_heldout, finetune_and_evaluate, finetune_and_evaluate_many,
+from gist_core.evaluate import (FinetuneSpec, evaluate_heldout, finetune_and_evaluate_many,
                                 multiple_choice_options, option_completion, option_log_probs, prepare_heldout)
 from gist_core.warmup import LoraTrainConfig, mean_completion_loss
 
@@ -134,19 +134,3 @@ def test_always_b_model_scores_share_of_b(tiny):
     assert 0 < share_b < 1
     assert out["mc"]["accuracy"] == pytest.approx(share_b)
     assert out["mc"]["train_examples"] == 48 and out["text"]["accuracy"] is None
-    # The old single-target API still works, and reports the base model next to the fine-tune.
-    single = finetune_and_evaluate(load_base, train, held_mc, spec, CPU, tok.pad_token_id)
-    assert single["heldout_loss"] == pytest.approx(out["mc"]["heldout_loss"], rel=1e-5)
-    assert single["accuracy"] == pytest.approx(share_b)
-    assert single["base_loss"] > single["heldout_loss"]
-
-
-def test_compare_selections_reports_loss_and_accuracy(tiny):
-    tok, load_base = tiny
-    conversations = [[{"role": "user", "content": p.split("\n", 1)[1].rsplit("\n<|assistant|>", 1)[0]},
-                      {"role": "assistant", "content": "B"}] for p, _ in _mc_examples(16, seed=4)]
-    spec = FinetuneSpec(train=LoraTrainConfig(epochs=1, learning_rate=1e-3, effective_batch_size=16,
-                                              micro_batch_size=16, seed=0))
-    out = compare_selections(load_base, tok, {"b": conversations, "none": []}, _mc_examples(6, seed=5), spec, 128)
-    assert out["none"]["train_examples"] == 0 and out["b"]["train_examples"] == 16
-    assert all(np.isfinite(r["heldout_loss"]) and 0 <= r["accuracy"] <= 1 for r in out.values())
