@@ -9,7 +9,7 @@ STAMP := $(VENV)/.installed
 # https://download.pytorch.org/whl/cpu (CPU) or .../whl/cu128 (GPU).
 TORCH_VERSION ?= 2.13.0
 TORCH_INDEX ?=
-HOST ?= 127.0.0.1
+UI_HOST ?= 127.0.0.1
 PORT ?= 3000
 export GIST_STORAGE_ROOT ?= $(CURDIR)/.gist
 export DAGSTER_HOME ?= $(GIST_STORAGE_ROOT)/dagster_home
@@ -43,7 +43,7 @@ test-slow: $(STAMP)
 
 ui: $(STAMP)
 	mkdir -p "$(DAGSTER_HOME)"
-	$(BIN)/dagster-webserver -h $(HOST) -p $(PORT) -w workspace.yaml
+	$(BIN)/dagster-webserver -h $(UI_HOST) -p $(PORT) -w workspace.yaml
 
 clean:
 	rm -rf .gist

@@ -25,8 +25,9 @@ class BadRecordError(ValueError):
 
     def __init__(self, file: str, line: int, reason: str):
         self.file, self.line, self.reason = file, line, reason
+        what = "this line" if line > 0 else "this file"  # line 0: the file as a whole
         super().__init__(
-            f"{file}:{line}: {reason}. Fix or remove this line, or set "
+            f"{file}:{line}: {reason}. Fix or remove {what}, or set "
             f"on_bad_record: skip to skip bad records and count them."
         )
 
@@ -148,12 +149,12 @@ def iter_jsonl(path: str) -> Iterator[tuple[int, object | BadRecordError]]:
     try:
         raw = Path(path).read_bytes()
     except OSError as exc:
-        raise BadRecordError(path, 0, f"cannot read file: {exc}") from exc
+        raise BadRecordError(path, 0, f"cannot read file: {exc}") from None
     try:
         text = raw.decode("utf-8-sig")
     except UnicodeDecodeError as exc:
         line = raw[: exc.start].count(b"\n") + 1
-        raise BadRecordError(path, line, f"file is not valid UTF-8 (byte {exc.start}); re-encode it as UTF-8") from exc
+        raise BadRecordError(path, line, f"file is not valid UTF-8 (byte {exc.start}); re-encode it as UTF-8") from None
     if not text.strip():
         raise BadRecordError(path, 0, "file is empty (no records)")
     # Split on "\n" only: str.splitlines() also breaks on U+2028/U+2029/U+0085,
@@ -209,7 +210,7 @@ def read_candidates(patterns: Sequence[str], on_bad_record: str = "error") -> tu
                     source = obj.get("dataset") or obj.get("source") or source_from_path(path)
                     _check_str(source, "'dataset'/'source'")
                 except ValueError as exc:
-                    raise BadRecordError(path, lineno, str(exc)) from exc
+                    raise BadRecordError(path, lineno, str(exc)) from None
             except BadRecordError as err:
                 if on_bad_record == "error":
                     raise

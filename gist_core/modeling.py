@@ -181,11 +181,20 @@ def load_adapter(model: nn.Module, adapter_dir: str):
     from peft import PeftModel
 
     if not os.path.isfile(os.path.join(adapter_dir, "adapter_config.json")):
-        raise FileNotFoundError(f"{adapter_dir!r} is not a PEFT adapter directory (no adapter_config.json)")
+        raise FileNotFoundError(f"{adapter_dir!r} is not a PEFT adapter directory (no adapter_config.json); "
+                                "re-materialize warmup_checkpoint")
     try:
         peft_model = PeftModel.from_pretrained(model, adapter_dir, is_trainable=True)
-    except (RuntimeError, ValueError, KeyError) as exc:
-        raise ValueError(f"adapter {adapter_dir!r} does not fit the base model: {exc}") from exc
+    except (RuntimeError, ValueError, KeyError, OSError) as exc:
+        base = getattr(getattr(model, "config", None), "_name_or_path", "") or type(model).__name__
+        detail = " ".join(str(exc).split())
+        if len(detail) > 600:
+            detail = detail[:600] + " ..."
+        # Not chained: this message is the one the user reads (Dagster shows the innermost error).
+        raise ValueError(
+            f"adapter {adapter_dir!r} does not fit the base model {base!r}: it was saved for a model with "
+            f"other layer names or sizes. Re-materialize warmup_checkpoint with this base model, or configure "
+            f"the base model the adapter was trained on. ({detail})") from None
     return peft_model.eval()
 
 

@@ -44,15 +44,23 @@ class ComputeResource(dg.ConfigurableResource):
     def setup(self) -> None:
         if self.torch_threads > 0:
             torch.set_num_threads(self.torch_threads)
+
+    def _warn_remote_code(self, path: str) -> None:
+        """Off by default; when a user turns it on, say so in the warnings and the Dagster log."""
         if self.trust_remote_code:
-            warnings.warn("trust_remote_code is on: Python code shipped with the model will run")
+            msg = (f"trust_remote_code is on (compute.trust_remote_code): Python code shipped with {path!r} "
+                   "will run; only use it for models you trust")
+            warnings.warn(msg, UserWarning, stacklevel=3)
+            dg.get_dagster_logger().warning(msg)
 
     def load_tokenizer(self, path: str):
+        self._warn_remote_code(path)
         return modeling.load_tokenizer(path, trust_remote_code=self.trust_remote_code)
 
     def load_model(self, path: str, adapter_dir: str | None = None):
         """Base model in float32 weights (autocast does the low precision), optionally with an adapter."""
         self.setup()
+        self._warn_remote_code(path)
         model = modeling.load_causal_lm(path, self.torch_device(), torch.float32, self.trust_remote_code)
         if adapter_dir is not None:
             model = modeling.load_adapter(model, adapter_dir).to(self.torch_device())

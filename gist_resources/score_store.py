@@ -2,8 +2,13 @@
 
 from __future__ import annotations
 
+import time
+from contextlib import contextmanager
+
+import duckdb
 import polars as pl
 from dagster_duckdb import DuckDBResource
+from pydantic import Field
 
 SCORES_DDL = """
 CREATE TABLE IF NOT EXISTS candidate_scores (
@@ -23,25 +28,98 @@ CREATE TABLE IF NOT EXISTS selections (
 )"""
 
 
+class ScoreStoreLockedError(RuntimeError):
+    """Another process holds the DuckDB write lock on the score database."""
+
+
+class ScoreStoreWriteError(RuntimeError):
+    """A write failed and was rolled back: the previous rows are intact."""
+
+
+def _is_lock_error(exc: Exception) -> bool:
+    text = str(exc).lower()
+    return "lock" in text and ("could not set" in text or "conflicting" in text)
+
+
 class ScoreStore(DuckDBResource):
     """The one DuckDB file. Only unpartitioned, single-step assets write it, so
-    parallel shard steps never contend for it (they write their own files)."""
+    parallel shard steps never contend for it (they write their own files).
+
+    DuckDB lets one process hold the file for writing. When another process has it
+    (a DuckDB shell, a notebook, a second run), a connection waits up to
+    ``lock_timeout_s`` and then fails naming the file and the holder, instead of
+    dagster-duckdb's ten exponential retries (about 100 s).
+    """
+
+    lock_timeout_s: float = Field(default=30.0, description="Seconds to wait for another process's lock on "
+                                  "the database before failing with a message naming it")
+
+    @contextmanager
+    def get_connection(self):
+        conn = self._connect()
+        try:
+            yield conn
+        finally:
+            conn.close()
+
+    def _connect(self):
+        config = {"custom_user_agent": "dagster", **self.connection_config}
+        deadline = time.monotonic() + max(0.0, self.lock_timeout_s)
+        delay = 0.05
+        while True:
+            try:
+                return duckdb.connect(database=self.database, read_only=False, config=config)
+            except duckdb.IOException as exc:
+                if not _is_lock_error(exc):
+                    raise ScoreStoreWriteError(f"cannot open the score database {self.database}: {exc}") from None
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    raise ScoreStoreLockedError(
+                        f"the score database {self.database} is locked: another process holds a write "
+                        f"connection to it ({str(exc).strip()}). Close that process (a DuckDB shell, a "
+                        f"notebook, another run writing scores) or wait for it to finish, then re-run this "
+                        f"step. Waited {self.lock_timeout_s:g}s (score_store.lock_timeout_s).") from None
+                time.sleep(min(delay, left))
+                delay = min(delay * 2, 1.0)
+
+    def _replace_many(self, items: list[tuple[str, str, pl.DataFrame, dict[str, str]]]) -> None:
+        """Replace the rows matching ``where`` in each table with ``df``, all in one transaction.
+
+        A failure anywhere (a constraint, a crash of the insert) rolls back every
+        table: the previous rows stay, nothing is half-written.
+        """
+        with self.get_connection() as conn:
+            for _, ddl, _, _ in items:
+                conn.execute(ddl)
+            for i, (_, _, df, _) in enumerate(items):
+                conn.register(f"incoming_{i}", df.to_arrow())
+            try:
+                conn.execute("BEGIN TRANSACTION")
+                try:
+                    for i, (table, _, df, where) in enumerate(items):
+                        cond = " AND ".join(f"{k} = ?" for k in where)
+                        conn.execute(f"DELETE FROM {table} WHERE {cond}", list(where.values()))
+                        cols = ", ".join(df.columns)
+                        conn.execute(f"INSERT INTO {table} ({cols}) SELECT {cols} FROM incoming_{i}")
+                    conn.execute("COMMIT")
+                except Exception as exc:
+                    conn.execute("ROLLBACK")
+                    what = "; ".join(f"{t} where {' and '.join(f'{k}={v!r}' for k, v in w.items())}"
+                                     for t, _, _, w in items)
+                    raise ScoreStoreWriteError(f"writing {what} to {self.database} failed and was rolled back; "
+                                               f"the previous rows are unchanged: {exc}") from None
+            finally:
+                for i in range(len(items)):
+                    conn.unregister(f"incoming_{i}")
 
     def _replace(self, table: str, ddl: str, df: pl.DataFrame, where: dict[str, str]) -> None:
-        cond = " AND ".join(f"{k} = ?" for k in where)
-        with self.get_connection() as conn:
-            conn.execute(ddl)
-            conn.execute("BEGIN TRANSACTION")
-            try:
-                conn.execute(f"DELETE FROM {table} WHERE {cond}", list(where.values()))
-                conn.register("incoming", df.to_arrow())
-                cols = ", ".join(df.columns)
-                conn.execute(f"INSERT INTO {table} ({cols}) SELECT {cols} FROM incoming")
-                conn.unregister("incoming")
-                conn.execute("COMMIT")
-            except Exception:
-                conn.execute("ROLLBACK")
-                raise
+        self._replace_many([(table, ddl, df, where)])
+
+    def replace_method_scores(self, target: str, method: str, scores: pl.DataFrame, subtask_scores: pl.DataFrame) -> None:
+        """candidate_scores and subtask_scores of one (target, method), replaced together."""
+        where = {"target": target, "method": method}
+        self._replace_many([("candidate_scores", SCORES_DDL, scores, where),
+                            ("subtask_scores", SUBTASK_DDL, subtask_scores, where)])
 
     def replace_scores(self, target: str, method: str, df: pl.DataFrame) -> None:
         self._replace("candidate_scores", SCORES_DDL, df, {"target": target, "method": method})
@@ -87,18 +165,19 @@ class ScoreStore(DuckDBResource):
         """Replace the whole ``evaluations`` table (fine-tune results) in one transaction."""
         with self.get_connection() as conn:
             conn.execute(EVALUATIONS_DDL)
+            conn.register("incoming_evaluations", df.to_arrow())
             conn.execute("BEGIN TRANSACTION")
             try:
                 conn.execute("DELETE FROM evaluations")
-                conn.register("incoming_evaluations", df.to_arrow())
                 cols = ", ".join(df.columns)
                 conn.execute(f"INSERT INTO evaluations ({cols}) SELECT {cols} FROM incoming_evaluations")
-                conn.unregister("incoming_evaluations")
                 conn.execute("COMMIT")
-            except Exception:
+            except Exception as exc:
                 conn.execute("ROLLBACK")
-                raise
-
+                raise ScoreStoreWriteError(f"writing evaluations to {self.database} failed and was rolled "
+                                           f"back; the previous rows are unchanged: {exc}") from None
+            finally:
+                conn.unregister("incoming_evaluations")
 
 EVALUATIONS_DDL = """
 CREATE TABLE IF NOT EXISTS evaluations (

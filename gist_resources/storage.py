@@ -4,7 +4,10 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
+import socket
+import time
 import uuid
 from contextlib import contextmanager
 from pathlib import Path
@@ -15,6 +18,87 @@ from pydantic import Field
 import numpy as np
 
 ROOT_ENV = "GIST_STORAGE_ROOT"
+
+
+class ArtifactError(dg.Failure, ValueError):
+    """A stored artifact is damaged: re-materializing the asset that wrote it is the fix.
+
+    A ``dagster.Failure`` with ``allow_retries=False``, so a step with a retry policy
+    (the gradient steps) fails at once instead of recomputing twice to hit it again.
+    """
+
+    def __init__(self, message: str):
+        super().__init__(description=message, allow_retries=False)
+
+
+class MissingArtifactError(ArtifactError, FileNotFoundError):
+    """A stored artifact does not exist yet: materialize the asset that writes it first."""
+
+
+# A scratch of another host cannot be checked by pid; it counts as stale after this long.
+FOREIGN_SCRATCH_STALE_S = 6 * 3600
+
+
+def _host() -> str:
+    return re.sub(r"[^A-Za-z0-9]", "", socket.gethostname())[:32] or "host"
+
+
+def _scratch(dest: Path, kind: str) -> Path:
+    return dest.with_name(f".{dest.name}.{_host()}-{os.getpid()}-{uuid.uuid4().hex[:8]}.{kind}")
+
+
+def _pid_alive(pid: int) -> bool:
+    if pid == os.getpid():
+        return True
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # exists, owned by someone else
+        return True
+    except OSError:
+        return False
+    return True
+
+
+_SCRATCH = re.compile(r"(?:(?P<host>[A-Za-z0-9]+)-(?P<pid>\d+)-)?[0-9a-f]{8}\.(?:tmp|old)")
+
+
+def _is_stale(p: Path, m: re.Match) -> bool:
+    if m.group("pid") is None:  # older name without a writer id
+        return True
+    if m.group("host") == _host():
+        return not _pid_alive(int(m.group("pid")))
+    try:
+        return time.time() - p.lstat().st_mtime > FOREIGN_SCRATCH_STALE_S
+    except FileNotFoundError:
+        return False
+
+
+def clean_stale_scratch(dest: Path) -> list[Path]:
+    """Remove scratch files/dirs of ``dest`` left by writers that are gone; return them.
+
+    Only names ``.<dest name>.<host>-<pid>-<hex>.tmp|old`` (or the older
+    ``.<dest name>.<hex>.tmp|old``) are touched. A scratch of a live process on this
+    host stays; one of another host (shared storage) stays until it is
+    ``FOREIGN_SCRATCH_STALE_S`` old.
+    """
+    removed: list[Path] = []
+    if not dest.parent.is_dir():
+        return removed
+    prefix = f".{dest.name}."
+    for p in dest.parent.iterdir():
+        if not p.name.startswith(prefix):
+            continue
+        m = _SCRATCH.fullmatch(p.name[len(prefix):])
+        if m is None or not _is_stale(p, m):
+            continue
+        if p.is_dir() and not p.is_symlink():
+            shutil.rmtree(p, ignore_errors=True)
+        else:
+            p.unlink(missing_ok=True)
+        removed.append(p)
+    return removed
 
 
 def default_storage_root() -> str:
@@ -51,11 +135,14 @@ class StorageResource(dg.ConfigurableResource):
         p.mkdir(parents=True, exist_ok=True)
         return p
 
-    # Atomic writers: write beside the destination, then rename over it.
+    # Atomic writers: write beside the destination, then rename over it. The scratch
+    # name carries the writer's host and pid (``.<name>.<host>-<pid>-<hex>.tmp``), so the next write of
+    # the same destination can tell a leftover of a killed writer from a live one.
     @contextmanager
     def atomic_file(self, dest: Path) -> Iterator[Path]:
         dest.parent.mkdir(parents=True, exist_ok=True)
-        tmp = dest.with_name(f".{dest.name}.{uuid.uuid4().hex[:8]}.tmp")
+        clean_stale_scratch(dest)
+        tmp = _scratch(dest, "tmp")
         try:
             yield tmp
             os.replace(tmp, dest)
@@ -65,13 +152,18 @@ class StorageResource(dg.ConfigurableResource):
 
     @contextmanager
     def atomic_dir(self, dest: Path) -> Iterator[Path]:
-        """Build a directory beside ``dest`` and swap it in only when complete."""
+        """Build a directory beside ``dest`` and swap it in only when complete.
+
+        Scratch directories left by a writer that was killed (SIGKILL, OOM, a lost
+        node) are removed on the next write of the same destination.
+        """
         dest.parent.mkdir(parents=True, exist_ok=True)
-        tmp = dest.with_name(f".{dest.name}.{uuid.uuid4().hex[:8]}.tmp")
+        clean_stale_scratch(dest)
+        tmp = _scratch(dest, "tmp")
         tmp.mkdir()
         try:
             yield tmp
-            old = dest.with_name(f".{dest.name}.{uuid.uuid4().hex[:8]}.old")
+            old = _scratch(dest, "old")
             if dest.exists():
                 os.replace(dest, old)
             os.replace(tmp, dest)
@@ -84,22 +176,33 @@ class StorageResource(dg.ConfigurableResource):
             tmp.write_text(json.dumps(obj, indent=2, sort_keys=True, default=str))
         return dest
 
-    def read_json(self, src: Path, produced_by: str):
+    # Readers: a missing or damaged file fails naming the file and the asset (and
+    # partition) to materialize again. The errors are not chained on purpose: Dagster
+    # shows the innermost error of a failed step, and this message is the useful one.
+    def read_json(self, src: Path, produced_by: str, partition: str | None = None):
         if not src.exists():
-            raise FileNotFoundError(f"{src} is missing; materialize the `{produced_by}` asset first")
-        return json.loads(src.read_text())
+            raise MissingArtifactError(f"{src} is missing; materialize {_asset(produced_by, partition)} first")
+        try:
+            return json.loads(src.read_text(encoding="utf-8"))
+        except (ValueError, OSError) as exc:
+            raise ArtifactError(f"{src} is not readable JSON ({exc}); re-materialize "
+                             f"{_asset(produced_by, partition)}") from None
 
     def write_parquet(self, dest: Path, df) -> Path:
         with self.atomic_file(dest) as tmp:
             df.write_parquet(tmp)
         return dest
 
-    def read_parquet(self, src: Path, produced_by: str):
+    def read_parquet(self, src: Path, produced_by: str, partition: str | None = None):
         import polars as pl
 
         if not src.exists():
-            raise FileNotFoundError(f"{src} is missing; materialize the `{produced_by}` asset first")
-        return pl.read_parquet(src)
+            raise MissingArtifactError(f"{src} is missing; materialize {_asset(produced_by, partition)} first")
+        try:
+            return pl.read_parquet(src)
+        except Exception as exc:  # polars raises ComputeError / OSError / its own errors for a damaged file
+            raise ArtifactError(f"{src} is not a readable Parquet file ({exc}); re-materialize "
+                             f"{_asset(produced_by, partition)}") from None
 
     def write_npy(self, dest: Path, array: np.ndarray) -> Path:
         with self.atomic_file(dest) as tmp:
@@ -107,11 +210,27 @@ class StorageResource(dg.ConfigurableResource):
                 np.save(fh, array, allow_pickle=False)
         return dest
 
-    def open_npy(self, src: Path, produced_by: str, mmap: bool = True) -> np.ndarray:
+    def open_npy(self, src: Path, produced_by: str, mmap: bool = True, partition: str | None = None) -> np.ndarray:
         if not src.exists():
-            raise FileNotFoundError(f"{src} is missing; materialize the `{produced_by}` asset first")
+            raise MissingArtifactError(f"{src} is missing; materialize {_asset(produced_by, partition)} first")
         try:
             return np.load(src, mmap_mode="r" if mmap else None, allow_pickle=False)
-        except (ValueError, OSError) as exc:
-            raise ValueError(f"{src} is not a readable .npy tensor file ({exc}); delete it and "
-                             f"re-materialize `{produced_by}`") from exc
+        except (ValueError, OSError, EOFError) as exc:
+            raise ArtifactError(f"{src} is not a readable .npy tensor file ({exc}); delete it and "
+                             f"re-materialize {_asset(produced_by, partition)}") from None
+
+    def load_tensors(self, src: Path, produced_by: str, partition: str | None = None) -> dict[str, np.ndarray]:
+        """A safetensors file as numpy arrays (no pickle)."""
+        from safetensors.numpy import load_file
+
+        if not src.exists():
+            raise MissingArtifactError(f"{src} is missing; materialize {_asset(produced_by, partition)} first")
+        try:
+            return load_file(str(src))
+        except Exception as exc:  # SafetensorError, OSError, ValueError
+            raise ArtifactError(f"{src} is not a readable safetensors file ({exc}); re-materialize "
+                             f"{_asset(produced_by, partition)}") from None
+
+
+def _asset(name: str, partition: str | None) -> str:
+    return f"the `{name}` asset" if partition is None else f"the `{name}` asset for partition {partition!r}"

@@ -1,0 +1,246 @@
+"""Reliability matrix, faults: a killed step, a failed write, a transient error, a repeated materialization.
+Nothing is half-written, a re-run finishes the job, and the same inputs give the same bytes."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import dagster as dg
+import duckdb
+import polars as pl
+import pytest
+
+from gist_resources import ComputeResource, ScoreStore, StorageResource
+from gist_resources.score_store import ScoreStoreWriteError
+from gist_resources.storage import FOREIGN_SCRATCH_STALE_S, _host
+from reliability_util import copy_root, fresh_instance, materialize, metadata, user_error
+
+REPO = Path(__file__).resolve().parents[2]
+
+KILLABLE_SHARD = """
+import sys
+import dagster as dg
+from gist_assets.definitions import make_resources
+from gist_assets.gradients import candidate_features
+from gist_resources import ComputeResource
+
+root, shard, shards = sys.argv[1], sys.argv[2], sys.argv[3].split(",")
+resources = make_resources(root)
+resources["compute"] = ComputeResource(max_batch_size=2)  # many small batches: a long window to kill in
+with dg.DagsterInstance.get() as instance:
+    instance.add_dynamic_partitions("candidate_shards", shards)
+    dg.materialize([candidate_features], instance=instance, resources=resources, partition_key=shard)
+"""
+
+
+def _included(root: Path, shards) -> set[str]:
+    ids = set()
+    for shard in shards:
+        side = pl.read_parquet(root / "features" / shard / "candidates.parquet")
+        ids |= set(side.filter(pl.col("included"))["candidate_id"].to_list())
+    return ids
+
+
+def test_sigkill_mid_shard_then_rerun_scores_every_candidate_once(small_run, tmp_path, monkeypatch):
+    root = copy_root(small_run["root"], tmp_path / "root")
+    shards = sorted(small_run["shards"])
+    shard = shards[0]
+    features = root / "features"
+    before = (features / shard / "features.safetensors").read_bytes()
+    import shutil
+
+    shutil.rmtree(features / shard)  # the shard has not been computed yet
+    home = tmp_path / "dagster_home"
+    home.mkdir()
+    (home / "dagster.yaml").write_text("telemetry:\n  enabled: false\n")
+    monkeypatch.setenv("DAGSTER_HOME", str(home))
+
+    proc = subprocess.Popen([sys.executable, "-c", KILLABLE_SHARD, str(root), shard, ",".join(shards)],
+                            cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            env={**os.environ, "DAGSTER_HOME": str(home)})
+    watchdog = threading.Timer(240, proc.kill)
+    watchdog.start()
+    seen = []
+    try:
+        for line in proc.stdout:  # wait until the step is computing gradients, then kill it
+            seen.append(line)
+            if f"{shard}/epoch_1: " in line and "examples" in line:
+                os.kill(proc.pid, signal.SIGKILL)
+                break
+        proc.wait()
+    finally:
+        watchdog.cancel()
+        proc.stdout.close()
+    assert proc.returncode == -signal.SIGKILL, "".join(seen[-30:])
+    assert not (features / shard).exists()  # nothing half-written where the shard belongs
+
+    # What a killed writer leaves when it dies while swapping in its directory (scratch named by host and pid),
+    # and the older scratch naming: the next write of the same shard removes both.
+    leftovers = [features / f".{shard}.{_host()}-{proc.pid}-0123abcd.tmp", features / f".{shard}.89abcdef.tmp"]
+    for d in leftovers:
+        d.mkdir()
+        (d / "features.safetensors").write_bytes(b"half")
+
+    with dg.DagsterInstance.get() as instance:
+        assert set(instance.get_dynamic_partitions("candidate_shards")) == set(shards)
+        rerun = materialize(["candidate_features"], root, instance, partition_key=shard)
+        assert rerun.success, user_error(rerun)
+        scores = materialize(["candidate_scores"], root, instance)
+        assert scores.success, user_error(scores)
+    assert not any(d.exists() for d in leftovers)
+    assert sorted(p.name for p in features.iterdir()) == shards  # no scratch of any shard left
+    assert (features / shard / "features.safetensors").read_bytes() == before
+
+    included = _included(root, shards)
+    with duckdb.connect(str(root / "gist.duckdb"), read_only=True) as db:
+        rows = db.execute("SELECT target, method, count(*), count(DISTINCT candidate_id) FROM candidate_scores "
+                          "GROUP BY 1, 2").fetchall()
+        gist_ids = {r[0] for r in db.execute("SELECT DISTINCT candidate_id FROM candidate_scores "
+                                             "WHERE method = 'gist'").fetchall()}
+    assert {r[1] for r in rows} == {"gist", "random", "less", "representation"}
+    assert all(r[2] == r[3] == len(included) for r in rows), rows  # exactly one row per candidate
+    assert gist_ids == included
+
+
+def test_stale_scratch_is_removed_live_and_foreign_scratch_is_kept(tmp_path):
+    storage = StorageResource(root=str(tmp_path))
+    dest = storage.path("features", "shard-0000")
+    parent = dest.parent
+    parent.mkdir(parents=True)
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    host = _host()
+    names = {
+        "dead_writer": f".shard-0000.{host}-{dead.pid}-0123abcd.tmp",
+        "dead_writer_old": f".shard-0000.{host}-{dead.pid}-0123abce.old",
+        "legacy": ".shard-0000.0123abcd.tmp",
+        "live_writer": f".shard-0000.{host}-{os.getppid()}-0123abcd.tmp",
+        "other_host_recent": ".shard-0000.otherhost-1-0123abcd.tmp",
+        "other_host_old": ".shard-0000.otherhost-2-0123abcd.tmp",
+        "other_destination": f".shard-0001.{host}-{dead.pid}-0123abcd.tmp",
+        "not_a_scratch": ".shard-0000.notes.tmp",
+    }
+    for name in names.values():
+        (parent / name).mkdir()
+    old = time.time() - FOREIGN_SCRATCH_STALE_S - 60
+    os.utime(parent / names["other_host_old"], (old, old))
+    with storage.atomic_dir(dest) as tmp:
+        assert tmp.name.startswith(f".shard-0000.{host}-{os.getpid()}-") and tmp.name.endswith(".tmp")
+        (tmp / "x").write_text("complete")
+    left = {k for k, n in names.items() if (parent / n).exists()}
+    assert left == {"live_writer", "other_host_recent", "other_destination", "not_a_scratch"}
+    assert (dest / "x").read_text() == "complete"
+
+
+def _scores(target: str, method: str, n: int, shift: float = 0.0) -> tuple[pl.DataFrame, pl.DataFrame]:
+    ids = [f"c{i:04d}" for i in range(n)]
+    scores = pl.DataFrame({
+        "candidate_id": ids, "source": ["s"] * n, "target": [target] * n, "method": [method] * n,
+        "score": [i / n - shift for i in range(n)], "rank": list(range(n, 0, -1)),
+        "best_subtask": ["a"] * n, "shard": ["x-0000"] * n, "n_tokens": [10] * n, "basis_fingerprint": ["f"] * n})
+    subtasks = pl.DataFrame({"candidate_id": ids, "target": [target] * n, "method": [method] * n,
+                             "subtask": ["a"] * n, "score": [i / n - shift for i in range(n)]})
+    return scores, subtasks
+
+
+@pytest.mark.parametrize("broken", ["candidate_scores", "subtask_scores"])
+def test_failed_score_write_leaves_previous_rows_intact(tmp_path, broken):
+    store = ScoreStore(database=str(tmp_path / "scores.duckdb"))
+    store.replace_method_scores("t", "gist", *_scores("t", "gist", 200))
+    store.replace_method_scores("u", "gist", *_scores("u", "gist", 50))
+    before = (store.read_scores("t", "gist"), store.read_subtask_scores("t", "gist"))
+    new_scores, new_subtasks = _scores("t", "gist", 300, shift=0.5)
+    # Half way through the insert a row breaks a NOT NULL constraint (after the old rows were deleted).
+    if broken == "candidate_scores":
+        new_scores = new_scores.with_columns(
+            pl.when(pl.arange(0, 300) == 150).then(None).otherwise(pl.col("score")).alias("score"))
+    else:
+        new_subtasks = new_subtasks.with_columns(
+            pl.when(pl.arange(0, 300) == 150).then(None).otherwise(pl.col("subtask")).alias("subtask"))
+    with pytest.raises(ScoreStoreWriteError, match="rolled back; the previous rows are unchanged") as err:
+        store.replace_method_scores("t", "gist", new_scores, new_subtasks)
+    assert "NOT NULL" in str(err.value) and str(tmp_path / "scores.duckdb") in str(err.value)
+    assert store.read_scores("t", "gist").equals(before[0])  # all 200 old rows, none of the new
+    assert store.read_subtask_scores("t", "gist").sort("candidate_id").equals(before[1].sort("candidate_id"))
+    assert store.read_scores("u", "gist").height == 50
+    # The store is usable afterwards: a good write replaces the rows.
+    store.replace_method_scores("t", "gist", *_scores("t", "gist", 300, shift=0.5))
+    assert store.read_scores("t", "gist").height == 300
+
+
+class FlakyCompute(ComputeResource):
+    """Fails the first model load (as a transient CUDA OOM or a busy file system would), then works."""
+
+    fail_marker: str
+
+    def load_model(self, path: str, adapter_dir: str | None = None):
+        marker = Path(self.fail_marker)
+        if not marker.exists():
+            marker.write_text("failed once")
+            raise RuntimeError("simulated transient failure: CUDA out of memory")
+        return super().load_model(path, adapter_dir)
+
+
+def test_transient_gradient_failure_is_retried_without_duplicate_output(small_run, tmp_path):
+    root = copy_root(small_run["root"], tmp_path / "root")
+    shard = sorted(small_run["shards"])[1]
+    original = {n: (small_run["root"] / "features" / shard / n).read_bytes()
+                for n in ("features.safetensors", "candidates.parquet")}
+    flaky = FlakyCompute(fail_marker=str(tmp_path / "failed_once"))
+    with fresh_instance(small_run["shards"]) as instance:
+        result = materialize(["candidate_features"], root, instance, partition_key=shard,
+                             resources={"compute": flaky})
+    assert result.success, user_error(result)
+    kinds = [e.event_type_value for e in result.all_events]
+    assert kinds.count("STEP_UP_FOR_RETRY") == 1 and kinds.count("STEP_RESTARTED") == 1, kinds
+    assert kinds.count("STEP_FAILURE") == 0 and kinds.count("STEP_SUCCESS") == 1
+    assert len(result.asset_materializations_for_node("candidate_features")) == 1
+    assert (tmp_path / "failed_once").exists()
+    folder = root / "features" / shard
+    assert sorted(p.name for p in folder.iterdir()) == ["candidates.parquet", "features.safetensors", "meta.json"]
+    assert not [p for p in folder.parent.iterdir() if p.name.startswith(f".{shard}.")]
+    side = pl.read_parquet(folder / "candidates.parquet")
+    assert side["candidate_id"].n_unique() == side.height == metadata(result, "candidate_features")["candidates"]
+    for name, data in original.items():  # the same bytes as the first (never retried) computation
+        assert (folder / name).read_bytes() == data, name
+
+
+def test_same_inputs_same_seed_same_bytes_per_asset(small_run, tmp_path):
+    # Inputs, materialized twice (the pool records each row's file path, so the same root): same Parquet bytes.
+    inputs = tmp_path / "inputs"
+    ops = {"candidate_pool": {"embedded_pool_size": 120, "shard_size": 40}}
+    outputs = []
+    for _ in range(2):
+        with fresh_instance() as instance:
+            result = materialize(["candidate_pool", "target_sets"], inputs, instance, ops)
+            assert result.success, user_error(result)
+        shards = json.loads((inputs / "pool" / "shards.json").read_text())
+        outputs.append({**{rel: (inputs / rel).read_bytes() for rel in
+                           ("pool/candidate_pool.parquet", "targets/target_sets.parquet")},
+                        "versions": (shards["version"], shards["shards"])})  # ("files" holds mtimes)
+    assert outputs[0] == outputs[1]
+
+    # Basis, one feature shard and the scores, re-materialized over a copy of the small run: the same bytes
+    # and the same rows as the first time.
+    src = small_run["root"]
+    root = copy_root(src, tmp_path / "again")
+    shard = sorted(small_run["shards"])[2]
+    with fresh_instance(small_run["shards"]) as instance:
+        for names, partition in ((["spectral_basis"], None), (["candidate_features"], shard),
+                                 (["candidate_scores"], None)):
+            result = materialize(names, root, instance, {"spectral_basis": {"k": 8}}, partition_key=partition)
+            assert result.success, user_error(result)
+    basis_files = sorted(p.relative_to(src) for p in (src / "basis").rglob("*") if p.is_file())
+    assert basis_files and all((src / p).read_bytes() == (root / p).read_bytes() for p in basis_files)
+    for name in ("features.safetensors", "candidates.parquet"):
+        assert (src / "features" / shard / name).read_bytes() == (root / "features" / shard / name).read_bytes()
+    query = "SELECT candidate_id, target, score, rank, best_subtask FROM candidate_scores WHERE method = 'gist' " \
+            "ORDER BY target, candidate_id"
+    with duckdb.connect(str(src / "gist.duckdb"), read_only=True) as a, \
+            duckdb.connect(str(root / "gist.duckdb"), read_only=True) as b:
+        assert a.execute(query).fetchall() == b.execute(query).fetchall()
