@@ -147,7 +147,7 @@ def test_trust_remote_code_on_is_in_the_run_log(small_run, tmp_path):
 def test_make_ui_binds_to_localhost_by_default():
     if shutil.which("make") is None:
         pytest.skip("make is not installed")
-    env = {k: v for k, v in os.environ.items() if k not in ("HOST", "PORT", "MAKEFLAGS")}
+    env = {k: v for k, v in os.environ.items() if k not in ("UI_HOST", "PORT", "MAKEFLAGS")}
     out = subprocess.run(["make", "-n", "ui"], cwd=REPO, env=env, capture_output=True, text=True, check=True).stdout
     lines = [line for line in out.splitlines() if "dagster-webserver" in line]
     assert len(lines) == 1, out
