@@ -15,6 +15,7 @@ from gist_core.data import encode_messages, encode_prompt_completion
 from gist_core.gradients import full_gradients, projected_gradients, trainable_linears
 from gist_core.spectral import build_basis
 from gist_resources import ComputeResource, StorageResource
+from gist_resources.storage import ArtifactError
 
 from .config import SpectralBasisConfig, TargetGradientsConfig
 from .model import GPU_STEP_TAGS, base_model, read_model_ref, read_warmup, warmup_checkpoint
@@ -189,7 +190,7 @@ class ShardInput:
         pool = (storage.read_parquet(pool_path(storage), "candidate_pool")
                 .filter(pl.col("shard") == shard).select("candidate_id", "source", "messages"))
         if pool.height == 0:
-            raise ValueError(f"shard {shard!r} has no candidates in the current pool; re-materialize "
+            raise ArtifactError(f"shard {shard!r} has no candidates in the current pool; re-materialize "
                              "candidate_pool (it removes shards of deleted files)")
         tokenizer = compute.load_tokenizer(ref["path"])
         encoded = [encode_messages(tokenizer, json.loads(m), ref["max_length"]) for m in pool["messages"]]
@@ -204,7 +205,7 @@ class ShardInput:
         )
         version = read_pool_version(storage)["shards"].get(shard)
         if version is None:
-            raise ValueError(f"shard {shard!r} is not in pool/shards.json; re-materialize candidate_pool")
+            raise ArtifactError(f"shard {shard!r} is not in pool/shards.json; re-materialize candidate_pool")
         return cls(tokenizer, encoded, [i for i, ok in enumerate(included) if ok], side, version)
 
     def write(self, storage: StorageResource, shard: str, method: str, tensors: dict, meta: dict) -> None:

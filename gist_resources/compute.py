@@ -10,11 +10,14 @@ import torch
 
 from gist_core import modeling
 
+from .devices import claim_slot
+
 
 class ComputeResource(dg.ConfigurableResource):
     """Chooses where gradients are computed and loads models onto it.
 
-    ``device="auto"`` takes CUDA when present, else CPU. ``dtype="auto"`` is
+    ``device="auto"`` takes CUDA when present (on a multi-GPU host, a GPU no
+    other concurrent step holds), else CPU. ``dtype="auto"`` is
     bf16 autocast on CUDA (per-example gradients are still accumulated in
     float32) and float32 on CPU.
     """
@@ -29,7 +32,11 @@ class ComputeResource(dg.ConfigurableResource):
 
     def torch_device(self) -> torch.device:
         if self.device == "auto":
-            return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+            if not torch.cuda.is_available():
+                return torch.device("cpu")
+            n = torch.cuda.device_count()
+            # Several GPUs: each concurrent step process claims its own (see devices.py).
+            return torch.device("cuda", claim_slot(n)) if n > 1 else torch.device("cuda")
         dev = torch.device(self.device)
         if dev.type == "cuda" and not torch.cuda.is_available():
             warnings.warn(f"device {self.device!r} requested but CUDA is not available; using CPU")
