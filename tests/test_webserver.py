@@ -16,9 +16,11 @@ HOST = "127.0.0.1"
 STARTUP_TIMEOUT_S = 120
 
 EXPECTED_ASSETS = {"candidate_pool", "target_sets", "base_model", "warmup_checkpoint", "target_gradients",
-                   "spectral_basis", "candidate_features", "candidate_scores", "selected_subset"}
+                   "spectral_basis", "candidate_features", "candidate_scores", "selected_subset",
+                   "less_candidate_features", "representation_features", "baseline_scores", "selection_evaluation"}
 EXPECTED_CHECKS = {"spectral_basis": {"basis_columns_orthonormal"}, "candidate_scores": {"scores_valid"},
-                   "selected_subset": {"selection_size_as_configured"}}
+                   "baseline_scores": {"scores_valid"}, "selected_subset": {"selection_size_as_configured"}}
+PARTITIONED = ["candidate_features", "less_candidate_features", "representation_features"]
 
 LOCATIONS_QUERY = """
 {
@@ -177,7 +179,8 @@ def test_webserver_serves_the_code_location(webserver):
     assert feats["isPartitioned"] is True
     assert feats["partitionDefinition"]["type"] == "DYNAMIC"
     assert feats["partitionDefinition"]["name"] == "candidate_shards"
-    assert [k for k, n in by_key.items() if n["isPartitioned"]] == ["candidate_features"]
+    assert sorted(k for k, n in by_key.items() if n["isPartitioned"]) == sorted(PARTITIONED)
+    assert all(by_key[k]["partitionDefinition"]["name"] == "candidate_shards" for k in PARTITIONED)
 
     # Loading the code location writes nothing into the storage root.
     root = webserver["storage_root"]
