@@ -146,37 +146,6 @@ def orthonormal_basis(dim: int, k: int, seed: int, device=None):
     return q.contiguous()
 
 
-def train_step_pass(model, encoded, max_tokens: int, max_batch_size: int = 64, pad_id: int = 0,
-                    device=None, autocast=None, sync: Callable[[], None] | None = None) -> tuple[float, int]:
-    """The physical limit: a plain LoRA training step over the same length batches
-    (forward + backward of the batch-mean loss through ``loss.backward()``, no optimizer
-    step, no per-example work). Returns (seconds, real tokens)."""
-    import contextlib
-
-    import torch
-
-    from gist_core.gradients import length_batches
-
-    device = device or torch.device("cpu")
-    ctx = autocast or contextlib.nullcontext
-    tokens = 0
-    t0 = time.perf_counter()
-    for batch in length_batches(encoded, max_tokens, max_batch_size, pad_id):
-        ids = batch.input_ids.to(device)
-        mask = batch.attention_mask.to(device)
-        labels = batch.labels.to(device)
-        model.zero_grad(set_to_none=True)
-        with ctx():
-            loss = model(input_ids=ids, attention_mask=mask, labels=labels).loss
-        loss.backward()
-        tokens += batch.n_tokens
-    if sync:
-        sync()
-    secs = time.perf_counter() - t0
-    model.zero_grad(set_to_none=True)
-    return secs, tokens
-
-
 # ------------------------------------------------------------ background load
 
 def _busy_jiffies() -> tuple[int, int]:

@@ -14,6 +14,7 @@ summed, with their count), asset checks as their own rows, and the Dagster overh
 from __future__ import annotations
 
 import argparse
+import contextlib
 import sys
 import tempfile
 import time
@@ -66,12 +67,9 @@ def main(argv=None) -> int:
     p.add_argument("--dir", default=None, help="parent of the temporary storage root")
     p.add_argument("--wait-quiet", type=float, default=0, metavar="S",
                    help="first wait up to S seconds for other processes to leave the CPUs idle")
-    p.add_argument("--verbose", action="store_true", help="keep Dagster's DEBUG event log on stderr")
+    p.add_argument("--verbose", action="store_true",
+                   help="show Dagster's event log on stderr (default: kept in a file, shown on failure)")
     args = p.parse_args(argv)
-    if not args.verbose:
-        import logging
-
-        logging.getLogger("dagster").setLevel(logging.WARNING)
 
     import dagster as dg
     import torch
@@ -87,8 +85,15 @@ def main(argv=None) -> int:
     with tempfile.TemporaryDirectory(dir=args.dir) as tmp, dg.instance_for_test() as instance:
         root = str(Path(tmp) / "gist_root")
         t0 = time.perf_counter()
-        with BackgroundLoad() as bg:
-            out = run_all(run_config, root, instance=instance, log=lambda s: None)
+        log_path = Path(tmp) / "dagster_stderr.log"
+        with open(log_path, "w") as log_file, BackgroundLoad() as bg, \
+                (contextlib.nullcontext() if args.verbose else contextlib.redirect_stderr(log_file)):
+            try:
+                out = run_all(run_config, root, instance=instance, log=lambda s: None)
+            except BaseException:
+                log_file.flush()
+                sys.__stderr__.write("".join(log_path.read_text().splitlines(True)[-60:]))
+                raise
         total = time.perf_counter() - t0
         steps, runs = step_durations(instance)
 

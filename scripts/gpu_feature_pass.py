@@ -10,8 +10,10 @@ max_tokens=...)``. Prints examples/s, tokens/s, peak GPU memory
 
 a. feature pass / a plain LoRA training step (forward + backward of the batch-mean
    loss, ``loss.backward()``, no optimizer step) over the same length batches, tokens/s;
-b. speedup over the reference approach on a small subset: batch size 1, the full LoRA
-   gradient concatenated, then multiplied by the projection. On a GPU the reference
+b. speedup per example over the reference approach, timed on a small subset: batch
+   size 1, the full LoRA gradient concatenated, then multiplied by the projection
+   (reference time per example on the subset / feature-pass time per example over all
+   candidates; the same-subset ratio is printed too). On a GPU the reference
    keeps everything on the device (``loss.backward()``, ``torch.cat`` of the LoRA
    grads, ``@ basis`` on the GPU) under the same autocast; on CPU it is
    ``gist_core.gradients.reference_gradients`` followed by a numpy matmul;
@@ -19,8 +21,8 @@ c. time with three targets' bases side by side (D x 48) / one target (D x 16).
 
 Variants are interleaved per length batch over repeats (rotating order), medians reported.
 
-    # on a GPU machine: a 7B-shaped Llama-2 with 8 layers (full depth: --layers 0)
-    python scripts/gpu_feature_pass.py --arch llama2-7b --layers 8
+    # on a GPU machine: a 7B-shaped Llama-2 with 8 layers (full depth: --layers 0, ~100 GB)
+    python scripts/gpu_feature_pass.py --arch llama2-7b --layers 8 --candidates 500 --repeats 1
     # smoke test anywhere
     python scripts/gpu_feature_pass.py --device cpu --tiny
 """
@@ -85,10 +87,10 @@ def main(argv=None) -> int:
     p.add_argument("--min-len", type=int, default=64)
     p.add_argument("--max-len", type=int, default=512)
     p.add_argument("--max-tokens", type=int, default=4096,
-                   help="token budget per batch (B x T); ~7 MB of activations per token for a 7B model")
+                   help="token budget per batch (B x T); a 7B model needs roughly 7 MB of activations per token (estimate)")
     p.add_argument("--max-batch-size", type=int, default=64)
     p.add_argument("--subset", type=int, default=32, help="candidates for the bs=1 reference")
-    p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--repeats", type=int, default=2)
     p.add_argument("--seed", type=int, default=0)
     args = p.parse_args(argv)
     if args.tiny:
@@ -254,12 +256,16 @@ def main(argv=None) -> int:
     print(f"\nThroughput (median of {args.repeats} interleaved repeats)")
     print(table(rows))
     a = med["train step"] / med["feature k=16"]
-    b = rmed["reference bs=1"] / rmed["feature k=16"]
+    b = (rmed["reference bs=1"] / len(subset)) / (med["feature k=16"] / len(cands))
+    b_same = rmed["reference bs=1"] / rmed["feature k=16"]
     c = med["feature k=48"] / med["feature k=16"]
     print("\nRATIOS")
     print(table([
         {"ratio": "a. feature / train-step tokens/s", "value": f"{a:.3f}", "goal (CPU bench)": ">= 0.9"},
-        {"ratio": "b. speedup over bs=1 reference", "value": f"{b:.2f}x", "goal (CPU bench)": ">= 1.9x"},
+        {"ratio": "b. speedup per example over the bs=1 reference", "value": f"{b:.2f}x",
+         "goal (CPU bench)": ">= 1.9x"},
+        {"ratio": f"   (same {len(subset)}-example subset for both)", "value": f"{b_same:.2f}x",
+         "goal (CPU bench)": "-"},
         {"ratio": "c. time k=48 / k=16", "value": f"{c:.3f}", "goal (CPU bench)": "<= 1.15"},
     ]))
     print(f"check: projected_gradients vs the bs=1 reference @ basis, relative max error {err:.1e} "
