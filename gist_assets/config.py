@@ -73,7 +73,8 @@ class SpectralBasisConfig(dg.Config):
     energy: Optional[float] = Field(default=None, description="Instead of k: smallest rank keeping this "
                                     "fraction of sum s^2 (set k to null)")
     eps: float = 1e-8
-    memory_budget_mb: int = Field(default=256, description="Memory for one column chunk of G")
+    memory_budget_mb: int = Field(default=256, description="Working memory for reading G in column chunks; "
+                                  "V is streamed to disk, the N x N Gram matrix comes on top")
 
 
 class SelectionConfig(dg.Config):

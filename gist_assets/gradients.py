@@ -134,10 +134,9 @@ def spectral_basis(context: dg.AssetExecutionContext, config: SpectralBasisConfi
                 out_dir = tmp / ckpt["name"] / name
                 out_dir.mkdir(parents=True)
                 basis, notes = build_basis(G, k=config.k, energy=config.energy, eps=config.eps,
-                                           budget_bytes=config.memory_budget_mb << 20)
+                                           budget_bytes=config.memory_budget_mb << 20, out=out_dir / "V.npy")
                 for note in notes:
                     context.log.warning(f"{ckpt['name']}/{name}: {note}")
-                np.save(out_dir / "V.npy", basis.V, allow_pickle=False)
                 np.save(out_dir / "Z.npy", basis.Z, allow_pickle=False)
                 fingerprint = hashlib.sha256(basis.s.tobytes() + basis.Z.tobytes()
                                              + json.dumps(manifest["config"], sort_keys=True).encode()).hexdigest()[:16]

@@ -3,33 +3,93 @@
 G is N x D with N (target examples) small and D (LoRA parameters) large.
 K = G G^T is N x N; its eigendecomposition gives the left singular vectors U
 and singular values s of G, and V_k = G^T U_k diag(1/(s_k + eps)) gives the
-right singular vectors without ever forming a D x D matrix. G is read in
-column chunks so memory is bounded by the chunk, not by N x D.
+right singular vectors without ever forming a D x D matrix.
+
+Memory is bounded by ``budget_bytes``: G is read in column chunks into one
+reused float64 buffer. A G stored as a ``.npy`` memmap is read with
+``os.preadv`` rather than through the mapping, because every mapped page a
+process touches counts in its resident memory until the kernel drops it; V
+can be streamed to a ``.npy`` file the same way (pass a path as ``out``).
 """
 
 from __future__ import annotations
 
-import warnings
+import mmap
+import os
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 
 
-def column_chunks(dim: int, n_rows: int, budget_bytes: int, itemsize: int = 8) -> tuple[range, int]:
-    """Chunk width so that one N x width float64 chunk fits the memory budget."""
-    width = max(1, budget_bytes // max(1, n_rows * itemsize))
+def column_chunks(dim: int, bytes_per_column: int, budget_bytes: int) -> tuple[range, int]:
+    """Chunk width so that the working buffers of one chunk fit the memory budget (at least 1)."""
+    width = int(min(dim, max(1, budget_bytes // max(1, bytes_per_column))))
     return range(0, dim, width), width
 
 
+class ColumnReader:
+    """Copies column blocks ``G[:, a:b]`` of an N x D matrix into a caller's float64 buffer.
+
+    A C-ordered ``np.memmap`` opened on a whole file (what ``np.load(mmap_mode="r")``
+    returns) is read with positioned reads, one row segment at a time, so no page of
+    the mapping is touched; any other array is copied with ``np.copyto``.
+    """
+
+    def __init__(self, G):
+        self.G = G
+        self.shape = tuple(G.shape)
+        self._fd = None
+        if (isinstance(G, np.memmap) and isinstance(G.base, mmap.mmap) and G.filename
+                and G.flags.c_contiguous and G.dtype.isnative and G.ndim == 2):
+            self._fd = os.open(G.filename, os.O_RDONLY)
+            self._offset = int(G.offset)
+            self._row = np.empty(self.shape[1], dtype=G.dtype)
+
+    def read(self, start: int, out: np.ndarray) -> None:
+        n, d = self.shape
+        width = out.shape[1]
+        if self._fd is None:
+            np.copyto(out, self.G[:, start:start + width])
+            return
+        item = self._row.itemsize
+        segment = memoryview(self._row[:width]).cast("B")
+        for i in range(n):
+            got = os.preadv(self._fd, [segment], self._offset + (i * d + start) * item)
+            if got != width * item:
+                raise OSError(f"{self.G.filename}: short read at row {i} (got {got} of {width * item} "
+                              "bytes); the file is truncated or still being written")
+            out[i] = self._row[:width]
+
+    def close(self) -> None:
+        if self._fd is not None:
+            os.close(self._fd)
+            self._fd = None
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+
 def gram_matrix(G: np.ndarray, budget_bytes: int = 256 << 20) -> np.ndarray:
-    """K = G G^T in float64, reading G (possibly a memmap) in column chunks."""
+    """K = G G^T in float64, reading G (possibly a memmap) in column chunks within the budget."""
     n, d = G.shape
     K = np.zeros((n, n), dtype=np.float64)
-    starts, width = column_chunks(d, n, budget_bytes)
-    for c in starts:
-        chunk = np.asarray(G[:, c:c + width], dtype=np.float64)
-        K += chunk @ chunk.T
+    starts, width = column_chunks(d, 8 * n, budget_bytes)
+    buffer = np.empty(n * width, dtype=np.float64)
+    with ColumnReader(G) as reader:
+        for c in starts:
+            chunk = _contiguous(buffer, n, min(width, d - c))
+            reader.read(c, chunk)
+            K += chunk @ chunk.T
     return K
+
+
+def _contiguous(buffer: np.ndarray, n: int, width: int) -> np.ndarray:
+    """An n x width C-contiguous view of a flat buffer: BLAS takes it without a copy."""
+    return buffer[:n * width].reshape(n, width)
 
 
 def spectrum(K: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -80,18 +140,78 @@ class SpectralBasis:
 
 
 def build_basis(G: np.ndarray, k: int | None = None, energy: float | None = None, eps: float = 1e-8,
-                budget_bytes: int = 256 << 20, out: np.ndarray | None = None) -> tuple[SpectralBasis, list[str]]:
-    """Exact truncated SVD of G via its Gram matrix. ``out`` may be a D x k memmap."""
+                budget_bytes: int = 256 << 20, out: np.ndarray | str | os.PathLike | None = None
+                ) -> tuple[SpectralBasis, list[str]]:
+    """Exact truncated SVD of G via its Gram matrix.
+
+    ``out``: None keeps V in memory; an array (e.g. a D x k memmap) receives V; a path
+    gets V written as a ``.npy`` file chunk by chunk (then V is returned as a read-only
+    memmap of it), so V, which can be larger than the budget, never sits in memory.
+    """
     n, d = G.shape
     K = gram_matrix(G, budget_bytes)
     s, U = spectrum(K)
     k, notes = choose_rank(s, k=k, energy=energy)
     U_k, s_k = U[:, :k], s[:k]
     scale = U_k / (s_k + eps)                     # N x k
-    V = out if out is not None else np.empty((d, k), dtype=np.float32)
-    starts, width = column_chunks(d, n, budget_bytes)
-    for c in starts:
-        chunk = np.asarray(G[:, c:c + width], dtype=np.float64)
-        V[c:c + width] = (chunk.T @ scale).astype(V.dtype)
+    # Per column: the float64 chunk of G, the float64 rows of V and their float32 copy.
+    starts, width = column_chunks(d, 8 * n + 12 * k, budget_bytes)
+    buffer = np.empty(n * width, dtype=np.float64)
+    product = np.empty(k * width, dtype=np.float64)   # V's rows, transposed: k x w
+    rows32 = np.empty((width, k), dtype=np.float32)
+    scale_t = np.ascontiguousarray(scale.T)
+    with ColumnReader(G) as reader, _BasisWriter(out, d, k) as writer:
+        for c in starts:
+            w = min(width, d - c)
+            chunk = _contiguous(buffer, n, w)
+            reader.read(c, chunk)
+            # scale^T @ chunk rather than chunk^T @ scale: numpy copies a transposed
+            # operand of matmul when ``out`` is given, which would double the peak.
+            product_t = _contiguous(product, k, w)
+            np.matmul(scale_t, chunk, out=product_t)
+            rows32[:w] = product_t.T
+            writer.write(c, rows32[:w])
     energy_kept = float(np.sum(s_k ** 2) / np.sum(s ** 2))
-    return SpectralBasis(V=V, s=s, Z=(U_k * s_k).astype(np.float64), k=k, energy_kept=energy_kept), notes
+    return SpectralBasis(V=writer.result(), s=s, Z=(U_k * s_k).astype(np.float64), k=k,
+                         energy_kept=energy_kept), notes
+
+
+class _BasisWriter:
+    """Where the rows of V go: a new array, the caller's array, or a ``.npy`` file by positioned writes."""
+
+    def __init__(self, out, d: int, k: int):
+        self.path = None
+        if out is None:
+            self.V = np.empty((d, k), dtype=np.float32)
+        elif isinstance(out, (str, os.PathLike)):
+            self.path = Path(out)
+            header = np.lib.format.open_memmap(self.path, mode="w+", dtype=np.float32, shape=(d, k))
+            self.offset = int(header.offset)   # the header is written; the data pages stay untouched
+            del header
+            self.fd = os.open(self.path, os.O_WRONLY)
+        else:
+            if out.shape != (d, k):
+                raise ValueError(f"out has shape {out.shape}, expected {(d, k)}")
+            self.V = out
+
+    def write(self, start: int, rows: np.ndarray) -> None:
+        if self.path is None:
+            self.V[start:start + rows.shape[0]] = rows
+            return
+        data = memoryview(np.ascontiguousarray(rows)).cast("B")
+        position = self.offset + start * rows.shape[1] * 4
+        while data:
+            written = os.pwrite(self.fd, data, position)
+            data, position = data[written:], position + written
+
+    def result(self) -> np.ndarray:
+        if self.path is None:
+            return self.V
+        return np.load(self.path, mmap_mode="r")
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        if self.path is not None:
+            os.close(self.fd)

@@ -8,7 +8,7 @@ import torch
 
 from gist_core.scoring import checkpoint_weights, combine_and_max, cosine_to_subtasks, subtask_directions
 from gist_core.selection import rank_order, selection_size, top_selection
-from gist_core.spectral import build_basis, choose_rank, column_chunks, gram_matrix, spectrum
+from gist_core.spectral import ColumnReader, build_basis, choose_rank, column_chunks, gram_matrix, spectrum
 
 
 @pytest.fixture
@@ -56,8 +56,9 @@ def test_full_rank_basis_reconstructs_G(G):
 
 
 def test_chunked_equals_single_chunk(G):
-    starts, width = column_chunks(300, 12, budget_bytes=12 * 8 * 7)
+    starts, width = column_chunks(300, 12 * 8, budget_bytes=12 * 8 * 7)
     assert width == 7 and len(starts) == 43
+    assert column_chunks(300, 12 * 8, budget_bytes=1 << 62)[1] == 300
     one, _ = build_basis(G, k=4)
     many, _ = build_basis(G, k=4, budget_bytes=1)   # one column per chunk: 300 chunks
     odd, _ = build_basis(G, k=4, budget_bytes=12 * 8 * 7)
@@ -80,6 +81,32 @@ def test_memmap_input_and_output(G, tmp_path):
     out.flush()
     np.testing.assert_allclose(np.load(tmp_path / "V.npy"), ref.V, atol=1e-6)
     np.testing.assert_allclose(basis.s, ref.s, rtol=1e-9)
+
+
+def test_memmap_read_by_positioned_reads_and_V_streamed_to_a_file(G, tmp_path):
+    # G is 12 x 300 float32 (14 KB); the budget holds 16 float64 columns of it at a time.
+    np.save(tmp_path / "G.npy", G.astype(np.float32))
+    mm = np.load(tmp_path / "G.npy", mmap_mode="r")
+    with ColumnReader(mm) as reader:
+        assert reader._fd is not None          # not read through the mapping
+        chunk = np.empty((12, 5))
+        reader.read(295, chunk)
+        np.testing.assert_array_equal(chunk, G.astype(np.float32)[:, 295:])
+    assert ColumnReader(mm[:, 10:])._fd is None   # a view has no file layout of its own: copied
+    ref, _ = build_basis(G.astype(np.float32), k=3)
+    basis, _ = build_basis(mm, k=3, budget_bytes=(12 * 8 + 12 * 3) * 16, out=tmp_path / "V.npy")
+    assert isinstance(basis.V, np.memmap) and basis.V.shape == (300, 3)
+    np.testing.assert_allclose(np.load(tmp_path / "V.npy"), ref.V, atol=1e-6)
+    np.testing.assert_allclose(basis.s, ref.s, rtol=1e-9)
+
+
+def test_truncated_gradient_file_is_reported(G, tmp_path):
+    np.save(tmp_path / "G.npy", G.astype(np.float32))
+    mm = np.load(tmp_path / "G.npy", mmap_mode="r")
+    with open(tmp_path / "G.npy", "r+b") as f:
+        f.truncate(mm.offset + 11 * 300 * 4)  # the last row is missing
+    with pytest.raises(OSError, match="G.npy: short read at row 11"):
+        gram_matrix(mm, budget_bytes=1 << 20)
 
 
 def test_spectrum_descending_and_clipped():
