@@ -5,11 +5,14 @@ Synthetic feature rows (k=16, 3 subtasks, 2 checkpoints) for 1M and 10M candidat
 ``selected_subset`` make, stage by stage:
 
     subtask_directions -> cosine_to_subtasks (per checkpoint) -> combine_and_max ->
-    candidate_id.to_list() -> rank_order (+ rank column) -> top_selection (5%) ->
-    the polars frame of the candidate_scores columns (built as the asset builds it) ->
+    rank_order on the candidate_id Series (+ rank column) -> the polars frame of the
+    candidate_scores columns (built as write_method_scores builds it) ->
     ScoreStore.replace_scores into a new DuckDB file -> replace_scores again (a rerun:
-    DELETE + INSERT) -> reading the top 5% back as selected_subset does
-    (read_scores(...).head(n)) and, for comparison, with ``WHERE rank <= n``.
+    DELETE + INSERT) -> read_selection_rows for the top 5% (as selected_subset: a count,
+    ``WHERE rank <= n``, a check that no lower-ranked row beats the cut, and the score
+    column for the histogram) -> choose (strategy 'top') on those rows.
+    For comparison (in parentheses, not in the total): reading every row back with
+    read_scores, what the per-source cap and round-robin strategies still do.
 
 Sizes are interleaved over repeats (rotating order) and medians reported. The growth
 ratio is (large time) / (small time): 10 means linear for a 10x size step.
@@ -65,7 +68,9 @@ def run_once(data: dict, db_dir: Path) -> dict:
     import polars as pl
 
     from gist_core.scoring import checkpoint_weights, combine_and_max, cosine_to_subtasks, subtask_directions
-    from gist_core.selection import rank_order, selection_size, top_selection
+    from gist_assets.config import SelectionConfig
+    from gist_assets.scores import choose, read_selection_rows
+    from gist_core.selection import rank_order, selection_size
     from gist_resources.score_store import ScoreStore
 
     t: dict[str, float] = {}
@@ -90,24 +95,18 @@ def run_once(data: dict, db_dir: Path) -> dict:
     with stage("combine_and_max"):
         score, best = combine_and_max(cosines, weights)
     del cosines
-    with stage("candidate_id.to_list"):
-        ids = scored["candidate_id"].to_list()
+    ids = scored["candidate_id"]
     with stage("rank_order + rank"):
         order = rank_order(score, ids)
         rank = np.empty(len(ids), dtype=np.int64)
         rank[order] = np.arange(1, len(ids) + 1)
-    with stage("top_selection 5%"):
-        top = top_selection(score, ids, percentage=PERCENT)
     with stage("frame (as the asset)"):
         df = scored.select("candidate_id", "source", "shard", "n_tokens").with_columns(
             pl.lit(TARGET).alias("target"), pl.lit(METHOD).alias("method"),
             pl.Series("score", score), pl.Series("rank", rank),
-            pl.Series("best_subtask", [names[i] for i in best]),
+            pl.Series("best_subtask", names, dtype=pl.Utf8).gather(best),
             pl.lit("fp0+fp1").alias("basis_fingerprint"),
         )
-    with stage("  (frame, best_subtask vectorized)"):
-        pl.Series("best_subtask", names, dtype=pl.Utf8).gather(best)
-    del ids
     db = db_dir / "scores.duckdb"
     store = ScoreStore(database=str(db))
     with stage("replace_scores (new table)"):
@@ -115,16 +114,18 @@ def run_once(data: dict, db_dir: Path) -> dict:
     with stage("replace_scores (rerun)"):
         store.replace_scores(TARGET, METHOD, df)
     n = selection_size(df.height, percentage=PERCENT)
-    with stage("read top 5% (read_scores().head)"):
-        got = store.read_scores(TARGET, METHOD).head(n)
-    with stage("  (read top 5% WHERE rank <= n)"):
-        with store.get_connection() as conn:
-            got2 = conn.sql("SELECT * FROM candidate_scores WHERE target = ? AND method = ? AND rank <= ? "
-                            "ORDER BY rank", params=[TARGET, METHOD, n]).pl()
+    config = SelectionConfig(percentage=PERCENT)
+    with stage("read_selection_rows top 5%"):
+        rows, n_scored, all_scores = read_selection_rows(store, TARGET, METHOD, config, with_all_scores=True)
+    with stage("choose top 5%"):
+        got = choose(config, rows, None, n_scored)
+    with stage("  (read every row: read_scores)"):
+        every = store.read_scores(TARGET, METHOD)
     # Sanity (not timing): the stages agree with each other.
-    assert got.height == got2.height == n == len(top)
-    assert got["candidate_id"].to_list() == scored["candidate_id"].gather(top).to_list() == got2["candidate_id"].to_list()
-    del df, got, got2
+    top = order[:n]
+    assert rows.height == got.height == n and n_scored == df.height == len(all_scores) == every.height
+    assert got["candidate_id"].to_list() == ids.gather(top).to_list() == every["candidate_id"].head(n).to_list()
+    del df, rows, got, every, all_scores
     gc.collect()
     for f in db_dir.glob("scores.duckdb*"):
         f.unlink()

@@ -11,6 +11,7 @@ import polars as pl
 from gist_core.scoring import checkpoint_weights, cosine_to_subtasks, subtask_directions, weighted_sum
 from gist_core.selection import capped_top, rank_order, round_robin, selection_size
 from gist_resources import ScoreStore, StorageResource
+from gist_resources.score_store import SCORES_DDL
 
 from .config import SelectionConfig
 from .gradients import candidate_features, features_dir, read_basis_manifest, spectral_basis
@@ -61,20 +62,23 @@ def write_method_scores(score_store: ScoreStore, target: str, method: str, score
     """Max over subtasks, rank (ties by id), then both tables for (target, method) in one transaction."""
     score = per_subtask.max(axis=1)
     best = per_subtask.argmax(axis=1)
-    ids = scored["candidate_id"].to_list()
-    rank = np.empty(len(ids), dtype=np.int64)
-    rank[rank_order(score, ids)] = np.arange(1, len(ids) + 1)
+    ids = scored["candidate_id"]
+    m, n_sub = len(ids), len(subtask_names)
+    rank = np.empty(m, dtype=np.int64)
+    rank[rank_order(score, ids)] = np.arange(1, m + 1)
+    names = pl.Series("best_subtask", subtask_names, dtype=pl.Utf8)
     df = scored.select("candidate_id", "source", "shard", "n_tokens").with_columns(
         pl.lit(target).alias("target"), pl.lit(method).alias("method"),
         pl.Series("score", score), pl.Series("rank", rank),
-        pl.Series("best_subtask", [subtask_names[i] for i in best]),
+        names.gather(best),
         pl.lit(fingerprint).alias("basis_fingerprint"),
     )
-    long = pl.DataFrame({
-        "candidate_id": np.repeat(np.asarray(ids, dtype=object), len(subtask_names)).tolist(),
-        "subtask": subtask_names * len(ids),
-        "score": per_subtask.reshape(-1),
-    }).with_columns(pl.lit(target).alias("target"), pl.lit(method).alias("method"))
+    # One row per (candidate, subtask), candidate-major: per_subtask.reshape(-1)'s order.
+    long = pl.DataFrame([
+        ids.cast(pl.Utf8).gather(np.repeat(np.arange(m), n_sub)).alias("candidate_id"),
+        names.gather(np.tile(np.arange(n_sub), m)).alias("subtask"),
+        pl.Series("score", per_subtask.reshape(-1)),
+    ]).with_columns(pl.lit(target).alias("target"), pl.lit(method).alias("method"))
     score_store.replace_method_scores(target, method, df, long)
     return {"target": target, "method": method, "scored": df.height, "mean": float(score.mean()),
             "max": float(score.max()), "min": float(score.min())}
@@ -136,10 +140,70 @@ def selection_dir(storage: StorageResource, target: str, method: str = METHOD):
     return storage.path("selections", target, method)
 
 
-def choose(config: SelectionConfig, scores: pl.DataFrame, subtask_scores: pl.DataFrame) -> pl.DataFrame:
-    """Apply the configured strategy to one (target, method): the chosen rows, best first."""
-    size = selection_size(scores.height, config.percentage, config.n)
-    ids = scores["candidate_id"].to_list()
+def _top_rows_are_complete(conn, where: str, params: list, rows: pl.DataFrame, size: int) -> bool:
+    """True when ``rows`` (those with rank <= size) are the top ``size`` by (score desc, id asc).
+
+    Their ranks must be exactly 1..size, and no row ranked below may beat the weakest of them
+    (one filtered count, no sort). A NaN score falls back to reading every row (DuckDB orders
+    NaN above all numbers, ``rank_order`` below).
+    """
+    if not np.array_equal(rows["rank"].to_numpy(), np.arange(1, size + 1)):
+        return False
+    score = rows["score"].to_numpy()
+    if np.isnan(score).any():
+        return False
+    last = int(rank_order(score, rows["candidate_id"])[-1])
+    cut_score, cut_id = float(score[last]), rows["candidate_id"][last]
+    beaten = conn.execute(
+        f"SELECT count(*) FROM candidate_scores WHERE {where} AND rank > ? "
+        "AND (isnan(score) OR score > ? OR (score = ? AND candidate_id < ?))",
+        [*params, size, cut_score, cut_score, cut_id]).fetchall()[0][0]
+    return beaten == 0
+
+
+def read_selection_rows(score_store: ScoreStore, target: str, method: str, config: SelectionConfig,
+                        with_all_scores: bool = False) -> tuple[pl.DataFrame, int, pl.Series | None]:
+    """The candidate_scores rows ``choose`` needs, best first; the number scored; all scores if asked.
+
+    The plain top-n (strategy 'top', no per-source cap) needs only the rows with
+    ``rank <= n``: ``write_method_scores`` stores rank = position in ``rank_order`` (score
+    descending, ties by id), the order ``choose`` re-derives. If the stored ranks do not
+    agree with that (rows written some other way: see ``_top_rows_are_complete``), every
+    row is read instead, so the selection is always the one ``choose`` makes on all rows.
+    The per-source cap and round-robin can reach below rank n, so they read every row.
+    """
+    where = "target = ? AND method = ?"
+    with score_store.get_connection() as conn:
+        conn.execute(SCORES_DDL)
+        n_scored = conn.execute(f"SELECT count(*) FROM candidate_scores WHERE {where}",
+                                [target, method]).fetchall()[0][0]
+        rows = None
+        if n_scored and config.strategy == "top" and config.max_per_source is None:
+            size = selection_size(n_scored, config.percentage, config.n)
+            rows = conn.sql(f"SELECT * FROM candidate_scores WHERE {where} AND rank <= ? ORDER BY rank",
+                            params=[target, method, size]).pl()
+            if not _top_rows_are_complete(conn, where, [target, method], rows, size):
+                rows = None
+        if rows is None:
+            rows = conn.sql(f"SELECT * FROM candidate_scores WHERE {where} ORDER BY rank",
+                            params=[target, method]).pl()
+        all_scores = None
+        if with_all_scores:
+            all_scores = (rows["score"] if rows.height == n_scored else
+                          conn.sql(f"SELECT score FROM candidate_scores WHERE {where}",
+                                   params=[target, method]).pl()["score"])
+    return rows, int(n_scored), all_scores
+
+
+def choose(config: SelectionConfig, scores: pl.DataFrame, subtask_scores: pl.DataFrame | None,
+           n_scored: int | None = None) -> pl.DataFrame:
+    """Apply the configured strategy to one (target, method): the chosen rows, best first.
+
+    ``scores`` may be only the best rows (see ``read_selection_rows``); ``n_scored`` is then
+    the number of scored candidates the selection size is a fraction of.
+    """
+    size = selection_size(scores.height if n_scored is None else n_scored, config.percentage, config.n)
+    ids = scores["candidate_id"]
     sources = scores["source"].to_list()
     if config.strategy == "top":
         picked = capped_top(scores["score"].to_numpy(), ids, size, sources, config.max_per_source)
@@ -170,18 +234,19 @@ def selected_subset(context: dg.AssetExecutionContext, config: SelectionConfig, 
     meta: dict = {}
     for method in methods:
         for target in targets:
-            scores = score_store.read_scores(target, method)
-            if scores.height == 0:
+            scores, n_scored, all_scores = read_selection_rows(score_store, target, method, config,
+                                                               with_all_scores=method == METHOD)
+            if n_scored == 0:
                 raise ValueError(f"no {method!r} scores for target {target!r}; materialize its scores asset first")
             subtasks = score_store.read_subtask_scores(target, method) if config.strategy == "round_robin" else None
-            chosen = (choose(config, scores, subtasks).join(pool, on="candidate_id", how="left")
+            chosen = (choose(config, scores, subtasks, n_scored).join(pool, on="candidate_id", how="left")
                       .sort("selection_rank"))
             size = chosen.height
             dest = selection_dir(storage, target, method)
             mix = Counter(chosen["source"].to_list())
             manifest = {
                 "target": target, "method": method, "config": config.model_dump(), "selected": size,
-                "scored_candidates": scores.height, "score_cut": float(chosen["score"].min()),
+                "scored_candidates": n_scored, "score_cut": float(chosen["score"].min()),
                 "counts_per_source": dict(sorted(mix.items())), "model": ref["path"],
                 "checkpoints": [c for c in warm["checkpoints"]
                                 if c["name"] in {x["name"] for x in bases["checkpoints"]}],
@@ -211,7 +276,7 @@ def selected_subset(context: dg.AssetExecutionContext, config: SelectionConfig, 
                 meta[f"{key}/top"] = dg.MetadataValue.md(md_table(
                     chosen.head(10).select("selection_rank", "candidate_id", "source", "score",
                                            "best_subtask").to_dicts()))
-                meta[f"{key}/histogram"] = histogram(scores["score"].to_list(), f"{target}: scores",
+                meta[f"{key}/histogram"] = histogram(all_scores.to_list(), f"{target}: scores",
                                                      mark=manifest["score_cut"])
             meta[f"{key}/manifest"] = dg.MetadataValue.path(str(dest / "manifest.json"))
     for method in methods:

@@ -21,9 +21,26 @@ def subtask_directions(Z: np.ndarray, subtasks: Sequence[str]) -> tuple[list[str
     return names, _normalize_rows(means.astype(np.float64))
 
 
+_COSINE_CHUNK_BYTES = 8 << 20   # float64 rows of z converted at a time (bounds the temporaries)
+
+
 def cosine_to_subtasks(z: np.ndarray, directions: np.ndarray) -> np.ndarray:
-    """cos(z_i, t_s) for candidates z (M x k) and unit directions (S x k) -> M x S."""
-    return _normalize_rows(np.asarray(z, dtype=np.float64)) @ directions.T
+    """cos(z_i, t_s) for candidates z (M x k) and unit directions (S x k) -> M x S (float64).
+
+    Computed as (z @ t.T) / |z_i| in float64, in row chunks: no M x k float64 copy of z
+    (rows arrive as float32) and only M x S-sized outputs. An all-zero (or non-finite-norm
+    NaN) row gets cosine 0, never NaN, as with normalizing the rows first. Matches
+    ``normalize_rows(z) @ t.T`` to rounding (~1e-16 relative).
+    """
+    z = np.asarray(z)
+    t = np.asarray(directions, dtype=np.float64)
+    out = np.zeros((z.shape[0], t.shape[0]), dtype=np.float64)
+    step = max(1, _COSINE_CHUNK_BYTES // (8 * max(1, z.shape[1])))
+    for a in range(0, z.shape[0], step):
+        zc = np.asarray(z[a:a + step], dtype=np.float64)
+        norms = np.sqrt(np.einsum("ij,ij->i", zc, zc))[:, None]
+        np.divide(zc @ t.T, norms, out=out[a:a + step], where=norms > 0)
+    return out
 
 
 def checkpoint_weights(avg_learning_rates: Sequence[float]) -> np.ndarray:

@@ -288,3 +288,128 @@ def test_top_selection_is_independent_of_input_order():
     perm = rng.permutation(50)
     chosen_perm = {ids[i] for i in perm[top_selection(scores[perm], [ids[i] for i in perm], percentage=0.2)]}
     assert chosen == chosen_perm and len(chosen) == 10
+
+
+# ------------------------------------------------- scale paths (same results as before)
+
+def _old_cosine_to_subtasks(z, directions):
+    """The previous implementation: normalize float64 rows, then one matmul."""
+    x = np.asarray(z, dtype=np.float64)
+    norms = np.linalg.norm(x, axis=1, keepdims=True)
+    return np.divide(x, norms, out=np.zeros_like(x), where=norms > 0) @ directions.T
+
+
+def _old_rank_order(scores, ids):
+    """The previous implementation: np.lexsort over a numpy unicode array of the ids."""
+    return np.lexsort((np.asarray(ids, dtype=str), -np.asarray(scores, dtype=np.float64))).astype(np.int64)
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_cosine_to_subtasks_float32_zero_rows_and_chunks_match_old(monkeypatch, dtype):
+    import gist_core.scoring as scoring
+
+    rng = np.random.default_rng(5)
+    z = rng.standard_normal((1001, 16)).astype(dtype)
+    z[[0, 500, 1000]] = 0.0                    # zero rows, also at chunk edges
+    z[7] *= 1e-30                              # tiny but non-zero row still gets its cosine
+    _, D = subtask_directions(rng.standard_normal((12, 16)), list("aaaabbbbcccc"))
+    old = _old_cosine_to_subtasks(z, D)
+    for chunk_bytes in (scoring._COSINE_CHUNK_BYTES, 8 * 16 * 64, 8 * 16 * 1, 1):   # one chunk ... one row a chunk
+        monkeypatch.setattr(scoring, "_COSINE_CHUNK_BYTES", chunk_bytes)
+        C = cosine_to_subtasks(z, D)
+        assert C.dtype == np.float64 and C.shape == (1001, 3)
+        assert not np.isnan(C).any()
+        np.testing.assert_array_equal(C[[0, 500, 1000]], 0.0)
+        np.testing.assert_allclose(C, old, rtol=1e-12, atol=1e-15)
+        assert np.abs(C[7]).max() > 0.01
+
+
+def test_cosine_to_subtasks_nan_row_is_zero_like_before():
+    D = np.array([[1.0, 0.0], [0.0, 1.0]])
+    z = np.array([[np.nan, 1.0], [3.0, 4.0]], dtype=np.float32)
+    C = cosine_to_subtasks(z, D)
+    np.testing.assert_array_equal(C, _old_cosine_to_subtasks(z, D))
+    np.testing.assert_allclose(C, [[0.0, 0.0], [0.6, 0.8]])
+
+
+def test_rank_order_matches_lexsort_with_many_ties():
+    import polars as pl
+
+    rng = np.random.default_rng(11)
+    m = 5000
+    ids = [f"c{i}" for i in rng.permutation(m)]          # string order differs from numeric: "c10" < "c9"
+    ids[10] = ids[11]                                    # a duplicated id keeps input order
+    scores = np.round(rng.random(m), 2)                  # ~100 distinct values: long runs of ties
+    scores[rng.choice(m, 50, replace=False)] = np.nan    # NaN ranks last, ties by id there too
+    scores[rng.choice(m, 50, replace=False)] = -0.0      # ties with 0.0
+    scores[rng.choice(m, 50, replace=False)] = 0.0
+    scores[:3] = [np.inf, -np.inf, np.inf]
+    expected = _old_rank_order(scores, ids)
+    for given in (ids, tuple(ids), pl.Series("candidate_id", ids), np.asarray(ids), np.asarray(ids, dtype=object)):
+        got = rank_order(scores, given)
+        assert got.dtype == np.int64
+        np.testing.assert_array_equal(got, expected)
+    continuous = rng.standard_normal(m)                  # (almost) no ties: the argsort-only path
+    np.testing.assert_array_equal(rank_order(continuous, ids), _old_rank_order(continuous, ids))
+    np.testing.assert_array_equal(rank_order(np.zeros(m), ids), _old_rank_order(np.zeros(m), ids))
+
+
+def test_rank_order_nan_last_string_ids_and_edges():
+    ids = ["c9", "c10", "c2", "b", "a"]
+    scores = np.array([0.5, 0.5, np.nan, np.nan, 0.7])
+    assert [ids[i] for i in rank_order(scores, ids)] == ["a", "c10", "c9", "b", "c2"]
+    nums = [10, 9, 100]
+    assert [nums[i] for i in rank_order([1, 1, 1], nums)] == [10, 100, 9]   # non-str ids compare as str
+    assert rank_order(np.array([]), []).dtype == np.int64 and len(rank_order(np.array([]), [])) == 0
+    np.testing.assert_array_equal(rank_order(np.array([0.3]), ["x"]), [0])
+    with pytest.raises(ValueError, match="2 scores but 3 candidate ids"):
+        rank_order(np.array([0.1, 0.2]), ["a", "b", "c"])
+
+
+def test_method_scores_and_top_rows_read_back_as_before(tmp_path):
+    """write_method_scores' columns as the old list code built them; top-n read with rank <= n
+    picks the same rows as choosing on every row; capped/round-robin still see every row."""
+    import polars as pl
+
+    from gist_assets.config import SelectionConfig
+    from gist_assets.scores import choose, read_selection_rows, write_method_scores
+    from gist_resources import ScoreStore
+
+    rng = np.random.default_rng(4)
+    m, names = 400, ["algebra", "geometry", "logic"]
+    ids = [f"c{i}" for i in rng.permutation(m)]
+    scored = pl.DataFrame({"candidate_id": ids, "source": [f"s{i % 3}" for i in range(m)],
+                           "shard": ["x-0000"] * m, "n_tokens": list(range(m))})
+    per_subtask = np.round(rng.random((m, 3)), 2)        # many tied scores
+    store = ScoreStore(database=str(tmp_path / "scores.duckdb"))
+    write_method_scores(store, "t", "gist", scored, per_subtask, names, "fp")
+    full = store.read_scores("t", "gist")
+    score, best = per_subtask.max(axis=1), per_subtask.argmax(axis=1)
+    rank = np.empty(m, dtype=np.int64)
+    rank[_old_rank_order(score, ids)] = np.arange(1, m + 1)
+    want = pl.DataFrame({"candidate_id": ids, "rank": rank, "best_subtask": [names[i] for i in best]}).sort("rank")
+    assert full.select("candidate_id", "rank", "best_subtask").equals(want)
+    long = store.read_subtask_scores("t", "gist").sort("candidate_id", "subtask")
+    want_long = pl.DataFrame({"candidate_id": np.repeat(np.asarray(ids, dtype=object), 3).tolist(),
+                              "subtask": names * m, "score": per_subtask.reshape(-1)}).sort("candidate_id", "subtask")
+    assert long.equals(want_long)
+
+    for cfg in (SelectionConfig(percentage=0.1), SelectionConfig(percentage=None, n=37),
+                SelectionConfig(percentage=0.1, max_per_source=15),
+                SelectionConfig(percentage=0.1, strategy="round_robin")):
+        rows, n_scored, all_scores = read_selection_rows(store, "t", "gist", cfg, with_all_scores=True)
+        assert n_scored == m and sorted(all_scores.to_list()) == sorted(full["score"].to_list())
+        subtasks = store.read_subtask_scores("t", "gist") if cfg.strategy == "round_robin" else None
+        assert rows.height == (cfg.n or int(cfg.percentage * m) if cfg.strategy == "top" and
+                               cfg.max_per_source is None else m)
+        assert choose(cfg, rows, subtasks, n_scored).equals(choose(cfg, full, subtasks))
+
+    # Ranks that disagree with the scores (rows written some other way): every row is read.
+    with store.get_connection() as conn:
+        conn.execute("UPDATE candidate_scores SET score = 1.5 WHERE rank = ?", [m])
+    full = store.read_scores("t", "gist")
+    cfg = SelectionConfig(percentage=0.1)
+    rows, n_scored, _ = read_selection_rows(store, "t", "gist", cfg)
+    assert rows.height == m
+    picked = choose(cfg, rows, None, n_scored)
+    assert picked.equals(choose(cfg, full, None)) and picked["score"][0] == 1.5
