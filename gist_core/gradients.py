@@ -11,18 +11,25 @@ eval mode, so each row equals the batch-size-1 gradient exactly.
 The flattened gradient vector (dimension D) is the concatenation of the
 trainable parameters in ``named_parameters`` order, each flattened row-major:
 the same order a plain ``torch.cat([p.grad.flatten() ...])`` gives.
+
+Two savings a plain training step does not make: the output layer runs only on
+the positions that carry a completion token (prompt positions have no loss), and
+with ``gradient_checkpointing`` each decoder layer keeps only its inputs and
+recomputes the rest during the backward pass.
 """
 
 from __future__ import annotations
 
 import math
 import time
+import weakref
 from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
 from typing import Callable, Iterator, Sequence
 
 import numpy as np
 import torch
+import torch.utils.checkpoint
 from torch import nn
 
 from .data import IGNORE_INDEX, Encoded
@@ -144,22 +151,125 @@ def per_example_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor
 
 # ----------------------------------------------------------- the gradient pass
 
-@contextmanager
-def _capture_io(modules: Sequence[nn.Module]):
-    """Keep each module's (input, output) of the current forward pass."""
-    store: list[list] = [[] for _ in modules]
+class _IOCapture:
+    """Keeps each module's (input, output) of the forward pass being recorded.
 
-    def make_hook(k):
+    Hooks fire again when gradient checkpointing recomputes a layer during the
+    backward pass; those calls are not recorded (the recomputed values are equal).
+    """
+
+    def __init__(self, modules: Sequence[nn.Module]):
+        self.store: list[list] = [[] for _ in modules]
+        self.recording = False
+        self.handles = [m.register_forward_hook(self._hook(k)) for k, m in enumerate(modules)]
+
+    def _hook(self, k):
         def hook(mod, inputs, output):
-            store[k].append((inputs[0], output))
+            if self.recording:
+                self.store[k].append((inputs[0], output))
         return hook
 
-    handles = [m.register_forward_hook(make_hook(k)) for k, m in enumerate(modules)]
-    try:
-        yield store
-    finally:
-        for h in handles:
+    @contextmanager
+    def record(self):
+        self.recording = True
+        try:
+            yield self.store
+        finally:
+            self.recording = False
+
+    def remove(self):
+        for h in self.handles:
             h.remove()
+
+
+def repeated_layers(model: nn.Module) -> nn.ModuleList:
+    """The decoder layers: the longest ``nn.ModuleList`` of same-type modules."""
+    best = None
+    for mod in model.modules():
+        if isinstance(mod, nn.ModuleList) and len(mod) > 0 and len({type(m) for m in mod}) == 1:
+            if best is None or len(mod) > len(best):
+                best = mod
+    if best is None:
+        raise ValueError(f"{type(model).__name__} has no list of repeated layers to checkpoint; "
+                         "turn gradient_checkpointing off")
+    return best
+
+
+@contextmanager
+def checkpointed_layers(model: nn.Module, enabled: bool = True):
+    """Run every decoder layer under non-reentrant activation checkpointing (eval mode too).
+
+    Non-reentrant checkpointing keeps the autograd graph of the first forward, so
+    gradients with respect to the LoRA layers' outputs are still available.
+    """
+    if not enabled:
+        yield
+        return
+    layers = list(repeated_layers(model))
+    for layer in layers:
+        def forward(*args, _inner=layer.forward, **kwargs):
+            return torch.utils.checkpoint.checkpoint(_inner, *args, use_reentrant=False, **kwargs)
+        layer.forward = forward
+    try:
+        yield
+    finally:
+        for layer in layers:
+            del layer.forward
+
+
+@dataclass(frozen=True)
+class CausalLMParts:
+    """A causal LM split into its decoder (token ids -> last hidden states) and output layer."""
+
+    body: nn.Module
+    head: nn.Module
+
+
+def split_causal_lm(model: nn.Module) -> CausalLMParts | None:
+    """The decoder and output layer of a Hugging Face causal LM (PEFT-wrapped or not), or None."""
+    lm = model.get_base_model() if hasattr(model, "get_base_model") else model
+    prefix = getattr(lm, "base_model_prefix", "")
+    body = getattr(lm, prefix, None) if prefix else None
+    head = lm.get_output_embeddings() if hasattr(lm, "get_output_embeddings") else None
+    if not isinstance(body, nn.Module) or not isinstance(head, nn.Module) or body is lm:
+        return None
+    if any(p.requires_grad for p in head.parameters()):
+        return None  # a LoRA on the output layer needs its (B, T, .) inputs: use the full logits
+    return CausalLMParts(body, head)
+
+
+def completion_losses(parts: CausalLMParts, input_ids: torch.Tensor, attention_mask: torch.Tensor,
+                      labels: torch.Tensor) -> torch.Tensor:
+    """Per-example mean completion loss, with the output layer run on completion positions only."""
+    hidden = parts.body(input_ids=input_ids, attention_mask=attention_mask, use_cache=False)[0]
+    target = labels[:, 1:]
+    keep = target != IGNORE_INDEX
+    counts = keep.sum(dim=1)
+    if bool((counts == 0).any()):
+        raise ValueError("an example has no completion tokens; filter those out before computing gradients")
+    logits = parts.head(hidden[:, :-1][keep])            # (completion tokens, vocab)
+    ce = nn.functional.cross_entropy(logits.float(), target[keep], reduction="none")
+    rows = keep.nonzero(as_tuple=True)[0]
+    return torch.zeros(len(counts), dtype=ce.dtype, device=ce.device).index_add_(0, rows, ce) / counts
+
+
+_HEAD_CHECKED: "weakref.WeakKeyDictionary[nn.Module, bool]" = weakref.WeakKeyDictionary()
+
+
+def completion_head_matches(model: nn.Module, parts: CausalLMParts, batch: "Batch", device: torch.device) -> bool:
+    """Whether body + head reproduce the model's own logits (no soft-capping, scaling, ...) on one example.
+
+    Checked once per model object.
+    """
+    if model in _HEAD_CHECKED:
+        return _HEAD_CHECKED[model]
+    n = int(batch.attention_mask[0].sum())
+    ids = batch.input_ids[:1, :n].to(device)
+    with torch.no_grad():
+        full = model(input_ids=ids, use_cache=False).logits.float()
+        mine = parts.head(parts.body(input_ids=ids, use_cache=False)[0]).float()
+    _HEAD_CHECKED[model] = full.shape == mine.shape and torch.allclose(full, mine, rtol=1e-4, atol=1e-4)
+    return _HEAD_CHECKED[model]
 
 
 def autocast_for(device: torch.device, dtype: torch.dtype):
@@ -168,20 +278,25 @@ def autocast_for(device: torch.device, dtype: torch.dtype):
     return nullcontext()
 
 
-def batch_block_gradients(model: nn.Module, modules: Sequence[nn.Module], batch: Batch,
-                          device: torch.device, dtype: torch.dtype = torch.float32
+def batch_block_gradients(model: nn.Module, capture: _IOCapture, batch: Batch, device: torch.device,
+                          dtype: torch.dtype = torch.float32, parts: CausalLMParts | None = None
                           ) -> tuple[torch.Tensor, Iterator[tuple[int, torch.Tensor]]]:
     """Run one forward/backward; return (per-example losses, iterator of (block, grads (B, size))).
 
     Gradients are produced block by block so a caller can project and drop
     each one: the batch never holds a B x D matrix unless the caller builds it.
+    ``parts``: run the output layer on completion positions only (see ``completion_losses``).
     """
     ids = batch.input_ids.to(device)
     mask = batch.attention_mask.to(device)
     labels = batch.labels.to(device)
-    with _capture_io(modules) as store, autocast_for(device, dtype):
-        logits = model(input_ids=ids, attention_mask=mask).logits
-    losses = per_example_loss(logits, labels)
+    for calls in capture.store:
+        calls.clear()
+    with capture.record() as store, autocast_for(device, dtype):
+        if parts is not None:
+            losses = completion_losses(parts, ids, mask, labels)
+        else:
+            losses = per_example_loss(model(input_ids=ids, attention_mask=mask, use_cache=False).logits, labels)
     for k, calls in enumerate(store):
         if len(calls) != 1:
             raise RuntimeError(f"trainable layer {k} ran {len(calls)} times in one forward pass; "
@@ -199,6 +314,8 @@ def batch_block_gradients(model: nn.Module, modules: Sequence[nn.Module], batch:
             gy = gy.float().reshape(B, -1, gy.shape[-1])
             xf = x.detach().float().reshape(B, -1, x.shape[-1])
             yield k, torch.bmm(gy.transpose(1, 2), xf).reshape(B, -1)
+        for calls in store:
+            calls.clear()
 
     return losses.detach(), blocks()
 
@@ -208,6 +325,7 @@ class PassStats:
     examples: int = 0
     tokens: int = 0
     seconds: float = 0.0
+    completion_only_logits: bool = False
 
     @property
     def examples_per_s(self) -> float:
@@ -220,21 +338,31 @@ class PassStats:
 
 def gradient_pass(model: nn.Module, encoded: Sequence[Encoded], consume: Callable[[Batch, torch.Tensor, Iterator], None],
                   device: torch.device, dtype: torch.dtype = torch.float32, max_tokens: int = 4096,
-                  max_batch_size: int = 64, pad_id: int = 0,
+                  max_batch_size: int = 64, pad_id: int = 0, gradient_checkpointing: bool = False,
                   progress: Callable[[int, int, PassStats], None] | None = None) -> PassStats:
     """Drive the per-example gradient computation over examples in length-sorted batches."""
     model.eval()
     _, modules = trainable_linears(model)
+    parts = split_causal_lm(model)
     stats = PassStats()
+    batches = length_batches(encoded, max_tokens, max_batch_size, pad_id)
+    capture = _IOCapture(modules)
     start = time.perf_counter()
-    for batch in length_batches(encoded, max_tokens, max_batch_size, pad_id):
-        losses, blocks = batch_block_gradients(model, modules, batch, device, dtype)
-        consume(batch, losses, blocks)
-        stats.examples += len(batch.indices)
-        stats.tokens += batch.n_tokens
-        stats.seconds = time.perf_counter() - start
-        if progress is not None:
-            progress(stats.examples, len(encoded), stats)
+    try:
+        with checkpointed_layers(model, gradient_checkpointing):
+            for batch in batches:
+                if parts is not None and stats.examples == 0 and not completion_head_matches(model, parts, batch, device):
+                    parts = None  # the model post-processes its logits: compute them all
+                stats.completion_only_logits = parts is not None
+                losses, blocks = batch_block_gradients(model, capture, batch, device, dtype, parts)
+                consume(batch, losses, blocks)
+                stats.examples += len(batch.indices)
+                stats.tokens += batch.n_tokens
+                stats.seconds = time.perf_counter() - start
+                if progress is not None:
+                    progress(stats.examples, len(encoded), stats)
+    finally:
+        capture.remove()
     return stats
 
 
@@ -277,8 +405,8 @@ def block_features(model: nn.Module, encoded: Sequence[Encoded],
         acc = torch.zeros(len(batch.indices), out_dim, device=device)
         sq = torch.zeros(len(batch.indices), device=device, dtype=torch.float64)
         for k, g in blocks:
-            acc += project_block(k, g)
-            sq += g.double().pow(2).sum(dim=1)
+            acc.add_(project_block(k, g))
+            sq += (g * g).sum(dim=1, dtype=torch.float64)
         rows = np.asarray(batch.indices)
         z[rows] = acc.cpu().numpy()
         norms[rows] = sq.sqrt().cpu().numpy()

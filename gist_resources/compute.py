@@ -26,6 +26,9 @@ class ComputeResource(dg.ConfigurableResource):
     dtype: str = Field(default="auto", description="auto, float32 or bfloat16 (autocast on CUDA)")
     max_tokens_per_batch: int = Field(default=4096, description="Token budget (B x T) of a gradient batch")
     max_batch_size: int = Field(default=64)
+    gradient_checkpointing: bool = Field(default=False, description="Recompute each decoder layer in the "
+                                         "backward pass of the gradient passes: less activation memory, "
+                                         "about one more forward pass of time")
     torch_threads: int = Field(default=0, description="CPU threads for torch; 0 leaves torch's default")
     trust_remote_code: bool = Field(default=False, description="Run model code shipped with a checkpoint "
                                        "(only for models you trust)")
@@ -75,4 +78,5 @@ class ComputeResource(dg.ConfigurableResource):
 
     def batching(self) -> dict:
         return {"device": self.torch_device(), "dtype": self.autocast_dtype(),
-                "max_tokens": self.max_tokens_per_batch, "max_batch_size": self.max_batch_size}
+                "max_tokens": self.max_tokens_per_batch, "max_batch_size": self.max_batch_size,
+                "gradient_checkpointing": self.gradient_checkpointing}

@@ -17,7 +17,8 @@ b. speedup per example over the reference approach, timed on a small subset: bat
    keeps everything on the device (``loss.backward()``, ``torch.cat`` of the LoRA
    grads, ``@ basis`` on the GPU) under the same autocast; on CPU it is
    ``gist_core.gradients.reference_gradients`` followed by a numpy matmul;
-c. time with three targets' bases side by side (D x 48) / one target (D x 16).
+c. time with three targets' bases side by side (D x 48) / one target (D x 16);
+and the feature pass with gradient checkpointing (time and peak memory against without).
 
 Variants are interleaved per length batch over repeats (rotating order), medians reported.
 
@@ -147,10 +148,10 @@ def main(argv=None) -> int:
         model.zero_grad(set_to_none=True)
         return dt
 
-    def feat_on(exs, basis):
+    def feat_on(exs, basis, checkpointing=False):
         sync()
         t = time.perf_counter()
-        projected_gradients(model, exs, basis, **kw)
+        projected_gradients(model, exs, basis, gradient_checkpointing=checkpointing, **kw)
         sync()
         return time.perf_counter() - t
 
@@ -187,8 +188,9 @@ def main(argv=None) -> int:
     if cuda:
         torch.cuda.reset_peak_memory_stats(device)
 
-    names = ["train step", "feature k=16", "feature k=48"]
-    fns = {"train step": train_on, "feature k=16": lambda u: feat_on(u, one), "feature k=48": lambda u: feat_on(u, three)}
+    names = ["train step", "feature k=16", "feature k=48", "feature k=16 checkpointed"]
+    fns = {"train step": train_on, "feature k=16": lambda u: feat_on(u, one), "feature k=48": lambda u: feat_on(u, three),
+           "feature k=16 checkpointed": lambda u: feat_on(u, one, checkpointing=True)}
     peak = {}
     totals = {v: [] for v in names}
     for rep in range(args.repeats):
@@ -267,7 +269,11 @@ def main(argv=None) -> int:
         {"ratio": f"   (same {len(subset)}-example subset for both)", "value": f"{b_same:.2f}x",
          "goal (CPU bench)": "-"},
         {"ratio": "c. time k=48 / k=16", "value": f"{c:.3f}", "goal (CPU bench)": "<= 1.15"},
-    ]))
+        {"ratio": "gradient checkpointing: time / without", "value":
+         f"{med['feature k=16 checkpointed'] / med['feature k=16']:.3f}", "goal (CPU bench)": "-"},
+    ] + ([{"ratio": "gradient checkpointing: peak GPU memory / without", "value":
+           f"{peak['feature k=16 checkpointed'] / peak['feature k=16']:.3f}", "goal (CPU bench)": "-"}]
+         if cuda else [])))
     print(f"check: projected_gradients vs the bs=1 reference @ basis, relative max error {err:.1e} "
           f"({'bf16 autocast' if dtype == torch.bfloat16 else 'float32'})")
     return 0

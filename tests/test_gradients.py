@@ -6,7 +6,8 @@ import torch
 from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM
 
 from gist_core.data import Encoded, IGNORE_INDEX
-from gist_core.gradients import full_gradients, projected_gradients, reference_gradients, trainable_linears
+from gist_core.gradients import (full_gradients, length_batches, projected_gradients, reference_gradients,
+                                 repeated_layers, trainable_linears)
 from gist_core.modeling import attach_lora
 
 
@@ -63,7 +64,46 @@ def test_batched_equals_batch_size_one(make):
     z, norms, _, stats = projected_gradients(model, examples, basis, max_tokens=80)
     np.testing.assert_allclose(z, ref @ basis.numpy(), rtol=1e-4, atol=1e-5)
     np.testing.assert_allclose(norms, np.linalg.norm(ref, axis=1), rtol=1e-5)
-    assert stats.examples == 13
+    assert stats.examples == 13 and stats.completion_only_logits
+
+    # Gradient checkpointing: each decoder layer runs again in the backward pass
+    # (seen from a module inside it), the gradients do not change.
+    layers = repeated_layers(model)
+    inner = next(iter(layers[0].children()))
+    calls = []
+    handle = inner.register_forward_hook(lambda *a: calls.append(1))
+    full_gradients(model, examples, max_tokens=80)
+    plain_calls = len(calls)
+    calls.clear()
+    ours_ckpt, _ = full_gradients(model, examples, max_tokens=80, gradient_checkpointing=True)
+    handle.remove()
+    assert len(calls) == plain_calls + len(list(length_batches(examples, 80)))
+    np.testing.assert_allclose(ours_ckpt, ref, rtol=1e-4, atol=1e-6)
+    assert not hasattr(layers[0], "__dict__") or "forward" not in layers[0].__dict__  # unwrapped again
+
+
+class _ScaledLogitsLlama(LlamaForCausalLM):
+    """Post-processes its logits, as soft-capping models do: the output layer alone is not the model."""
+
+    def forward(self, *args, **kwargs):
+        out = super().forward(*args, **kwargs)
+        out.logits = out.logits * 0.5
+        return out
+
+
+def test_model_that_post_processes_logits_gets_full_logits():
+    cfg = LlamaConfig(vocab_size=97, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
+                      num_attention_heads=4, num_key_value_heads=4, max_position_embeddings=64)
+    torch.manual_seed(0)
+    model = attach_lora(_ScaledLogitsLlama(cfg), r=4, alpha=16, dropout=0.0,
+                        target_modules=["q_proj", "v_proj"], seed=0)
+    _perturb_lora(model)
+    examples = _examples(5, 97)
+    ref = reference_gradients(model, examples)
+    basis = torch.randn(ref.shape[1], 3, generator=torch.Generator().manual_seed(3))
+    z, _, losses, stats = projected_gradients(model, examples, basis, max_tokens=80)
+    assert not stats.completion_only_logits
+    np.testing.assert_allclose(z, ref @ basis.numpy(), rtol=1e-4, atol=1e-5)
 
 
 def test_projection_rejects_basis_of_wrong_size():
