@@ -207,7 +207,7 @@ class _BasisWriter:
     def result(self) -> np.ndarray:
         if self.path is None:
             return self.V
-        return np.load(self.path, mmap_mode="r")
+        return np.load(self.path, mmap_mode="r", allow_pickle=False)
 
     def __enter__(self):
         return self
