@@ -182,13 +182,22 @@ class _IOCapture:
             h.remove()
 
 
+def _uniform_list(mod: nn.Module) -> bool:
+    return isinstance(mod, nn.ModuleList) and len(mod) > 0 and len({type(m) for m in mod}) == 1
+
+
 def repeated_layers(model: nn.Module) -> nn.ModuleList:
-    """The decoder layers: the longest ``nn.ModuleList`` of same-type modules."""
+    """The decoder layers: a list of same-type modules directly under the decoder
+    (``model.layers``, ``transformer.h``), else the longest such list anywhere."""
+    body = _causal_lm_body(model)
+    if body is not None:
+        for child in body.children():
+            if _uniform_list(child):
+                return child
     best = None
     for mod in model.modules():
-        if isinstance(mod, nn.ModuleList) and len(mod) > 0 and len({type(m) for m in mod}) == 1:
-            if best is None or len(mod) > len(best):
-                best = mod
+        if _uniform_list(mod) and (best is None or len(mod) > len(best)):
+            best = mod
     if best is None:
         raise ValueError(f"{type(model).__name__} has no list of repeated layers to checkpoint; "
                          "turn gradient_checkpointing off")
@@ -206,6 +215,7 @@ def checkpointed_layers(model: nn.Module, enabled: bool = True):
         yield
         return
     layers = list(repeated_layers(model))
+    own = [layer.__dict__.get("forward") for layer in layers]   # e.g. an accelerate hook's wrapper
     for layer in layers:
         def forward(*args, _inner=layer.forward, **kwargs):
             return torch.utils.checkpoint.checkpoint(_inner, *args, use_reentrant=False, **kwargs)
@@ -213,8 +223,11 @@ def checkpointed_layers(model: nn.Module, enabled: bool = True):
     try:
         yield
     finally:
-        for layer in layers:
-            del layer.forward
+        for layer, previous in zip(layers, own):
+            if previous is None:
+                del layer.forward
+            else:
+                layer.forward = previous
 
 
 @dataclass(frozen=True)
@@ -225,13 +238,20 @@ class CausalLMParts:
     head: nn.Module
 
 
-def split_causal_lm(model: nn.Module) -> CausalLMParts | None:
-    """The decoder and output layer of a Hugging Face causal LM (PEFT-wrapped or not), or None."""
+def _causal_lm_body(model: nn.Module) -> nn.Module | None:
+    """The decoder of a Hugging Face causal LM (PEFT-wrapped or not): ``model.model``, ``model.transformer``."""
     lm = model.get_base_model() if hasattr(model, "get_base_model") else model
     prefix = getattr(lm, "base_model_prefix", "")
     body = getattr(lm, prefix, None) if prefix else None
+    return body if isinstance(body, nn.Module) and body is not lm else None
+
+
+def split_causal_lm(model: nn.Module) -> CausalLMParts | None:
+    """The decoder and output layer of a Hugging Face causal LM (PEFT-wrapped or not), or None."""
+    lm = model.get_base_model() if hasattr(model, "get_base_model") else model
+    body = _causal_lm_body(model)
     head = lm.get_output_embeddings() if hasattr(lm, "get_output_embeddings") else None
-    if not isinstance(body, nn.Module) or not isinstance(head, nn.Module) or body is lm:
+    if body is None or not isinstance(head, nn.Module):
         return None
     if any(p.requires_grad for p in head.parameters()):
         return None  # a LoRA on the output layer needs its (B, T, .) inputs: use the full logits
@@ -265,10 +285,14 @@ def completion_head_matches(model: nn.Module, parts: CausalLMParts, batch: "Batc
         return _HEAD_CHECKED[model]
     n = int(batch.attention_mask[0].sum())
     ids = batch.input_ids[:1, :n].to(device)
-    with torch.no_grad():
-        full = model(input_ids=ids, use_cache=False).logits.float()
-        mine = parts.head(parts.body(input_ids=ids, use_cache=False)[0]).float()
-    _HEAD_CHECKED[model] = full.shape == mine.shape and torch.allclose(full, mine, rtol=1e-4, atol=1e-4)
+    try:
+        with torch.no_grad():
+            full = model(input_ids=ids, use_cache=False).logits.float()
+            mine = parts.head(parts.body(input_ids=ids, use_cache=False)[0]).float()
+        same = full.shape == mine.shape and torch.allclose(full, mine, rtol=1e-4, atol=1e-4)
+    except Exception:   # a decoder that cannot be called on its own: full logits
+        same = False
+    _HEAD_CHECKED[model] = same
     return _HEAD_CHECKED[model]
 
 

@@ -40,11 +40,16 @@ class ColumnReader:
         self.G = G
         self.shape = tuple(G.shape)
         self._fd = None
-        if (isinstance(G, np.memmap) and isinstance(G.base, mmap.mmap) and G.filename
+        if (isinstance(G, np.memmap) and isinstance(G.base, mmap.mmap) and G.filename and G.mode != "c"
                 and G.flags.c_contiguous and G.dtype.isnative and G.ndim == 2):
-            self._fd = os.open(G.filename, os.O_RDONLY)
-            self._offset = int(G.offset)
-            self._row = np.empty(self.shape[1], dtype=G.dtype)
+            fd = os.open(G.filename, os.O_RDONLY)
+            size, needed = os.fstat(fd).st_size, int(G.offset) + G.nbytes
+            if size < needed:   # reading the mapping past the end would kill the process (SIGBUS)
+                os.close(fd)
+                raise OSError(f"{G.filename}: {size} bytes, but its header describes {needed}; the file is "
+                              "truncated or still being written: re-materialize the asset that writes it")
+            self._fd, self._offset = fd, int(G.offset)
+            self._row = np.empty(0, dtype=G.dtype)
 
     def read(self, start: int, out: np.ndarray) -> None:
         n, d = self.shape
@@ -52,6 +57,8 @@ class ColumnReader:
         if self._fd is None:
             np.copyto(out, self.G[:, start:start + width])
             return
+        if self._row.size < width:
+            self._row = np.empty(width, dtype=self._row.dtype)
         item = self._row.itemsize
         segment = memoryview(self._row[:width]).cast("B")
         for i in range(n):

@@ -124,9 +124,6 @@ class ScoreStore(DuckDBResource):
     def replace_scores(self, target: str, method: str, df: pl.DataFrame) -> None:
         self._replace("candidate_scores", SCORES_DDL, df, {"target": target, "method": method})
 
-    def replace_subtask_scores(self, target: str, method: str, df: pl.DataFrame) -> None:
-        self._replace("subtask_scores", SUBTASK_DDL, df, {"target": target, "method": method})
-
     def replace_selection(self, target: str, method: str, df: pl.DataFrame) -> None:
         self._replace("selections", SELECTIONS_DDL, df, {"target": target, "method": method})
 

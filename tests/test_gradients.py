@@ -117,3 +117,23 @@ def test_example_without_completion_tokens_is_refused():
     bad = [Encoded([5, 6, 7], [IGNORE_INDEX] * 3, True)]
     with pytest.raises(ValueError, match="no completion tokens"):
         full_gradients(model, bad)
+
+
+def test_checkpointing_finds_decoder_layers_and_restores_an_existing_forward():
+    model = _llama(4)
+    _perturb_lora(model)
+    layers = repeated_layers(model)
+    assert layers is model.get_base_model().model.layers
+    # A wrapper already on the instance (as accelerate's hooks install) is put back afterwards.
+    original = layers[1].forward
+    calls = []
+
+    def wrapped(*args, **kwargs):
+        calls.append(1)
+        return original(*args, **kwargs)
+
+    layers[1].forward = wrapped
+    examples = _examples(4, 97)
+    ours, _ = full_gradients(model, examples, max_tokens=80, gradient_checkpointing=True)
+    assert layers[1].__dict__["forward"] is wrapped and calls
+    np.testing.assert_allclose(ours, reference_gradients(model, examples), rtol=1e-4, atol=1e-6)

@@ -105,7 +105,7 @@ def test_truncated_gradient_file_is_reported(G, tmp_path):
     mm = np.load(tmp_path / "G.npy", mmap_mode="r")
     with open(tmp_path / "G.npy", "r+b") as f:
         f.truncate(mm.offset + 11 * 300 * 4)  # the last row is missing
-    with pytest.raises(OSError, match="G.npy: short read at row 11"):
+    with pytest.raises(OSError, match="G.npy: .* bytes, but its header describes .* truncated"):
         gram_matrix(mm, budget_bytes=1 << 20)
 
 
