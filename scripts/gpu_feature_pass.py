@@ -229,7 +229,7 @@ def main(argv=None) -> int:
 
     # Sanity (not timing): ours vs the reference on two short examples, same autocast.
     check = sorted(subset, key=lambda e: len(e.input_ids))[:2]
-    z, _, _, _ = projected_gradients(model, check, one, **kw)
+    z, _, _, check_stats = projected_gradients(model, check, one, **kw)
     if cuda:
         from gist_core.gradients import per_example_loss
 
@@ -275,7 +275,8 @@ def main(argv=None) -> int:
            f"{peak['feature k=16 checkpointed'] / peak['feature k=16']:.3f}", "goal (CPU bench)": "-"}]
          if cuda else [])))
     print(f"check: projected_gradients vs the bs=1 reference @ basis, relative max error {err:.1e} "
-          f"({'bf16 autocast' if dtype == torch.bfloat16 else 'float32'})")
+          f"({'bf16 autocast' if dtype == torch.bfloat16 else 'float32'}; output layer on "
+          f"{'completion positions only' if check_stats.completion_only_logits else 'all positions'})")
     return 0
 
 
