@@ -22,17 +22,13 @@ from collections import defaultdict
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import BackgroundLoad, machine_line, table, wait_for_quiet  # noqa: E402
+from _common import REPO, BackgroundLoad, machine_line, table, wait_for_quiet  # noqa: E402
 
-# A small config of the embedded default (the same shape as the tests' SMALL config).
-QUICK = {"ops": {
-    "candidate_pool": {"config": {"embedded_pool_size": 480, "shard_size": 60}},
-    "base_model": {"config": {"vocab_size": 400, "hidden_size": 32, "layers": 2, "heads": 2, "kv_heads": 1,
-                              "pretrain_steps": 40}},
-    "warmup_checkpoint": {"config": {"fraction": 0.1, "epochs": 2}},
-    "spectral_basis": {"config": {"k": 8}},
-    "selected_subset": {"config": {"percentage": 0.1}},
-}}
+sys.path.insert(0, str(REPO / "tests"))
+from small_config import SMALL  # noqa: E402
+
+# The tests' small config of the embedded default, minus the evaluation asset run_all does not run.
+QUICK = {"ops": {op: cfg for op, cfg in SMALL["ops"].items() if op != "selection_evaluation"}}
 GOAL_S = 180.0
 
 

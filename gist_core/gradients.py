@@ -375,9 +375,10 @@ def gradient_pass(model: nn.Module, encoded: Sequence[Encoded], consume: Callabl
     try:
         with checkpointed_layers(model, gradient_checkpointing):
             for batch in batches:
-                if parts is not None and stats.examples == 0 and not completion_head_matches(model, parts, batch, device):
-                    parts = None  # the model post-processes its logits: compute them all
-                stats.completion_only_logits = parts is not None
+                if stats.examples == 0:
+                    if parts is not None and not completion_head_matches(model, parts, batch, device):
+                        parts = None  # the model post-processes its logits: compute them all
+                    stats.completion_only_logits = parts is not None
                 losses, blocks = batch_block_gradients(model, capture, batch, device, dtype, parts)
                 consume(batch, losses, blocks)
                 stats.examples += len(batch.indices)

@@ -43,40 +43,16 @@ def rank_order(scores: np.ndarray, candidate_ids: Sequence[str] | pl.Series | np
 
     Ids compare as strings by code point ("c10" < "c9"); ids that are not strings compare
     as their ``str``. NaN scores rank last (ties among them by id as well), -0.0 ties with
-    0.0, and rows with equal score and id keep their input order: exactly the order of
-    ``np.lexsort((np.asarray(ids, dtype=str), -scores))``. A stable float argsort does the
-    work; only the rows in runs of equal scores are then sorted by id (with polars), so no
-    numpy unicode array of all ids is built. ``candidate_ids`` may be a list of str, a
-    polars Series or a numpy array.
+    0.0, and rows with equal score and id keep their input order: the order of
+    ``np.lexsort((np.asarray(ids, dtype=str), -scores))``, sorted by polars instead of
+    over a numpy unicode array of all ids (several times faster at 10M candidates).
     """
     neg = -np.asarray(scores, dtype=np.float64).ravel()
-    if len(candidate_ids) != len(neg):
-        raise ValueError(f"{len(neg)} scores but {len(candidate_ids)} candidate ids")
-    order = np.argsort(neg, kind="stable")   # NaN (also -NaN) sorts last
-    if len(order) < 2:
-        return order.astype(np.int64, copy=False)
-    ranked = neg[order]
-    nan = np.isnan(ranked)
-    tie = (ranked[1:] == ranked[:-1]) | (nan[1:] & nan[:-1])   # tie[j]: positions j and j+1 tie
-    del ranked, nan
-    if not tie.any():
-        return order.astype(np.int64, copy=False)
-    in_run = np.zeros(len(order), dtype=bool)
-    in_run[1:] |= tie
-    in_run[:-1] |= tie
-    pos = np.flatnonzero(in_run)
-    run = np.concatenate(([0], np.cumsum(~tie)))[pos]   # run number, non-decreasing over pos
-    rows = order[pos]
-    if isinstance(candidate_ids, np.ndarray):
-        ids = _id_series(candidate_ids.ravel()[rows])
-    elif isinstance(candidate_ids, pl.Series) or 8 * len(rows) > len(order):
-        ids = _id_series(candidate_ids).gather(rows)   # many ties: convert all ids at once
-    else:
-        ids = _id_series([candidate_ids[i] for i in rows.tolist()])
-    perm = (pl.DataFrame([pl.Series("run", run), ids]).with_row_index("i")
-            .sort(["run", "id"], maintain_order=True)["i"].to_numpy())
-    order[pos] = rows[perm]
-    return order.astype(np.int64, copy=False)
+    ids = _id_series(candidate_ids)
+    if len(ids) != len(neg):
+        raise ValueError(f"{len(neg)} scores but {len(ids)} candidate ids")
+    return (pl.DataFrame([pl.Series("score", neg), ids]).with_row_index("i")
+            .sort(["score", "id"], maintain_order=True)["i"].to_numpy().astype(np.int64))
 
 
 def top_selection(scores: np.ndarray, candidate_ids: Sequence[str], percentage: float | None = None,

@@ -155,25 +155,29 @@ def main(argv=None) -> int:
         sync()
         return time.perf_counter() - t
 
+    def reference_projected(exs, basis):
+        """bs=1, full gradient concatenated, then projected: (len(exs), k) on the host.
+
+        On CUDA everything stays on the device under the same autocast;
+        ``reference_gradients`` would copy each D-vector to the host."""
+        if not cuda:
+            return reference_gradients(model, exs, device=device) @ basis.cpu().numpy()
+        from gist_core.gradients import per_example_loss
+
+        rows = []
+        for e in exs:
+            model.zero_grad(set_to_none=True)
+            with autocast():
+                logits = model(input_ids=torch.tensor([e.input_ids], device=device)).logits
+            per_example_loss(logits, torch.tensor([e.labels], device=device))[0].backward()
+            rows.append(torch.cat([q.grad.flatten() for q in params]).float() @ basis)
+        model.zero_grad(set_to_none=True)
+        return torch.stack(rows).cpu().numpy()
+
     def ref_on(exs, basis):
-        """bs=1, full gradient concatenated, then projected."""
         sync()
         t = time.perf_counter()
-        if cuda:
-            from gist_core.gradients import per_example_loss
-
-            rows = []
-            for e in exs:
-                model.zero_grad(set_to_none=True)
-                with autocast():
-                    logits = model(input_ids=torch.tensor([e.input_ids], device=device)).logits
-                loss = per_example_loss(logits, torch.tensor([e.labels], device=device))[0]
-                loss.backward()
-                rows.append(torch.cat([q.grad.flatten() for q in params]) @ basis)
-            torch.stack(rows).cpu()
-            model.zero_grad(set_to_none=True)
-        else:
-            reference_gradients(model, exs, device=device) @ basis.cpu().numpy()
+        reference_projected(exs, basis)
         sync()
         return time.perf_counter() - t
 
@@ -230,20 +234,7 @@ def main(argv=None) -> int:
     # Sanity (not timing): ours vs the reference on two short examples, same autocast.
     check = sorted(subset, key=lambda e: len(e.input_ids))[:2]
     z, _, _, check_stats = projected_gradients(model, check, one, **kw)
-    if cuda:
-        from gist_core.gradients import per_example_loss
-
-        zr = []
-        for e in check:
-            model.zero_grad(set_to_none=True)
-            with autocast():
-                logits = model(input_ids=torch.tensor([e.input_ids], device=device)).logits
-            per_example_loss(logits, torch.tensor([e.labels], device=device))[0].backward()
-            zr.append((torch.cat([q.grad.flatten() for q in params]).float() @ one).cpu().numpy())
-        zr = np.stack(zr)
-        model.zero_grad(set_to_none=True)
-    else:
-        zr = reference_gradients(model, check, device=device) @ one.cpu().numpy()
+    zr = reference_projected(check, one)
     err = float(np.max(np.abs(z - zr)) / max(1e-12, float(np.max(np.abs(zr)))))
 
     med = {v: statistics.median(xs) for v, xs in totals.items()}

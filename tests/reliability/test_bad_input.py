@@ -5,6 +5,7 @@ innermost error of the failed step: the text `python -m gist_assets.run` prints 
 The record-level rules themselves are unit-tested in tests/test_candidate_data.py.
 """
 
+import contextlib
 import json
 import subprocess
 import sys
@@ -242,27 +243,34 @@ def test_corrupted_tensor_file_names_file_and_asset_to_rematerialize(custom_grap
     assert "STEP_UP_FOR_RETRY" not in [e.event_type_value for e in result.all_events]
 
 
+@contextlib.contextmanager
+def _database_held(database, seconds: float):
+    """Another process holding a write connection to ``database`` for ``seconds``."""
+    holder = subprocess.Popen(
+        [sys.executable, "-c", "import duckdb, sys, time; c = duckdb.connect(sys.argv[1]); "
+         f"print('holding', flush=True); time.sleep({seconds})", str(database)],
+        stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "holding"
+        yield holder
+    finally:
+        holder.kill()
+        holder.wait()
+
+
 def test_score_database_held_by_another_process(custom_graph, tmp_path):
     import shutil
 
     root = tmp_path / "root"
     shutil.copytree(custom_graph["root"], root)
     database = root / "gist.duckdb"
-    holder = subprocess.Popen(
-        [sys.executable, "-c", "import duckdb, sys, time; c = duckdb.connect(sys.argv[1]); "
-         "print('holding', flush=True); time.sleep(120)", str(database)],
-        stdout=subprocess.PIPE, text=True)
-    try:
-        assert holder.stdout.readline().strip() == "holding"
+    with _database_held(database, seconds=120) as holder:
         store = ScoreStore(database=str(database), lock_timeout_s=1.0)
         with fresh_instance(custom_graph["shards"]) as instance:
             start = time.monotonic()
             result = materialize(["candidate_scores"], root, instance, resources={"score_store": store},
                                  checks=False)
             waited = time.monotonic() - start
-    finally:
-        holder.kill()
-        holder.wait()
     msg = user_error(result)
     assert f"the score database {database} is locked: another process holds a write connection" in msg, msg
     assert f"PID {holder.pid}" in msg and "lock_timeout_s" in msg, msg
@@ -275,15 +283,7 @@ def test_score_database_held_by_another_process(custom_graph, tmp_path):
 
 def test_score_database_lock_wait_succeeds_when_the_holder_finishes(tmp_path):
     database = tmp_path / "scores.duckdb"
-    holder = subprocess.Popen(
-        [sys.executable, "-c", "import duckdb, sys, time; c = duckdb.connect(sys.argv[1]); "
-         "print('holding', flush=True); time.sleep(1.0)", str(database)],
-        stdout=subprocess.PIPE, text=True)
-    try:
-        assert holder.stdout.readline().strip() == "holding"
+    with _database_held(database, seconds=1.0):
         store = ScoreStore(database=str(database), lock_timeout_s=60)
         with store.get_connection() as conn:  # waits for the holder to exit, then connects
             assert conn.execute("SELECT 42").fetchone() == (42,)
-    finally:
-        holder.kill()
-        holder.wait()
