@@ -17,21 +17,15 @@ from gist_core.scoring import (checkpoint_weights, cosine_to_subtasks, mean_cosi
 from gist_core.warmup import load_optimizer_state
 from gist_resources import ComputeResource, ScoreStore, StorageResource
 
+from .config import BaselineScoresConfig, LessFeaturesConfig, SelectionConfig
 from .gradients import (GPU_POOL, GPU_STEP_TAGS, GRADIENT_RETRY, ShardInput, candidate_features, features_dir, progress_logger,
                         read_targets_version, target_gradients)
 from .model import base_model, read_model_ref, read_warmup, warmup_checkpoint
 from .partitions import candidate_shards
 from .plots import md_table
 from .pool import candidate_pool, target_sets, targets_path
-from .scores import DUCKDB_POOL, scores_version_path, write_method_scores
+from .scores import DUCKDB_POOL, scores_version_path, write_method_scores, write_selections
 from .versions import asset_fingerprint, data_version
-
-
-class LessFeaturesConfig(dg.Config):
-    projection_dim: int = Field(default=0, description="Random projection dimension (0: 8192, LESS's "
-                                "default; 1024 for the embedded model)")
-    projection: str = Field(default="rademacher", description="rademacher or gaussian (entries of variance 1/d)")
-    seed: int = 0
 
 
 def _grads_manifest(storage: StorageResource) -> dict:
@@ -122,11 +116,6 @@ def representation_features(context: dg.AssetExecutionContext, storage: StorageR
                                           "bytes_per_candidate": reps.shape[1] * 4 if reps.size else 0})
 
 
-class BaselineScoresConfig(dg.Config):
-    methods: list[str] = Field(default=["random", "less", "representation"], description="Baselines to score")
-    random_seed: int = 0
-
-
 def _load_method_features(storage: StorageResource, shards: list[str], method: str):
     """Concatenated sidecars and tensors of one method's shard features; missing shards named."""
     asset = {"gist": "candidate_features", "less": "less_candidate_features",
@@ -157,9 +146,6 @@ def random_scores(candidate_ids: list[str], seed: int) -> np.ndarray:
 def baseline_scores(context: dg.AssetExecutionContext, config: BaselineScoresConfig, storage: StorageResource,
                     compute: ComputeResource, score_store: ScoreStore) -> dg.MaterializeResult:
     """Scores of the baselines in the same candidate_scores table (column `method`)."""
-    unknown = sorted(set(config.methods) - {"random", "less", "representation"})
-    if unknown:
-        raise ValueError(f"unknown baseline methods {unknown}; choose from random, less, representation")
     shards = sorted(context.instance.get_dynamic_partitions(candidate_shards.name))
     grads = _grads_manifest(storage)
     targets = sorted(grads["targets"])
@@ -218,3 +204,18 @@ def baseline_scores(context: dg.AssetExecutionContext, config: BaselineScoresCon
     storage.write_json(scores_version_path(storage, "baseline"), {"version": version})
     return dg.MaterializeResult(data_version=data_version(version),
                                 metadata={"scores": dg.MetadataValue.md(md_table(summary, limit=100))})
+
+
+BASELINE_METHODS = ("random", "less", "representation")
+
+
+@dg.asset(group_name="baselines", deps=[baseline_scores, candidate_pool], code_version="1", pool=DUCKDB_POOL,
+          kinds={"duckdb", "parquet"})
+def baseline_selections(context: dg.AssetExecutionContext, config: SelectionConfig, storage: StorageResource,
+                        score_store: ScoreStore) -> dg.MaterializeResult:
+    """Per target and scored baseline: a selection of the same size as GIST's (the selected_subset config
+    unless this asset has its own), same exports."""
+    methods = [m for m in score_store.methods() if m in BASELINE_METHODS]
+    if not methods:
+        raise ValueError("no baseline scores in the database; materialize baseline_scores first")
+    return write_selections(context, config, storage, score_store, methods, ["baseline"])

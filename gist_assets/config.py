@@ -1,66 +1,76 @@
-"""Everything a user changes, as Dagster Config classes (set in the launchpad or a run-config YAML).
+"""Everything a user changes, as Dagster Config classes, and the one run-config shape for every job.
 
-Fields whose default is 0 / empty mean "the model's default": the paper's
-values for a configured model, smaller ones for the embedded tiny model
-(the values actually used are written to each asset's metadata).
+A run-config file (``ops: {asset_name: {config: {...}}}``, optionally ``resources:``)
+is valid for every job of the code location: each job takes the whole shape
+through a ``ConfigMapping`` and keeps the entries of its own assets. Unknown
+asset names and keys are rejected by the schema, bad values by the Config
+classes' own validation, both at launch, before any step runs.
+
+Fields that depend on the model (LoRA rank, learning rate, ...) are ``null`` by
+default: the base model's recommendation then applies (the paper's values for a
+configured model, smaller ones for the embedded tiny model, see
+``gist_assets.model``); the values actually used are in each asset's metadata.
 """
 
-
-from typing import Optional
+from typing import Literal, Optional
 
 import dagster as dg
-from pydantic import Field
+from dagster import Field as ConfigField, Permissive, Shape
+from pydantic import Field, ValidationError, field_validator
 
 
 class CandidatePoolConfig(dg.Config):
     paths: list[str] = Field(default=[], description="Candidate JSONL files or globs; empty = the embedded synthetic pool")
-    on_bad_record: str = Field(default="error", description="'error' (stop, naming file and line) or 'skip' (count)")
-    shard_size: int = Field(default=1000, description="Candidates per feature shard (partition)")
-    embedded_pool_size: int = Field(default=4000, description="Size of the embedded synthetic pool")
+    on_bad_record: Literal["error", "skip"] = Field(
+        default="error", description="'error' (stop, naming file and line) or 'skip' (count)")
+    shard_size: int = Field(default=1000, ge=1, description="Candidates per feature shard (partition)")
+    embedded_pool_size: int = Field(default=4000, ge=1, description="Size of the embedded synthetic pool")
     seed: int = 0
 
 
 class TargetSpec(dg.Config):
     name: str = Field(description="Target name (a plain file name: letters, digits, '_', '-')")
-    format: str = Field(description="mmlu, bbh, tydiqa (LESS eval layout under `path`) or jsonl")
+    format: Literal["mmlu", "bbh", "tydiqa", "jsonl"] = Field(
+        description="mmlu, bbh, tydiqa (LESS eval layout under `path`) or jsonl")
     path: str = Field(description="LESS data dir containing eval/, or the JSONL file")
     apply_chat_format: bool = True
 
 
 class TargetSetsConfig(dg.Config):
     targets: list[TargetSpec] = Field(default=[], description="Targets; empty = the embedded targets")
-    heldout_fraction: float = Field(default=0.2, description="Per subtask, the seeded share kept out of the "
-                                    "basis to judge selections (at least one example per subtask stays in)")
+    heldout_fraction: float = Field(default=0.2, ge=0, lt=1, description="Per subtask, the seeded share kept out "
+                                    "of the basis to judge selections (at least one example per subtask stays in)")
     seed: int = 0
 
 
 class BaseModelConfig(dg.Config):
-    model_name_or_path: str = Field(default="", description="Local model dir or cached hub id; empty = train "
-                                    "the embedded tiny Llama on the pool")
-    max_length: int = Field(default=0, description="Max tokens per example (0: 2048 for a configured model, "
-                            "128 for the embedded one)")
-    vocab_size: int = 2048
-    hidden_size: int = 128
-    layers: int = 4
-    heads: int = 4
-    kv_heads: int = 4
-    pretrain_steps: int = 250
-    pretrain_batch_size: int = 32
-    pretrain_learning_rate: float = 3e-3
+    model_name_or_path: str = Field(default="", description="Local model dir or cached hub id; empty = the "
+                                    "embedded tiny Llama, pretrained on a fixed corpus shipped with the package")
+    max_length: Optional[int] = Field(default=None, ge=8, description="Max tokens per example (null: 2048 for "
+                                      "a configured model, 128 for the embedded one)")
+    vocab_size: int = Field(default=2048, ge=64)
+    hidden_size: int = Field(default=128, ge=8)
+    layers: int = Field(default=4, ge=1)
+    heads: int = Field(default=4, ge=1)
+    kv_heads: int = Field(default=4, ge=1)
+    pretrain_steps: int = Field(default=250, ge=1)
+    pretrain_batch_size: int = Field(default=32, ge=1)
+    pretrain_learning_rate: float = Field(default=3e-3, gt=0)
     seed: int = 0
 
 
 class WarmupConfig(dg.Config):
-    fraction: float = Field(default=0.05, description="Seeded random share of the pool to warm up on")
-    epochs: int = 4
-    lora_r: int = Field(default=0, description="0: 128 (paper) / 8 (embedded)")
-    lora_alpha: int = Field(default=0, description="0: 4 x r (paper: 512 for r=128)")
-    lora_dropout: float = 0.1
-    target_modules: list[str] = Field(default=[], description="Empty: q/k/v/o projections (or GPT-2 c_attn)")
-    learning_rate: float = Field(default=0.0, description="0: 2e-5 (paper) / 1e-3 (embedded)")
-    warmup_ratio: float = 0.03
-    effective_batch_size: int = Field(default=0, description="0: 128 (paper) / 16 (embedded)")
-    micro_batch_size: int = 8
+    fraction: float = Field(default=0.05, gt=0, le=1, description="Seeded random share of the pool to warm up on")
+    epochs: int = Field(default=4, ge=1)
+    lora_r: Optional[int] = Field(default=None, ge=1, description="null: 128 (paper) / 8 (embedded model)")
+    lora_alpha: Optional[int] = Field(default=None, ge=1, description="null: 4 x lora_r (paper: 512 for r=128)")
+    lora_dropout: float = Field(default=0.1, ge=0, lt=1)
+    target_modules: Optional[list[str]] = Field(default=None, description="null: the q/k/v/o projections "
+                                                "(or GPT-2's c_attn)")
+    learning_rate: Optional[float] = Field(default=None, gt=0, description="null: 2e-5 (paper) / 1e-3 (embedded)")
+    warmup_ratio: float = Field(default=0.03, ge=0, lt=1)
+    effective_batch_size: Optional[int] = Field(default=None, ge=1, description="null: 128 (paper) / 16 (embedded)")
+    micro_batch_size: int = Field(default=8, ge=1)
     seed: int = 0
 
 
@@ -69,18 +79,157 @@ class TargetGradientsConfig(dg.Config):
 
 
 class SpectralBasisConfig(dg.Config):
-    k: Optional[int] = Field(default=16, description="Fixed rank (clamped to the number of target examples)")
-    energy: Optional[float] = Field(default=None, description="Instead of k: smallest rank keeping this "
-                                    "fraction of sum s^2 (set k to null)")
-    eps: float = 1e-8
-    memory_budget_mb: int = Field(default=256, description="Working memory for reading G in column chunks; "
+    k: Optional[int] = Field(default=16, ge=1, description="Fixed rank (clamped to the number of target examples)")
+    energy: Optional[float] = Field(default=None, gt=0, le=1, description="Instead of k: smallest rank keeping "
+                                    "this fraction of sum s^2 (set k to null)")
+    eps: float = Field(default=1e-8, gt=0)
+    memory_budget_mb: int = Field(default=256, ge=1, description="Working memory for reading G in column chunks; "
                                   "V is streamed to disk, the N x N Gram matrix comes on top")
+
+
+class CandidateScoresConfig(dg.Config):
+    warn_new_share: float = Field(default=0.25, ge=0, le=1, description="Warn when more than this share of the "
+                                  "scored candidates joined the pool after the warmup checkpoint was trained")
 
 
 class SelectionConfig(dg.Config):
     percentage: Optional[float] = Field(default=0.05, description="Top fraction of scored candidates")
     n: Optional[int] = Field(default=None, description="Instead of percentage: top n (set percentage to null)")
-    strategy: str = Field(default="top", description="'top' (global top by score) or 'round_robin' (subtasks "
-                          "take turns picking their best remaining candidate)")
-    max_per_source: Optional[int] = Field(default=None, description="Cap on selected candidates per source")
-    methods: list[str] = Field(default=[], description="Methods to select with; empty = every scored method")
+    strategy: Literal["top", "round_robin"] = Field(
+        default="top", description="'top' (global top by score) or 'round_robin' (subtasks take turns picking "
+        "their best remaining candidate)")
+    max_per_source: Optional[int] = Field(default=None, ge=1, description="Cap on selected candidates per source")
+
+
+class LessFeaturesConfig(dg.Config):
+    projection_dim: Optional[int] = Field(default=None, ge=1, description="Random projection dimension (null: "
+                                          "8192, LESS's default; 1024 for the embedded model)")
+    projection: Literal["rademacher", "gaussian"] = Field(
+        default="rademacher", description="rademacher or gaussian (entries of variance 1/d)")
+    seed: int = 0
+
+
+class BaselineScoresConfig(dg.Config):
+    methods: list[str] = Field(default=["random", "less", "representation"],
+                               description="Baselines to score: any of random, less, representation")
+    random_seed: int = 0
+
+    @field_validator("methods")
+    @classmethod
+    def _known_methods(cls, methods: list[str]) -> list[str]:
+        unknown = sorted(set(methods) - {"random", "less", "representation"})
+        if unknown:
+            raise ValueError(f"unknown baseline methods {unknown}; choose from random, less, representation")
+        return methods
+
+
+class EvaluationConfig(dg.Config):
+    """Fine-tune settings, identical for every method compared."""
+
+    epochs: int = Field(default=3, ge=1)
+    learning_rate: Optional[float] = Field(default=None, gt=0, description="null: 1e-3 for the embedded model, "
+                                           "2e-5 otherwise")
+    effective_batch_size: int = Field(default=16, ge=1)
+    micro_batch_size: int = Field(default=16, ge=1)
+    lora_r: int = Field(default=8, ge=1)
+    lora_alpha: int = Field(default=32, ge=1)
+    include_full_pool: bool = Field(default=True, description="Also fine-tune once on the whole pool (a "
+                                    "reference judged on every target)")
+    seed: int = 0
+
+
+# The configurable assets and their Config class: the shape of a run-config file.
+ASSET_CONFIGS: dict[str, type[dg.Config]] = {
+    "candidate_pool": CandidatePoolConfig,
+    "target_sets": TargetSetsConfig,
+    "base_model": BaseModelConfig,
+    "warmup_checkpoint": WarmupConfig,
+    "target_gradients": TargetGradientsConfig,
+    "spectral_basis": SpectralBasisConfig,
+    "candidate_scores": CandidateScoresConfig,
+    "selected_subset": SelectionConfig,
+    "baseline_selections": SelectionConfig,
+    "less_candidate_features": LessFeaturesConfig,
+    "baseline_scores": BaselineScoresConfig,
+    "selection_evaluation": EvaluationConfig,
+}
+# The baselines select on the same budget as GIST unless told otherwise.
+CONFIG_FALLBACKS = {"baseline_selections": "selected_subset"}
+
+
+class RunConfigError(ValueError):
+    """A run-config file or launchpad config that cannot be used; the message names the key."""
+
+
+def _where(loc: tuple) -> str:
+    return ".".join(str(p) for p in loc)
+
+
+def effective_config(run_config: dict, asset: str) -> dict:
+    """The asset's config with every default filled in, as the asset will see it (validated)."""
+    ops = (run_config or {}).get("ops") or {}
+    name = asset if asset in ops or asset not in CONFIG_FALLBACKS else CONFIG_FALLBACKS[asset]
+    raw = (ops.get(name) or {}).get("config") or {}
+    try:
+        return ASSET_CONFIGS[asset](**raw).model_dump()
+    except ValidationError as exc:
+        problems = "; ".join(f"ops.{name}.config.{_where(e['loc'])}: {e['msg']} (got {e.get('input')!r})"
+                             for e in exc.errors())
+        raise RunConfigError(problems) from None
+
+
+def check_run_config(run_config: dict) -> None:
+    """Reject unknown top-level keys, unknown asset names, unknown fields and bad values, naming each."""
+    if not isinstance(run_config, dict):
+        raise RunConfigError(f"a run config is a mapping with 'ops' and/or 'resources', got {type(run_config).__name__}")
+    unknown = sorted(set(run_config) - {"ops", "resources", "execution", "loggers"})
+    if unknown:
+        raise RunConfigError(f"unknown top-level keys {unknown}; valid: ops, resources")
+    ops = run_config.get("ops") or {}
+    if not isinstance(ops, dict):
+        raise RunConfigError("'ops' must be a mapping of asset name to {config: {...}}")
+    bad_names = sorted(set(ops) - set(ASSET_CONFIGS))
+    if bad_names:
+        raise RunConfigError(f"ops: unknown asset names {bad_names}; configurable assets: {sorted(ASSET_CONFIGS)}")
+    for name, entry in ops.items():
+        if not isinstance(entry, dict) or set(entry) - {"config"}:
+            raise RunConfigError(f"ops.{name}: expected {{config: {{...}}}}, got {entry!r}")
+        fields = ASSET_CONFIGS[name].model_fields
+        unknown = sorted(set(entry.get("config") or {}) - set(fields))
+        if unknown:
+            raise RunConfigError(f"ops.{name}.config: unknown keys {unknown}; valid: {sorted(fields)}")
+    for name in ASSET_CONFIGS:
+        effective_config(run_config, name)
+
+
+def run_config_schema(resource_schemas: dict) -> dict:
+    """The one shape every job accepts: every configurable asset, and the code location's resources."""
+    ops = {name: ConfigField(Shape({"config": ConfigField(cls.to_config_schema().as_field().config_type,
+                                                          is_required=False)}), is_required=False)
+           for name, cls in ASSET_CONFIGS.items()}
+    return {"ops": ConfigField(Shape(ops), is_required=False),
+            "resources": ConfigField(Shape({k: ConfigField(Permissive(), is_required=False)
+                                            for k in resource_schemas}), is_required=False)}
+
+
+def for_assets(run_config: dict, assets: list[str]) -> dict:
+    """The part of a run config that a job of ``assets`` takes, fallbacks applied."""
+    ops = (run_config or {}).get("ops") or {}
+    out: dict = {"ops": {}}
+    for name in assets:
+        source = name if name in ops else CONFIG_FALLBACKS.get(name)
+        if source in ops and (ops[source] or {}).get("config") is not None:
+            out["ops"][name] = {"config": ops[source]["config"]}
+    if run_config.get("resources"):
+        out["resources"] = run_config["resources"]
+    return out
+
+
+def job_config(assets: list[str], resource_names: list[str]) -> dg.ConfigMapping:
+    """A ConfigMapping: the whole run-config shape in, this job's entries out, validated first."""
+    def config_fn(run_config: dict) -> dict:
+        check_run_config(run_config)
+        return for_assets(run_config, [a for a in assets if a in ASSET_CONFIGS])
+
+    return dg.ConfigMapping(config_fn=config_fn, config_schema=run_config_schema(dict.fromkeys(resource_names)),
+                            receive_processed_config_values=False)

@@ -30,6 +30,8 @@ from gist_core.evaluate import FinetuneSpec, HeldoutSet, evaluate_heldout, finet
 from gist_core.warmup import LoraTrainConfig
 from gist_resources import ComputeResource, ScoreStore, StorageResource
 
+from .baselines import baseline_selections
+from .config import EvaluationConfig
 from .model import GPU_STEP_TAGS, base_model, default_target_modules, read_model_ref
 from .plots import bar_chart, md_table
 from .pool import candidate_pool, pool_path, target_sets, targets_path
@@ -39,20 +41,6 @@ BASE, FULL_POOL = "base", "full_pool"
 SCHEMA = {"target": pl.Utf8, "method": pl.Utf8, "train_examples": pl.Int64, "heldout_examples": pl.Int64,
           "heldout_loss": pl.Float64, "accuracy": pl.Float64, "bytes_per_candidate": pl.Float64,
           "feature_pass_seconds": pl.Float64}
-
-
-class EvaluationConfig(dg.Config):
-    """Fine-tune settings, identical for every method compared."""
-
-    epochs: int = 3
-    learning_rate: float = Field(default=0.0, description="0: 1e-3 for the embedded model, 2e-5 otherwise")
-    effective_batch_size: int = 16
-    micro_batch_size: int = 16
-    lora_r: int = 8
-    lora_alpha: int = 32
-    include_full_pool: bool = Field(default=True, description="Also fine-tune once on the whole pool (a "
-                                    "reference judged on every target)")
-    seed: int = 0
 
 
 def finetune_spec(config: EvaluationConfig, ref: dict, target_modules: list[str]) -> FinetuneSpec:
@@ -149,7 +137,7 @@ def _fmt(v):
     return round(v, 4) if isinstance(v, float) else v
 
 
-@dg.asset(group_name="evaluation", deps=[selected_subset, target_sets, base_model, candidate_pool],
+@dg.asset(group_name="evaluation", deps=[selected_subset, baseline_selections, target_sets, base_model, candidate_pool],
           code_version="1", pool=DUCKDB_POOL, op_tags=GPU_STEP_TAGS, kinds={"pytorch", "duckdb"})
 def selection_evaluation(context: dg.AssetExecutionContext, config: EvaluationConfig, storage: StorageResource,
                          compute: ComputeResource, score_store: ScoreStore) -> dg.MaterializeResult:

@@ -14,4 +14,4 @@ from dagster_k8s import k8s_job_executor
 
 from .definitions import build_definitions
 
-defs = dg.Definitions.merge(build_definitions(), dg.Definitions(executor=k8s_job_executor))
+defs = dg.Definitions.merge(build_definitions(executor=k8s_job_executor), dg.Definitions(executor=k8s_job_executor))

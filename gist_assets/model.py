@@ -6,7 +6,7 @@ import random
 
 import dagster as dg
 
-from gist_core import modeling
+from gist_core import modeling, synthetic
 from gist_core.data import encode_messages, tulu_segments
 from gist_core.warmup import LoraTrainConfig, save_checkpoint, train_lora
 from gist_resources import ComputeResource, StorageResource
@@ -32,6 +32,17 @@ def read_model_ref(storage: StorageResource) -> dict:
     return storage.read_json(model_ref_path(storage), "base_model")
 
 
+WARMUP_POOL_IDS = "pool_ids.parquet"
+
+
+def warmup_pool_ids(storage: StorageResource) -> set[str] | None:
+    """The candidate ids in the pool when the warmup was trained (None for a warmup older than this record)."""
+    path = storage.path("warmup", WARMUP_POOL_IDS)
+    if not path.exists():
+        return None
+    return set(storage.read_parquet(path, "warmup_checkpoint")["candidate_id"].to_list())
+
+
 def warmup_manifest_path(storage: StorageResource):
     return storage.path("warmup", "manifest.json")
 
@@ -49,10 +60,11 @@ def default_target_modules(model) -> list[str]:
                      "config target_modules (e.g. [q_proj, v_proj])")
 
 
-@dg.asset(group_name="model", deps=[candidate_pool], code_version="1", kinds={"pytorch"})
+@dg.asset(group_name="model", code_version="2", kinds={"pytorch"})
 def base_model(context: dg.AssetExecutionContext, config: BaseModelConfig, storage: StorageResource,
                compute: ComputeResource) -> dg.MaterializeResult:
-    """The base model: a pointer to a configured model, or the embedded tiny Llama trained on the pool."""
+    """The base model: a pointer to a configured model, or the embedded tiny Llama pretrained on a fixed
+    corpus shipped with the package (never on the pool, so a refresh is scored by the same model)."""
     ref_path = model_ref_path(storage)
     if config.model_name_or_path:
         modeling.check_model_path(config.model_name_or_path)
@@ -64,10 +76,9 @@ def base_model(context: dg.AssetExecutionContext, config: BaseModelConfig, stora
         return dg.MaterializeResult(data_version=data_version(ref["version"]),
                                     metadata={"model": ref["path"], "embedded": False, "max_length": ref["max_length"]})
 
-    pool = storage.read_parquet(pool_path(storage), "candidate_pool")
     max_length = config.max_length or EMBEDDED_DEFAULTS["max_length"]
-    # Tokenizer and pretraining texts: every pool conversation in Tulu chat format.
-    conversations = [json.loads(m) for m in pool.sort("candidate_id")["messages"]]
+    # Tokenizer and pretraining texts: the fixed corpus in Tulu chat format.
+    conversations = synthetic.pretraining_corpus()
     texts = ["".join(seg for seg, _ in tulu_segments(c, modeling.EOS)) for c in conversations]
     tokenizer = modeling.train_bpe_tokenizer(texts, vocab_size=config.vocab_size)
     spec = modeling.TinyLlamaSpec(hidden_size=config.hidden_size, layers=config.layers, heads=config.heads,
@@ -85,7 +96,7 @@ def base_model(context: dg.AssetExecutionContext, config: BaseModelConfig, stora
         model.save_pretrained(str(tmp))
         tokenizer.save_pretrained(str(tmp))
     ref = {"path": str(dest), "embedded": True, "max_length": max_length, "vocab_size": len(tokenizer),
-           "version": asset_fingerprint(context, read_pool_version(storage)["version"])}
+           "version": asset_fingerprint(context, synthetic.PRETRAIN_CORPUS_SEED, synthetic.PRETRAIN_CORPUS_SIZE)}
     storage.write_json(ref_path, ref)
     return dg.MaterializeResult(data_version=data_version(ref["version"]), metadata={
         "model": dg.MetadataValue.path(str(dest)), "embedded": True, "max_length": max_length,
@@ -102,7 +113,7 @@ def resolve_warmup(config: WarmupConfig, ref: dict) -> dict:
             "effective_batch_size": config.effective_batch_size or d["effective_batch_size"]}
 
 
-@dg.asset(group_name="model", deps=[base_model, candidate_pool], code_version="1", kinds={"pytorch", "peft"},
+@dg.asset(group_name="model", deps=[base_model, candidate_pool], code_version="2", kinds={"pytorch", "peft"},
           op_tags=GPU_STEP_TAGS)
 def warmup_checkpoint(context: dg.AssetExecutionContext, config: WarmupConfig, storage: StorageResource,
                       compute: ComputeResource) -> dg.MaterializeResult:
@@ -118,7 +129,7 @@ def warmup_checkpoint(context: dg.AssetExecutionContext, config: WarmupConfig, s
     encoded = [encode_messages(tokenizer, json.loads(pool["messages"][i]), ref["max_length"]) for i in picked]
     encoded = [e for e in encoded if e.n_label_tokens > 0]
     model = compute.load_model(ref["path"])
-    target_modules = list(config.target_modules) or default_target_modules(model)
+    target_modules = list(config.target_modules or []) or default_target_modules(model)
     model = modeling.attach_lora(model, hp["lora_r"], hp["lora_alpha"], config.lora_dropout, target_modules,
                                  seed=config.seed)
     cfg = LoraTrainConfig(epochs=config.epochs, learning_rate=hp["learning_rate"], warmup_ratio=config.warmup_ratio,
@@ -139,6 +150,8 @@ def warmup_checkpoint(context: dg.AssetExecutionContext, config: WarmupConfig, s
                     "seconds": result.seconds, "losses": result.losses, "target_modules": target_modules,
                     "hyperparameters": {**config.model_dump(), **hp}, "base_model": ref["path"]}
         (tmp / "manifest.json").write_text(json.dumps(manifest, indent=2))
+        # Which candidates existed when the warmup was trained: scores count those that came later.
+        pool.select("candidate_id").write_parquet(tmp / WARMUP_POOL_IDS)
     return dg.MaterializeResult(data_version=data_version(version), metadata={
         "checkpoints": dg.MetadataValue.json([c["name"] for c in checkpoints]),
         "examples": len(encoded), "steps": result.steps, "seconds": round(result.seconds, 2),

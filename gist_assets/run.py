@@ -1,10 +1,16 @@
-"""Materialize the whole graph: ``python -m gist_assets.run [--config run.yaml]``.
+"""Materialize the graph: ``python -m gist_assets.run [--config run.yaml] [--compare] [--force]``.
 
-Runs against a persistent Dagster instance (``$DAGSTER_HOME``, default
-``<storage root>/dagster_home``) so `make ui` shows the same runs and lineage.
-Three steps: everything up to the spectral bases, one run per candidate shard
-(each shard can also be launched, retried or backfilled alone in the UI),
-then scores and selections.
+Launches the code location's own jobs (``prepare_job``, ``features_job`` once per
+shard, ``select_job``; with ``--compare`` also ``baseline_features_job`` and
+``compare_job``) on the persistent Dagster instance in ``$DAGSTER_HOME`` (default
+``<storage root>/dagster_home``), so every run shows in ``make ui`` under its job
+name and can be re-executed or backfilled there.
+
+Only what is missing or stale runs. An asset is stale when Dagster says so (a new
+code version or an upstream's new data version) or when its own effective
+config, or the resources' config, differs from the one of its last
+materialization; within a stage, what depends on a recomputed asset recomputes
+too. ``--force`` recomputes everything.
 """
 
 import argparse
@@ -12,6 +18,9 @@ import json
 import os
 import sys
 import time
+import traceback
+from dataclasses import dataclass, field
+from datetime import datetime
 from pathlib import Path
 
 import dagster as dg
@@ -19,102 +28,286 @@ import yaml
 
 from gist_resources.storage import default_storage_root
 
-from .definitions import ASSETS, CHECKS, make_resources
+from .config import ASSET_CONFIGS, RunConfigError, check_run_config, effective_config, for_assets
+from .definitions import ASSETS, JOB_ASSETS, PARTITIONED_JOBS
 from .partitions import candidate_shards
 from .scores import METHOD
 
-PREPARE = ["candidate_pool", "target_sets", "base_model", "warmup_checkpoint", "target_gradients", "spectral_basis"]
-SHARD = ["candidate_features"]
-SELECT = ["candidate_scores", "selected_subset"]
-# --compare adds the baselines and the fine-tune-and-evaluate stage.
-COMPARE_SHARD = ["less_candidate_features", "representation_features"]
-COMPARE_SELECT = ["baseline_scores"]
-EVALUATE = ["selection_evaluation"]
+LOCATION_NAME = "gist"  # workspace.yaml's location_name: CLI runs re-execute from the UI under it
+DEFINITIONS_MODULE, DEFINITIONS_ATTR = "gist_assets.definitions", "defs"
+REPO_DIR = str(Path(__file__).resolve().parents[1])
+MAIN_STAGES = ["prepare_job", "features_job", "select_job"]
+COMPARE_STAGES = ["baseline_features_job", "compare_job"]
+DAGSTER_YAML = """\
+# The embedded instance of this storage root (SQLite under this directory).
+# Telemetry is off: the project is meant to run offline and sends nothing anywhere.
+telemetry:
+  enabled: false
+"""
 
 
 class PipelineError(RuntimeError):
-    """A step or a blocking check failed; the message carries Dagster's error."""
+    """A step or a blocking check failed; the message carries the asset's own error."""
 
 
 def ensure_dagster_home(root: str) -> str:
+    """``$DAGSTER_HOME`` (default ``<root>/dagster_home``), with a dagster.yaml if it has none."""
     home = os.environ.get("DAGSTER_HOME") or str(Path(root) / "dagster_home")
     Path(home).mkdir(parents=True, exist_ok=True)
+    cfg = Path(home) / "dagster.yaml"
+    if not cfg.exists():
+        cfg.write_text(DAGSTER_YAML)
     os.environ["DAGSTER_HOME"] = home
     return home
 
 
-def _ops_config(run_config: dict, names: list[str]) -> dict:
-    ops = run_config.get("ops", {})
-    return {"ops": {k: v for k, v in ops.items() if k in names}}
+def load_run_config(path: str | None) -> dict:
+    """The run-config file, checked; errors name the file and the key (RunConfigError)."""
+    if not path:
+        return {}
+    p = Path(path)
+    if not p.is_file():
+        raise RunConfigError(f"{path}: no such file (pass --config with a run-config YAML, e.g. examples/my_run.yaml)")
+    try:
+        run_config = yaml.safe_load(p.read_text(encoding="utf-8")) or {}
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f"{path}:{mark.line + 1}:{mark.column + 1}" if mark else path
+        raise RunConfigError(f"{where}: not valid YAML ({getattr(exc, 'problem', None) or exc})") from None
+    except UnicodeDecodeError:
+        raise RunConfigError(f"{path}: not a UTF-8 text file") from None
+    try:
+        check_run_config(run_config)
+    except RunConfigError as exc:
+        raise RunConfigError(f"{path}: {exc}") from None
+    return run_config
 
 
-def _materialize(names, run_config, instance, resources, partition_key=None):
-    selection = [a for a in ASSETS if a.key.to_user_string() in names]
-    checks = [c for c in CHECKS if any(k.asset_key.to_user_string() in names for k in c.check_keys)]
-    result = dg.materialize([*selection, *checks], instance=instance, resources=resources,
-                            run_config=_ops_config(run_config, names), partition_key=partition_key,
-                            raise_on_error=False)
+def with_storage(run_config: dict, root: str) -> dict:
+    """The run config with the storage root and database bound, unless the file sets them."""
+    resources = dict(run_config.get("resources") or {})
+    storage = resources.setdefault("storage", {}).setdefault("config", {})
+    storage.setdefault("root", str(Path(root).resolve()))
+    db = resources.setdefault("score_store", {}).setdefault("config", {})
+    db.setdefault("database", str(Path(storage["root"]) / "gist.duckdb"))
+    return {**run_config, "resources": resources}
+
+
+# ------------------------------------------------------------------ the plan
+
+
+@dataclass
+class StagePlan:
+    job: str
+    partition: str | None = None
+    run: list[str] = field(default_factory=list)       # assets to materialize, in graph order
+    reasons: dict[str, str] = field(default_factory=dict)
+    fresh: dict[str, float] = field(default_factory=dict)  # asset -> timestamp of its last materialization
+
+
+def _latest(instance: dg.DagsterInstance, key: dg.AssetKey, partition: str | None):
+    records = instance.fetch_materializations(
+        dg.AssetRecordsFilter(asset_key=key, asset_partitions=[partition] if partition else None), limit=1).records
+    return records[0].event_log_entry if records else None
+
+
+def _config_change(asset: str, before: dict, now: dict) -> str | None:
+    """What changed in the asset's effective config (or the resources) since the run that built it."""
+    try:
+        old = effective_config(before, asset) if asset in ASSET_CONFIGS else {}
+    except RunConfigError:
+        return "its config was invalid then"
+    new = effective_config(now, asset) if asset in ASSET_CONFIGS else {}
+    changed = sorted(k for k in set(old) | set(new) if old.get(k) != new.get(k))
+    if changed:
+        return "config changed: " + ", ".join(f"{k} {old.get(k)!r} -> {new.get(k)!r}" for k in changed)
+    if (before.get("resources") or {}) != (now.get("resources") or {}):
+        return "resource config changed"
+    return None
+
+
+def _stale_reason(resolver, key: dg.AssetKey, partition: str | None) -> str | None:
+    from dagster._core.definitions.data_version import StaleStatus
+
+    if resolver.get_status(key, partition) != StaleStatus.STALE:
+        return None
+    causes = resolver.get_stale_root_causes(key, partition)
+    parts = sorted({f"{c.key.asset_key.to_user_string()}{'[' + c.key.partition_key + ']' if c.key.partition_key else ''}"
+                    f" {c.reason}" for c in causes})
+    return "stale: " + "; ".join(parts[:3]) + (f" (+{len(parts) - 3} more)" if len(parts) > 3 else "")
+
+
+def plan_stage(instance: dg.DagsterInstance, job: str, run_config: dict, partition: str | None = None,
+               force: bool = False) -> StagePlan:
+    """Which of the stage's assets to materialize, and why; the others are up to date."""
+    from dagster._utils.test.data_versions import get_stale_status_resolver
+
+    resolver = get_stale_status_resolver(instance, ASSETS)
+    graph = {a.key.to_user_string(): a for a in ASSETS}
+    plan = StagePlan(job, partition)
+    for name in JOB_ASSETS[job]:
+        key = graph[name].key
+        upstream = {k.to_user_string() for k in graph[name].dependency_keys}
+        entry = _latest(instance, key, partition)
+        reason = None
+        if force:
+            reason = "--force"
+        elif entry is None:
+            reason = "never materialized"
+        elif recomputing := sorted(upstream & set(plan.run)):
+            reason = f"upstream {', '.join(recomputing)} recomputes"
+        else:
+            prior = instance.get_run_by_id(entry.run_id)
+            reason = (_config_change(name, prior.run_config if prior else {}, run_config)
+                      or _stale_reason(resolver, key, partition))
+        if reason:
+            plan.run.append(name)
+            plan.reasons[name] = reason
+        else:
+            plan.fresh[name] = entry.timestamp
+    return plan
+
+
+# ------------------------------------------------------------------ running
+
+
+def _recon_job(job: str):
+    from dagster._core.definitions.reconstruct import ReconstructableRepository
+
+    repo = ReconstructableRepository.for_module(DEFINITIONS_MODULE, DEFINITIONS_ATTR, working_directory=REPO_DIR)
+    return repo.get_reconstructable_job(job)
+
+
+def _remote_origin(job: str):
+    """The origin the UI's workspace gives this job, so the UI can re-execute a CLI run."""
+    from dagster._core.remote_origin import (ManagedGrpcPythonEnvCodeLocationOrigin, RemoteJobOrigin,
+                                             RemoteRepositoryOrigin)
+    from dagster._core.types.loadable_target_origin import LoadableTargetOrigin
+
+    target = LoadableTargetOrigin(executable_path=sys.executable, module_name=DEFINITIONS_MODULE,
+                                  attribute=DEFINITIONS_ATTR, working_directory=REPO_DIR)
+    repo = RemoteRepositoryOrigin(ManagedGrpcPythonEnvCodeLocationOrigin(target, LOCATION_NAME), "__repository__")
+    return RemoteJobOrigin(repo, job)
+
+
+def _root_error(result) -> str:
+    errors = [e.step_failure_data.error for e in result.get_step_failure_events() if e.step_failure_data.error]
+    if errors:
+        # The step's error wraps the asset's own; the innermost cause is what the user can act on.
+        err = errors[0]
+        while err.cause is not None:
+            err = err.cause
+        return err.message.strip()
+    failed = [e for e in result.all_events if e.is_failure]
+    return failed[0].message if failed else "see the run's logs in the UI"
+
+
+def launch(instance: dg.DagsterInstance, job: str, assets: list[str], run_config: dict,
+           partition: str | None = None):
+    """One run of ``job`` for ``assets`` (and their checks), executed here, recorded as the UI records its own."""
+    from dagster._core.execution.api import execute_run
+
+    recon = _recon_job(job)
+    if job in PARTITIONED_JOBS:
+        run_config = for_assets(run_config, JOB_ASSETS[job])
+    tags = {"dagster/partition": partition} if partition else {}
+    run = instance.create_run_for_job(
+        job_def=recon.get_definition(), run_config=run_config, tags={**tags, "gist/launched_by": "cli"},
+        asset_selection=frozenset(dg.AssetKey(a) for a in assets),
+        remote_job_origin=_remote_origin(job), job_code_origin=recon.get_python_origin())
+    result = execute_run(recon, run, instance)
+    where = f"{job} ({', '.join(assets)}{', partition ' + partition if partition else ''}, run {run.run_id[:8]})"
     if not result.success:
-        failed = [e for e in result.all_events if e.is_failure]
-        msg = failed[0].message if failed else "see the Dagster logs"
-        # The event message only says "Execution of step ... failed"; the asset's own error is the
-        # innermost cause of the step's (wrapped) error.
-        errors = [e.step_failure_data.error for e in result.get_step_failure_events() if e.step_failure_data.error]
-        if errors:
-            err = errors[0]
-            while err.cause is not None:
-                err = err.cause
-            msg = err.message.strip()
-        raise PipelineError(f"materialization of {names} (partition {partition_key}) failed: {msg}")
+        raise PipelineError(f"{where} failed: {_root_error(result)}")
     for ev in result.get_asset_check_evaluations():
         if not ev.passed:
-            raise PipelineError(f"asset check {ev.check_name} failed: {ev.metadata}")
+            raise PipelineError(f"{where}: asset check {ev.check_name} failed: {ev.metadata}")
     return result
 
 
+def materialize(assets: list[str], run_config: dict, instance: dg.DagsterInstance, root: str,
+                partition: str | None = None):
+    """Launch ``assets`` through the stage job that holds them (all must be in one job), no staleness check."""
+    jobs = [j for j, names in JOB_ASSETS.items() if set(assets) <= set(names)]
+    if not jobs:
+        raise ValueError(f"assets {assets} are not all in one job; jobs: {JOB_ASSETS}")
+    ordered = [a for a in JOB_ASSETS[jobs[0]] if a in assets]
+    return launch(instance, jobs[0], ordered, with_storage(run_config or {}, root), partition)
+
+
+def _stamp(ts: float) -> str:
+    return datetime.fromtimestamp(ts).strftime("%Y-%m-%d %H:%M:%S")
+
+
+def run_stage(instance, job: str, run_config: dict, force: bool, log) -> dict:
+    """Plan and run one stage (each shard of a partitioned one); {asset[partition]: what happened}."""
+    partitions = (sorted(instance.get_dynamic_partitions(candidate_shards.name)) if job in PARTITIONED_JOBS
+                  else [None])
+    report = {}
+    for partition in partitions:
+        plan = plan_stage(instance, job, run_config, partition, force)
+        label = lambda a: f"{a}[{partition}]" if partition else a  # noqa: E731
+        for name, ts in plan.fresh.items():
+            report[label(name)] = f"up to date (materialized at {_stamp(ts)})"
+        if plan.run:
+            for name in plan.run:
+                log(f"  {label(name)}: recomputing ({plan.reasons[name]})")
+            start = time.perf_counter()
+            launch(instance, job, plan.run, run_config, partition)
+            secs = time.perf_counter() - start
+            for name in plan.run:
+                report[label(name)] = f"recomputed in {job} ({plan.reasons[name]}; {secs:.1f}s)"
+    return report
+
+
 def run_all(run_config: dict | None = None, root: str = "", instance: dg.DagsterInstance | None = None,
-            log=print, compare: bool = False) -> dict:
-    """Materialize everything; return the selections' manifests, step timings and the database path."""
-    run_config = run_config or {}
-    root = root or default_storage_root()
-    resources = make_resources(root)
+            log=print, compare: bool = False, force: bool = False) -> dict:
+    """Materialize what is missing or stale; return the selections, what each asset did, timings, the database."""
+    root = str(Path(root or default_storage_root()).resolve())
+    run_config = with_storage(run_config or {}, root)
+    check_run_config(run_config)
     if instance is None:
         ensure_dagster_home(root)
         with dg.DagsterInstance.get() as instance:
-            return run_all(run_config, root, instance, log, compare)
-    timings = {}
-    t = time.perf_counter()
-    _materialize(PREPARE, run_config, instance, resources)
-    timings["prepare (pool, targets, model, warmup, target gradients, basis)"] = time.perf_counter() - t
-    shards = sorted(instance.get_dynamic_partitions(candidate_shards.name))
-    t = time.perf_counter()
-    shard_assets = SHARD + (COMPARE_SHARD if compare else [])
-    for i, shard in enumerate(shards, 1):
-        _materialize(shard_assets, run_config, instance, resources, partition_key=shard)
-        log(f"{', '.join(shard_assets)} {i}/{len(shards)}: {shard}")
-    timings[f"{', '.join(shard_assets)} ({len(shards)} shards)"] = time.perf_counter() - t
-    t = time.perf_counter()
-    _materialize(SELECT + (COMPARE_SELECT if compare else []), run_config, instance, resources)
-    timings["scores and selection"] = time.perf_counter() - t
-    if compare:
-        t = time.perf_counter()
-        _materialize(EVALUATE, run_config, instance, resources)
-        timings["evaluation (fine-tune on each selection)"] = time.perf_counter() - t
-    storage = resources["storage"]
-    manifests = {}
-    for path in sorted(storage.path("selections").glob(f"*/{METHOD}/manifest.json")):
+            return run_all(run_config, root, instance, log, compare, force)
+    timings, report = {}, {}
+    for job in MAIN_STAGES + (COMPARE_STAGES if compare else []):
+        start = time.perf_counter()
+        log(f"{job}:")
+        report.update(run_stage(instance, job, run_config, force, log))
+        timings[job] = time.perf_counter() - start
+    database = run_config["resources"]["score_store"]["config"]["database"]
+    return {"selections": current_selections(root), "report": report, "timings": timings, "database": database}
+
+
+def summarize(report: dict[str, str]) -> list[str]:
+    """One line per asset; a partitioned asset's shards that are up to date are counted, not listed."""
+    lines, fresh = [], {}
+    for name, what in report.items():
+        base = name.split("[", 1)[0]
+        if base != name and what.startswith("up to date"):
+            fresh.setdefault(base, []).append(name)
+        else:
+            lines.append(f"{name}: {what}")
+    for base, names in fresh.items():
+        lines.append(f"{base}: {len(names)} shard{'s' if len(names) != 1 else ''} up to date")
+    return lines
+
+
+def current_selections(root: str) -> dict:
+    """The GIST selections' manifests, by target."""
+    out = {}
+    for path in sorted(Path(root, "selections").glob(f"*/{METHOD}/manifest.json")):
         m = json.loads(path.read_text())
-        manifests[m["target"]] = m
-    return {"selections": manifests, "timings": timings, "database": resources["score_store"].database}
+        out[m["target"]] = m
+    return out
 
 
 def print_evaluations(database: str) -> None:
     """The evaluations table as markdown, best held-out loss first within each target."""
-    import duckdb
+    from gist_resources import ScoreStore
 
-    with duckdb.connect(database, read_only=True) as db:
-        rows = db.execute("SELECT target, method, train_examples, heldout_loss, accuracy, bytes_per_candidate, "
-                          "feature_pass_seconds FROM evaluations ORDER BY target, heldout_loss").fetchall()
+    rows = ScoreStore(database=database).read_evaluations()
     print("\n| target | method | train examples | held-out loss | accuracy | feature bytes/candidate | "
           "feature pass s |\n|---|---|---|---|---|---|---|")
     for t, m, n, loss, acc, nbytes, secs in rows:
@@ -124,18 +317,28 @@ def print_evaluations(database: str) -> None:
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--config", help="run-config YAML (ops: {asset_name: {config: {...}}})")
+    parser.add_argument("--config", help="run-config YAML: ops: {asset_name: {config: {...}}}, resources: {...}")
     parser.add_argument("--root", default="", help="storage root (default $GIST_STORAGE_ROOT or ./.gist)")
     parser.add_argument("--compare", action="store_true", help="also run the baselines (random, less, "
                         "representation) and fine-tune on every selection to compare held-out loss")
+    parser.add_argument("--force", action="store_true", help="recompute every asset, stale or not")
+    parser.add_argument("--debug", action="store_true", help="print the full traceback of an error")
     args = parser.parse_args(argv)
-    run_config = yaml.safe_load(Path(args.config).read_text()) if args.config else {}
     start = time.perf_counter()
     try:
-        out = run_all(run_config, args.root, compare=args.compare)
-    except PipelineError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 1
+        run_config = load_run_config(args.config)
+        out = run_all(run_config, args.root, compare=args.compare, force=args.force)
+    except (RunConfigError, PipelineError) as exc:
+        if args.debug:
+            traceback.print_exc()
+        kind = "config error" if isinstance(exc, RunConfigError) else "error"
+        print(f"{kind}: {exc}", file=sys.stderr)
+        if not args.debug:
+            print("(rerun with --debug for the traceback; the run's logs are in `make ui`)", file=sys.stderr)
+        return 2 if isinstance(exc, RunConfigError) else 1
+    print("\n=== assets ===")
+    for line in summarize(out["report"]):
+        print(f"  {line}")
     print("\n=== GIST selection ===")
     for target, m in out["selections"].items():
         mix = ", ".join(f"{s} {n}" for s, n in sorted(m["counts_per_source"].items(), key=lambda kv: -kv[1]))

@@ -13,9 +13,9 @@ from gist_core.selection import capped_top, rank_order, round_robin, selection_s
 from gist_resources import ScoreStore, StorageResource
 from gist_resources.score_store import SCORES_DDL
 
-from .config import SelectionConfig
+from .config import CandidateScoresConfig, SelectionConfig
 from .gradients import candidate_features, features_dir, read_basis_manifest, spectral_basis
-from .model import read_model_ref, read_warmup
+from .model import read_model_ref, read_warmup, warmup_pool_ids
 from .partitions import candidate_shards
 from .plots import histogram, md_table
 from .pool import candidate_pool, pool_path, read_pool_version
@@ -86,7 +86,7 @@ def write_method_scores(score_store: ScoreStore, target: str, method: str, score
 
 @dg.asset(group_name="gist", deps=[candidate_features, spectral_basis, candidate_pool], code_version="2",
           pool=DUCKDB_POOL, kinds={"duckdb"})
-def candidate_scores(context: dg.AssetExecutionContext, storage: StorageResource,
+def candidate_scores(context: dg.AssetExecutionContext, config: CandidateScoresConfig, storage: StorageResource,
                      score_store: ScoreStore) -> dg.MaterializeResult:
     """Cosine of each candidate to each subtask direction, checkpoint-weighted, max over subtasks."""
     bases = read_basis_manifest(storage)
@@ -110,6 +110,7 @@ def candidate_scores(context: dg.AssetExecutionContext, storage: StorageResource
                                            subtask_names, fingerprint))
     removed = score_store.delete_targets_except(targets, METHOD)
     excluded = side.filter(~pl.col("included"))
+    newer = newer_than_warmup(context, storage, scored["candidate_id"].to_list(), config.warn_new_share)
     inputs = scores_inputs(shard_versions, bases["version"])
     version = asset_fingerprint(context, inputs, read_warmup(storage)["version"])
     storage.write_json(scores_version_path(storage, METHOD), {"version": version, "inputs": inputs})
@@ -118,6 +119,7 @@ def candidate_scores(context: dg.AssetExecutionContext, storage: StorageResource
         "candidates_scored": scored.height,
         "candidates_excluded": excluded.height,
         "candidates_truncated": int(side["truncated"].sum()),
+        **newer,
         "excluded_no_completion": dg.MetadataValue.md(
             md_table(excluded.select("candidate_id", "source", "exclude_reason").to_dicts())),
         "checkpoint_weights": dg.MetadataValue.json(dict(zip(ckpts, weights.tolist()))),
@@ -125,6 +127,20 @@ def candidate_scores(context: dg.AssetExecutionContext, storage: StorageResource
         "database": dg.MetadataValue.path(score_store.database),
         "shards": len(shards),
     })
+
+
+def newer_than_warmup(context, storage: StorageResource, candidate_ids: list[str], warn_share: float) -> dict:
+    """How many scored candidates joined the pool after the warmup was trained; a warning past ``warn_share``."""
+    known = warmup_pool_ids(storage)
+    if known is None:
+        return {}
+    n_new = sum(1 for c in candidate_ids if c not in known)
+    share = n_new / max(1, len(candidate_ids))
+    if share > warn_share:
+        context.log.warning(f"{n_new} of {len(candidate_ids)} scored candidates ({share:.0%}) joined the pool after "
+                            f"the warmup checkpoint was trained (warn_new_share={warn_share}); re-materialize "
+                            "warmup_checkpoint and what follows it to train on the current pool")
+    return {"candidates_newer_than_warmup": n_new, "share_newer_than_warmup": round(share, 4)}
 
 
 def scores_inputs(shard_versions: dict[str, str], basis_version: str) -> str:
@@ -219,18 +235,16 @@ def choose(config: SelectionConfig, scores: pl.DataFrame, subtask_scores: pl.Dat
     return scores[picked.tolist()].with_columns(pl.Series("selection_rank", np.arange(1, size + 1)))
 
 
-@dg.asset(group_name="gist", deps=[candidate_scores, dg.AssetKey("baseline_scores"), candidate_pool], code_version="3",
-          pool=DUCKDB_POOL, kinds={"duckdb", "parquet"}, automation_condition=dg.AutomationCondition.eager())
-def selected_subset(context: dg.AssetExecutionContext, config: SelectionConfig, storage: StorageResource,
-                    score_store: ScoreStore) -> dg.MaterializeResult:
+def write_selections(context, config: SelectionConfig, storage: StorageResource, score_store: ScoreStore,
+                     methods: list[str], version_files: list[str]) -> dg.MaterializeResult:
     """Per target and method: the chosen candidates as JSONL in their own format, Parquet, and a manifest."""
     bases = read_basis_manifest(storage)
     pool_df = storage.read_parquet(pool_path(storage), "candidate_pool")
     pool = pool_df.select("candidate_id", "original")
     pool_mix = Counter(pool_df["source"].to_list())
     ref, warm = read_model_ref(storage), read_warmup(storage)
-    methods = list(config.methods) or score_store.methods()
     targets = sorted(bases["targets"])
+    known_at_warmup = warmup_pool_ids(storage)
     meta: dict = {}
     for method in methods:
         for target in targets:
@@ -258,6 +272,8 @@ def selected_subset(context: dg.AssetExecutionContext, config: SelectionConfig, 
                               "features": str(storage.path("features"))},
                 "files": {"jsonl": str(dest / "selection.jsonl"), "parquet": str(dest / "selection.parquet")},
             }
+            if known_at_warmup is not None:
+                manifest["selected_newer_than_warmup"] = sum(1 for c in chosen["candidate_id"] if c not in known_at_warmup)
             with storage.atomic_dir(dest) as tmp:
                 with open(tmp / "selection.jsonl", "w", encoding="utf-8") as fh:
                     for line in chosen["original"]:
@@ -271,6 +287,8 @@ def selected_subset(context: dg.AssetExecutionContext, config: SelectionConfig, 
             mix_rows = [{"source": s, "selected": mix.get(s, 0), "selected_share": round(mix.get(s, 0) / size, 3),
                          "pool_share": round(n / sum(pool_mix.values()), 3)} for s, n in sorted(pool_mix.items())]
             meta[f"{key}/selected"] = size
+            if "selected_newer_than_warmup" in manifest:
+                meta[f"{key}/selected_newer_than_warmup"] = manifest["selected_newer_than_warmup"]
             meta[f"{key}/source_mix"] = dg.MetadataValue.md(md_table(mix_rows, limit=100))
             if method == METHOD:
                 meta[f"{key}/top"] = dg.MetadataValue.md(md_table(
@@ -281,6 +299,14 @@ def selected_subset(context: dg.AssetExecutionContext, config: SelectionConfig, 
             meta[f"{key}/manifest"] = dg.MetadataValue.path(str(dest / "manifest.json"))
     for method in methods:
         score_store.delete_targets_except(targets, method)
-    inputs = [storage.read_json(p, "scores")["version"] for p in sorted(storage.path("scores").glob("*_version.json"))]
+    inputs = [storage.read_json(scores_version_path(storage, f), "scores")["version"] for f in version_files]
     version = asset_fingerprint(context, inputs, read_pool_version(storage)["version"], methods)
     return dg.MaterializeResult(data_version=data_version(version), metadata=meta)
+
+
+@dg.asset(group_name="gist", deps=[candidate_scores, candidate_pool], code_version="4",
+          pool=DUCKDB_POOL, kinds={"duckdb", "parquet"}, automation_condition=dg.AutomationCondition.eager())
+def selected_subset(context: dg.AssetExecutionContext, config: SelectionConfig, storage: StorageResource,
+                    score_store: ScoreStore) -> dg.MaterializeResult:
+    """Per target: the GIST selection as JSONL in each record's own format, Parquet, and a manifest."""
+    return write_selections(context, config, storage, score_store, [METHOD], [METHOD])

@@ -646,6 +646,17 @@ def generate_pool(n_examples: int = 4000, seed: int = 0) -> list[dict]:
     ]
 
 
+# The embedded base model's pretraining corpus: fixed (its own seed and size, never the pool's), so
+# the model does not move when the pool grows, just as a real pretrained model would not.
+PRETRAIN_CORPUS_SIZE = 4000
+PRETRAIN_CORPUS_SEED = 20260218
+
+
+def pretraining_corpus() -> list[list[dict]]:
+    """The fixed conversations the embedded tokenizer and model are trained on."""
+    return [r["messages"] for r in generate_pool(PRETRAIN_CORPUS_SIZE, PRETRAIN_CORPUS_SEED)]
+
+
 def _write_jsonl_atomic(path: Path, records: list[dict]) -> None:
     # Temp file + rename so a crash never leaves a half-written file behind.
     path.parent.mkdir(parents=True, exist_ok=True)

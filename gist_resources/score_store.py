@@ -158,6 +158,13 @@ class ScoreStore(DuckDBResource):
             return conn.sql("SELECT * FROM candidate_scores WHERE target = ? AND method = ? ORDER BY rank",
                             params=[target, method]).pl()
 
+    def read_evaluations(self) -> list[tuple]:
+        """(target, method, train examples, held-out loss, accuracy, bytes/candidate, feature-pass s), best first."""
+        with self.get_connection() as conn:
+            conn.execute(EVALUATIONS_DDL)
+            return conn.execute("SELECT target, method, train_examples, heldout_loss, accuracy, bytes_per_candidate, "
+                                "feature_pass_seconds FROM evaluations ORDER BY target, heldout_loss").fetchall()
+
     def replace_evaluations(self, df: pl.DataFrame) -> None:
         """Replace the whole ``evaluations`` table (fine-tune results) in one transaction."""
         with self.get_connection() as conn:
