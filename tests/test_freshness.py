@@ -9,7 +9,7 @@ import yaml
 
 from gist_assets.automation import new_candidate_data
 from gist_assets.definitions import make_resources
-from gist_assets.run import _materialize, run_all
+from gist_assets.run import materialize, run_all
 from gist_core import synthetic
 from small_config import SMALL
 
@@ -31,7 +31,7 @@ def _drive(instance, resources, run_config):
         for req in requests:
             names = [k.to_user_string() for k in req.asset_selection]
             cfg = {"ops": {**run_config["ops"], **(req.run_config or {}).get("ops", {})}}
-            _materialize(names, cfg, instance, resources, partition_key=req.partition_key)
+            materialize(names, cfg, instance, resources["storage"].root, partition=req.partition_key)
             ran.append((tuple(names), req.partition_key))
     raise AssertionError(f"the sensor did not settle: {ran}")
 

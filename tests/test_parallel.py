@@ -9,7 +9,7 @@ import polars as pl
 import pytest
 
 from gist_assets.definitions import make_resources
-from gist_assets.run import _materialize, run_all
+from gist_assets.run import materialize, run_all
 from gist_resources.devices import claim_slot
 from small_config import SMALL
 
@@ -57,7 +57,7 @@ def test_multiprocess_fan_out_scores_every_candidate_once(tmp_path, monkeypatch)
         assert starts[1] < ends[0]  # the two shard steps overlapped in time
         mats = instance.fetch_materializations(dg.AssetKey("candidate_features"), limit=1000).records
         assert {r.partition_key for r in mats if r.run_id == result.run_id} == set(redo)
-        _materialize(["candidate_scores"], TINY, instance, make_resources(str(root)))
+        materialize(["candidate_scores"], TINY, instance, str(root))
     pool = pl.read_parquet(root / "pool" / "candidate_pool.parquet")
     with duckdb.connect(str(root / "gist.duckdb"), read_only=True) as db:
         rows = db.execute("SELECT target, count(*), count(DISTINCT candidate_id) FROM candidate_scores "

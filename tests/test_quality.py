@@ -8,8 +8,7 @@ import dagster as dg
 import duckdb
 import pytest
 
-from gist_assets.definitions import make_resources
-from gist_assets.run import _materialize, run_all
+from gist_assets.run import materialize, run_all
 from gist_core.synthetic import TARGET_SKILL
 
 EVAL = {"ops": {"baseline_scores": {"config": {"methods": ["random"]}},
@@ -21,9 +20,7 @@ def test_gist_selection_beats_random_on_heldout_loss(tmp_path):
     root = str(tmp_path)
     with dg.instance_for_test() as instance:
         run_all({}, root, instance=instance, log=lambda _: None)  # the embedded default, as `make demo`
-        resources = make_resources(root)
-        _materialize(["baseline_scores", "selected_subset"], EVAL, instance, resources)
-        _materialize(["selection_evaluation"], EVAL, instance, resources)
+        materialize(["baseline_scores", "baseline_selections", "selection_evaluation"], EVAL, instance, root)
     with duckdb.connect(str(tmp_path / "gist.duckdb"), read_only=True) as db:
         loss = {(t, m): v for t, m, v in db.execute("SELECT target, method, heldout_loss FROM evaluations").fetchall()}
         share = {}

@@ -6,7 +6,7 @@ from dagster._core.definitions.data_version import StaleStatus
 from dagster._utils.test.data_versions import get_stale_status_resolver
 
 from gist_assets.definitions import ASSETS, make_resources
-from gist_assets.run import _materialize, run_all
+from gist_assets.run import materialize, run_all
 from small_config import SMALL
 
 TINY = {"ops": {**SMALL["ops"], "candidate_pool": {"config": {"embedded_pool_size": 160, "shard_size": 40}}}}
@@ -39,12 +39,12 @@ def test_changing_k_and_warmup_marks_exactly_what_depends_on_them(tmp_path):
             assert status[name] == fresh, (name, status[name])
 
         # Same config again: same data version, nothing downstream turns stale.
-        _materialize(["spectral_basis"], TINY, instance, resources)
+        materialize(["spectral_basis"], TINY, instance, root)
         status = _status(instance, shards)
         assert status["candidate_features"] == fresh and status["selected_subset"] == fresh
 
         # A new k: the basis and everything below it are stale; the pool, warmup and gradients are not.
-        _materialize(["spectral_basis"], {"ops": {"spectral_basis": {"config": {"k": 4}}}}, instance, resources)
+        materialize(["spectral_basis"], {"ops": {"spectral_basis": {"config": {"k": 4}}}}, instance, root)
         status = _status(instance, shards)
         for name in ["candidate_pool", "base_model", "warmup_checkpoint", "target_gradients", "spectral_basis"]:
             assert status[name] == fresh, (name, status[name])
@@ -53,18 +53,18 @@ def test_changing_k_and_warmup_marks_exactly_what_depends_on_them(tmp_path):
         # Dagster marks direct dependents only: the selection turns stale once the scores change.
         assert status["selected_subset"] == fresh
         for shard in shards:
-            _materialize(["candidate_features"], TINY, instance, resources, partition_key=shard)
-        _materialize(["candidate_scores"], TINY, instance, resources)
+            materialize(["candidate_features"], TINY, instance, root, partition=shard)
+        materialize(["candidate_scores"], TINY, instance, root)
         status = _status(instance, shards)
         assert status["candidate_features"] == fresh and status["candidate_scores"] == fresh
         assert status["selected_subset"] == {StaleStatus.STALE}
 
         # A new warmup: the target gradients (and the basis after them) are stale, the pool is not.
-        _materialize(["warmup_checkpoint"], {"ops": {"warmup_checkpoint": {"config": {"fraction": 0.1, "epochs": 1}}}},
-                     instance, resources)
+        materialize(["warmup_checkpoint"], {"ops": {"warmup_checkpoint": {"config": {"fraction": 0.1, "epochs": 1}}}},
+                     instance, root)
         status = _status(instance, shards)
         assert status["candidate_pool"] == fresh and status["base_model"] == fresh
         assert status["target_gradients"] == {StaleStatus.STALE}
         assert status["spectral_basis"] == fresh  # until the gradients are re-materialized
-        _materialize(["target_gradients"], TINY, instance, resources)
+        materialize(["target_gradients"], TINY, instance, root)
         assert _status(instance, shards)["spectral_basis"] == {StaleStatus.STALE}

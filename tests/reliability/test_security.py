@@ -7,9 +7,11 @@ import shutil
 import subprocess
 from pathlib import Path
 
+import duckdb
 import pytest
 import torch
 
+from gist_assets.config import RunConfigError, check_run_config
 from gist_assets.gradients import features_dir
 from gist_assets.scores import selection_dir
 from gist_resources import ComputeResource, StorageResource
@@ -196,16 +198,22 @@ def test_target_names_cannot_escape_the_root(tmp_path, name):
 
 
 def test_method_names_cannot_escape_the_root(custom_graph, tmp_path):
-    """(Shard keys: test_storage_refuses_names_that_leave_the_root builds their folders with bad keys.)"""
+    """A method name is never taken from config, and one planted in the database never names a folder.
+
+    (Shard keys: test_storage_refuses_names_that_leave_the_root builds their folders with bad keys.)
+    """
     root = shutil.copytree(custom_graph["root"], tmp_path / "root")
-    before = files_under(tmp_path)
     evil = "../../evil"
+    with duckdb.connect(str(root / "gist.duckdb")) as db:
+        db.execute("UPDATE candidate_scores SET method = ? WHERE method = 'gist'", [evil])
+    before = files_under(tmp_path)
     with fresh_instance(custom_graph["shards"]) as instance:
-        select = materialize(["selected_subset"], root, instance, {"selected_subset": {"methods": [evil]}},
-                             checks=False)
-    assert repr(evil) in user_error(select)
+        select = materialize(["baseline_selections"], root, instance, checks=False)
+    assert "no baseline scores" in user_error(select)
     assert files_under(tmp_path) == before
     assert not (tmp_path.parent / "evil").exists()
+    with pytest.raises(RunConfigError, match=r"unknown keys \['methods'\]"):
+        check_run_config({"ops": {"selected_subset": {"config": {"methods": [evil]}}}})
 
 
 def test_a_whole_run_writes_only_under_the_storage_root(custom_graph):
