@@ -77,10 +77,10 @@ def test_bad_records_skipped_and_counted_with_skip_policy(tmp_path):
     assert meta["records_skipped"] == len(BAD_RECORDS)
     for name, (path, line, reason) in bad.items():
         assert f"{path}:{line}: " in meta["skip_reasons"] and reason in meta["skip_reasons"], name
-    # The good line 1 of every file is kept, except in the non-UTF-8 file, which is skipped whole.
+    # The good line 1 of every non-empty file is kept (a non-UTF-8 line costs that line only).
     pool = pl.read_parquet(tmp_path / "root" / "pool" / "candidate_pool.parquet")
     assert meta["rows"] == pool.height == 2 + 1  # good.jsonl, plus one copy of GOOD (the rest are duplicates)
-    assert meta["duplicates_dropped"] == len(BAD_RECORDS) - 3  # GOOD repeated in the 8 readable bad files
+    assert meta["duplicates_dropped"] == len(BAD_RECORDS) - 2  # GOOD repeated in the 9 non-empty bad files
 
 
 def test_very_long_record_is_truncated_and_counted(custom_graph):
