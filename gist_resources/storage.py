@@ -101,6 +101,21 @@ def clean_stale_scratch(dest: Path) -> list[Path]:
     return removed
 
 
+def _finite_or_none(obj):
+    if isinstance(obj, float):
+        return obj if np.isfinite(obj) else None
+    if isinstance(obj, dict):
+        return {k: _finite_or_none(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_finite_or_none(v) for v in obj]
+    return obj
+
+
+def strict_json(obj) -> str:
+    """Strict JSON text (what every reader accepts): NaN and infinities become null, never ``NaN``."""
+    return json.dumps(_finite_or_none(obj), indent=2, sort_keys=True, default=str, allow_nan=False)
+
+
 def default_storage_root() -> str:
     return os.path.abspath(os.environ.get(ROOT_ENV, ".gist"))
 
@@ -173,7 +188,7 @@ class StorageResource(dg.ConfigurableResource):
 
     def write_json(self, dest: Path, obj) -> Path:
         with self.atomic_file(dest) as tmp:
-            tmp.write_text(json.dumps(obj, indent=2, sort_keys=True, default=str))
+            tmp.write_text(strict_json(obj))
         return dest
 
     # Readers: a missing or damaged file fails naming the file and the asset (and
