@@ -136,7 +136,7 @@ def test_single_example_target_and_single_example_subtask_stay_in_the_basis(cust
     basis = targets.filter(pl.col("split") == "basis")
     assert basis.filter(pl.col("target") == "single").height == 1
     assert basis.filter((pl.col("target") == "mixed") & (pl.col("subtask") == "rare")).height == 1
-    assert targets.filter(pl.col("split") == "heldout").height == 2  # half of `sums` (4) only
+    assert targets.filter(pl.col("split") == "heldout").height == 3  # half of `sums` (4), single's own held-out
     for ckpt in ("epoch_1", "epoch_2"):
         V = np.load(root / "basis" / ckpt / "single" / "V.npy", allow_pickle=False)
         Z = np.load(root / "basis" / ckpt / "single" / "Z.npy", allow_pickle=False)
