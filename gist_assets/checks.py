@@ -1,8 +1,6 @@
 """Asset checks guarding what downstream consumes."""
 
 
-import json
-
 import dagster as dg
 import numpy as np
 import polars as pl
@@ -46,7 +44,8 @@ def _scores_valid(context, storage: StorageResource, score_store: ScoreStore) ->
     for shard in context.instance.get_dynamic_partitions(candidate_shards.name):
         side = features_dir(storage, shard) / "candidates.parquet"
         if side.exists():
-            excluded += pl.read_parquet(side).filter(~pl.col("included"))["candidate_id"].to_list()
+            excluded += (storage.read_parquet(side, "candidate_features", partition=shard)
+                         .filter(~pl.col("included"))["candidate_id"].to_list())
     wrongly_scored = sorted(set(excluded) & scored_ids)
     ok = bad == 0 and not wrongly_scored and found["duplicated_keys"] == 0 and found["nonfinite"] == 0
     return dg.AssetCheckResult(passed=ok, metadata={
@@ -85,7 +84,7 @@ def selection_size_as_configured(storage: StorageResource, score_store: ScoreSto
         for method in methods:
             for target in sorted(bases["targets"]):
                 folder = selection_dir(storage, target, method)
-                manifest = json.loads((folder / "manifest.json").read_text())
+                manifest = storage.read_json(folder / "manifest.json", "selected_subset")
                 expected = selection_size(manifest["scored_candidates"], manifest["config"]["percentage"],
                                           manifest["config"]["n"])
                 in_db = conn.execute("SELECT count(*) FROM selections WHERE target = ? AND method = ?",

@@ -18,6 +18,7 @@ from .config import SelectionConfig
 from .gradients import candidate_features, features_dir, read_basis_manifest, spectral_basis
 from .model import read_model_ref, read_warmup
 from .partitions import candidate_shards
+from .paths import model_path, relative_checkpoints
 from .plots import histogram, md_table
 from .pool import candidate_pool, pool_path, read_pool_version
 from .versions import asset_fingerprint, data_version, fingerprint
@@ -260,16 +261,19 @@ def selected_subset(context: dg.AssetExecutionContext, config: SelectionConfig, 
             manifest = {
                 "target": target, "method": method, "config": config.model_dump(), "selected": size,
                 "scored_candidates": n_scored, "score_cut": float(chosen["score"].min()),
-                "counts_per_source": dict(sorted(mix.items())), "model": ref["path"],
-                "checkpoints": [c for c in warm["checkpoints"]
-                                if c["name"] in {x["name"] for x in bases["checkpoints"]}],
-                "basis": {c: {**v, "dir": str(storage.path("basis", c, target))}
+                "counts_per_source": dict(sorted(mix.items())),
+                # Paths relative to the storage root (an external model stays as configured).
+                "model": storage.relative(model_path(storage, ref)),
+                "checkpoints": relative_checkpoints(storage, [
+                    c for c in warm["checkpoints"] if c["name"] in {x["name"] for x in bases["checkpoints"]}]),
+                "basis": {c: {**v, "dir": storage.relative(storage.path("basis", c, target))}
                           for c, v in bases["targets"][target].items()} if method == METHOD else None,
-                "artifacts": {"candidate_pool": str(pool_path(storage)), "database": score_store.database,
-                              "warmup": str(storage.path("warmup")), "basis": str(storage.path("basis")),
-                              "target_gradients": str(storage.path("target_gradients")),
-                              "features": str(storage.path("features"))},
-                "files": {"jsonl": str(dest / "selection.jsonl"), "parquet": str(dest / "selection.parquet")},
+                "artifacts": {"candidate_pool": storage.relative(pool_path(storage)),
+                              "database": storage.relative(score_store.database),
+                              **{name: storage.relative(storage.path(name)) for name in
+                                 ("warmup", "basis", "target_gradients", "features")}},
+                "files": {"jsonl": storage.relative(dest / "selection.jsonl"),
+                          "parquet": storage.relative(dest / "selection.parquet")},
             }
             with storage.atomic_dir(dest) as tmp:
                 with open(tmp / "selection.jsonl", "w", encoding="utf-8") as fh:

@@ -145,6 +145,20 @@ class StorageResource(dg.ConfigurableResource):
             raise ValueError(f"{p} is outside the storage root {root}")
         return p
 
+    # Manifests store paths relative to the root, so a copied or restored root reads its own
+    # artifacts, never those of the place it was copied from.
+    def relative(self, p) -> str:
+        """``p`` as written into a manifest: relative to the root when under it, else absolute."""
+        try:
+            return Path(p).resolve().relative_to(self.root_path).as_posix()
+        except ValueError:
+            return str(p)
+
+    def resolve(self, stored: str) -> Path:
+        """A path read from a manifest: a relative one is under the current root; an absolute one is kept."""
+        p = Path(stored)
+        return p if p.is_absolute() else self.path(*p.parts)
+
     def dir(self, *parts: str) -> Path:
         p = self.path(*parts)
         p.mkdir(parents=True, exist_ok=True)
@@ -247,5 +261,8 @@ class StorageResource(dg.ConfigurableResource):
                              f"{_asset(produced_by, partition)}") from None
 
 
-def _asset(name: str, partition: str | None) -> str:
+def asset_label(name: str, partition: str | None = None) -> str:
     return f"the `{name}` asset" if partition is None else f"the `{name}` asset for partition {partition!r}"
+
+
+_asset = asset_label

@@ -222,6 +222,18 @@ CORRUPTED = {
                  "re-materialize the `candidate_features` asset for partition 'mypool-0000'"),
     "target_gradients": ("target_gradients/epoch_1/single.npy", "spectral_basis",
                          "re-materialize the `target_gradients` asset"),
+    "target_gradient_labels": ("target_gradients/epoch_1/mixed.parquet", "spectral_basis",
+                               "re-materialize the `target_gradients` asset"),
+    "adapter_weights": ("warmup/epoch_1/adapter_model.safetensors", "target_gradients",
+                        "is damaged or truncated"),
+    "adapter_weights_of_a_shard": ("warmup/epoch_2/adapter_model.safetensors", "candidate_features",
+                                   "re-materialize the `warmup_checkpoint` asset"),
+    "feature_sidecar": ("features/mypool-0000/candidates.parquet", "candidate_scores",
+                        "re-materialize the `candidate_features` asset for partition 'mypool-0000'"),
+    "feature_meta": ("features/mypool-0000/meta.json", "candidate_scores",
+                     "re-materialize the `candidate_features` asset for partition 'mypool-0000'"),
+    "basis_manifest": ("basis/manifest.json", "candidate_scores", "re-materialize the `spectral_basis` asset"),
+    "pool": ("pool/candidate_pool.parquet", "selected_subset", "re-materialize the `candidate_pool` asset"),
 }
 
 
