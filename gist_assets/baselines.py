@@ -16,16 +16,29 @@ from gist_core.scoring import (checkpoint_weights, cosine_to_subtasks, mean_cosi
                                subtask_directions, weighted_sum)
 from gist_core.warmup import load_optimizer_state
 from gist_resources import ComputeResource, ScoreStore, StorageResource
+from gist_resources.storage import ArtifactError
 
 from .config import BaselineScoresConfig, LessFeaturesConfig, SelectionConfig
 from .gradients import (GPU_POOL, GPU_STEP_TAGS, GRADIENT_RETRY, ShardInput, candidate_features, features_dir, progress_logger,
                         read_targets_version, target_gradients)
 from .model import base_model, read_model_ref, read_warmup, warmup_checkpoint
 from .partitions import candidate_shards
+from .paths import checkpoint_dir, model_path
 from .plots import md_table
 from .pool import candidate_pool, target_sets, targets_path
 from .scores import DUCKDB_POOL, scores_version_path, write_method_scores, write_selections
 from .versions import asset_fingerprint, data_version
+
+
+def _optimizer_state(storage: StorageResource, ckpt: dict) -> dict:
+    path = storage.path("warmup", ckpt["name"], "optimizer_state.safetensors")
+    if not path.exists():
+        raise ArtifactError(f"{path} is missing; re-materialize the `warmup_checkpoint` asset")
+    try:
+        return load_optimizer_state(checkpoint_dir(storage, ckpt))
+    except Exception as exc:  # SafetensorError, OSError, ValueError
+        raise ArtifactError(f"{path} is not a readable safetensors file ({exc}); re-materialize "
+                            "the `warmup_checkpoint` asset") from None
 
 
 def _grads_manifest(storage: StorageResource) -> dict:
@@ -55,13 +68,13 @@ def less_candidate_features(context: dg.AssetExecutionContext, config: LessFeatu
     shard_in = ShardInput.load(storage, compute, ref, shard)
     tensors, timings = {}, {}
     for ckpt in grads["checkpoints"]:
-        model = compute.load_model(ref["path"], ckpt["dir"])
+        model = compute.load_model(model_path(storage, ref), checkpoint_dir(storage, ckpt))
         layout, _ = trainable_linears(model)
-        info = json.loads((storage.path("warmup", ckpt["name"], "checkpoint_info.json")).read_text())
-        state = load_optimizer_state(ckpt["dir"])
+        info = storage.read_json(storage.path("warmup", ckpt["name"], "checkpoint_info.json"), "warmup_checkpoint")
+        state = _optimizer_state(storage, ckpt)
         missing = [b.name for b in layout.blocks if b.name not in state]
         if missing:
-            raise ValueError(f"optimizer state of {ckpt['dir']} has no moments for {missing[:3]}; "
+            raise ValueError(f"optimizer state of {checkpoint_dir(storage, ckpt)} has no moments for {missing[:3]}; "
                              "re-materialize warmup_checkpoint")
         device = compute.torch_device()
         moments = [(state[b.name]["exp_avg"].reshape(-1).to(device), state[b.name]["exp_avg_sq"].reshape(-1).to(device))
@@ -103,7 +116,7 @@ def representation_features(context: dg.AssetExecutionContext, storage: StorageR
     shard = context.partition_key
     ref, ckpt = read_model_ref(storage), _last_checkpoint(storage)
     shard_in = ShardInput.load(storage, compute, ref, shard)
-    model = compute.load_model(ref["path"], ckpt["dir"])
+    model = compute.load_model(model_path(storage, ref), checkpoint_dir(storage, ckpt))
     b = compute.batching()
     start = time.perf_counter()
     reps = mean_pooled_hidden_states(model, [shard_in.encoded[i] for i in shard_in.keep], b["device"], b["dtype"],
@@ -174,7 +187,8 @@ def baseline_scores(context: dg.AssetExecutionContext, config: BaselineScoresCon
             per_ckpt, names = [], None
             for ckpt in ckpts:
                 G = storage.open_npy(storage.path("target_gradients", ckpt, f"{target}.npy"), "target_gradients")
-                labels = pl.read_parquet(storage.path("target_gradients", ckpt, f"{target}.parquet"))
+                labels = storage.read_parquet(storage.path("target_gradients", ckpt, f"{target}.parquet"),
+                                              "target_gradients")
                 names, m = mean_cosine_per_subtask(tensors[ckpt], projector.project_rows(G), labels["subtask"])
                 per_ckpt.append(m)
             summary.append(write_method_scores(score_store, target, "less", side, weighted_sum(per_ckpt, weights),
@@ -183,8 +197,8 @@ def baseline_scores(context: dg.AssetExecutionContext, config: BaselineScoresCon
         side, tensors, metas = _load_method_features(storage, shards, "representation")
         inputs.append(("representation", [m.get("version") for m in metas]))
         ref, ckpt = read_model_ref(storage), _last_checkpoint(storage)
-        model = compute.load_model(ref["path"], ckpt["dir"])
-        tokenizer = compute.load_tokenizer(ref["path"])
+        model = compute.load_model(model_path(storage, ref), checkpoint_dir(storage, ckpt))
+        tokenizer = compute.load_tokenizer(model_path(storage, ref))
         df = storage.read_parquet(targets_path(storage), "target_sets").filter(pl.col("split") == "basis")
         b = compute.batching()
         for target in targets:

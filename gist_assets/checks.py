@@ -1,8 +1,6 @@
 """Asset checks guarding what downstream consumes."""
 
 
-import json
-
 import dagster as dg
 import numpy as np
 import polars as pl
@@ -30,7 +28,13 @@ def basis_columns_orthonormal(storage: StorageResource) -> dg.AssetCheckResult:
                                                            "per_basis": dg.MetadataValue.json(worst)})
 
 
+def _integrity_metadata(found: dict) -> dict:
+    return {"duplicated_keys": found["duplicated_keys"], "duplicates": dg.MetadataValue.json(found["duplicates"]),
+            "nonfinite_scores": found["nonfinite"], "nonfinite_rows": dg.MetadataValue.json(found["nonfinite_rows"])}
+
+
 def _scores_valid(context, storage: StorageResource, score_store: ScoreStore) -> dg.AssetCheckResult:
+    found = score_store.integrity("candidate_scores")
     with score_store.get_connection() as conn:
         bad = conn.execute(
             "SELECT count(*) FROM candidate_scores WHERE "
@@ -40,11 +44,13 @@ def _scores_valid(context, storage: StorageResource, score_store: ScoreStore) ->
     for shard in context.instance.get_dynamic_partitions(candidate_shards.name):
         side = features_dir(storage, shard) / "candidates.parquet"
         if side.exists():
-            excluded += pl.read_parquet(side).filter(~pl.col("included"))["candidate_id"].to_list()
+            excluded += (storage.read_parquet(side, "candidate_features", partition=shard)
+                         .filter(~pl.col("included"))["candidate_id"].to_list())
     wrongly_scored = sorted(set(excluded) & scored_ids)
-    return dg.AssetCheckResult(passed=bad == 0 and not wrongly_scored, metadata={
+    ok = bad == 0 and not wrongly_scored and found["duplicated_keys"] == 0 and found["nonfinite"] == 0
+    return dg.AssetCheckResult(passed=ok, metadata={
         "out_of_range_or_nonfinite": int(bad), "excluded_candidates": len(excluded),
-        "excluded_but_scored": dg.MetadataValue.json(wrongly_scored[:20])})
+        "excluded_but_scored": dg.MetadataValue.json(wrongly_scored[:20]), **_integrity_metadata(found)})
 
 
 @dg.asset_check(asset=candidate_scores, blocking=True,
@@ -61,6 +67,14 @@ def baseline_scores_valid(context: dg.AssetCheckExecutionContext, storage: Stora
     return _scores_valid(context, storage, score_store)
 
 
+@dg.asset_check(asset=selected_subset, blocking=True,
+                description="The selections table holds each (candidate, target, method) once, with a finite score")
+def selections_valid(score_store: ScoreStore) -> dg.AssetCheckResult:
+    found = score_store.integrity("selections")
+    return dg.AssetCheckResult(passed=found["duplicated_keys"] == 0 and found["nonfinite"] == 0,
+                               metadata=_integrity_metadata(found))
+
+
 @dg.asset_check(asset=selected_subset, description="Each selection has the configured size, in every output")
 def selection_size_as_configured(storage: StorageResource, score_store: ScoreStore) -> dg.AssetCheckResult:
     bases = read_basis_manifest(storage)
@@ -70,7 +84,7 @@ def selection_size_as_configured(storage: StorageResource, score_store: ScoreSto
         for method in methods:
             for target in sorted(bases["targets"]):
                 folder = selection_dir(storage, target, method)
-                manifest = json.loads((folder / "manifest.json").read_text())
+                manifest = storage.read_json(folder / "manifest.json", "selected_subset")
                 expected = selection_size(manifest["scored_candidates"], manifest["config"]["percentage"],
                                           manifest["config"]["n"])
                 in_db = conn.execute("SELECT count(*) FROM selections WHERE target = ? AND method = ?",

@@ -10,7 +10,8 @@ from gist_resources import ComputeResource, ScoreStore, StorageResource
 
 from .automation import automation_sensor, new_candidate_data, periodic_refresh, refresh_job
 from .baselines import baseline_scores, baseline_selections, less_candidate_features, representation_features
-from .checks import basis_columns_orthonormal, baseline_scores_valid, scores_valid, selection_size_as_configured
+from .checks import (basis_columns_orthonormal, baseline_scores_valid, scores_valid, selection_size_as_configured,
+                     selections_valid)
 from .config import job_config
 from .evaluation import selection_evaluation
 from .gradients import candidate_features, spectral_basis, target_gradients
@@ -23,7 +24,7 @@ ASSETS = [candidate_pool, target_sets, base_model, warmup_checkpoint, target_gra
           candidate_features, candidate_scores, selected_subset,
           less_candidate_features, representation_features, baseline_scores, baseline_selections,
           selection_evaluation]
-CHECKS = [basis_columns_orthonormal, scores_valid, selection_size_as_configured, baseline_scores_valid]
+CHECKS = [basis_columns_orthonormal, scores_valid, selection_size_as_configured, baseline_scores_valid, selections_valid]
 RESOURCE_NAMES = ["storage", "compute", "score_store"]
 
 # The graph in stages, each a job: the run path of the CLI and what a user launches in the UI.

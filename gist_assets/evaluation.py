@@ -34,6 +34,7 @@ from .baselines import baseline_selections
 from .config import EvaluationConfig
 from .model import GPU_STEP_TAGS, base_model, default_target_modules, read_model_ref
 from .plots import bar_chart, md_table
+from .paths import model_path
 from .pool import candidate_pool, pool_path, target_sets, targets_path
 from .scores import DUCKDB_POOL, selected_subset
 
@@ -143,7 +144,7 @@ def selection_evaluation(context: dg.AssetExecutionContext, config: EvaluationCo
                          compute: ComputeResource, score_store: ScoreStore) -> dg.MaterializeResult:
     """Fine-tune on each method's selection (same settings and seed), then held-out loss and accuracy per target."""
     ref = read_model_ref(storage)
-    tokenizer = compute.load_tokenizer(ref["path"])
+    tokenizer = compute.load_tokenizer(model_path(storage, ref))
     pool = storage.read_parquet(pool_path(storage), "candidate_pool")
     heldouts = heldout_sets(storage.read_parquet(targets_path(storage), "target_sets"), tokenizer,
                             ref["max_length"])
@@ -181,7 +182,7 @@ def selection_evaluation(context: dg.AssetExecutionContext, config: EvaluationCo
 
     # The base model: no fine-tuning, judged on every target; it also names the LoRA target modules.
     start = time.perf_counter()
-    model = compute.load_model(ref["path"])
+    model = compute.load_model(model_path(storage, ref))
     spec = finetune_spec(config, ref, default_target_modules(model))
     for target, held in heldouts.items():
         results[(target, BASE)] = {**evaluate_heldout(model, held, device, pad_id, dtype, max_tokens),
@@ -203,7 +204,7 @@ def selection_evaluation(context: dg.AssetExecutionContext, config: EvaluationCo
         start = time.perf_counter()
         context.log.info(f"fine-tune {n}/{len(plan)}: {names} ({len(train)} examples)")
         judged = {t: heldouts[t] for t in sorted({t for t, _ in pairs})}
-        out = finetune_and_evaluate_many(lambda: compute.load_model(ref["path"]), train, judged, spec, device,
+        out = finetune_and_evaluate_many(lambda: compute.load_model(model_path(storage, ref)), train, judged, spec, device,
                                          pad_id, dtype, max_tokens, log=context.log.debug)
         for target, method in pairs:
             results[(target, method)] = out[target]

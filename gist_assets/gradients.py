@@ -20,6 +20,7 @@ from gist_resources.storage import ArtifactError
 from .config import SpectralBasisConfig, TargetGradientsConfig
 from .model import GPU_STEP_TAGS, base_model, read_model_ref, read_warmup, warmup_checkpoint
 from .partitions import candidate_shards
+from .paths import checkpoint_dir, model_path, relative_checkpoints
 from .plots import md_table, spectrum_plot
 from .pool import candidate_pool, pool_path, read_pool_version, target_sets, targets_path
 from .versions import asset_fingerprint, data_version, fingerprint
@@ -57,10 +58,11 @@ def target_gradients(context: dg.AssetExecutionContext, config: TargetGradientsC
         raise ValueError(f"checkpoints {missing} do not exist; the warmup saved epochs {sorted(available)}")
     checkpoints = [available[e] for e in wanted]
     df = storage.read_parquet(targets_path(storage), "target_sets").filter(pl.col("split") == "basis")
-    tokenizer = compute.load_tokenizer(ref["path"])
+    tokenizer = compute.load_tokenizer(model_path(storage, ref))
     dest = storage.path("target_gradients")
     version = asset_fingerprint(context, warm["version"], read_targets_version(storage), ref["version"])
-    manifest = {"version": version, "checkpoints": checkpoints, "targets": {}, "max_length": ref["max_length"]}
+    manifest = {"version": version, "checkpoints": relative_checkpoints(storage, checkpoints), "targets": {},
+                "max_length": ref["max_length"]}
     excluded_rows = []
     with storage.atomic_dir(dest) as tmp:
         per_target = {}
@@ -77,7 +79,7 @@ def target_gradients(context: dg.AssetExecutionContext, config: TargetGradientsC
                                  f"{ref['max_length']}; raise base_model max_length")
             per_target[name] = (rows[keep], [enc[i] for i in keep])
         for ckpt in checkpoints:
-            model = compute.load_model(ref["path"], ckpt["dir"])
+            model = compute.load_model(model_path(storage, ref), checkpoint_dir(storage, ckpt))
             layout, _ = trainable_linears(model)
             (tmp / ckpt["name"]).mkdir()
             for name, (rows, enc) in per_target.items():
@@ -123,14 +125,16 @@ def spectral_basis(context: dg.AssetExecutionContext, config: SpectralBasisConfi
         raise ValueError("spectral_basis: set exactly one of k or energy (set the other to null)")
     grads = storage.read_json(storage.path("target_gradients", "manifest.json"), "target_gradients")
     dest = storage.path("basis")
-    manifest = {"version": asset_fingerprint(context, grads["version"]), "checkpoints": grads["checkpoints"],
+    manifest = {"version": asset_fingerprint(context, grads["version"]),
+                "checkpoints": relative_checkpoints(storage, grads["checkpoints"]),
                 "targets": {}, "dim": grads["dim"], "config": config.model_dump()}
     spectra, ks, summary = {}, {}, []
     with storage.atomic_dir(dest) as tmp:
         for ckpt in grads["checkpoints"]:
             for name in sorted(grads["targets"]):
                 G = storage.open_npy(storage.path("target_gradients", ckpt["name"], f"{name}.npy"), "target_gradients")
-                labels = pl.read_parquet(storage.path("target_gradients", ckpt["name"], f"{name}.parquet"))
+                labels = storage.read_parquet(storage.path("target_gradients", ckpt["name"], f"{name}.parquet"),
+                                              "target_gradients")
                 out_dir = tmp / ckpt["name"] / name
                 out_dir.mkdir(parents=True)
                 basis, notes = build_basis(G, k=config.k, energy=config.energy, eps=config.eps,
@@ -191,7 +195,7 @@ class ShardInput:
         if pool.height == 0:
             raise ArtifactError(f"shard {shard!r} has no candidates in the current pool; re-materialize "
                              "candidate_pool (it removes shards of deleted files)")
-        tokenizer = compute.load_tokenizer(ref["path"])
+        tokenizer = compute.load_tokenizer(model_path(storage, ref))
         encoded = [encode_messages(tokenizer, json.loads(m), ref["max_length"]) for m in pool["messages"]]
         included = [e.n_label_tokens > 0 for e in encoded]
         side = pool.select("candidate_id", "source").with_columns(
@@ -229,7 +233,7 @@ def stale_gist_shards(storage: StorageResource, shards: list[str]) -> tuple[list
     stale, versions = [], {}
     for shard in shards:
         meta_path = features_dir(storage, shard) / "meta.json"
-        meta = json.loads(meta_path.read_text()) if meta_path.exists() else {}
+        meta = storage.read_json(meta_path, "candidate_features", partition=shard) if meta_path.exists() else {}
         if meta.get("shard_version") != pool["shards"].get(shard) or meta.get("basis_version") != basis_version:
             stale.append(shard)
         else:
@@ -248,7 +252,7 @@ def compute_gist_shard(storage: StorageResource, compute: ComputeResource, shard
     targets = sorted(bases["targets"])
     tensors, timings = {}, {}
     for ckpt in bases["checkpoints"]:
-        model = compute.load_model(ref["path"], ckpt["dir"])
+        model = compute.load_model(model_path(storage, ref), checkpoint_dir(storage, ckpt))
         V, slices = load_bases(storage, ckpt["name"], targets)
         z, norms, losses, stats = projected_gradients(
             model, [encoded[i] for i in keep], V, pad_id=tokenizer.pad_token_id,

@@ -10,9 +10,11 @@ from gist_core import modeling, synthetic
 from gist_core.data import encode_messages, tulu_segments
 from gist_core.warmup import LoraTrainConfig, save_checkpoint, train_lora
 from gist_resources import ComputeResource, StorageResource
+from gist_resources.storage import strict_json
 
 from .config import BaseModelConfig, WarmupConfig
 from .plots import line_plot
+from .paths import model_path
 from .pool import candidate_pool, pool_path, read_pool_version
 from .versions import asset_fingerprint, data_version
 
@@ -95,7 +97,7 @@ def base_model(context: dg.AssetExecutionContext, config: BaseModelConfig, stora
     with storage.atomic_dir(dest) as tmp:
         model.save_pretrained(str(tmp))
         tokenizer.save_pretrained(str(tmp))
-    ref = {"path": str(dest), "embedded": True, "max_length": max_length, "vocab_size": len(tokenizer),
+    ref = {"path": storage.relative(dest), "embedded": True, "max_length": max_length, "vocab_size": len(tokenizer),
            "version": asset_fingerprint(context, synthetic.PRETRAIN_CORPUS_SEED, synthetic.PRETRAIN_CORPUS_SIZE)}
     storage.write_json(ref_path, ref)
     return dg.MaterializeResult(data_version=data_version(ref["version"]), metadata={
@@ -125,10 +127,10 @@ def warmup_checkpoint(context: dg.AssetExecutionContext, config: WarmupConfig, s
     pool = storage.read_parquet(pool_path(storage), "candidate_pool").sort("candidate_id")
     n = max(1, round(config.fraction * pool.height))
     picked = sorted(random.Random(config.seed).sample(range(pool.height), n))
-    tokenizer = compute.load_tokenizer(ref["path"])
+    tokenizer = compute.load_tokenizer(model_path(storage, ref))
     encoded = [encode_messages(tokenizer, json.loads(pool["messages"][i]), ref["max_length"]) for i in picked]
     encoded = [e for e in encoded if e.n_label_tokens > 0]
-    model = compute.load_model(ref["path"])
+    model = compute.load_model(model_path(storage, ref))
     target_modules = list(config.target_modules or []) or default_target_modules(model)
     model = modeling.attach_lora(model, hp["lora_r"], hp["lora_alpha"], config.lora_dropout, target_modules,
                                  seed=config.seed)
@@ -141,7 +143,7 @@ def warmup_checkpoint(context: dg.AssetExecutionContext, config: WarmupConfig, s
         def on_epoch_end(epoch, avg_lr, optimizer):
             name = f"epoch_{epoch + 1}"
             save_checkpoint(model, optimizer, tmp / name, {"epoch": epoch + 1, "avg_lr": avg_lr})
-            checkpoints.append({"name": name, "epoch": epoch + 1, "avg_lr": avg_lr, "dir": str(dest / name)})
+            checkpoints.append({"name": name, "epoch": epoch + 1, "avg_lr": avg_lr, "dir": storage.relative(dest / name)})
 
         result = train_lora(model, encoded, cfg, compute.torch_device(), compute.autocast_dtype(),
                             pad_id=tokenizer.pad_token_id, on_epoch_end=on_epoch_end, log=context.log.info)
@@ -149,7 +151,7 @@ def warmup_checkpoint(context: dg.AssetExecutionContext, config: WarmupConfig, s
         manifest = {"version": version, "checkpoints": checkpoints, "examples": len(encoded), "steps": result.steps,
                     "seconds": result.seconds, "losses": result.losses, "target_modules": target_modules,
                     "hyperparameters": {**config.model_dump(), **hp}, "base_model": ref["path"]}
-        (tmp / "manifest.json").write_text(json.dumps(manifest, indent=2))
+        (tmp / "manifest.json").write_text(strict_json(manifest))
         # Which candidates existed when the warmup was trained: scores count those that came later.
         pool.select("candidate_id").write_parquet(tmp / WARMUP_POOL_IDS)
     return dg.MaterializeResult(data_version=data_version(version), metadata={

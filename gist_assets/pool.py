@@ -117,20 +117,50 @@ def candidate_pool(context: dg.AssetExecutionContext, config: CandidatePoolConfi
 
 
 def split_heldout(examples: list[dict], fraction: float, seed: int) -> list[str]:
-    """Seeded per-subtask split into 'basis' and 'heldout'; each subtask keeps >= 1 basis example."""
+    """Seeded per-subtask split into 'basis' and 'heldout'.
+
+    An example's own ``split`` (custom JSONL) is kept. Otherwise, with ``fraction > 0``,
+    each subtask of >= 2 examples holds out ``fraction`` of them, at least one, and keeps
+    at least one in the basis; a target whose subtasks all have one example holds out one
+    of them (seeded), so that every target of >= 2 examples has a held-out example.
+    """
     if not 0 <= fraction < 1:
         raise ValueError(f"heldout_fraction must be in [0, 1), got {fraction}")
-    split = ["basis"] * len(examples)
-    by_subtask: dict[tuple, list[int]] = {}
+    split = [e.get("split") or "basis" for e in examples]
+    by_target: dict[str, dict[str, list[int]]] = {}
     for i, e in enumerate(examples):
-        by_subtask.setdefault((e["target"], e["subtask"]), []).append(i)
-    for key in sorted(by_subtask):
-        idx = by_subtask[key]
-        n_out = min(int(fraction * len(idx)), len(idx) - 1)
-        rng = random.Random(f"{seed}/{key[0]}/{key[1]}")
-        for i in rng.sample(idx, n_out):
-            split[i] = "heldout"
+        if e.get("split") is None:
+            by_target.setdefault(e["target"], {}).setdefault(e["subtask"], []).append(i)
+    if fraction == 0:
+        return split
+    for target in sorted(by_target):
+        for subtask in sorted(by_target[target]):
+            idx = by_target[target][subtask]
+            if len(idx) < 2:
+                continue
+            n_out = min(max(1, int(fraction * len(idx))), len(idx) - 1)
+            rng = random.Random(f"{seed}/{target}/{subtask}")
+            for i in rng.sample(idx, n_out):
+                split[i] = "heldout"
+        idx = sorted(i for part in by_target[target].values() for i in part)
+        if len(idx) >= 2 and all(split[i] == "basis" for i in idx):
+            split[random.Random(f"{seed}/{target}").choice(idx)] = "heldout"
     return split
+
+
+def check_splits(examples: list[dict], split: list[str], fraction: float, sources: dict[str, str]) -> None:
+    """Every target needs a basis example (target_gradients) and, when fraction > 0, a held-out one (evaluation)."""
+    for target in sorted({e["target"] for e in examples}):
+        got = Counter(s for e, s in zip(examples, split) if e["target"] == target)
+        n, where = sum(got.values()), sources[target]
+        if not got["basis"]:
+            raise ValueError(f"target {target!r} ({where}) has no basis examples ({n} examples, all held out); "
+                             "mark at least one example \"split\": \"basis\"")
+        if fraction > 0 and not got["heldout"]:
+            raise ValueError(
+                f"target {target!r} ({where}) has no held-out examples ({n} example(s)) while heldout_fraction="
+                f"{fraction}: the evaluation needs at least one. Add examples, mark some \"split\": \"heldout\" "
+                "in a JSONL target file, or set target_sets heldout_fraction: 0")
 
 
 @dg.asset(group_name="inputs", code_version="2", kinds={"polars", "parquet"})
@@ -143,6 +173,9 @@ def target_sets(context: dg.AssetExecutionContext, config: TargetSetsConfig,
         specs = [{"name": name, "format": "jsonl", "path": str(p)} for name, p in sorted(paths.items())]
         context.log.info(f"no targets configured: using the embedded targets {sorted(paths)}")
     names = [s["name"] for s in specs]
+    # Validated here, before any model work, not when target_gradients writes files named after them.
+    for name in names:
+        target_loaders.check_target_name(name)
     if len(set(names)) != len(names):
         raise ValueError(f"target names must be unique, got {names}")
     examples: list[dict] = []
@@ -153,7 +186,9 @@ def target_sets(context: dg.AssetExecutionContext, config: TargetSetsConfig,
             raise ValueError(f"target {spec['name']!r} ({spec['path']}) has no examples")
         examples.extend(loaded)
     split = split_heldout(examples, config.heldout_fraction, config.seed)
-    df = pl.DataFrame(examples).with_columns(pl.Series("split", split))
+    check_splits(examples, split, config.heldout_fraction, {s["name"]: s["path"] for s in specs})
+    df = pl.DataFrame([{k: v for k, v in e.items() if k != "split"} for e in examples]).with_columns(
+        pl.Series("split", split))
     storage.write_parquet(targets_path(storage), df)
     version = rows_fingerprint(df["example_id"], df["target"], df["subtask"], df["prompt"], df["completion"],
                                df["split"])

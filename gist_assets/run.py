@@ -277,7 +277,8 @@ def run_all(run_config: dict | None = None, root: str = "", instance: dg.Dagster
         report.update(run_stage(instance, job, run_config, force, log))
         timings[job] = time.perf_counter() - start
     database = run_config["resources"]["score_store"]["config"]["database"]
-    return {"selections": current_selections(root), "report": report, "timings": timings, "database": database}
+    return {"selections": current_selections(root), "report": report, "timings": timings, "database": database,
+            "root": root}
 
 
 def summarize(report: dict[str, str]) -> list[str]:
@@ -343,7 +344,7 @@ def main(argv=None) -> int:
     for target, m in out["selections"].items():
         mix = ", ".join(f"{s} {n}" for s, n in sorted(m["counts_per_source"].items(), key=lambda kv: -kv[1]))
         print(f"{target}: {m['selected']} of {m['scored_candidates']} candidates ({mix})")
-        print(f"    {m['files']['jsonl']}")
+        print(f"    {Path(out['root'], m['files']['jsonl'])}")
     print(f"scores: {out['database']} (tables candidate_scores, subtask_scores, selections)")
     if args.compare:
         print_evaluations(out["database"])

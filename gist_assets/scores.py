@@ -12,11 +12,13 @@ from gist_core.scoring import checkpoint_weights, cosine_to_subtasks, subtask_di
 from gist_core.selection import capped_top, rank_order, round_robin, selection_size
 from gist_resources import ScoreStore, StorageResource
 from gist_resources.score_store import SCORES_DDL
+from gist_resources.storage import strict_json
 
 from .config import CandidateScoresConfig, SelectionConfig
 from .gradients import candidate_features, features_dir, read_basis_manifest, spectral_basis
 from .model import read_model_ref, read_warmup, warmup_pool_ids
 from .partitions import candidate_shards
+from .paths import model_path, relative_checkpoints
 from .plots import histogram, md_table
 from .pool import candidate_pool, pool_path, read_pool_version
 from .versions import asset_fingerprint, data_version, fingerprint
@@ -59,11 +61,21 @@ def load_shard_features(storage: StorageResource, shards: list[str], bases: dict
 
 def write_method_scores(score_store: ScoreStore, target: str, method: str, scored: pl.DataFrame,
                         per_subtask: np.ndarray, subtask_names: list[str], fingerprint: str) -> dict:
-    """Max over subtasks, rank (ties by id), then both tables for (target, method) in one transaction."""
-    score = per_subtask.max(axis=1)
-    best = per_subtask.argmax(axis=1)
+    """Max over subtasks, rank (ties by id), then both tables for (target, method) in one transaction.
+
+    A candidate with a non-finite score (NaN or infinite in any subtask) is left out of both tables and
+    the ranking, and is reported (``nonfinite_excluded``), so exports and the ranking stay strict.
+    """
+    finite = np.isfinite(per_subtask).all(axis=1)
+    nonfinite_ids = scored["candidate_id"].filter(pl.Series(~finite)).to_list()
+    scored, per_subtask = scored.filter(pl.Series(finite)), per_subtask[finite]
+    score = per_subtask.max(axis=1) if len(per_subtask) else np.zeros(0)
+    best = per_subtask.argmax(axis=1) if len(per_subtask) else np.zeros(0, dtype=np.int64)
     ids = scored["candidate_id"]
     m, n_sub = len(ids), len(subtask_names)
+    if not m:
+        raise ValueError(f"no candidate has a finite {method!r} score for target {target!r} "
+                         f"({len(nonfinite_ids)} non-finite); check the gradients of the target and the candidates")
     rank = np.empty(m, dtype=np.int64)
     rank[rank_order(score, ids)] = np.arange(1, m + 1)
     names = pl.Series("best_subtask", subtask_names, dtype=pl.Utf8)
@@ -81,7 +93,8 @@ def write_method_scores(score_store: ScoreStore, target: str, method: str, score
     ]).with_columns(pl.lit(target).alias("target"), pl.lit(method).alias("method"))
     score_store.replace_method_scores(target, method, df, long)
     return {"target": target, "method": method, "scored": df.height, "mean": float(score.mean()),
-            "max": float(score.max()), "min": float(score.min())}
+            "max": float(score.max()), "min": float(score.min()), "nonfinite_excluded": len(nonfinite_ids),
+            "nonfinite_ids": ", ".join(nonfinite_ids[:10])}
 
 
 @dg.asset(group_name="gist", deps=[candidate_features, spectral_basis, candidate_pool], code_version="2",
@@ -124,6 +137,7 @@ def candidate_scores(context: dg.AssetExecutionContext, config: CandidateScoresC
             md_table(excluded.select("candidate_id", "source", "exclude_reason").to_dicts())),
         "checkpoint_weights": dg.MetadataValue.json(dict(zip(ckpts, weights.tolist()))),
         "rows_of_removed_targets_deleted": removed,
+        "nonfinite_scores_excluded": sum(s["nonfinite_excluded"] for s in summary),
         "database": dg.MetadataValue.path(score_store.database),
         "shards": len(shards),
     })
@@ -261,16 +275,19 @@ def write_selections(context, config: SelectionConfig, storage: StorageResource,
             manifest = {
                 "target": target, "method": method, "config": config.model_dump(), "selected": size,
                 "scored_candidates": n_scored, "score_cut": float(chosen["score"].min()),
-                "counts_per_source": dict(sorted(mix.items())), "model": ref["path"],
-                "checkpoints": [c for c in warm["checkpoints"]
-                                if c["name"] in {x["name"] for x in bases["checkpoints"]}],
-                "basis": {c: {**v, "dir": str(storage.path("basis", c, target))}
+                "counts_per_source": dict(sorted(mix.items())),
+                # Paths relative to the storage root (an external model stays as configured).
+                "model": storage.relative(model_path(storage, ref)),
+                "checkpoints": relative_checkpoints(storage, [
+                    c for c in warm["checkpoints"] if c["name"] in {x["name"] for x in bases["checkpoints"]}]),
+                "basis": {c: {**v, "dir": storage.relative(storage.path("basis", c, target))}
                           for c, v in bases["targets"][target].items()} if method == METHOD else None,
-                "artifacts": {"candidate_pool": str(pool_path(storage)), "database": score_store.database,
-                              "warmup": str(storage.path("warmup")), "basis": str(storage.path("basis")),
-                              "target_gradients": str(storage.path("target_gradients")),
-                              "features": str(storage.path("features"))},
-                "files": {"jsonl": str(dest / "selection.jsonl"), "parquet": str(dest / "selection.parquet")},
+                "artifacts": {"candidate_pool": storage.relative(pool_path(storage)),
+                              "database": storage.relative(score_store.database),
+                              **{name: storage.relative(storage.path(name)) for name in
+                                 ("warmup", "basis", "target_gradients", "features")}},
+                "files": {"jsonl": storage.relative(dest / "selection.jsonl"),
+                          "parquet": storage.relative(dest / "selection.parquet")},
             }
             if known_at_warmup is not None:
                 manifest["selected_newer_than_warmup"] = sum(1 for c in chosen["candidate_id"] if c not in known_at_warmup)
@@ -279,7 +296,7 @@ def write_selections(context, config: SelectionConfig, storage: StorageResource,
                     for line in chosen["original"]:
                         fh.write(line + "\n")
                 chosen.write_parquet(tmp / "selection.parquet")
-                (tmp / "manifest.json").write_text(json.dumps(manifest, indent=2, sort_keys=True))
+                (tmp / "manifest.json").write_text(strict_json(manifest))
             score_store.replace_selection(target, method, chosen.select(
                 pl.lit(target).alias("target"), pl.lit(method).alias("method"), "candidate_id",
                 pl.col("selection_rank").alias("rank"), "score", "source"))

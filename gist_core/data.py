@@ -7,11 +7,16 @@ pairs already in chat format (see ``targets.py``).
 
 from __future__ import annotations
 
+import bz2
 import glob
+import gzip
 import hashlib
 import json
+import lzma
+import math
 import os
 import unicodedata
+import zlib
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterable, Iterator, Sequence
@@ -144,29 +149,156 @@ def source_from_path(path: str) -> str:
     return stem[: -len("_data")] if stem.endswith("_data") else stem
 
 
-def iter_jsonl(path: str) -> Iterator[tuple[int, object | BadRecordError]]:
-    """Yield (line number, parsed object or BadRecordError); blank lines skipped."""
+# One line (record) at most this many bytes: a longer line is a bad record, and is never
+# held in memory whole (a file without newlines would otherwise be read as one line).
+MAX_RECORD_BYTES = 8 << 20
+# JSON nested deeper than this is refused: Python's json recursion (loads and dumps) ends near 1000.
+MAX_DEPTH = 100
+MAX_ID_CHARS = 256
+# Compressed pool files are read as streams, by suffix.
+_STREAMS = {".gz": ("gzip", gzip.open), ".bz2": ("bzip2", bz2.open), ".xz": ("xz", lzma.open)}
+
+
+class CorruptFileError(ValueError):
+    """A file that cannot be read to its end (a damaged compressed stream).
+
+    Never skipped, even with ``on_bad_record: skip``: how many records were lost is unknown.
+    """
+
+    def __init__(self, file: str, line: int, reason: str):
+        self.file, self.line, self.reason = file, line, reason
+        super().__init__(
+            f"{file}: {reason} (after line {line}). The file cannot be read to its end, so it is not used "
+            f"even with on_bad_record: skip; re-create or re-download it, or remove it from the candidate paths."
+        )
+
+
+def _open_stream(path: str):
+    suffix = Path(path).suffix.lower()
+    if suffix in (".zst", ".zstd"):
+        raise ValueError(f"{path}: zstandard-compressed files are not supported; decompress it "
+                         "(zstd -d) or recompress it with gzip (.jsonl.gz)")
+    kind, opener = _STREAMS.get(suffix, ("plain", None))
     try:
-        raw = Path(path).read_bytes()
+        return kind, (opener(path, "rb") if opener else open(path, "rb"))
     except OSError as exc:
         raise BadRecordError(path, 0, f"cannot read file: {exc}") from None
+
+
+def _raw_lines(path: str, max_bytes: int) -> Iterator[tuple[int, bytes | None]]:
+    """(line number, raw line) of a plain or compressed file; None for a line over ``max_bytes``."""
+    kind, fh = _open_stream(path)
+    lineno = 0
     try:
-        text = raw.decode("utf-8-sig")
-    except UnicodeDecodeError as exc:
-        line = raw[: exc.start].count(b"\n") + 1
-        raise BadRecordError(path, line, f"file is not valid UTF-8 (byte {exc.start}); re-encode it as UTF-8") from None
-    if not text.strip():
-        raise BadRecordError(path, 0, "file is empty (no records)")
-    # Split on "\n" only: str.splitlines() also breaks on U+2028/U+2029/U+0085,
-    # which JSON allows unescaped inside strings (json.dumps(ensure_ascii=False)
-    # writes them raw), so it would corrupt valid records and shift line numbers.
-    for lineno, line in enumerate(text.split("\n"), start=1):
-        if not line.strip():
+        with fh:
+            while True:
+                raw = fh.readline(max_bytes + 1)
+                if not raw:
+                    return
+                lineno += 1
+                if len(raw) > max_bytes and not raw.endswith(b"\n"):
+                    while raw and not raw.endswith(b"\n"):  # drain the rest of the long line
+                        raw = fh.readline(1 << 20)
+                    yield lineno, None
+                else:
+                    yield lineno, raw
+    except (OSError, EOFError, zlib.error, lzma.LZMAError) as exc:
+        what = "file" if kind == "plain" else f"{kind} stream"
+        raise CorruptFileError(path, lineno, f"the {what} is damaged or truncated ({exc})") from None
+
+
+def _finite_float(text: str) -> float:
+    value = float(text)
+    if not math.isfinite(value):
+        raise ValueError(f"number {text[:40]} is out of the range of a float (strict JSON has no Infinity)")
+    return value
+
+
+def _reject_constant(name: str):
+    raise ValueError(f"{name} is not valid JSON (strict JSON has no NaN/Infinity); write it as a string or null")
+
+
+def _too_deep(obj, limit: int) -> bool:
+    stack = [(obj, 1)]
+    while stack:
+        value, depth = stack.pop()
+        if isinstance(value, (dict, list)):
+            if depth > limit:
+                return True
+            stack.extend((v, depth + 1) for v in (value.values() if isinstance(value, dict) else value))
+    return False
+
+
+def parse_record(text: str) -> tuple[object, str]:
+    """Strictly parse one JSON line: (object, its strict UTF-8-safe JSON text); ValueError with a reason."""
+    try:
+        obj = json.loads(text, parse_constant=_reject_constant, parse_float=_finite_float)
+    except json.JSONDecodeError as exc:
+        raise ValueError(f"malformed JSON ({exc.msg} at column {exc.colno})") from None
+    except RecursionError:
+        raise ValueError(f"JSON nested too deeply (more than {MAX_DEPTH} levels)") from None
+    except ValueError as exc:
+        if "integer string conversion" in str(exc):
+            raise ValueError("a number has more digits than Python allows (4300); store it as a string") from None
+        raise ValueError(str(exc)) from None
+    if _too_deep(obj, MAX_DEPTH):
+        raise ValueError(f"JSON nested too deeply (more than {MAX_DEPTH} levels)")
+    try:
+        original = json.dumps(obj, ensure_ascii=False, allow_nan=False)
+        original.encode("utf-8")
+    except UnicodeEncodeError as exc:
+        bad = exc.object[exc.start:exc.end].encode("unicode_escape").decode("ascii")
+        raise ValueError(f"a string holds a lone surrogate ({bad}), which is not valid Unicode; "
+                         "remove it or escape it as a pair") from None
+    return obj, original
+
+
+def iter_jsonl(path: str, max_record_bytes: int = MAX_RECORD_BYTES
+               ) -> Iterator[tuple[int, tuple[object, str] | BadRecordError]]:
+    """Yield (line number, (parsed object, strict JSON text) or BadRecordError); blank lines skipped.
+
+    ``.gz``, ``.bz2`` and ``.xz`` files are decompressed as streams. Lines are split on
+    b"\\n" only: str.splitlines() would also break on U+2028/U+2029/U+0085, which JSON
+    allows unescaped inside strings. Each line is decoded on its own, so one bad byte
+    costs one record, not the file.
+    """
+    any_record = False
+    for lineno, raw in _raw_lines(path, max_record_bytes):
+        if raw is None:
+            any_record = True
+            yield lineno, BadRecordError(path, lineno, f"record is longer than {max_record_bytes} bytes "
+                                                          "(the limit for one line)")
             continue
+        if lineno == 1 and raw.startswith(b"\xef\xbb\xbf"):
+            raw = raw[3:]
         try:
-            yield lineno, json.loads(line)
-        except json.JSONDecodeError as exc:
-            yield lineno, BadRecordError(path, lineno, f"malformed JSON ({exc.msg} at column {exc.colno})")
+            text = raw.decode("utf-8")
+        except UnicodeDecodeError as exc:
+            any_record = True
+            yield lineno, BadRecordError(path, lineno, f"line is not valid UTF-8 (byte {exc.start} of the line); "
+                                                       "re-encode the file as UTF-8")
+            continue
+        if not text.strip():
+            continue
+        any_record = True
+        try:
+            yield lineno, parse_record(text)
+        except ValueError as exc:
+            yield lineno, BadRecordError(path, lineno, str(exc))
+    if not any_record:
+        raise BadRecordError(path, 0, "file is empty (no records)")
+
+
+def _record_id(obj: dict) -> str:
+    rid = obj.get("id")
+    if rid is None:
+        return ""
+    if isinstance(rid, bool) or not isinstance(rid, (str, int)):
+        raise ValueError(f"'id' must be a string or an integer, got {type(rid).__name__}")
+    rid = str(rid)
+    if len(rid) > MAX_ID_CHARS:
+        raise ValueError(f"'id' is {len(rid)} characters long, more than {MAX_ID_CHARS}")
+    return rid if rid.strip() else ""
 
 
 @dataclass
@@ -177,62 +309,56 @@ class CandidateRow:
     line: int
     format: str
     messages: list[dict]
-    original: str  # the record as read (JSON), exported unchanged for fine-tuning
+    original: str  # the record as read (strict JSON), exported unchanged for fine-tuning
 
 
-def read_candidates(patterns: Sequence[str], on_bad_record: str = "error") -> tuple[list[CandidateRow], ReadReport]:
-    """Read, validate and deduplicate candidate JSONL files.
+def read_candidates(patterns: Sequence[str], on_bad_record: str = "error",
+                    max_record_bytes: int = MAX_RECORD_BYTES) -> tuple[list[CandidateRow], ReadReport]:
+    """Read, validate and deduplicate candidate JSONL files (plain, .gz, .bz2 or .xz).
 
     Ids: a record's own ``id`` is kept when it is unique across the pool;
     otherwise (missing or shared by different conversations) the id is
-    derived from source and content hash, so it is stable across runs.
+    derived from source and content hash, so it is stable across runs. An own id
+    equal to an id derived for another record is a bad record (the later line).
     """
     if on_bad_record not in ("error", "skip"):
         raise ValueError(f"on_bad_record must be 'error' or 'skip', got {on_bad_record!r}")
     report = ReadReport(files=expand_paths(patterns))
     rows: list[CandidateRow] = []
     seen: set[str] = set()
+
+    def bad(err: BadRecordError) -> None:
+        if on_bad_record == "error":
+            raise err
+        report.note_skip(err)
+
     for path in report.files:
         try:
-            records = list(iter_jsonl(path))
+            records = list(iter_jsonl(path, max_record_bytes))
         except BadRecordError as err:
-            if on_bad_record == "error":
-                raise
-            report.note_skip(err)
+            bad(err)
             continue
-        for lineno, obj in records:
+        for lineno, item in records:
             report.records_read += 1
+            if isinstance(item, BadRecordError):
+                bad(item)
+                continue
+            obj, original = item
             try:
-                if isinstance(obj, BadRecordError):
-                    raise obj
-                try:
-                    messages, fmt = record_to_messages(obj)
-                    source = obj.get("dataset") or obj.get("source") or source_from_path(path)
-                    _check_str(source, "'dataset'/'source'")
-                except ValueError as exc:
-                    raise BadRecordError(path, lineno, str(exc)) from None
-            except BadRecordError as err:
-                if on_bad_record == "error":
-                    raise
-                report.note_skip(err)
+                messages, fmt = record_to_messages(obj)
+                source = obj.get("dataset") or obj.get("source") or source_from_path(path)
+                _check_str(source, "'dataset'/'source'")
+                rid = _record_id(obj)
+            except ValueError as exc:
+                bad(BadRecordError(path, lineno, str(exc)))
                 continue
             key = normalized_conversation(messages)
             if key in seen:
                 report.duplicates_dropped += 1
                 continue
             seen.add(key)
-            rid = obj.get("id")
-            rows.append(
-                CandidateRow(
-                    candidate_id=str(rid) if isinstance(rid, (str, int)) and str(rid).strip() else "",
-                    source=source,
-                    file=path,
-                    line=lineno,
-                    format=fmt,
-                    messages=messages,
-                    original=json.dumps(obj, ensure_ascii=False),
-                )
-            )
+            rows.append(CandidateRow(candidate_id=rid, source=source, file=path, line=lineno, format=fmt,
+                                     messages=messages, original=original))
     counts: dict[str, int] = {}
     for r in rows:
         if r.candidate_id:
@@ -242,7 +368,18 @@ def read_candidates(patterns: Sequence[str], on_bad_record: str = "error") -> tu
             if r.candidate_id:
                 report.ids_rederived += 1
             r.candidate_id = f"{r.source}-{content_hash(r.source, r.messages)}"
-    return rows, report
+    # Own ids and derived ids share one namespace: a clash is refused, never two rows with one id.
+    owner: dict[str, CandidateRow] = {}
+    unique: list[CandidateRow] = []
+    for r in rows:
+        first = owner.setdefault(r.candidate_id, r)
+        if first is r:
+            unique.append(r)
+            continue
+        bad(BadRecordError(r.file, r.line, f"candidate id {r.candidate_id!r} is already the id of "
+                                           f"{first.file}:{first.line} (an own 'id' equal to an id derived from "
+                                           "another record's content); give this record another 'id'"))
+    return unique, report
 
 
 # ---------------------------------------------------------------- chat format

@@ -176,13 +176,53 @@ def attach_lora(model: nn.Module, r: int, alpha: int, dropout: float, target_mod
     return get_peft_model(model, cfg)
 
 
+class CorruptAdapterError(ValueError):
+    """A saved adapter whose files cannot be read (truncated or damaged); the message names the file."""
+
+    def __init__(self, file: str, detail: str):
+        self.file = file
+        super().__init__(f"{file} is damaged or truncated ({detail})")
+
+
+def _check_adapter_files(adapter_dir: str) -> None:
+    """Read the adapter's config and every tensor header before PEFT does, so damage names the file."""
+    from safetensors import safe_open
+
+    config = os.path.join(adapter_dir, "adapter_config.json")
+    try:
+        with open(config, encoding="utf-8") as fh:
+            json.load(fh)
+    except (ValueError, OSError) as exc:
+        raise CorruptAdapterError(config, f"not readable JSON: {exc}") from None
+    weights = os.path.join(adapter_dir, "adapter_model.safetensors")
+    if not os.path.isfile(weights):
+        return  # an adapter saved as .bin: PEFT reports it
+    try:
+        with safe_open(weights, framework="pt") as f:
+            for key in f.keys():
+                f.get_slice(key)
+        size = os.path.getsize(weights)
+        with open(weights, "rb") as fh:  # a cut-off file keeps its header: check the data ends where it says
+            n = int.from_bytes(fh.read(8), "little")
+            header = json.loads(fh.read(n))
+        end = max((v["data_offsets"][1] for k, v in header.items() if k != "__metadata__"), default=0)
+        if 8 + n + end > size:
+            raise ValueError(f"{size} bytes, the header describes {8 + n + end}")
+    except Exception as exc:  # SafetensorError (not an OSError), ValueError, OSError
+        raise CorruptAdapterError(weights, " ".join(str(exc).split())[:300]) from None
+
+
 def load_adapter(model: nn.Module, adapter_dir: str):
-    """Load a saved PEFT adapter onto a freshly loaded base model, LoRA weights trainable."""
+    """Load a saved PEFT adapter onto a freshly loaded base model, LoRA weights trainable.
+
+    Raises CorruptAdapterError naming the file when the adapter's files are damaged.
+    """
     from peft import PeftModel
 
     if not os.path.isfile(os.path.join(adapter_dir, "adapter_config.json")):
         raise FileNotFoundError(f"{adapter_dir!r} is not a PEFT adapter directory (no adapter_config.json); "
                                 "re-materialize warmup_checkpoint")
+    _check_adapter_files(adapter_dir)
     try:
         peft_model = PeftModel.from_pretrained(model, adapter_dir, is_trainable=True)
     except (RuntimeError, ValueError, KeyError, OSError) as exc:

@@ -18,12 +18,14 @@ from __future__ import annotations
 
 import csv
 import json
+import re
 from pathlib import Path
 from typing import Any
 
 __all__ = [
     "TargetFormatError",
     "TYDIQA_TEMPLATES",
+    "check_target_name",
     "load_bbh",
     "load_custom_jsonl",
     "load_mmlu",
@@ -35,6 +37,19 @@ __all__ = [
 
 class TargetFormatError(ValueError):
     """A target file is missing or malformed; the message names the file and the fix."""
+
+
+_NAME = re.compile(r"[A-Za-z0-9_-]{1,64}")
+SPLITS = ("basis", "heldout")
+
+
+def check_target_name(name) -> str:
+    """Target names become file names under the storage root: 1-64 of [A-Za-z0-9_-]."""
+    if not isinstance(name, str) or not _NAME.fullmatch(name):
+        shown = repr(name) if len(str(name)) <= 80 else f"{str(name)[:80]!r}... ({len(str(name))} characters)"
+        raise TargetFormatError(f"target name {shown} is not valid: use 1 to 64 characters from A-Z, a-z, 0-9, "
+                                "'_' and '-' (it names files under the storage root); rename it in target_sets targets")
+    return name
 
 
 def tulu_prompt(user_text: str) -> str:
@@ -241,9 +256,11 @@ def load_tydiqa(data_dir: str | Path, target: str = "tydiqa",
 
 def load_custom_jsonl(path: str | Path, target: str,
                       apply_chat_format: bool = True) -> list[dict]:
-    """One ``{"prompt", "completion", "subtask"?}`` object a line; blank lines skipped.
+    """One ``{"prompt", "completion", "subtask"?, "split"?}`` object a line; blank lines skipped.
 
-    ``example_id`` counts per subtask in file order, like the LESS loaders.
+    ``example_id`` counts per subtask in file order, like the LESS loaders. ``split``
+    ("basis" or "heldout") fixes the split of the example; it is given on every line
+    or on none (then the seeded split of ``heldout_fraction`` applies).
     """
     path = Path(path)
     if not path.is_file():
@@ -277,10 +294,19 @@ def load_custom_jsonl(path: str | Path, target: str,
                 subtask = "default"
             if not isinstance(subtask, str) or not subtask:
                 raise TargetFormatError(f"{where}: field 'subtask' must be a non-empty string")
+            split = obj.get("split")
+            if split is not None and split not in SPLITS:
+                raise TargetFormatError(f"{where}: field 'split' must be 'basis' or 'heldout', got {split!r}")
+            if examples and (split is None) != ("split" not in examples[0]):
+                raise TargetFormatError(f"{where}: 'split' is given on some lines and not on others; give it "
+                                        "on every line (basis/heldout) or on none (seeded split)")
             prompt = tulu_prompt(obj["prompt"]) if apply_chat_format else obj["prompt"]
             i = counts.get(subtask, 0)
             counts[subtask] = i + 1
-            examples.append(_example(target, subtask, i, prompt, obj["completion"]))
+            example = _example(target, subtask, i, prompt, obj["completion"])
+            if split is not None:
+                example["split"] = split
+            examples.append(example)
     if not examples:
         raise TargetFormatError(f"{path}: no examples (file is empty or only blank lines)")
     return examples

@@ -11,6 +11,7 @@ import torch
 from gist_core import modeling
 
 from .devices import claim_slot
+from .storage import ArtifactError, asset_label
 
 
 class ComputeResource(dg.ConfigurableResource):
@@ -67,13 +68,22 @@ class ComputeResource(dg.ConfigurableResource):
         self._warn_remote_code(path)
         return modeling.load_tokenizer(path, trust_remote_code=self.trust_remote_code)
 
-    def load_model(self, path: str, adapter_dir: str | None = None):
-        """Base model in float32 weights (autocast does the low precision), optionally with an adapter."""
+    def load_model(self, path: str, adapter_dir: str | None = None, produced_by: str = "warmup_checkpoint",
+                   partition: str | None = None):
+        """Base model in float32 weights (autocast does the low precision), optionally with an adapter.
+
+        A damaged adapter fails naming its file and the asset (``produced_by``) that rebuilds it.
+        """
         self.setup()
         self._warn_remote_code(path)
         model = modeling.load_causal_lm(path, self.torch_device(), torch.float32, self.trust_remote_code)
         if adapter_dir is not None:
-            model = modeling.load_adapter(model, adapter_dir).to(self.torch_device())
+            try:
+                model = modeling.load_adapter(model, adapter_dir)
+            except modeling.CorruptAdapterError as exc:
+                raise ArtifactError(f"the adapter checkpoint {adapter_dir}: {exc}; re-materialize "
+                                    f"{asset_label(produced_by, partition)}") from None
+            model = model.to(self.torch_device())
         return model
 
     def batching(self) -> dict:

@@ -141,6 +141,30 @@ class ScoreStore(DuckDBResource):
                 conn.execute(f"DELETE FROM {table} {where}", [method, *keep])
             return int(n)
 
+    def integrity(self, table: str, limit: int = 20) -> dict:
+        """Rows of ``table`` (candidate_scores or selections) that break its invariants.
+
+        Returns {"duplicated_keys": number of (candidate_id, target, method) keys held by more than one row,
+        "duplicates": up to ``limit`` of them with their row counts, "nonfinite": rows whose score is NaN
+        or infinite, "nonfinite_rows": up to ``limit`` of them}.
+        """
+        ddl = {"candidate_scores": SCORES_DDL, "selections": SELECTIONS_DDL}[table]
+        key = "candidate_id, target, method"
+        with self.get_connection() as conn:
+            conn.execute(ddl)
+            dup_sql = f"SELECT {key}, count(*) AS n FROM {table} GROUP BY {key} HAVING count(*) > 1"
+            n_dup = conn.execute(f"SELECT count(*) FROM ({dup_sql})").fetchone()[0]
+            dups = conn.execute(f"{dup_sql} ORDER BY n DESC, {key} LIMIT ?", [limit]).fetchall()
+            bad = f"FROM {table} WHERE NOT isfinite(score)"
+            n_bad = conn.execute(f"SELECT count(*) {bad}").fetchone()[0]
+            bad_rows = conn.execute(f"SELECT {key}, CAST(score AS VARCHAR) {bad} ORDER BY {key} LIMIT ?",
+                                    [limit]).fetchall()
+        return {"duplicated_keys": int(n_dup),
+                "duplicates": [{"candidate_id": c, "target": t, "method": m, "rows": int(n)} for c, t, m, n in dups],
+                "nonfinite": int(n_bad),
+                "nonfinite_rows": [{"candidate_id": c, "target": t, "method": m, "score": v}
+                                   for c, t, m, v in bad_rows]}
+
     def methods(self) -> list[str]:
         with self.get_connection() as conn:
             conn.execute(SCORES_DDL)

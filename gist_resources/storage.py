@@ -101,6 +101,21 @@ def clean_stale_scratch(dest: Path) -> list[Path]:
     return removed
 
 
+def _finite_or_none(obj):
+    if isinstance(obj, float):
+        return obj if np.isfinite(obj) else None
+    if isinstance(obj, dict):
+        return {k: _finite_or_none(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_finite_or_none(v) for v in obj]
+    return obj
+
+
+def strict_json(obj) -> str:
+    """Strict JSON text (what every reader accepts): NaN and infinities become null, never ``NaN``."""
+    return json.dumps(_finite_or_none(obj), indent=2, sort_keys=True, default=str, allow_nan=False)
+
+
 def default_storage_root() -> str:
     return os.path.abspath(os.environ.get(ROOT_ENV, ".gist"))
 
@@ -129,6 +144,20 @@ class StorageResource(dg.ConfigurableResource):
         if root not in p.resolve().parents and p.resolve() != root:
             raise ValueError(f"{p} is outside the storage root {root}")
         return p
+
+    # Manifests store paths relative to the root, so a copied or restored root reads its own
+    # artifacts, never those of the place it was copied from.
+    def relative(self, p) -> str:
+        """``p`` as written into a manifest: relative to the root when under it, else absolute."""
+        try:
+            return Path(p).resolve().relative_to(self.root_path).as_posix()
+        except ValueError:
+            return str(p)
+
+    def resolve(self, stored: str) -> Path:
+        """A path read from a manifest: a relative one is under the current root; an absolute one is kept."""
+        p = Path(stored)
+        return p if p.is_absolute() else self.path(*p.parts)
 
     def dir(self, *parts: str) -> Path:
         p = self.path(*parts)
@@ -173,7 +202,7 @@ class StorageResource(dg.ConfigurableResource):
 
     def write_json(self, dest: Path, obj) -> Path:
         with self.atomic_file(dest) as tmp:
-            tmp.write_text(json.dumps(obj, indent=2, sort_keys=True, default=str))
+            tmp.write_text(strict_json(obj))
         return dest
 
     # Readers: a missing or damaged file fails naming the file and the asset (and
@@ -232,5 +261,8 @@ class StorageResource(dg.ConfigurableResource):
                              f"{_asset(produced_by, partition)}") from None
 
 
-def _asset(name: str, partition: str | None) -> str:
+def asset_label(name: str, partition: str | None = None) -> str:
     return f"the `{name}` asset" if partition is None else f"the `{name}` asset for partition {partition!r}"
+
+
+_asset = asset_label

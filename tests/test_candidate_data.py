@@ -211,7 +211,8 @@ BAD_CASES = [
     ("not_utf8_later_line", (GOOD + "\n" + GOOD.replace("fine", "other") + "\n").encode() + b"\xff\xfe oops\n",
      3, "not valid UTF-8"),
 ]
-FILE_LEVEL = {"empty_file", "blank_file", "not_utf8_first_line", "not_utf8_later_line"}
+# Only an empty file is skipped whole; a bad byte costs its own line.
+FILE_LEVEL = {"empty_file", "blank_file", "not_utf8_first_line"}
 
 
 @pytest.mark.parametrize("name, raw, line, reason", BAD_CASES, ids=[c[0] for c in BAD_CASES])
@@ -241,7 +242,9 @@ def test_bad_record_skipped_and_counted(tmp_path, name, raw, line, reason):
     users = [r.messages[0]["content"] for r in rows]
     assert "another" in users
     if name in FILE_LEVEL:
-        assert all(r.file == str(good.resolve()) for r in rows)   # the whole unreadable file is skipped
+        assert all(r.file == str(good.resolve()) for r in rows)   # nothing usable in the bad file
+    elif name == "not_utf8_later_line":
+        assert users == ["fine", "other", "another"]             # the lines before the bad byte survive
     else:
         assert users == ["fine", "another"]                      # good lines of the bad file survive
 

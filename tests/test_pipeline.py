@@ -1,6 +1,7 @@
 """The whole asset graph on a small embedded default, checked against an obviously-right computation."""
 
 import json
+from pathlib import Path
 
 import dagster as dg
 import duckdb
@@ -47,7 +48,8 @@ def test_graph_outputs(small_run):
     assert set(evaluations) == {(t, m) for t in targets
                                 for m in ("gist", "random", "less", "representation", "base", "full_pool")}
     for target, manifest in out["selections"].items():
-        lines = open(manifest["files"]["jsonl"], encoding="utf-8").read().splitlines()
+        assert not Path(manifest["files"]["jsonl"]).is_absolute()  # relative to the storage root
+        lines = open(root / manifest["files"]["jsonl"], encoding="utf-8").read().splitlines()
         assert len(lines) == expected == manifest["selected"]
         originals = set(pool["original"].to_list())
         assert all(line in originals for line in lines)  # exported in the pool's own format

@@ -17,9 +17,10 @@ STARTUP_TIMEOUT_S = 120
 
 EXPECTED_ASSETS = {"candidate_pool", "target_sets", "base_model", "warmup_checkpoint", "target_gradients",
                    "spectral_basis", "candidate_features", "candidate_scores", "selected_subset",
-                   "less_candidate_features", "representation_features", "baseline_scores", "selection_evaluation"}
+                   "less_candidate_features", "representation_features", "baseline_scores", "baseline_selections",
+                   "selection_evaluation"}
 EXPECTED_CHECKS = {"spectral_basis": {"basis_columns_orthonormal"}, "candidate_scores": {"scores_valid"},
-                   "baseline_scores": {"scores_valid"}, "selected_subset": {"selection_size_as_configured"}}
+                   "baseline_scores": {"scores_valid"}, "selected_subset": {"selection_size_as_configured", "selections_valid"}}
 PARTITIONED = ["candidate_features", "less_candidate_features", "representation_features"]
 
 LOCATIONS_QUERY = """
@@ -155,7 +156,7 @@ def test_webserver_serves_the_code_location(webserver):
     jobs = {j["name"] for repo in loc["repositories"] for j in repo["jobs"]}
     assert {"prepare_job", "features_job", "select_job"} <= jobs, jobs
 
-    # The asset graph: exactly the nine assets, the checks, and the dynamic shard partitions.
+    # The asset graph: exactly these assets, the checks, and the dynamic shard partitions.
     nodes = _graphql(base, ASSETS_QUERY)["assetNodes"]
     by_key = {"/".join(n["assetKey"]["path"]): n for n in nodes}
     assert len(by_key) == len(nodes)
@@ -173,7 +174,7 @@ def test_webserver_serves_the_code_location(webserver):
     blocking = {c["name"]: c["blocking"] for n in by_key.values()
                 for c in n["assetChecksOrError"]["checks"]}
     assert blocking == {"basis_columns_orthonormal": True, "scores_valid": True,
-                        "selection_size_as_configured": False}
+                        "selection_size_as_configured": False, "selections_valid": True}
 
     feats = by_key["candidate_features"]
     assert feats["isPartitioned"] is True

@@ -19,7 +19,7 @@ def custom_graph(small_run, tmp_path_factory):
 
     pool: normal records, one far longer than max_length (truncated, still scored), one whose reply is cut
     off entirely by truncation (excluded), two different records sharing the id "dup" (ids re-derived);
-    targets: `single` (one example) and `mixed` (subtask `sums` with 4 examples, `rare` with one), k=8.
+    targets: `single` (one basis example, by its explicit split) and `mixed` (subtask `sums` with 4 examples, `rare` with one), k=8.
     Runs with the working directory set to an empty folder, to check nothing is written outside the root.
     """
     base = tmp_path_factory.mktemp("custom_graph")
@@ -35,8 +35,10 @@ def custom_graph(small_run, tmp_path_factory):
         conv("Name a fruit.", "Apple.", id="dup"),                                    # line 10
         conv("Name an animal.", "Cat.", id="keep-me"),                                # line 11
     ])
-    single = write_jsonl(data / "single.jsonl", [{"prompt": "What is 2 plus 2?", "completion": " 4",
-                                                  "subtask": "sums"}])
+    # One basis example (its own split fixes it), plus one held out: every target needs a held-out example.
+    single = write_jsonl(data / "single.jsonl", [
+        {"prompt": "What is 2 plus 2?", "completion": " 4", "subtask": "sums", "split": "basis"},
+        {"prompt": "What is 3 plus 3?", "completion": " 6", "subtask": "sums", "split": "heldout"}])
     mixed = write_jsonl(data / "mixed.jsonl", [
         *[{"prompt": f"What is {i} plus 1?", "completion": f" {i + 1}", "subtask": "sums"} for i in range(4)],
         {"prompt": "Spell cat backwards.", "completion": " tac", "subtask": "rare"},

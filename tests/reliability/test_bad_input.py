@@ -77,10 +77,10 @@ def test_bad_records_skipped_and_counted_with_skip_policy(tmp_path):
     assert meta["records_skipped"] == len(BAD_RECORDS)
     for name, (path, line, reason) in bad.items():
         assert f"{path}:{line}: " in meta["skip_reasons"] and reason in meta["skip_reasons"], name
-    # The good line 1 of every file is kept, except in the non-UTF-8 file, which is skipped whole.
+    # The good line 1 of every non-empty file is kept (a non-UTF-8 line costs that line only).
     pool = pl.read_parquet(tmp_path / "root" / "pool" / "candidate_pool.parquet")
     assert meta["rows"] == pool.height == 2 + 1  # good.jsonl, plus one copy of GOOD (the rest are duplicates)
-    assert meta["duplicates_dropped"] == len(BAD_RECORDS) - 3  # GOOD repeated in the 8 readable bad files
+    assert meta["duplicates_dropped"] == len(BAD_RECORDS) - 2  # GOOD repeated in the 9 non-empty bad files
 
 
 def test_very_long_record_is_truncated_and_counted(custom_graph):
@@ -136,7 +136,7 @@ def test_single_example_target_and_single_example_subtask_stay_in_the_basis(cust
     basis = targets.filter(pl.col("split") == "basis")
     assert basis.filter(pl.col("target") == "single").height == 1
     assert basis.filter((pl.col("target") == "mixed") & (pl.col("subtask") == "rare")).height == 1
-    assert targets.filter(pl.col("split") == "heldout").height == 2  # half of `sums` (4) only
+    assert targets.filter(pl.col("split") == "heldout").height == 3  # half of `sums` (4), single's own held-out
     for ckpt in ("epoch_1", "epoch_2"):
         V = np.load(root / "basis" / ckpt / "single" / "V.npy", allow_pickle=False)
         Z = np.load(root / "basis" / ckpt / "single" / "Z.npy", allow_pickle=False)
@@ -222,6 +222,18 @@ CORRUPTED = {
                  "re-materialize the `candidate_features` asset for partition 'mypool-0000'"),
     "target_gradients": ("target_gradients/epoch_1/single.npy", "spectral_basis",
                          "re-materialize the `target_gradients` asset"),
+    "target_gradient_labels": ("target_gradients/epoch_1/mixed.parquet", "spectral_basis",
+                               "re-materialize the `target_gradients` asset"),
+    "adapter_weights": ("warmup/epoch_1/adapter_model.safetensors", "target_gradients",
+                        "is damaged or truncated"),
+    "adapter_weights_of_a_shard": ("warmup/epoch_2/adapter_model.safetensors", "candidate_features",
+                                   "re-materialize the `warmup_checkpoint` asset"),
+    "feature_sidecar": ("features/mypool-0000/candidates.parquet", "candidate_scores",
+                        "re-materialize the `candidate_features` asset for partition 'mypool-0000'"),
+    "feature_meta": ("features/mypool-0000/meta.json", "candidate_scores",
+                     "re-materialize the `candidate_features` asset for partition 'mypool-0000'"),
+    "basis_manifest": ("basis/manifest.json", "candidate_scores", "re-materialize the `spectral_basis` asset"),
+    "pool": ("pool/candidate_pool.parquet", "selected_subset", "re-materialize the `candidate_pool` asset"),
 }
 
 
