@@ -11,6 +11,9 @@ TORCH_VERSION ?= 2.13.0
 TORCH_INDEX ?=
 UI_HOST ?= 127.0.0.1
 PORT ?= 3000
+# A dagster.yaml to install in DAGSTER_HOME (e.g. deploy/postgres/dagster.yaml); empty keeps
+# the one there, or writes the embedded SQLite one.
+INSTANCE ?=
 export GIST_STORAGE_ROOT ?= $(CURDIR)/.gist
 export DAGSTER_HOME ?= $(GIST_STORAGE_ROOT)/dagster_home
 
@@ -41,9 +44,11 @@ test-fast: $(STAMP)
 test-slow: $(STAMP)
 	$(BIN)/python -m pytest -q -m slow
 
+# The whole Dagster service: webserver and daemon (runs, sensors, schedules, backfills), stopped
+# together by Ctrl-C.
 ui: $(STAMP)
-	mkdir -p "$(DAGSTER_HOME)"
-	$(BIN)/dagster-webserver -h $(UI_HOST) -p $(PORT) -w workspace.yaml
+	$(BIN)/python -m gist_assets.instance $(if $(INSTANCE),--template $(INSTANCE))
+	$(BIN)/dagster dev -h $(UI_HOST) -p $(PORT) -w workspace.yaml
 
 clean:
 	rm -rf .gist

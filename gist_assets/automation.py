@@ -19,12 +19,12 @@ YAML (the same file as ``python -m gist_assets.run --config``) applied to these 
 import glob
 import json
 import os
-from pathlib import Path
 
 import dagster as dg
-import yaml
 
 from gist_resources import StorageResource
+
+from .config import for_assets, load_run_config
 
 from .gradients import candidate_features, stale_gist_shards
 from .partitions import candidate_shards
@@ -35,12 +35,13 @@ from .versions import fingerprint
 WATCH_ENV = "GIST_WATCH_DIR"
 RUN_CONFIG_ENV = "GIST_RUN_CONFIG"
 CRON_ENV = "GIST_REFRESH_CRON"
+INTERVAL_ENV = "GIST_SENSOR_INTERVAL_S"  # seconds between the sensor's ticks (default 60)
 
 
 def _user_ops(names: list[str]) -> dict:
+    """The part of ``$GIST_RUN_CONFIG`` (checked like the CLI's --config) that runs of ``names`` take."""
     path = os.environ.get(RUN_CONFIG_ENV)
-    ops = yaml.safe_load(Path(path).read_text()).get("ops", {}) if path else {}
-    return {"ops": {k: v for k, v in ops.items() if k in names}}
+    return for_assets(load_run_config(path), names) if path else {"ops": {}}
 
 
 def watched_files(watch_dir: str) -> list[str]:
@@ -83,7 +84,7 @@ def refresh_requests(storage: StorageResource, watch_dir: str, shards: list[str]
                           run_config=_user_ops(["candidate_scores", "selected_subset"]))]
 
 
-@dg.sensor(name="new_candidate_data", minimum_interval_seconds=60, default_status=dg.DefaultSensorStatus.STOPPED,
+@dg.sensor(name="new_candidate_data", minimum_interval_seconds=int(os.environ.get(INTERVAL_ENV, "60")), default_status=dg.DefaultSensorStatus.STOPPED,
            target=[candidate_pool, candidate_features, candidate_scores, selected_subset],
            description=f"Refresh when candidate files under ${WATCH_ENV} are added, changed or removed")
 def new_candidate_data(context: dg.SensorEvaluationContext, storage: StorageResource):

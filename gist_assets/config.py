@@ -12,10 +12,12 @@ configured model, smaller ones for the embedded tiny model, see
 ``gist_assets.model``); the values actually used are in each asset's metadata.
 """
 
+from pathlib import Path
 from typing import Literal, Optional
 
 import dagster as dg
 from dagster import Field as ConfigField, Permissive, Shape
+import yaml
 from pydantic import Field, ValidationError, field_validator
 
 
@@ -200,6 +202,28 @@ def check_run_config(run_config: dict) -> None:
             raise RunConfigError(f"ops.{name}.config: unknown keys {unknown}; valid: {sorted(fields)}")
     for name in ASSET_CONFIGS:
         effective_config(run_config, name)
+
+
+def load_run_config(path: str | None) -> dict:
+    """The run-config file, checked; errors name the file and the key (RunConfigError)."""
+    if not path:
+        return {}
+    p = Path(path)
+    if not p.is_file():
+        raise RunConfigError(f"{path}: no such file (pass --config with a run-config YAML, e.g. examples/my_run.yaml)")
+    try:
+        run_config = yaml.safe_load(p.read_text(encoding="utf-8")) or {}
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f"{path}:{mark.line + 1}:{mark.column + 1}" if mark else path
+        raise RunConfigError(f"{where}: not valid YAML ({getattr(exc, 'problem', None) or exc})") from None
+    except UnicodeDecodeError:
+        raise RunConfigError(f"{path}: not a UTF-8 text file") from None
+    try:
+        check_run_config(run_config)
+    except RunConfigError as exc:
+        raise RunConfigError(f"{path}: {exc}") from None
+    return run_config
 
 
 def run_config_schema(resource_schemas: dict) -> dict:

@@ -24,11 +24,11 @@ from datetime import datetime
 from pathlib import Path
 
 import dagster as dg
-import yaml
 
 from gist_resources.storage import default_storage_root
 
-from .config import ASSET_CONFIGS, RunConfigError, check_run_config, effective_config, for_assets
+from .config import ASSET_CONFIGS, RunConfigError, check_run_config, effective_config, for_assets, load_run_config
+from .instance import ensure_dagster_home
 from .definitions import ASSETS, JOB_ASSETS, PARTITIONED_JOBS
 from .partitions import candidate_shards
 from .scores import METHOD
@@ -38,49 +38,8 @@ DEFINITIONS_MODULE, DEFINITIONS_ATTR = "gist_assets.definitions", "defs"
 REPO_DIR = str(Path(__file__).resolve().parents[1])
 MAIN_STAGES = ["prepare_job", "features_job", "select_job"]
 COMPARE_STAGES = ["baseline_features_job", "compare_job"]
-DAGSTER_YAML = """\
-# The embedded instance of this storage root (SQLite under this directory).
-# Telemetry is off: the project is meant to run offline and sends nothing anywhere.
-telemetry:
-  enabled: false
-"""
-
-
 class PipelineError(RuntimeError):
     """A step or a blocking check failed; the message carries the asset's own error."""
-
-
-def ensure_dagster_home(root: str) -> str:
-    """``$DAGSTER_HOME`` (default ``<root>/dagster_home``), with a dagster.yaml if it has none."""
-    home = os.environ.get("DAGSTER_HOME") or str(Path(root) / "dagster_home")
-    Path(home).mkdir(parents=True, exist_ok=True)
-    cfg = Path(home) / "dagster.yaml"
-    if not cfg.exists():
-        cfg.write_text(DAGSTER_YAML)
-    os.environ["DAGSTER_HOME"] = home
-    return home
-
-
-def load_run_config(path: str | None) -> dict:
-    """The run-config file, checked; errors name the file and the key (RunConfigError)."""
-    if not path:
-        return {}
-    p = Path(path)
-    if not p.is_file():
-        raise RunConfigError(f"{path}: no such file (pass --config with a run-config YAML, e.g. examples/my_run.yaml)")
-    try:
-        run_config = yaml.safe_load(p.read_text(encoding="utf-8")) or {}
-    except yaml.YAMLError as exc:
-        mark = getattr(exc, "problem_mark", None)
-        where = f"{path}:{mark.line + 1}:{mark.column + 1}" if mark else path
-        raise RunConfigError(f"{where}: not valid YAML ({getattr(exc, 'problem', None) or exc})") from None
-    except UnicodeDecodeError:
-        raise RunConfigError(f"{path}: not a UTF-8 text file") from None
-    try:
-        check_run_config(run_config)
-    except RunConfigError as exc:
-        raise RunConfigError(f"{path}: {exc}") from None
-    return run_config
 
 
 def with_storage(run_config: dict, root: str) -> dict:
