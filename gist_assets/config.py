@@ -184,9 +184,9 @@ def check_run_config(run_config: dict) -> None:
     """Reject unknown top-level keys, unknown asset names, unknown fields and bad values, naming each."""
     if not isinstance(run_config, dict):
         raise RunConfigError(f"a run config is a mapping with 'ops' and/or 'resources', got {type(run_config).__name__}")
-    unknown = sorted(set(run_config) - {"ops", "resources", "execution", "loggers"})
+    unknown = sorted(set(run_config) - {"ops", "resources", "loggers"})
     if unknown:
-        raise RunConfigError(f"unknown top-level keys {unknown}; valid: ops, resources")
+        raise RunConfigError(f"unknown top-level keys {unknown}; valid: ops, resources, loggers")
     ops = run_config.get("ops") or {}
     if not isinstance(ops, dict):
         raise RunConfigError("'ops' must be a mapping of asset name to {config: {...}}")
@@ -233,7 +233,8 @@ def run_config_schema(resource_schemas: dict) -> dict:
            for name, cls in ASSET_CONFIGS.items()}
     return {"ops": ConfigField(Shape(ops), is_required=False),
             "resources": ConfigField(Shape({k: ConfigField(Permissive(), is_required=False)
-                                            for k in resource_schemas}), is_required=False)}
+                                            for k in resource_schemas}), is_required=False),
+            "loggers": ConfigField(Permissive(), is_required=False)}
 
 
 def for_assets(run_config: dict, assets: list[str]) -> dict:
@@ -244,8 +245,9 @@ def for_assets(run_config: dict, assets: list[str]) -> dict:
         source = name if name in ops else CONFIG_FALLBACKS.get(name)
         if source in ops and (ops[source] or {}).get("config") is not None:
             out["ops"][name] = {"config": ops[source]["config"]}
-    if run_config.get("resources"):
-        out["resources"] = run_config["resources"]
+    for key in ("resources", "loggers"):
+        if run_config.get(key):
+            out[key] = run_config[key]
     return out
 
 

@@ -1,6 +1,6 @@
 """selection_evaluation: fine-tune on every selection, judge it on the target's held-out examples.
 
-How a selection is judged (DESIGN.md §7): LoRA fine-tune the base model on it, then
+How a selection is judged: LoRA fine-tune the base model on it, then
 the target's held-out loss (examples never used to build the basis) and, for
 multiple-choice targets, accuracy. Every method found in the DuckDB ``selections``
 table (gist and whatever baselines were selected) is fine-tuned with the same

@@ -219,6 +219,12 @@ def run_stage(instance, job: str, run_config: dict, force: bool, log) -> dict:
     return report
 
 
+def quiet_console(run_config: dict) -> dict:
+    """Dagster's console logger at INFO (its DEBUG events are one line per engine step), unless configured."""
+    return run_config if run_config.get("loggers") else {**run_config,
+                                                          "loggers": {"console": {"config": {"log_level": "INFO"}}}}
+
+
 def run_all(run_config: dict | None = None, root: str = "", instance: dg.DagsterInstance | None = None,
             log=print, compare: bool = False, force: bool = False) -> dict:
     """Materialize what is missing or stale; return the selections, what each asset did, timings, the database."""
@@ -287,7 +293,8 @@ def main(argv=None) -> int:
     start = time.perf_counter()
     try:
         run_config = load_run_config(args.config)
-        out = run_all(run_config, args.root, compare=args.compare, force=args.force)
+        out = run_all(run_config if args.debug else quiet_console(run_config), args.root, compare=args.compare,
+                      force=args.force)
     except (RunConfigError, PipelineError) as exc:
         if args.debug:
             traceback.print_exc()

@@ -1,4 +1,4 @@
-"""How a selection is judged: fine-tune on it, then the target's held-out loss and accuracy (DESIGN.md §7).
+"""How a selection is judged: fine-tune on it, then the target's held-out loss and accuracy.
 
 Two measures on a target's held-out examples (never used to build the basis):
 

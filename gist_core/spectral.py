@@ -1,4 +1,4 @@
-"""Spectral basis of the target gradients (DESIGN.md §1 step 3).
+"""Spectral basis of the target gradients (docs/design.md, the method: step 3).
 
 G is N x D with N (target examples) small and D (LoRA parameters) large.
 K = G G^T is N x N; its eigendecomposition gives the left singular vectors U

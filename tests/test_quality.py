@@ -1,6 +1,6 @@
 """GIST on the embedded default must beat a random selection of the same size on held-out target loss.
 
-The objective of DESIGN.md §7: fine-tune on the selection, judge by the target's held-out loss
+The objective (docs/design.md): fine-tune on the selection, judge by the target's held-out loss
 (examples never used to build the basis). Source share is printed as a sanity indicator only.
 """
 

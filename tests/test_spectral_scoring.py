@@ -1,4 +1,4 @@
-"""Unit tests for gist_core/spectral.py, scoring.py and selection.py (DESIGN.md §1 steps 3, 5, 6)."""
+"""Unit tests for gist_core/spectral.py, scoring.py and selection.py (docs/design.md, the method: steps 3, 5, 6)."""
 
 from __future__ import annotations
 
