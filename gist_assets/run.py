@@ -215,7 +215,7 @@ def run_stage(instance, job: str, run_config: dict, force: bool, log) -> dict:
             launch(instance, job, plan.run, run_config, partition)
             secs = time.perf_counter() - start
             for name in plan.run:
-                report[label(name)] = f"recomputed in {job} ({plan.reasons[name]}; {secs:.1f}s)"
+                report[label(name)] = f"recomputed ({plan.reasons[name]}) by {job}, a {secs:.1f}s run"
     return report
 
 
