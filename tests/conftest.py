@@ -27,3 +27,14 @@ def small_run(tmp_path_factory):
         out = run_all(SMALL, str(root), instance=instance, log=lambda _: None, compare=True)
         shards = instance.get_dynamic_partitions("candidate_shards")
         yield {"root": root, "out": out, "shards": shards, "instance": instance}
+
+
+# Fixtures that run the whole graph: a test that uses one is end to end, so it is marked slow
+# (`make test-fast` skips it, `make test` runs it).
+PIPELINE_FIXTURES = {"small_run", "custom_graph"}
+
+
+def pytest_collection_modifyitems(config, items):
+    for item in items:
+        if PIPELINE_FIXTURES & set(getattr(item, "fixturenames", ())):
+            item.add_marker(pytest.mark.slow)

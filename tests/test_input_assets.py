@@ -217,6 +217,7 @@ def _train_embedded(root: Path, instance) -> dg.ExecuteInProcessResult:
     return result
 
 
+@pytest.mark.slow
 def test_base_model_embedded_and_configured(tmp_path, instance):
     from safetensors.torch import load_file
     from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -227,7 +228,7 @@ def test_base_model_embedded_and_configured(tmp_path, instance):
     model_dir = first / "models" / "base_model"
     assert meta["embedded"] is True and meta["model"] == str(model_dir)
     ref = json.loads((first / "models" / "model_ref.json").read_text())
-    assert ref["path"] == str(model_dir) and ref["embedded"] is True
+    assert ref["path"] == "models/base_model" and ref["embedded"] is True  # relative to the storage root
 
     model = AutoModelForCausalLM.from_pretrained(str(model_dir), local_files_only=True)
     tok = AutoTokenizer.from_pretrained(str(model_dir), local_files_only=True)

@@ -151,7 +151,7 @@ def test_make_ui_binds_to_localhost_by_default():
         pytest.skip("make is not installed")
     env = {k: v for k, v in os.environ.items() if k not in ("UI_HOST", "PORT", "MAKEFLAGS")}
     out = subprocess.run(["make", "-n", "ui"], cwd=REPO, env=env, capture_output=True, text=True, check=True).stdout
-    lines = [line for line in out.splitlines() if "dagster-webserver" in line]
+    lines = [line for line in out.splitlines() if "dagster dev" in line]  # webserver and daemon
     assert len(lines) == 1, out
     assert " -h 127.0.0.1 " in f"{lines[0]} " and "0.0.0.0" not in lines[0], lines[0]
 
