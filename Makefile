@@ -17,7 +17,7 @@ INSTANCE ?=
 export GIST_STORAGE_ROOT ?= $(CURDIR)/.gist
 export DAGSTER_HOME ?= $(GIST_STORAGE_ROOT)/dagster_home
 
-.PHONY: demo compare test test-fast test-slow ui bench install clean
+.PHONY: demo compare test test-fast test-slow lint ui bench install clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -34,6 +34,12 @@ demo: $(STAMP)
 
 compare: $(STAMP)
 	$(BIN)/python -m gist_assets.run --compare
+
+# The gates: lint, format and types (also run by .ci/run before the tests, and by pre-commit).
+lint: $(STAMP)
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+	$(BIN)/mypy gist_core gist_resources gist_assets benchmarks scripts tests
 
 test: $(STAMP)
 	$(BIN)/python -m pytest -q
