@@ -15,7 +15,6 @@ too. ``--force`` recomputes everything.
 
 import argparse
 import json
-import os
 import sys
 import time
 import traceback
@@ -28,8 +27,8 @@ import dagster as dg
 from gist_resources.storage import default_storage_root
 
 from .config import ASSET_CONFIGS, RunConfigError, check_run_config, effective_config, for_assets, load_run_config
-from .instance import ensure_dagster_home
 from .definitions import ASSETS, JOB_ASSETS, PARTITIONED_JOBS
+from .instance import ensure_dagster_home
 from .partitions import candidate_shards
 from .scores import METHOD
 
@@ -85,20 +84,27 @@ def _config_change(asset: str, before: dict, now: dict) -> str | None:
     return None
 
 
+def _label(asset: str, partition: str | None) -> str:
+    return f"{asset}[{partition}]" if partition else asset
+
+
 def _stale_reason(resolver, key: dg.AssetKey, partition: str | None) -> str | None:
     from dagster._core.definitions.data_version import StaleStatus
 
     if resolver.get_status(key, partition) != StaleStatus.STALE:
         return None
     causes = resolver.get_stale_root_causes(key, partition)
-    parts = sorted({f"{c.key.asset_key.to_user_string()}{'[' + c.key.partition_key + ']' if c.key.partition_key else ''}"
-                    f" {c.reason}" for c in causes})
+    parts = sorted({f"{_label(c.key.asset_key.to_user_string(), c.key.partition_key)} {c.reason}" for c in causes})
     return "stale: " + "; ".join(parts[:3]) + (f" (+{len(parts) - 3} more)" if len(parts) > 3 else "")
 
 
 def plan_stage(instance: dg.DagsterInstance, job: str, run_config: dict, partition: str | None = None,
-               force: bool = False) -> StagePlan:
-    """Which of the stage's assets to materialize, and why; the others are up to date."""
+               force: bool = False, changed: frozenset[str] = frozenset()) -> StagePlan:
+    """Which of the stage's assets to materialize, and why; the others are up to date.
+
+    ``changed``: assets an earlier stage of this invocation gave a new data version. Dagster's own
+    marker misses some of those (past 100 upstream partitions it stops tracking), so they are named here.
+    """
     from dagster._utils.test.data_versions import get_stale_status_resolver
 
     resolver = get_stale_status_resolver(instance, ASSETS)
@@ -115,6 +121,9 @@ def plan_stage(instance: dg.DagsterInstance, job: str, run_config: dict, partiti
             reason = "never materialized"
         elif recomputing := sorted(upstream & set(plan.run)):
             reason = f"upstream {', '.join(recomputing)} recomputes"
+        elif moved := sorted(upstream & changed):
+            verb = "has a new data version" if len(moved) == 1 else "have new data versions"
+            reason = f"upstream {', '.join(moved)} {verb}"
         else:
             prior = instance.get_run_by_id(entry.run_id)
             reason = (_config_change(name, prior.run_config if prior else {}, run_config)
@@ -139,8 +148,11 @@ def _recon_job(job: str):
 
 def _remote_origin(job: str):
     """The origin the UI's workspace gives this job, so the UI can re-execute a CLI run."""
-    from dagster._core.remote_origin import (ManagedGrpcPythonEnvCodeLocationOrigin, RemoteJobOrigin,
-                                             RemoteRepositoryOrigin)
+    from dagster._core.remote_origin import (
+        ManagedGrpcPythonEnvCodeLocationOrigin,
+        RemoteJobOrigin,
+        RemoteRepositoryOrigin,
+    )
     from dagster._core.types.loadable_target_origin import LoadableTargetOrigin
 
     target = LoadableTargetOrigin(executable_path=sys.executable, module_name=DEFINITIONS_MODULE,
@@ -198,24 +210,33 @@ def _stamp(ts: float) -> str:
     return datetime.fromtimestamp(ts).strftime("%Y-%m-%d %H:%M:%S")
 
 
-def run_stage(instance, job: str, run_config: dict, force: bool, log) -> dict:
-    """Plan and run one stage (each shard of a partitioned one); {asset[partition]: what happened}."""
+def _data_version(instance: dg.DagsterInstance, name: str, partition: str | None) -> str | None:
+    entry = _latest(instance, dg.AssetKey(name), partition)
+    return entry.asset_materialization.tags.get("dagster/data_version") if entry else None
+
+
+def run_stage(instance, job: str, run_config: dict, force: bool, log, changed: set[str]) -> dict:
+    """Plan and run one stage (each shard of a partitioned one); {asset[partition]: what happened}.
+
+    Adds to ``changed`` the assets whose data version this stage changed.
+    """
     partitions = (sorted(instance.get_dynamic_partitions(candidate_shards.name)) if job in PARTITIONED_JOBS
                   else [None])
     report = {}
     for partition in partitions:
-        plan = plan_stage(instance, job, run_config, partition, force)
-        label = lambda a: f"{a}[{partition}]" if partition else a  # noqa: E731
+        plan = plan_stage(instance, job, run_config, partition, force, frozenset(changed))
         for name, ts in plan.fresh.items():
-            report[label(name)] = f"up to date (materialized at {_stamp(ts)})"
+            report[_label(name, partition)] = f"up to date (materialized at {_stamp(ts)})"
         if plan.run:
             for name in plan.run:
-                log(f"  {label(name)}: recomputing ({plan.reasons[name]})")
+                log(f"  {_label(name, partition)}: recomputing ({plan.reasons[name]})")
+            before = {name: _data_version(instance, name, partition) for name in plan.run}
             start = time.perf_counter()
             launch(instance, job, plan.run, run_config, partition)
             secs = time.perf_counter() - start
+            changed.update(n for n in plan.run if _data_version(instance, n, partition) != before[n])
             for name in plan.run:
-                report[label(name)] = f"recomputed ({plan.reasons[name]}) by {job}, a {secs:.1f}s run"
+                report[_label(name, partition)] = f"recomputed ({plan.reasons[name]}) by {job}, a {secs:.1f}s run"
     return report
 
 
@@ -235,11 +256,11 @@ def run_all(run_config: dict | None = None, root: str = "", instance: dg.Dagster
         ensure_dagster_home(root)
         with dg.DagsterInstance.get() as instance:
             return run_all(run_config, root, instance, log, compare, force)
-    timings, report = {}, {}
+    timings, report, changed = {}, {}, set()
     for job in MAIN_STAGES + (COMPARE_STAGES if compare else []):
         start = time.perf_counter()
         log(f"{job}:")
-        report.update(run_stage(instance, job, run_config, force, log))
+        report.update(run_stage(instance, job, run_config, force, log, changed))
         timings[job] = time.perf_counter() - start
     database = run_config["resources"]["score_store"]["config"]["database"]
     return {"selections": current_selections(root), "report": report, "timings": timings, "database": database,

@@ -9,10 +9,10 @@ from pathlib import Path
 import duckdb
 import pytest
 import yaml
-
-from gist_core import synthetic
 from service_util import LOCATION, REPO, graphql, make_ui, postgres_bin, postgres_server, run_cli, wait_run
 from small_config import SMALL
+
+from gist_core import synthetic
 
 # The small embedded default, smaller still: the whole graph in well under a minute.
 TINY = {"ops": {**SMALL["ops"], "candidate_pool": {"config": {"embedded_pool_size": 160, "shard_size": 40}}}}
@@ -166,8 +166,8 @@ def test_refresh_fires_through_the_daemon_on_postgres(tmp_path):
 
             deadline = time.monotonic() + 300
             while True:
-                selections = [m for m in _materializations(base, "selected_subset") if float(m["timestamp"]) / 1000 > dropped]
-                if selections:
+                latest = _materializations(base, "selected_subset")
+                if any(float(m["timestamp"]) / 1000 > dropped for m in latest):
                     break
                 assert time.monotonic() < deadline, f"no refreshed selection 300s after the new file:\n{logs()}"
                 time.sleep(2)
