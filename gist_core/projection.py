@@ -66,6 +66,22 @@ class BlockProjector:
             out[r:r + acc.shape[0]] = acc.cpu().numpy()
         return out
 
+    def project_columns(self, V: np.ndarray) -> np.ndarray:
+        """P^T V for a D x k matrix (e.g. a memmapped basis) -> d x k, reading V a block of rows at a time.
+
+        For a candidate sketched as s = g P, ``s @ project_columns(V)`` estimates g V: only the
+        inner products of g with V's columns are needed, and E[P P^T] = I.
+        """
+        if V.shape[0] != self.layout.dim:
+            raise ValueError(f"V has {V.shape[0]} rows but the gradient layout has {self.layout.dim} entries")
+        out = torch.zeros(self.dim, V.shape[1], dtype=torch.float64)
+        for k, b in enumerate(self.layout.blocks):
+            for c, start in enumerate(range(0, b.size, self.chunk_rows)):
+                stop = min(b.size, start + self.chunk_rows)
+                rows = torch.from_numpy(np.asarray(V[b.offset + start:b.offset + stop], dtype=np.float32))
+                out += (self._chunk(k, c, stop - start).cpu().T @ rows).double()  # float64 sum over chunks
+        return out.numpy()
+
     def dense(self) -> torch.Tensor:
         """The whole D x d matrix (tests only)."""
         return torch.cat([torch.cat([self._chunk(k, c, min(self.chunk_rows, b.size - s))
