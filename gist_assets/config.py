@@ -117,8 +117,9 @@ class CandidateScoresConfig(dg.Config):
 class CandidateSketchesConfig(dg.Config):
     dim: int = Field(default=SKETCH_DIM, ge=1, description="Sketch dimension d per checkpoint (float32): "
                      "larger agrees better with exact GIST and costs d x 4 bytes per candidate and checkpoint")
-    projection: Literal["rademacher", "gaussian"] = Field(
-        default="rademacher", description="rademacher or gaussian (entries of variance 1/d)")
+    projection: Literal["countsketch", "rademacher", "gaussian"] = Field(
+        default="countsketch", description="countsketch (one seeded +-1 bucket per gradient entry: O(D) per "
+        "example) or a dense rademacher/gaussian projection as LESS's (O(D d) per example)")
     seed: int = 0
 
 

@@ -22,7 +22,7 @@ from .partitions import candidate_shards
 from .paths import model_path, relative_checkpoints
 from .plots import histogram, md_table
 from .pool import candidate_pool, pool_path, read_pool_version
-from .sketch import candidate_sketches, load_sketches, sketched_coordinates
+from .sketch import candidate_sketches, load_sketches, sketch_scores_inputs, sketched_coordinates
 from .versions import asset_fingerprint, data_version, fingerprint
 
 METHOD = "gist"
@@ -142,7 +142,7 @@ def candidate_scores(context: dg.AssetExecutionContext, config: CandidateScoresC
             coords, tag = (lambda ckpt, target: tensors[f"{ckpt}/{target}"]), ""
         else:
             side, sketches, versions, projector = load_sketches(storage, shards, ckpts)
-            inputs[method] = fingerprint(sorted(versions.items()), bases["version"])
+            inputs[method] = sketch_scores_inputs(versions, bases["version"])
             z = {c: sketched_coordinates(storage, projector, c, targets, sketches[c]) for c in ckpts}
             coords = lambda ckpt, target: z[ckpt][target]  # noqa: E731
             tag = f"sketch-{projector.kind}-{projector.dim}-seed-{projector.seed}"
@@ -153,8 +153,9 @@ def candidate_scores(context: dg.AssetExecutionContext, config: CandidateScoresC
     excluded = side.filter(~pl.col("included"))
     newer = newer_than_warmup(context, storage, scored["candidate_id"].to_list(), config.warn_new_share)
     version = asset_fingerprint(context, inputs, read_warmup(storage)["version"])
-    # "inputs": what the GIST scores are a function of (the refresh sensor compares it); "methods": what to select.
-    storage.write_json(scores_version_path(storage, METHOD), {"version": version, "inputs": inputs.get(METHOD),
+    # "inputs": per method, what its scores are a function of (the refresh sensor compares it); "methods":
+    # what selected_subset selects.
+    storage.write_json(scores_version_path(storage, METHOD), {"version": version, "inputs": inputs,
                                                               "methods": list(config.methods)})
     return dg.MaterializeResult(data_version=data_version(version), metadata={
         "methods": dg.MetadataValue.json(list(config.methods)),

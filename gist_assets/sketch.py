@@ -2,8 +2,8 @@
 
 A candidate's GIST coordinates are z = V_k^T g with V_k = G^T U_k S_k^-1, so they need
 only g's inner products with the target gradients. ``candidate_sketches`` stores, once,
-a seeded random projection s = g P (d numbers per checkpoint, E[P P^T] = I) of each
-candidate's raw LoRA gradient; it depends on the pool and the warmup, not on any target.
+a seeded random projection s = g P (d numbers per checkpoint, E[P P^T] = I; by default
+a CountSketch, O(D) per example) of each candidate's raw LoRA gradient; it depends on the pool and the warmup, not on any target.
 For any later target, z ~= s (P^T V_k): exact target gradients and SVD as for `gist`,
 and P^T V_k (d x k) is computed from the basis alone, so no model runs over the pool.
 """
@@ -13,7 +13,7 @@ import numpy as np
 import polars as pl
 
 from gist_core.gradients import GradientLayout, ParamBlock, block_features, trainable_linears
-from gist_core.projection import BlockProjector
+from gist_core.projection import sketch_projector
 from gist_resources import ComputeResource, StorageResource
 
 from .config import CandidateSketchesConfig
@@ -22,7 +22,7 @@ from .model import GPU_STEP_TAGS, base_model, read_model_ref, read_warmup, warmu
 from .partitions import candidate_shards
 from .paths import checkpoint_dir, model_path
 from .pool import candidate_pool, read_pool_version
-from .versions import asset_fingerprint, data_version
+from .versions import asset_fingerprint, data_version, fingerprint
 
 SKETCH_METHOD = "gist_sketch"
 ASSET = "candidate_sketches"
@@ -42,7 +42,7 @@ def candidate_sketches(context: dg.AssetExecutionContext, config: CandidateSketc
     for ckpt in warm["checkpoints"]:
         model = compute.load_model(model_path(storage, ref), checkpoint_dir(storage, ckpt))
         layout, _ = trainable_linears(model)
-        projector = BlockProjector(layout, config.dim, config.seed, config.projection, device=compute.torch_device())
+        projector = sketch_projector(layout, config.dim, config.seed, config.projection, device=compute.torch_device())
         s, norms, losses, stats = block_features(model, encoded, projector.project_block, config.dim,
                                                  pad_id=shard_in.tokenizer.pad_token_id,
                                                  progress=progress_logger(context.log, f"sketch {shard}/{ckpt['name']}"),
@@ -67,6 +67,28 @@ def candidate_sketches(context: dg.AssetExecutionContext, config: CandidateSketc
         "sketch_bytes_per_candidate": round(n_sketch / max(1, len(encoded)), 1),
         "device": str(compute.torch_device()),
         "path": dg.MetadataValue.path(str(features_dir(storage, shard, SKETCH_METHOD)))})
+
+
+def stale_sketch_shards(storage: StorageResource, shards: list[str]) -> tuple[list[str], dict[str, str]]:
+    """Shards whose sketches are missing or were made from other shard contents or another warmup.
+
+    Returns (stale shards, {fresh shard: sketch version}).
+    """
+    pool_shards, warm_version = read_pool_version(storage)["shards"], read_warmup(storage)["version"]
+    stale, versions = [], {}
+    for shard in shards:
+        path = features_dir(storage, shard, SKETCH_METHOD) / "meta.json"
+        meta = storage.read_json(path, ASSET, partition=shard) if path.exists() else {}
+        if meta.get("shard_version") != pool_shards.get(shard) or meta.get("warmup_version") != warm_version:
+            stale.append(shard)
+        else:
+            versions[shard] = meta["version"]
+    return stale, versions
+
+
+def sketch_scores_inputs(sketch_versions: dict[str, str], basis_version: str) -> str:
+    """What the gist_sketch scores are a function of (as ``scores_inputs`` for gist)."""
+    return fingerprint(sorted(sketch_versions.items()), basis_version)
 
 
 def load_sketches(storage: StorageResource, shards: list[str], checkpoints: list[str]):
@@ -104,12 +126,12 @@ def load_sketches(storage: StorageResource, shards: list[str], checkpoints: list
     first = metas[shards[0]]
     layout = GradientLayout(tuple(ParamBlock(n, tuple(shape), off) for n, shape, off in first["layout"]["blocks"]))
     proj = first["projection"]
-    projector = BlockProjector(layout, proj["dim"], proj["seed"], proj["kind"])
+    projector = sketch_projector(layout, proj["dim"], proj["seed"], proj["kind"])
     sketches = {c: np.concatenate([p[c] for p in parts]) for c in checkpoints}
     return pl.concat(sides), sketches, {s: m["version"] for s, m in metas.items()}, projector
 
 
-def sketched_coordinates(storage: StorageResource, projector: BlockProjector, ckpt: str, targets: list[str],
+def sketched_coordinates(storage: StorageResource, projector, ckpt: str, targets: list[str],
                          sketches: np.ndarray) -> dict[str, np.ndarray]:
     """Per target, the candidates' estimated coordinates s (P^T V_k) (M x k), all targets in one P^T pass."""
     V, slices = load_bases(storage, ckpt, targets)

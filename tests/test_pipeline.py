@@ -107,7 +107,7 @@ def test_sketch_scores_match_plain_computation(small_run):
     """gist_sketch: bs=1 gradients times a dense P are the stored sketches; SVD of the bs=1 target gradients,
     z = s (P^T V_k), cosine, checkpoint weights and max give the stored scores."""
     from gist_core.gradients import trainable_linears
-    from gist_core.projection import BlockProjector
+    from gist_core.projection import sketch_projector
     from safetensors.numpy import load_file
 
     root = small_run["root"]
@@ -130,7 +130,7 @@ def test_sketch_scores_match_plain_computation(small_run):
     totals = {}
     for w, ckpt in zip(weights, warm["checkpoints"]):
         model = compute.load_model(ref["path"], ckpt["dir"])
-        P = BlockProjector(trainable_linears(model)[0], proj["dim"], proj["seed"], proj["kind"]).dense().double()
+        P = sketch_projector(trainable_linears(model)[0], proj["dim"], proj["seed"], proj["kind"]).dense().double()
         g = torch.from_numpy(reference_gradients(model, first)).double()
         np.testing.assert_allclose(sketches[0][ckpt["name"]], (g @ P).numpy(), rtol=1e-3, atol=1e-4)
         s = torch.from_numpy(np.concatenate([x[ckpt["name"]] for x in sketches])).double()

@@ -10,13 +10,14 @@ from gist_assets.config import RunConfigError, check_run_config
 from gist_assets.run import run_all
 from gist_core import synthetic
 from gist_core.gradients import block_features, full_gradients, trainable_linears
-from gist_core.projection import BlockProjector
+from gist_core.projection import BlockProjector, sketch_projector
 from gist_core.spectral import build_basis
 from small_config import SMALL
 from test_gradients import _examples, _llama, _perturb_lora
 
 
-def test_sketched_coordinates_converge_to_exact_as_d_grows():
+@pytest.mark.parametrize("kind", ["countsketch", "rademacher"])
+def test_sketched_coordinates_converge_to_exact_as_d_grows(kind):
     """A small real Llama + LoRA: z = g V_k exactly vs s (P^T V_k) with s = g P from the sketch pass."""
     model = _llama(4)
     _perturb_lora(model)
@@ -27,14 +28,16 @@ def test_sketched_coordinates_converge_to_exact_as_d_grows():
     V = build_basis(G, k=6)[0].V
     exact = g.astype(np.float64) @ V
     # The sketch pass (the candidate_sketches asset's call) gives g P.
-    projector = BlockProjector(layout, 64, seed=0, chunk_rows=300)   # chunks that split blocks, too
+    projector = sketch_projector(layout, 64, 0, kind)
+    if kind == "rademacher":
+        projector = BlockProjector(layout, 64, seed=0, chunk_rows=300)   # chunks that split blocks, too
     s, _, _, _ = block_features(model, candidates, projector.project_block, 64)
     np.testing.assert_allclose(s, g @ projector.dense().double().numpy(), rtol=1e-4, atol=1e-5)
     errors = {}
     for d in (16, 256, 2048):
         per_seed = []
         for seed in range(3):
-            projector = BlockProjector(layout, d, seed, chunk_rows=300)
+            projector = sketch_projector(layout, d, seed, kind)
             P = projector.dense().double().numpy()
             s = g @ P
             PV = projector.project_columns(V)
