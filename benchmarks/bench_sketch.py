@@ -11,7 +11,7 @@ All through the project's run path (``gist_assets.run.run_all`` on a test instan
    at d' = d the scores are the stored ones, which is checked): Spearman, top-5% and top-1% overlap;
 5. ``selection_evaluation`` (gist and gist_sketch selections, top 5%) for each of ``--seeds`` seeds.
 
-    .venv/bin/python benchmarks/bench_sketch.py                        # embedded default (~15 min here)
+    .venv/bin/python benchmarks/bench_sketch.py                        # embedded default (~1 h on a busy 2-core machine)
     .venv/bin/python benchmarks/bench_sketch.py --pool realtext        # benchmarks/data/realtext pool
     .venv/bin/python benchmarks/bench_sketch.py --quick                # tiny config, smoke test
 """
@@ -34,7 +34,7 @@ sys.path.insert(0, str(REPO / "tests"))
 from small_config import SMALL  # noqa: E402
 
 TARGETS = ("arithmetic_sums", "word_reversal", "geography")  # the last is the one added later
-CURVE = (256, 512, 1024, 2048, 4096, 8192)
+CURVE = (512, 1024, 2048, 4096, 8192, 16384)
 LESS_DIM = 8192  # LESS's projection dimension (per checkpoint)
 
 

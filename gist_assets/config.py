@@ -22,7 +22,7 @@ from pydantic import Field, ValidationError, field_validator
 
 
 # Chosen from the agreement-against-d curve of benchmarks/bench_sketch.py (docs/sketch.md).
-SKETCH_DIM = 4096
+SKETCH_DIM = 16384
 
 
 class CandidatePoolConfig(dg.Config):

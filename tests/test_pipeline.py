@@ -114,7 +114,8 @@ def test_sketch_scores_match_plain_computation(small_run):
     ref = json.loads((root / "models" / "model_ref.json").read_text())
     warm = json.loads((root / "warmup" / "manifest.json").read_text())
     compute = ComputeResource()
-    tok = compute.load_tokenizer(ref["path"])
+    model_dir = str(root / "models" / "base_model")   # manifests hold paths relative to the root
+    tok = compute.load_tokenizer(model_dir)
     shards = sorted(small_run["shards"])
     folders = [root / "features_gist_sketch" / s for s in shards]
     meta = json.loads((folders[0] / "meta.json").read_text())
@@ -129,7 +130,7 @@ def test_sketch_scores_match_plain_computation(small_run):
     k = SMALL["ops"]["spectral_basis"]["config"]["k"]
     totals = {}
     for w, ckpt in zip(weights, warm["checkpoints"]):
-        model = compute.load_model(ref["path"], ckpt["dir"])
+        model = compute.load_model(model_dir, str(root / ckpt["dir"]))
         P = sketch_projector(trainable_linears(model)[0], proj["dim"], proj["seed"], proj["kind"]).dense().double()
         g = torch.from_numpy(reference_gradients(model, first)).double()
         np.testing.assert_allclose(sketches[0][ckpt["name"]], (g @ P).numpy(), rtol=1e-3, atol=1e-4)
