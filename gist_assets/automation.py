@@ -8,7 +8,9 @@ moves the refresh one step, and only when needed:
 1. a new, changed or removed file -> a ``candidate_pool`` run (re-reads the files,
    registers new shard partitions, removes those of deleted files);
 2. shards whose content hash or basis changed -> one ``candidate_features`` run
-   per such shard (unchanged shards are not recomputed);
+   per such shard (unchanged shards are not recomputed), and shards whose content
+   or warmup changed -> one ``candidate_sketches`` run each, for the scoring methods
+   of the run config (``candidate_scores.methods``) only;
 3. every shard up to date but the scores made from other inputs -> a run of
    ``candidate_scores`` and ``selected_subset``.
 
@@ -24,12 +26,14 @@ import dagster as dg
 
 from gist_resources import StorageResource
 
-from .config import for_assets, load_run_config
+from .config import effective_config, for_assets, load_run_config
 
 from .gradients import candidate_features, stale_gist_shards
+from .model import read_warmup
 from .partitions import candidate_shards
 from .pool import candidate_pool, file_signatures, read_pool_version
 from .scores import candidate_scores, scores_inputs, scores_version_path, selected_subset
+from .sketch import candidate_sketches, sketch_scores_inputs, stale_sketch_shards
 from .versions import fingerprint
 
 WATCH_ENV = "GIST_WATCH_DIR"
@@ -68,24 +72,39 @@ def refresh_requests(storage: StorageResource, watch_dir: str, shards: list[str]
     if pool["files"] != signatures:
         return [dg.RunRequest(run_key=f"pool-{fingerprint(signatures)}", asset_selection=[candidate_pool.key],
                               run_config=pool_run_config(watch_dir))]
+    methods = effective_config(_user_ops(["candidate_scores"]), "candidate_scores")["methods"]
     try:
         stale, versions, basis_version = stale_gist_shards(storage, shards)
+        stale_sketches, sketch_versions = stale_sketch_shards(storage, shards)
     except FileNotFoundError:
         return dg.SkipReason("no spectral basis yet: materialize the graph once (prepare_job) first")
-    if stale:
-        return [dg.RunRequest(run_key=f"features-{s}-{pool['shards'].get(s)}-{basis_version}",
-                              asset_selection=[candidate_features.key], partition_key=s) for s in stale]
-    inputs = scores_inputs(versions, basis_version)
+    requests = []
+    if "gist" in methods:
+        requests += [dg.RunRequest(run_key=f"features-{s}-{pool['shards'].get(s)}-{basis_version}",
+                                   asset_selection=[candidate_features.key], partition_key=s) for s in stale]
+    if "gist_sketch" in methods:
+        sketch_config = _user_ops(["candidate_sketches"])
+        made_from = fingerprint(sketch_config, read_warmup(storage)["version"])
+        requests += [dg.RunRequest(run_key=f"sketches-{s}-{pool['shards'].get(s)}-{made_from}",
+                                   asset_selection=[candidate_sketches.key], partition_key=s,
+                                   run_config=sketch_config) for s in stale_sketches]
+    if requests:
+        return requests
+    inputs = {}
+    if "gist" in methods:
+        inputs["gist"] = scores_inputs(versions, basis_version)
+    if "gist_sketch" in methods:
+        inputs["gist_sketch"] = sketch_scores_inputs(sketch_versions, basis_version)
     path = scores_version_path(storage, "gist")
     current = json.loads(path.read_text()).get("inputs") if path.exists() else None
     if current == inputs:
         return dg.SkipReason("pool, features and scores are up to date")
-    return [dg.RunRequest(run_key=f"select-{inputs}", asset_selection=[candidate_scores.key, selected_subset.key],
+    return [dg.RunRequest(run_key=f"select-{fingerprint(inputs)}", asset_selection=[candidate_scores.key, selected_subset.key],
                           run_config=_user_ops(["candidate_scores", "selected_subset"]))]
 
 
 @dg.sensor(name="new_candidate_data", minimum_interval_seconds=int(os.environ.get(INTERVAL_ENV, "60")), default_status=dg.DefaultSensorStatus.STOPPED,
-           target=[candidate_pool, candidate_features, candidate_scores, selected_subset],
+           target=[candidate_pool, candidate_features, candidate_sketches, candidate_scores, selected_subset],
            description=f"Refresh when candidate files under ${WATCH_ENV} are added, changed or removed")
 def new_candidate_data(context: dg.SensorEvaluationContext, storage: StorageResource):
     watch_dir = os.environ.get(WATCH_ENV)

@@ -21,6 +21,10 @@ import yaml
 from pydantic import Field, ValidationError, field_validator
 
 
+# Chosen from the agreement-against-d curve of benchmarks/bench_sketch.py (docs/sketch.md).
+SKETCH_DIM = 16384
+
+
 class CandidatePoolConfig(dg.Config):
     paths: list[str] = Field(default=[], description="Candidate JSONL files or globs; empty = the embedded synthetic pool")
     on_bad_record: Literal["error", "skip"] = Field(
@@ -89,9 +93,34 @@ class SpectralBasisConfig(dg.Config):
                                   "V is streamed to disk, the N x N Gram matrix comes on top")
 
 
+# The GIST scoring methods of candidate_scores: exact candidate features, or the reusable sketches.
+SCORING_METHODS = ("gist", "gist_sketch")
+
+
 class CandidateScoresConfig(dg.Config):
+    methods: list[str] = Field(default=list(SCORING_METHODS), description="Scoring methods: 'gist' (exact "
+                               "candidate_features, one pool pass per change of targets) and/or 'gist_sketch' "
+                               "(candidate_sketches, made once; new targets need no pass over the pool)")
     warn_new_share: float = Field(default=0.25, ge=0, le=1, description="Warn when more than this share of the "
                                   "scored candidates joined the pool after the warmup checkpoint was trained")
+
+    @field_validator("methods")
+    @classmethod
+    def _known_methods(cls, methods: list[str]) -> list[str]:
+        unknown = sorted(set(methods) - set(SCORING_METHODS))
+        if unknown or not methods or len(set(methods)) != len(methods):
+            raise ValueError(f"methods must be a non-empty list of distinct names from {list(SCORING_METHODS)}, "
+                             f"got {methods}")
+        return methods
+
+
+class CandidateSketchesConfig(dg.Config):
+    dim: int = Field(default=SKETCH_DIM, ge=1, description="Sketch dimension d per checkpoint (float32): "
+                     "larger agrees better with exact GIST and costs d x 4 bytes per candidate and checkpoint")
+    projection: Literal["countsketch", "rademacher", "gaussian"] = Field(
+        default="countsketch", description="countsketch (one seeded +-1 bucket per gradient entry: O(D) per "
+        "example) or a dense rademacher/gaussian projection as LESS's (O(D d) per example)")
+    seed: int = 0
 
 
 class SelectionConfig(dg.Config):
@@ -148,6 +177,7 @@ ASSET_CONFIGS: dict[str, type[dg.Config]] = {
     "warmup_checkpoint": WarmupConfig,
     "target_gradients": TargetGradientsConfig,
     "spectral_basis": SpectralBasisConfig,
+    "candidate_sketches": CandidateSketchesConfig,
     "candidate_scores": CandidateScoresConfig,
     "selected_subset": SelectionConfig,
     "baseline_selections": SelectionConfig,

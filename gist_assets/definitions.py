@@ -19,9 +19,10 @@ from .model import base_model, warmup_checkpoint
 from .parallel import parallel_features_job
 from .pool import candidate_pool, target_sets
 from .scores import candidate_scores, selected_subset
+from .sketch import candidate_sketches
 
 ASSETS = [candidate_pool, target_sets, base_model, warmup_checkpoint, target_gradients, spectral_basis,
-          candidate_features, candidate_scores, selected_subset,
+          candidate_features, candidate_sketches, candidate_scores, selected_subset,
           less_candidate_features, representation_features, baseline_scores, baseline_selections,
           selection_evaluation]
 CHECKS = [basis_columns_orthonormal, scores_valid, selection_size_as_configured, baseline_scores_valid, selections_valid]
@@ -32,19 +33,24 @@ RESOURCE_NAMES = ["storage", "compute", "score_store"]
 JOB_ASSETS = {
     "prepare_job": ["candidate_pool", "target_sets", "base_model", "warmup_checkpoint", "target_gradients",
                     "spectral_basis"],
-    "features_job": ["candidate_features"],
+    "features_job": ["candidate_features", "candidate_sketches"],
     "select_job": ["candidate_scores", "selected_subset"],
     "baseline_features_job": ["less_candidate_features", "representation_features"],
     "compare_job": ["baseline_scores", "baseline_selections", "selection_evaluation"],
 }
 JOB_DESCRIPTIONS = {
     "prepare_job": "Pool, targets, base model, LoRA warmup, target gradients and spectral bases",
-    "features_job": "GIST candidate features of one shard (backfill: every shard)",
-    "select_job": "GIST scores (DuckDB) and the selections",
+    "features_job": "GIST candidate features (exact) and candidate sketches (reused by new targets) of one shard "
+                    "(backfill: every shard)",
+    "select_job": "GIST scores (DuckDB: gist, gist_sketch) and the selections",
     "baseline_features_job": "LESS and representation features of one shard (backfill: every shard)",
     "compare_job": "Baseline scores and selections, then fine-tune on every selection and compare held-out loss",
 }
 
+
+# The feature asset each scoring method reads: the CLI runs only those of the requested methods
+# (candidate_scores.methods), so a new target with only gist_sketch runs no pass over the pool.
+METHOD_FEATURES = {"gist": "candidate_features", "gist_sketch": "candidate_sketches"}
 
 # Dagster allows no ConfigMapping on a partitioned job: these take the standard shape (their own
 # assets' entries and resources), and the CLI passes them only that part of the file.

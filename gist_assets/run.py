@@ -27,7 +27,7 @@ import dagster as dg
 from gist_resources.storage import default_storage_root
 
 from .config import ASSET_CONFIGS, RunConfigError, check_run_config, effective_config, for_assets, load_run_config
-from .definitions import ASSETS, JOB_ASSETS, PARTITIONED_JOBS
+from .definitions import ASSETS, JOB_ASSETS, METHOD_FEATURES, PARTITIONED_JOBS
 from .instance import ensure_dagster_home
 from .partitions import candidate_shards
 from .scores import METHOD
@@ -61,6 +61,7 @@ class StagePlan:
     run: list[str] = field(default_factory=list)       # assets to materialize, in graph order
     reasons: dict[str, str] = field(default_factory=dict)
     fresh: dict[str, float] = field(default_factory=dict)  # asset -> timestamp of its last materialization
+    skipped: dict[str, str] = field(default_factory=dict)  # asset -> why it is not run at all
 
 
 def _latest(instance: dg.DagsterInstance, key: dg.AssetKey, partition: str | None):
@@ -110,7 +111,12 @@ def plan_stage(instance: dg.DagsterInstance, job: str, run_config: dict, partiti
     resolver = get_stale_status_resolver(instance, ASSETS)
     graph = {a.key.to_user_string(): a for a in ASSETS}
     plan = StagePlan(job, partition)
+    methods = effective_config(run_config, "candidate_scores")["methods"]
+    unused = {asset for method, asset in METHOD_FEATURES.items() if method not in methods}
     for name in JOB_ASSETS[job]:
+        if name in unused:
+            plan.skipped[name] = "not read by the requested methods (candidate_scores.methods)"
+            continue
         key = graph[name].key
         upstream = {k.to_user_string() for k in graph[name].dependency_keys}
         entry = _latest(instance, key, partition)
@@ -227,6 +233,8 @@ def run_stage(instance, job: str, run_config: dict, force: bool, log, changed: s
         plan = plan_stage(instance, job, run_config, partition, force, frozenset(changed))
         for name, ts in plan.fresh.items():
             report[_label(name, partition)] = f"up to date (materialized at {_stamp(ts)})"
+        for name, why in plan.skipped.items():
+            report[_label(name, partition)] = f"skipped ({why})"
         if plan.run:
             for name in plan.run:
                 log(f"  {_label(name, partition)}: recomputing ({plan.reasons[name]})")
@@ -263,28 +271,32 @@ def run_all(run_config: dict | None = None, root: str = "", instance: dg.Dagster
         report.update(run_stage(instance, job, run_config, force, log, changed))
         timings[job] = time.perf_counter() - start
     database = run_config["resources"]["score_store"]["config"]["database"]
-    return {"selections": current_selections(root), "report": report, "timings": timings, "database": database,
+    methods = effective_config(run_config, "candidate_scores")["methods"]
+    return {"selections": current_selections(root),
+            "selections_by_method": {m: current_selections(root, m) for m in methods},
+            "report": report, "timings": timings, "database": database,
             "root": root}
 
 
 def summarize(report: dict[str, str]) -> list[str]:
-    """One line per asset; a partitioned asset's shards that are up to date are counted, not listed."""
-    lines, fresh = [], {}
+    """One line per asset; a partitioned asset's shards that are up to date or skipped are counted, not listed."""
+    lines, grouped = [], {}
     for name, what in report.items():
         base = name.split("[", 1)[0]
-        if base != name and what.startswith("up to date"):
-            fresh.setdefault(base, []).append(name)
+        if base != name and what.startswith(("up to date", "skipped")):
+            status = "up to date" if what.startswith("up to date") else what
+            grouped.setdefault((base, status), []).append(name)
         else:
             lines.append(f"{name}: {what}")
-    for base, names in fresh.items():
-        lines.append(f"{base}: {len(names)} shard{'s' if len(names) != 1 else ''} up to date")
+    for (base, status), names in grouped.items():
+        lines.append(f"{base}: {len(names)} shard{'s' if len(names) != 1 else ''} {status}")
     return lines
 
 
-def current_selections(root: str) -> dict:
-    """The GIST selections' manifests, by target."""
+def current_selections(root: str, method: str = METHOD) -> dict:
+    """One method's selection manifests (default: exact GIST), by target."""
     out = {}
-    for path in sorted(Path(root, "selections").glob(f"*/{METHOD}/manifest.json")):
+    for path in sorted(Path(root, "selections").glob(f"*/{method}/manifest.json")):
         m = json.loads(path.read_text())
         out[m["target"]] = m
     return out
@@ -327,11 +339,12 @@ def main(argv=None) -> int:
     print("\n=== assets ===")
     for line in summarize(out["report"]):
         print(f"  {line}")
-    print("\n=== GIST selection ===")
-    for target, m in out["selections"].items():
-        mix = ", ".join(f"{s} {n}" for s, n in sorted(m["counts_per_source"].items(), key=lambda kv: -kv[1]))
-        print(f"{target}: {m['selected']} of {m['scored_candidates']} candidates ({mix})")
-        print(f"    {Path(out['root'], m['files']['jsonl'])}")
+    for method, selections in out["selections_by_method"].items():
+        print(f"\n=== {method} selection ===")
+        for target, m in selections.items():
+            mix = ", ".join(f"{s} {n}" for s, n in sorted(m["counts_per_source"].items(), key=lambda kv: -kv[1]))
+            print(f"{target}: {m['selected']} of {m['scored_candidates']} candidates ({mix})")
+            print(f"    {Path(out['root'], m['files']['jsonl'])}")
     print(f"scores: {out['database']} (tables candidate_scores, subtask_scores, selections)")
     if args.compare:
         print_evaluations(out["database"])

@@ -2,6 +2,7 @@
 
 
 import json
+import time
 from collections import Counter
 
 import dagster as dg
@@ -21,6 +22,7 @@ from .partitions import candidate_shards
 from .paths import model_path, relative_checkpoints
 from .plots import histogram, md_table
 from .pool import candidate_pool, pool_path, read_pool_version
+from .sketch import candidate_sketches, load_sketches, sketch_scores_inputs, sketched_coordinates
 from .versions import asset_fingerprint, data_version, fingerprint
 
 METHOD = "gist"
@@ -97,38 +99,68 @@ def write_method_scores(score_store: ScoreStore, target: str, method: str, score
             "nonfinite_ids": ", ".join(nonfinite_ids[:10])}
 
 
-@dg.asset(group_name="gist", deps=[candidate_features, spectral_basis, candidate_pool], code_version="2",
-          pool=DUCKDB_POOL, kinds={"duckdb"})
+def target_directions(storage: StorageResource, ckpt: str, target: str) -> tuple[list[str], np.ndarray]:
+    """The subtask names and unit directions t_s of one target's basis at one checkpoint."""
+    meta = storage.read_json(storage.path("basis", ckpt, target, "meta.json"), "spectral_basis")
+    Z = storage.open_npy(storage.path("basis", ckpt, target, "Z.npy"), "spectral_basis", mmap=False)
+    return subtask_directions(Z, meta["subtasks"])
+
+
+def _score_targets(storage, score_store, method: str, scored: pl.DataFrame, coords, bases: dict, ckpts: list[str],
+                   weights: np.ndarray, tag: str) -> list[dict]:
+    """cos(z, t_s) per checkpoint, weighted, max over subtasks, for every target; ``coords(ckpt, target)`` is z."""
+    summary = []
+    for target in sorted(bases["targets"]):
+        cosines, names = [], None
+        for ckpt in ckpts:
+            names, directions = target_directions(storage, ckpt, target)
+            cosines.append(cosine_to_subtasks(coords(ckpt, target), directions))
+        fingerprint = "+".join(([tag] if tag else []) + [bases["targets"][target][c]["fingerprint"] for c in ckpts])
+        summary.append(write_method_scores(score_store, target, method, scored, weighted_sum(cosines, weights),
+                                           names, fingerprint))
+    return summary
+
+
+@dg.asset(group_name="gist", deps=[candidate_features, candidate_sketches, spectral_basis, candidate_pool],
+          code_version="3", pool=DUCKDB_POOL, kinds={"duckdb"})
 def candidate_scores(context: dg.AssetExecutionContext, config: CandidateScoresConfig, storage: StorageResource,
                      score_store: ScoreStore) -> dg.MaterializeResult:
-    """Cosine of each candidate to each subtask direction, checkpoint-weighted, max over subtasks."""
+    """Per requested method, cosine of each candidate to each subtask direction, checkpoint-weighted, max over
+    subtasks: `gist` from candidate_features (exact z), `gist_sketch` from candidate_sketches (z estimated)."""
     bases = read_basis_manifest(storage)
     shards = sorted(context.instance.get_dynamic_partitions(candidate_shards.name))
-    side, tensors, shard_versions = load_shard_features(storage, shards, bases)
-    scored = side.filter(pl.col("included"))
     avg_lr = {c["name"]: c["avg_lr"] for c in read_warmup(storage)["checkpoints"]}
     ckpts = [c["name"] for c in bases["checkpoints"]]
     weights = checkpoint_weights([avg_lr[c] for c in ckpts])
     targets = sorted(bases["targets"])
-    summary = []
-    for target in targets:
-        cosines, subtask_names = [], None
-        for ckpt in ckpts:
-            meta = storage.read_json(storage.path("basis", ckpt, target, "meta.json"), "spectral_basis")
-            Z = storage.open_npy(storage.path("basis", ckpt, target, "Z.npy"), "spectral_basis", mmap=False)
-            subtask_names, directions = subtask_directions(Z, meta["subtasks"])
-            cosines.append(cosine_to_subtasks(tensors[f"{ckpt}/{target}"], directions))
-        fingerprint = "+".join(bases["targets"][target][c]["fingerprint"] for c in ckpts)
-        summary.append(write_method_scores(score_store, target, METHOD, scored, weighted_sum(cosines, weights),
-                                           subtask_names, fingerprint))
-    removed = score_store.delete_targets_except(targets, METHOD)
+    summary, inputs, seconds, removed, side = [], {}, {}, {}, None
+    for method in config.methods:
+        start = time.perf_counter()
+        if method == METHOD:
+            side, tensors, shard_versions = load_shard_features(storage, shards, bases)
+            inputs[method] = scores_inputs(shard_versions, bases["version"])
+            coords, tag = (lambda ckpt, target: tensors[f"{ckpt}/{target}"]), ""
+        else:
+            side, sketches, versions, projector = load_sketches(storage, shards, ckpts)
+            inputs[method] = sketch_scores_inputs(versions, bases["version"])
+            z = {c: sketched_coordinates(storage, projector, c, targets, sketches[c]) for c in ckpts}
+            coords = lambda ckpt, target: z[ckpt][target]  # noqa: E731
+            tag = f"sketch-{projector.kind}-{projector.dim}-seed-{projector.seed}"
+        scored = side.filter(pl.col("included"))
+        summary += _score_targets(storage, score_store, method, scored, coords, bases, ckpts, weights, tag)
+        removed[method] = score_store.delete_targets_except(targets, method)
+        seconds[method] = round(time.perf_counter() - start, 3)
     excluded = side.filter(~pl.col("included"))
     newer = newer_than_warmup(context, storage, scored["candidate_id"].to_list(), config.warn_new_share)
-    inputs = scores_inputs(shard_versions, bases["version"])
     version = asset_fingerprint(context, inputs, read_warmup(storage)["version"])
-    storage.write_json(scores_version_path(storage, METHOD), {"version": version, "inputs": inputs})
+    # "inputs": per method, what its scores are a function of (the refresh sensor compares it); "methods":
+    # what selected_subset selects.
+    storage.write_json(scores_version_path(storage, METHOD), {"version": version, "inputs": inputs,
+                                                              "methods": list(config.methods)})
     return dg.MaterializeResult(data_version=data_version(version), metadata={
+        "methods": dg.MetadataValue.json(list(config.methods)),
         "rows_per_target": dg.MetadataValue.md(md_table(summary)),
+        "scoring_seconds": dg.MetadataValue.json(seconds),
         "candidates_scored": scored.height,
         "candidates_excluded": excluded.height,
         "candidates_truncated": int(side["truncated"].sum()),
@@ -136,7 +168,7 @@ def candidate_scores(context: dg.AssetExecutionContext, config: CandidateScoresC
         "excluded_no_completion": dg.MetadataValue.md(
             md_table(excluded.select("candidate_id", "source", "exclude_reason").to_dicts())),
         "checkpoint_weights": dg.MetadataValue.json(dict(zip(ckpts, weights.tolist()))),
-        "rows_of_removed_targets_deleted": removed,
+        "rows_of_removed_targets_deleted": dg.MetadataValue.json(removed),
         "nonfinite_scores_excluded": sum(s["nonfinite_excluded"] for s in summary),
         "database": dg.MetadataValue.path(score_store.database),
         "shards": len(shards),
@@ -325,5 +357,7 @@ def write_selections(context, config: SelectionConfig, storage: StorageResource,
           pool=DUCKDB_POOL, kinds={"duckdb", "parquet"}, automation_condition=dg.AutomationCondition.eager())
 def selected_subset(context: dg.AssetExecutionContext, config: SelectionConfig, storage: StorageResource,
                     score_store: ScoreStore) -> dg.MaterializeResult:
-    """Per target: the GIST selection as JSONL in each record's own format, Parquet, and a manifest."""
-    return write_selections(context, config, storage, score_store, [METHOD], [METHOD])
+    """Per target and scored GIST method (candidate_scores' methods): the selection as JSONL in each record's own
+    format, Parquet, and a manifest."""
+    methods = storage.read_json(scores_version_path(storage, METHOD), "candidate_scores").get("methods", [METHOD])
+    return write_selections(context, config, storage, score_store, methods, [METHOD])

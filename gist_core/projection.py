@@ -1,4 +1,4 @@
-"""Seeded random projections of LoRA gradients, applied block by block (the LESS baseline).
+"""Seeded random projections of LoRA gradients, applied block by block (LESS, and the GIST sketches).
 
 The D x d projection matrix is never materialized whole: each gradient block
 (one LoRA weight) has its own rows, generated in row chunks from a generator
@@ -17,6 +17,7 @@ import torch
 from .gradients import GradientLayout
 
 KINDS = ("rademacher", "gaussian")
+SKETCH_KINDS = ("countsketch", *KINDS)
 
 
 class BlockProjector:
@@ -66,11 +67,77 @@ class BlockProjector:
             out[r:r + acc.shape[0]] = acc.cpu().numpy()
         return out
 
+    def project_columns(self, V: np.ndarray) -> np.ndarray:
+        """P^T V for a D x k matrix (e.g. a memmapped basis) -> d x k, reading V a block of rows at a time.
+
+        For a candidate sketched as s = g P, ``s @ project_columns(V)`` estimates g V: only the
+        inner products of g with V's columns are needed, and E[P P^T] = I.
+        """
+        if V.shape[0] != self.layout.dim:
+            raise ValueError(f"V has {V.shape[0]} rows but the gradient layout has {self.layout.dim} entries")
+        out = torch.zeros(self.dim, V.shape[1], dtype=torch.float64)
+        for k, b in enumerate(self.layout.blocks):
+            for c, start in enumerate(range(0, b.size, self.chunk_rows)):
+                stop = min(b.size, start + self.chunk_rows)
+                rows = torch.from_numpy(np.asarray(V[b.offset + start:b.offset + stop], dtype=np.float32))
+                out += (self._chunk(k, c, stop - start).cpu().T @ rows).double()  # float64 sum over chunks
+        return out.numpy()
+
     def dense(self) -> torch.Tensor:
         """The whole D x d matrix (tests only)."""
         return torch.cat([torch.cat([self._chunk(k, c, min(self.chunk_rows, b.size - s))
                                      for c, s in enumerate(range(0, b.size, self.chunk_rows))])
                           for k, b in enumerate(self.layout.blocks)])
+
+
+class CountSketch:
+    """A sparse projection: each gradient entry goes, with a seeded random sign, to one seeded random bucket.
+
+    P has one +-1 per row, so E[P P^T] = I and <g P, h P> estimates <g, h> with about the
+    variance of a dense Rademacher projection of the same d, but applying it costs O(D) per
+    example instead of O(D d), and P is two length-D arrays instead of a D x d matrix.
+    """
+
+    kind = "countsketch"
+
+    def __init__(self, layout: GradientLayout, dim: int, seed: int = 0, device: torch.device | str = "cpu"):
+        if dim < 1:
+            raise ValueError(f"sketch dimension must be positive, got {dim}")
+        self.layout, self.dim, self.seed, self.device = layout, dim, seed, torch.device(device)
+        self.buckets, self.signs = [], []
+        for k, b in enumerate(layout.blocks):
+            gen = torch.Generator().manual_seed((seed * 1_000_003 + k * 10_007) % (2 ** 63))
+            self.buckets.append(torch.randint(0, dim, (b.size,), generator=gen).to(self.device))
+            self.signs.append(torch.randint(0, 2, (b.size,), generator=gen).float().mul_(2).sub_(1).to(self.device))
+
+    def project_block(self, block: int, g: torch.Tensor) -> torch.Tensor:
+        """(B, block size) -> (B, d): this block's share of g @ P."""
+        out = torch.zeros(g.shape[0], self.dim, device=g.device, dtype=torch.float32)
+        return out.index_add_(1, self.buckets[block].to(g.device), g.float() * self.signs[block].to(g.device))
+
+    def project_columns(self, V: np.ndarray) -> np.ndarray:
+        """P^T V for a D x k matrix -> d x k (see ``BlockProjector.project_columns``)."""
+        if V.shape[0] != self.layout.dim:
+            raise ValueError(f"V has {V.shape[0]} rows but the gradient layout has {self.layout.dim} entries")
+        out = torch.zeros(self.dim, V.shape[1], dtype=torch.float64)
+        for k, b in enumerate(self.layout.blocks):
+            rows = torch.from_numpy(np.asarray(V[b.offset:b.offset + b.size], dtype=np.float64))
+            out.index_add_(0, self.buckets[k].cpu(), rows * self.signs[k].cpu().double()[:, None])
+        return out.numpy()
+
+    def dense(self) -> torch.Tensor:
+        """The whole D x d matrix (tests only)."""
+        P = torch.zeros(self.layout.dim, self.dim)
+        rows = torch.arange(self.layout.dim)
+        P[rows, torch.cat(self.buckets).cpu()] = torch.cat(self.signs).cpu()
+        return P
+
+
+def sketch_projector(layout: GradientLayout, dim: int, seed: int, kind: str, device: torch.device | str = "cpu"):
+    """The projection of a gradient sketch: a CountSketch, or a dense BlockProjector (rademacher/gaussian)."""
+    if kind == "countsketch":
+        return CountSketch(layout, dim, seed, device=device)
+    return BlockProjector(layout, dim, seed, kind, device=device)
 
 
 def adam_direction(g: torch.Tensor, exp_avg: torch.Tensor, exp_avg_sq: torch.Tensor,

@@ -37,9 +37,9 @@ def _drive(instance, resources, run_config):
     raise AssertionError(f"the sensor did not settle: {ran}")
 
 
-def _scored_ids(root):
+def _scored_ids(root, method="gist"):
     with duckdb.connect(str(root / "gist.duckdb"), read_only=True) as db:
-        rows = db.execute("SELECT target, candidate_id FROM candidate_scores WHERE method = 'gist'").fetchall()
+        rows = db.execute("SELECT target, candidate_id FROM candidate_scores WHERE method = ?", [method]).fetchall()
     out = {}
     for target, cid in rows:
         out.setdefault(target, []).append(cid)
@@ -64,14 +64,15 @@ def test_sensor_adds_changes_and_removes_only_what_changed(tmp_path, monkeypatch
         shards_before = set(instance.get_dynamic_partitions("candidate_shards"))
         untouched = {s: (root / "features" / s / "meta.json").stat().st_mtime_ns for s in shards_before}
 
-        # 1. A new file: only its shard computes features; the scores then cover it.
+        # 1. A new file: only its shard computes features and sketches; the scores then cover it.
         new = watch / "new_task.jsonl"
         new.write_text("".join(json.dumps({"prompt": f"Add {i} and {i + 7} together. Result:",
                                            "completion": str(2 * i + 7)}) + "\n" for i in range(25)))
         ran = _drive(instance, resources, run_config)
         assert ran == [(("candidate_pool",), None), (("candidate_features",), "new_task-0000"),
-                       (("candidate_scores", "selected_subset"), None)]
+                       (("candidate_sketches",), "new_task-0000"), (("candidate_scores", "selected_subset"), None)]
         after = _scored_ids(root)
+        assert _scored_ids(root, "gist_sketch") == after
         for target, ids in after.items():
             assert len(ids) == len(before[target]) + 25 and len(set(ids)) == len(ids)
         assert {s: (root / "features" / s / "meta.json").stat().st_mtime_ns for s in shards_before} == untouched
@@ -83,7 +84,7 @@ def test_sensor_adds_changes_and_removes_only_what_changed(tmp_path, monkeypatch
                 {"role": "user", "content": "Opposite of 'early'?"}, {"role": "assistant", "content": "late"}]}) + "\n")
         ran = _drive(instance, resources, run_config)
         assert ran == [(("candidate_pool",), None), (("candidate_features",), "antonyms_data-0000"),
-                       (("candidate_scores", "selected_subset"), None)]
+                       (("candidate_sketches",), "antonyms_data-0000"), (("candidate_scores", "selected_subset"), None)]
         assert all(len(ids) == len(after[t]) + 1 for t, ids in _scored_ids(root).items())
 
         # 3. A removed file: its shard leaves the partitions and its candidates leave scores and selections.

@@ -39,14 +39,14 @@ def test_graph_outputs(small_run):
         assert all(r[1] == "gist" and r[2] == r[3] == n_scored for r in rows)  # one row per candidate
         ranks = db.execute("SELECT target, method, min(rank), max(rank), count(DISTINCT rank), count(*) "
                            "FROM candidate_scores GROUP BY 1, 2").fetchall()
-        assert len(ranks) == 3 * 4  # targets x (gist, random, less, representation)
+        assert len(ranks) == 3 * 5  # targets x (gist, gist_sketch, random, less, representation)
         assert all(r[2] == 1 and r[3] == r[4] == r[5] == n_scored for r in ranks)
         sel_counts = db.execute("SELECT target, method, count(*) FROM selections GROUP BY 1, 2").fetchall()
         evaluations = db.execute("SELECT target, method FROM evaluations").fetchall()
     expected = selection_size(n_scored, percentage=0.1)
-    assert len(sel_counts) == 12 and all(r[2] == expected for r in sel_counts)
-    assert set(evaluations) == {(t, m) for t in targets
-                                for m in ("gist", "random", "less", "representation", "base", "full_pool")}
+    assert len(sel_counts) == 15 and all(r[2] == expected for r in sel_counts)
+    assert set(evaluations) == {(t, m) for t in targets for m in ("gist", "gist_sketch", "random", "less",
+                                                                   "representation", "base", "full_pool")}
     for target, manifest in out["selections"].items():
         assert not Path(manifest["files"]["jsonl"]).is_absolute()  # relative to the storage root
         lines = open(root / manifest["files"]["jsonl"], encoding="utf-8").read().splitlines()
@@ -103,6 +103,57 @@ def test_scores_match_plain_computation(small_run):
             assert chosen == [ids[j] for j in order[:n_sel]]
 
 
+def test_sketch_scores_match_plain_computation(small_run):
+    """gist_sketch: bs=1 gradients times a dense P are the stored sketches; SVD of the bs=1 target gradients,
+    z = s (P^T V_k), cosine, checkpoint weights and max give the stored scores."""
+    from gist_core.gradients import trainable_linears
+    from gist_core.projection import sketch_projector
+    from safetensors.numpy import load_file
+
+    root = small_run["root"]
+    ref = json.loads((root / "models" / "model_ref.json").read_text())
+    warm = json.loads((root / "warmup" / "manifest.json").read_text())
+    compute = ComputeResource()
+    model_dir = str(root / "models" / "base_model")   # manifests hold paths relative to the root
+    tok = compute.load_tokenizer(model_dir)
+    shards = sorted(small_run["shards"])
+    folders = [root / "features_gist_sketch" / s for s in shards]
+    meta = json.loads((folders[0] / "meta.json").read_text())
+    proj = meta["projection"]
+    sketches = [load_file(str(f / "features.safetensors")) for f in folders]
+    ids = pl.concat([pl.read_parquet(f / "candidates.parquet").filter(pl.col("included")) for f in folders])["candidate_id"]
+    pool = pl.read_parquet(root / "pool" / "candidate_pool.parquet").filter(pl.col("shard") == shards[0])
+    first = [encode_messages(tok, json.loads(m), ref["max_length"]) for m in pool["messages"]]
+    targets = pl.read_parquet(root / "targets" / "target_sets.parquet").filter(pl.col("split") == "basis")
+    weights = np.array([c["avg_lr"] for c in warm["checkpoints"]])
+    weights = weights / weights.sum()
+    k = SMALL["ops"]["spectral_basis"]["config"]["k"]
+    totals = {}
+    for w, ckpt in zip(weights, warm["checkpoints"]):
+        model = compute.load_model(model_dir, str(root / ckpt["dir"]))
+        P = sketch_projector(trainable_linears(model)[0], proj["dim"], proj["seed"], proj["kind"]).dense().double()
+        g = torch.from_numpy(reference_gradients(model, first)).double()
+        np.testing.assert_allclose(sketches[0][ckpt["name"]], (g @ P).numpy(), rtol=1e-3, atol=1e-4)
+        s = torch.from_numpy(np.concatenate([x[ckpt["name"]] for x in sketches])).double()
+        for target in ["arithmetic_sums", "geography", "word_reversal"]:
+            rows = targets.filter(pl.col("target") == target).sort("example_id")
+            t_enc = [encode_prompt_completion(tok, p, c, ref["max_length"])
+                     for p, c in zip(rows["prompt"], rows["completion"])]
+            subtasks = np.array(rows["subtask"].to_list())
+            U, S, Vh = torch.linalg.svd(torch.from_numpy(reference_gradients(model, t_enc)).double(),
+                                        full_matrices=False)
+            Z, z = U[:, :k] * S[:k], s @ (P.T @ Vh[:k].T)
+            dirs = torch.stack([Z[torch.from_numpy(subtasks == t)].mean(0) for t in sorted(set(subtasks))])
+            dirs = dirs / dirs.norm(dim=1, keepdim=True)
+            totals[target] = totals.get(target, 0) + w * ((z / z.norm(dim=1, keepdim=True)) @ dirs.T)
+    with _db(root) as db:
+        for target, total in totals.items():
+            got = dict(db.execute("SELECT candidate_id, score FROM candidate_scores WHERE target = ? "
+                                  "AND method = 'gist_sketch'", [target]).fetchall())
+            assert len(got) == len(ids)
+            np.testing.assert_allclose([got[i] for i in ids], total.max(dim=1).values.numpy(), atol=1e-4)
+
+
 def test_checks_passed(small_run):
     instance = small_run["instance"]
     for asset, check in [("spectral_basis", "basis_columns_orthonormal"), ("candidate_scores", "scores_valid"),
@@ -124,7 +175,7 @@ def test_rematerialize_same_seed_is_identical(small_run, tmp_path):
         sel = "SELECT * FROM selections ORDER BY target, method, rank"
         assert a.execute(sel).fetchall() == b.execute(sel).fetchall()
     for target in ["arithmetic_sums", "geography", "word_reversal"]:
-        for method in ["gist", "random", "less", "representation"]:
+        for method in ["gist", "gist_sketch", "random", "less", "representation"]:
             rel = ("selections", target, method, "selection.jsonl")
             assert first.joinpath(*rel).read_bytes() == tmp_path.joinpath(*rel).read_bytes()
 

@@ -1,0 +1,291 @@
+"""gist_sketch against exact GIST: agreement (per target, against d), held-out loss, cost of a new target.
+
+All through the project's run path (``gist_assets.run.run_all`` on a test instance):
+
+1. first run: two targets, ``methods: [gist, gist_sketch]``, sketches of dimension ``--dim``;
+2. a third target is added, ``methods: [gist_sketch]``: the time to add a target with the sketch
+   (target gradients + SVD + scoring; the report must show no pool pass);
+3. ``methods: [gist]`` on the same three targets: the exact pool pass the new target costs without it;
+4. agreement of gist_sketch with gist per target at every d of ``--curve`` (the stored d-dimensional
+   sketch truncated to d' columns and rescaled by sqrt(d/d') is a d'-dimensional sketch of the same kind;
+   at d' = d the scores are the stored ones, which is checked): Spearman, top-5% and top-1% overlap;
+5. ``selection_evaluation`` (gist and gist_sketch selections, top 5%) for each of ``--seeds`` seeds.
+
+    .venv/bin/python benchmarks/bench_sketch.py                        # embedded default (~1 h on a busy 2-core machine)
+    .venv/bin/python benchmarks/bench_sketch.py --pool realtext        # benchmarks/data/realtext pool
+    .venv/bin/python benchmarks/bench_sketch.py --quick                # tiny config, smoke test
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _common import REPO, BackgroundLoad, machine_line, table  # noqa: E402
+from bench_demo import step_durations  # noqa: E402
+
+sys.path.insert(0, str(REPO / "tests"))
+from small_config import SMALL  # noqa: E402
+
+TARGETS = ("arithmetic_sums", "word_reversal", "geography")  # the last is the one added later
+CURVE = (512, 1024, 2048, 4096, 8192, 16384)
+LESS_DIM = 8192  # LESS's projection dimension (per checkpoint)
+
+
+def spearman(a, b) -> float:
+    """Pearson correlation of the ranks (ties get their average rank)."""
+    import numpy as np
+    import polars as pl
+
+    ra, rb = (pl.Series(x).rank("average").to_numpy() for x in (a, b))
+    return float(np.corrcoef(ra, rb)[0, 1])
+
+
+def top_overlap(exact, approx, ids, fraction: float) -> float:
+    """|top(exact) & top(approx)| / n, top n = ceil(fraction * M), ties by id as the selection breaks them."""
+    from gist_core.selection import rank_order, selection_size
+
+    n = selection_size(len(ids), fraction, None)
+    a = set(rank_order(exact, ids)[:n].tolist())
+    b = set(rank_order(approx, ids)[:n].tolist())
+    return len(a & b) / n
+
+
+def sketch_scores_at(storage, ckpts, weights, targets, sketches, projector, dims):
+    """{d': {target: score (M,)}}: gist_sketch scores from the first d' sketch columns, rescaled."""
+    import numpy as np
+
+    from gist_assets.gradients import load_bases
+    from gist_core.scoring import cosine_to_subtasks, weighted_sum
+    from gist_assets.scores import target_directions
+
+    PV = {}
+    for c in ckpts:
+        V, slices = load_bases(storage, c, targets)
+        PV[c] = (projector.project_columns(V.numpy()), slices)
+    out = {}
+    for d in dims:
+        scale = projector.dim / d   # (sqrt(dim/d) on each side)
+        per_target = {}
+        for target in targets:
+            cos, names = [], None
+            for c in ckpts:
+                pv, slices = PV[c]
+                a, b = slices[target]
+                z = scale * (sketches[c][:, :d].astype(np.float64) @ pv[:d, a:b])
+                names, directions = target_directions(storage, c, target)
+                cos.append(cosine_to_subtasks(z, directions))
+            per_target[target] = weighted_sum(cos, weights).max(axis=1)
+        out[d] = per_target
+    return out
+
+
+def run_timed(label, fn, log):
+    t0 = time.perf_counter()
+    out = fn()
+    secs = time.perf_counter() - t0
+    log(f"{label}: {secs:.1f}s")
+    return out, secs
+
+
+def steps_since(instance, before: set[str]) -> dict[str, float]:
+    """Seconds per asset (shards summed) over the runs not in ``before``."""
+    import dagster as dg
+
+    totals: dict[str, float] = {}
+    kinds = {dg.DagsterEventType.STEP_START, dg.DagsterEventType.STEP_SUCCESS}
+    for run in instance.get_runs():
+        if run.run_id in before:
+            continue
+        start = {}
+        for entry in instance.all_logs(run.run_id, of_type=kinds):
+            ev = entry.dagster_event
+            if ev.event_type == dg.DagsterEventType.STEP_START:
+                start[ev.step_key] = entry.timestamp
+            elif ev.step_key in start:
+                totals[ev.step_key] = totals.get(ev.step_key, 0.0) + entry.timestamp - start.pop(ev.step_key)
+    return totals
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--quick", action="store_true", help="the tests' tiny config (smoke test; figures not comparable)")
+    p.add_argument("--pool", choices=["embedded", "realtext"], default="embedded",
+                   help="embedded synthetic pool and targets, or benchmarks/data/realtext (pool and targets)")
+    p.add_argument("--dim", type=int, default=None, help="sketch dimension of the run (default: the config default)")
+    p.add_argument("--curve", default=",".join(map(str, CURVE)), help="dimensions of the agreement curve (<= --dim)")
+    p.add_argument("--seeds", type=int, default=3, help="evaluation seeds (fine-tunes per selection)")
+    p.add_argument("--verbose", action="store_true", help="Dagster's event log on stderr")
+    args = p.parse_args(argv)
+
+    import dagster as dg
+    import duckdb
+    import numpy as np
+    import torch
+
+    from gist_assets.config import SKETCH_DIM
+    from gist_assets.run import materialize, run_all
+    from gist_assets.scores import load_shard_features
+    from gist_assets.sketch import load_sketches
+    from gist_core import synthetic
+    from gist_core.scoring import checkpoint_weights
+    from gist_resources import StorageResource
+
+    dim = args.dim or SKETCH_DIM
+    dims = sorted({d for d in map(int, args.curve.split(",")) if d <= dim} | {dim})
+    print(f"# bench_sketch: {machine_line()}; torch {torch.__version__} ({torch.get_num_threads()} threads)")
+    log = lambda s: print(s, file=sys.__stdout__, flush=True)  # noqa: E731
+    with tempfile.TemporaryDirectory() as tmp, dg.instance_for_test() as instance:
+        root = str(Path(tmp) / "root")
+        ops = dict(SMALL["ops"]) if args.quick else {}
+        ops.pop("selection_evaluation", None)
+        ops.pop("selected_subset", None)   # the default 5%, as in the top-5% overlap
+        if args.pool == "realtext":
+            data = REPO / "benchmarks" / "data" / "realtext"
+            ops["candidate_pool"] = {"config": {"paths": [str(data / "pool.jsonl")], "shard_size": 200}}
+            target_files = {t: data / f"target_{t}.jsonl" for t in ("capitals", "past_tense", "antonyms")}
+        else:
+            target_files = synthetic.write_targets(Path(tmp) / "targets")
+            target_files = {t: target_files[t] for t in TARGETS}
+        names = list(target_files)
+        spec = lambda t: {"name": t, "format": "jsonl", "path": str(target_files[t])}  # noqa: E731
+        sketch_cfg = {"candidate_sketches": {"config": {"dim": dim}}}
+        first = {"ops": {**ops, **sketch_cfg, "target_sets": {"config": {"targets": [spec(t) for t in names[:2]]}}}}
+        later = {**ops, **sketch_cfg, "target_sets": {"config": {"targets": [spec(t) for t in names]}}}
+        with_sketch = {"ops": {**later, "candidate_scores": {"config": {"methods": ["gist_sketch"]}}}}
+        with_exact = {"ops": {**later, "candidate_scores": {"config": {"methods": ["gist"]}}}}
+
+        log_file = open(Path(tmp) / "dagster.log", "w")
+        with BackgroundLoad() as bg, (contextlib.nullcontext() if args.verbose else contextlib.redirect_stderr(log_file)):
+            before = set()
+            _, t_first = run_timed(f"1. first run, targets {names[:2]}, gist + gist_sketch (d={dim})",
+                                   lambda: run_all(first, root, instance=instance, log=lambda _: None), log)
+            s_first = steps_since(instance, before)
+            before = {r.run_id for r in instance.get_runs()}
+            out2, t_sketch = run_timed(f"2. add target {names[2]!r}, gist_sketch only",
+                                       lambda: run_all(with_sketch, root, instance=instance, log=lambda _: None), log)
+            s_sketch = steps_since(instance, before)
+            before = {r.run_id for r in instance.get_runs()}
+            _, t_exact = run_timed("3. the same targets, gist only (exact pool pass)",
+                                   lambda: run_all(with_exact, root, instance=instance, log=lambda _: None), log)
+            s_exact = steps_since(instance, before)
+            pool_steps = [k for k in s_sketch if k.startswith(("candidate_features", "candidate_sketches"))]
+            assert not pool_steps, f"the gist_sketch run ran a pool pass: {pool_steps}"
+
+            storage = StorageResource(root=root)
+            from gist_assets.gradients import read_basis_manifest
+            from gist_assets.model import read_warmup
+            bases = read_basis_manifest(storage)
+            ckpts = [c["name"] for c in bases["checkpoints"]]
+            avg_lr = {c["name"]: c["avg_lr"] for c in read_warmup(storage)["checkpoints"]}
+            weights = checkpoint_weights([avg_lr[c] for c in ckpts])
+            shards = sorted(instance.get_dynamic_partitions("candidate_shards"))
+            side, sketches, _, projector = load_sketches(storage, shards, ckpts)
+            exact_side, _, _ = load_shard_features(storage, shards, bases)
+            ids = side.filter(side["included"])["candidate_id"]
+            assert ids.to_list() == exact_side.filter(exact_side["included"])["candidate_id"].to_list()
+            curve = sketch_scores_at(storage, ckpts, weights, names, sketches, projector, dims)
+
+            db = duckdb.connect(str(Path(root) / "gist.duckdb"), read_only=True)
+
+            def stored(method, target):
+                got = dict(db.execute("SELECT candidate_id, score FROM candidate_scores WHERE method = ? AND "
+                                      "target = ?", [method, target]).fetchall())
+                return np.array([got[i] for i in ids])
+
+            agreement, worst_check = [], 0.0
+            for target in names:
+                exact = stored("gist", target)
+                worst_check = max(worst_check, float(np.abs(curve[dim][target] - stored("gist_sketch", target)).max()))
+                for d in dims:
+                    approx = curve[d][target]
+                    agreement.append({"target": target, "d": d, "spearman": spearman(exact, approx),
+                                      "top5_overlap": top_overlap(exact, approx, ids, 0.05),
+                                      "top1_overlap": top_overlap(exact, approx, ids, 0.01)})
+            db.close()
+
+            evals = []
+            eval_ops = {**later, "selection_evaluation": {"config": {"include_full_pool": False,
+                                                                     **({"epochs": 1} if args.quick else {})}}}
+            for seed in range(args.seeds):
+                eval_ops["selection_evaluation"]["config"]["seed"] = seed
+                _, secs = run_timed(f"5. selection_evaluation seed {seed}",
+                                    lambda: materialize(["selection_evaluation"], {"ops": eval_ops}, instance, root),
+                                    log)
+                with duckdb.connect(str(Path(root) / "gist.duckdb"), read_only=True) as db:
+                    evals += [(seed, *r) for r in db.execute(
+                        "SELECT target, method, heldout_loss FROM evaluations").fetchall()]
+
+        n_scored, n_ckpt = len(ids), len(ckpts)
+        sketch_bytes = sum(sketches[c][:1].nbytes for c in ckpts)
+        print(f"\npool: {args.pool}{' (quick)' if args.quick else ''}; {n_scored} scored candidates, {len(shards)} shards, "
+              f"{n_ckpt} checkpoints, LoRA gradient D = {projector.layout.dim}, sketch d = {dim} "
+              f"({projector.kind}, seed {projector.seed}); other processes used {bg.value:.2f} CPUs on average")
+        print(f"check: recomputed gist_sketch scores at d={dim} vs the stored ones: max |diff| {worst_check:.2e}")
+
+        print("\nAgreement of gist_sketch with exact gist (per target and d)")
+        print(table(agreement))
+        print("\nHeld-out loss after fine-tuning on each top-5% selection (selection_evaluation, "
+              f"{args.seeds} seed(s); base = no fine-tuning)")
+        rows = []
+        for target in names:
+            row = {"target": target}
+            for method in ("base", "gist", "gist_sketch"):
+                losses = [loss for s, t, m, loss in evals if t == target and m == method]
+                if losses:
+                    sd = statistics.stdev(losses) if len(losses) > 1 else float("nan")
+                    row[method] = f"{statistics.mean(losses):.4f} +- {sd:.4f}"
+            per_seed = [(dict(((m, l) for s2, t2, m, l in evals if s2 == s and t2 == target))) for s in range(args.seeds)]
+            diffs = [d["gist_sketch"] - d["gist"] for d in per_seed if "gist" in d and "gist_sketch" in d]
+            row["sketch - exact (per seed)"] = ", ".join(f"{x:+.4f}" for x in diffs)
+            rows.append(row)
+        print(table(rows))
+
+        shared = sum(v for k, v in s_sketch.items() if k.startswith(("target_gradients", "spectral_basis")))
+        sketch_score = sum(v for k, v in s_sketch.items() if k.startswith("candidate_scores"))
+        exact_pass = sum(v for k, v in s_exact.items() if k.startswith("candidate_features"))
+        exact_score = sum(v for k, v in s_exact.items() if k.startswith("candidate_scores"))
+        sketch_pass = sum(v for k, v in s_first.items() if k.startswith("candidate_sketches"))
+        first_exact_pass = sum(v for k, v in s_first.items() if k.startswith("candidate_features"))
+        cost = [
+            {"step": "target gradients + SVD (all targets; both paths)", "seconds": shared},
+            {"step": "gist_sketch: candidate_scores (all targets, from the sketches)", "seconds": sketch_score},
+            {"step": "gist: candidate_features (exact pool pass, all shards)", "seconds": exact_pass},
+            {"step": "gist: candidate_scores", "seconds": exact_score},
+            {"step": "one-time sketch pass (candidate_sketches, first run)", "seconds": sketch_pass},
+            {"step": "exact pass of the first run (candidate_features)", "seconds": first_exact_pass},
+            {"step": "run_all wall: add a target with gist_sketch", "seconds": t_sketch},
+            {"step": "run_all wall: then gist for it (exact)", "seconds": t_exact},
+        ]
+        print("\nCost of a new target (Dagster step durations, shards summed)")
+        print(table(cost, floatfmt="{:.1f}"))
+        storage_rows = [
+            {"features": f"gist_sketch sketches (d={dim} float32 x {n_ckpt} ckpts)", "bytes/candidate": sketch_bytes},
+            {"features": f"LESS ({LESS_DIM} float32 x {n_ckpt} ckpts)", "bytes/candidate": LESS_DIM * 4 * n_ckpt},
+        ]
+        print("\nStorage per candidate")
+        print(table(storage_rows))
+        print("\nRATIOS")
+        print(f"  new target, pool work: exact pass {exact_pass:.1f}s / gist_sketch scoring {sketch_score:.1f}s "
+              f"= {exact_pass / sketch_score:.1f}x")
+        print(f"  new target, end to end (steps): (shared {shared:.1f} + exact {exact_pass + exact_score:.1f}) / "
+              f"(shared {shared:.1f} + sketch {sketch_score:.1f}) = "
+              f"{(shared + exact_pass + exact_score) / (shared + sketch_score):.1f}x")
+        print(f"  storage: LESS {LESS_DIM * 4 * n_ckpt} B / sketch {sketch_bytes} B = "
+              f"{LESS_DIM * 4 * n_ckpt / sketch_bytes:.2f}x")
+        print(f"  one-time sketch pass / exact pass (first run): {sketch_pass:.1f}s / {first_exact_pass:.1f}s = "
+              f"{sketch_pass / max(first_exact_pass, 1e-9):.2f}")
+        at = [r for r in agreement if r["d"] == dim]
+        print(f"  top-5% overlap at d={dim}: min over targets {min(r['top5_overlap'] for r in at):.3f} (goal >= 0.9)")
+        del out2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

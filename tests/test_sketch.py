@@ -1,0 +1,96 @@
+"""gist_sketch: sketched coordinates converge to the exact ones, and a new target needs no pass over the pool."""
+
+import dagster as dg
+import duckdb
+import numpy as np
+import pytest
+import torch
+
+from gist_assets.config import RunConfigError, check_run_config
+from gist_assets.run import run_all
+from gist_core import synthetic
+from gist_core.gradients import block_features, full_gradients, trainable_linears
+from gist_core.projection import BlockProjector, sketch_projector
+from gist_core.spectral import build_basis
+from small_config import SMALL
+from test_gradients import _examples, _llama, _perturb_lora
+
+
+@pytest.mark.parametrize("kind", ["countsketch", "rademacher"])
+def test_sketched_coordinates_converge_to_exact_as_d_grows(kind):
+    """A small real Llama + LoRA: z = g V_k exactly vs s (P^T V_k) with s = g P from the sketch pass."""
+    model = _llama(4)
+    _perturb_lora(model)
+    layout, _ = trainable_linears(model)
+    targets, candidates = _examples(12, 97, seed=1), _examples(40, 97, seed=2)
+    G, _ = full_gradients(model, targets)
+    g, _ = full_gradients(model, candidates)
+    V = build_basis(G, k=6)[0].V
+    exact = g.astype(np.float64) @ V
+    # The sketch pass (the candidate_sketches asset's call) gives g P.
+    projector = sketch_projector(layout, 64, 0, kind)
+    if kind == "rademacher":
+        projector = BlockProjector(layout, 64, seed=0, chunk_rows=300)   # chunks that split blocks, too
+    s, _, _, _ = block_features(model, candidates, projector.project_block, 64)
+    np.testing.assert_allclose(s, g @ projector.dense().double().numpy(), rtol=1e-4, atol=1e-5)
+    errors = {}
+    for d in (16, 256, 2048):
+        per_seed = []
+        for seed in range(3):
+            projector = sketch_projector(layout, d, seed, kind)
+            P = projector.dense().double().numpy()
+            s = g @ P
+            PV = projector.project_columns(V)
+            np.testing.assert_allclose(PV, P.T @ V, rtol=1e-4, atol=1e-6)       # P^T V, block by block
+            per_seed.append(np.linalg.norm(s @ PV - exact) / np.linalg.norm(exact))
+        errors[d] = float(np.mean(per_seed))
+    assert errors[16] > errors[256] > errors[2048], errors
+    # JL: the error falls like 1/sqrt(d) (a 128x larger d: ~11x smaller).
+    assert errors[16] / errors[2048] > 8 and errors[2048] < 0.2, errors
+
+
+def test_unknown_scoring_method_is_refused_by_name():
+    with pytest.raises(RunConfigError, match=r"ops\.candidate_scores\.config\.methods.*gist_sketch"):
+        check_run_config({"ops": {"candidate_scores": {"config": {"methods": ["gist", "sketch"]}}}})
+    with pytest.raises(RunConfigError, match=r"ops\.candidate_sketches\.config\.dim"):
+        check_run_config({"ops": {"candidate_sketches": {"config": {"dim": 0}}}})
+
+
+def _materializations(instance, asset: str) -> int:
+    return len(instance.fetch_materializations(dg.AssetKey(asset), limit=10_000).records)
+
+
+@pytest.mark.slow
+def test_new_target_gets_sketch_scores_without_a_pass_over_the_pool(tmp_path):
+    paths = synthetic.write_targets(tmp_path / "targets")
+    spec = lambda name: {"name": name, "format": "jsonl", "path": str(paths[name])}  # noqa: E731
+    ops = {**SMALL["ops"], "candidate_pool": {"config": {"embedded_pool_size": 160, "shard_size": 40}}}
+    first = {"ops": {**ops, "target_sets": {"config": {"targets": [spec("arithmetic_sums"), spec("word_reversal")]}}}}
+    second = {"ops": {**ops, "target_sets": {"config": {"targets": [spec("arithmetic_sums"), spec("word_reversal"),
+                                                                    spec("geography")]}},
+                      "candidate_scores": {"config": {"methods": ["gist_sketch"]}}}}
+    root = str(tmp_path / "root")
+    with dg.instance_for_test() as instance:
+        run_all(first, root, instance=instance, log=lambda _: None)
+        n_features, n_sketches = (_materializations(instance, a) for a in ("candidate_features", "candidate_sketches"))
+        n_shards = len(instance.get_dynamic_partitions("candidate_shards"))
+        assert n_features == n_sketches == n_shards  # one per shard
+        out = run_all(second, root, instance=instance, log=lambda _: None)
+        report = out["report"]
+        # The new target's exact gradients and basis are computed; nothing runs over the pool.
+        assert report["target_gradients"].startswith("recomputed") and report["spectral_basis"].startswith("recomputed")
+        assert report["candidate_scores"].startswith("recomputed")
+        shard_rows = {k: v for k, v in report.items() if k.startswith(("candidate_features[", "candidate_sketches["))}
+        assert len(shard_rows) == 2 * n_shards
+        assert all(v.startswith("skipped") for k, v in shard_rows.items() if k.startswith("candidate_features"))
+        assert all(v.startswith("up to date") for k, v in shard_rows.items() if k.startswith("candidate_sketches"))
+        assert _materializations(instance, "candidate_features") == n_features
+        assert _materializations(instance, "candidate_sketches") == n_sketches
+        assert set(out["selections_by_method"]["gist_sketch"]) == {"arithmetic_sums", "geography", "word_reversal"}
+    with duckdb.connect(str(tmp_path / "root" / "gist.duckdb"), read_only=True) as db:
+        counts = dict(db.execute("SELECT method || '/' || target, count(*) FROM candidate_scores GROUP BY 1").fetchall())
+        n = counts["gist_sketch/arithmetic_sums"]
+        assert n > 100 and counts["gist_sketch/geography"] == counts["gist_sketch/word_reversal"] == n
+        assert "gist/geography" not in counts  # exact GIST was not asked for the new target
+        assert db.execute("SELECT count(*) FROM selections WHERE target = 'geography' AND method = 'gist_sketch'"
+                          ).fetchone()[0] > 0
