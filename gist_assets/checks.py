@@ -75,7 +75,8 @@ def selections_valid(score_store: ScoreStore) -> dg.AssetCheckResult:
                                metadata=_integrity_metadata(found))
 
 
-@dg.asset_check(asset=selected_subset, description="Each selection has the configured size, in every output")
+@dg.asset_check(asset=selected_subset, description="Each selection has the configured size at every budget, "
+                "in every output")
 def selection_size_as_configured(storage: StorageResource, score_store: ScoreStore) -> dg.AssetCheckResult:
     bases = read_basis_manifest(storage)
     report, ok = {}, True
@@ -83,14 +84,19 @@ def selection_size_as_configured(storage: StorageResource, score_store: ScoreSto
     with score_store.get_connection() as conn:
         for method in methods:
             for target in sorted(bases["targets"]):
-                folder = selection_dir(storage, target, method)
-                manifest = storage.read_json(folder / "manifest.json", "selected_subset")
-                expected = selection_size(manifest["scored_candidates"], manifest["config"]["percentage"],
-                                          manifest["config"]["n"])
-                in_db = conn.execute("SELECT count(*) FROM selections WHERE target = ? AND method = ?",
-                                     [target, method]).fetchone()[0]
-                with open(folder / "selection.jsonl", encoding="utf-8") as fh:
-                    in_jsonl = sum(1 for _ in fh)
-                report[f"{target}/{method}"] = {"expected": expected, "duckdb": in_db, "jsonl": in_jsonl}
-                ok &= expected == in_db == in_jsonl
+                labels = [r[0] for r in conn.execute("SELECT DISTINCT budget FROM selections WHERE target = ? "
+                                                     "AND method = ? ORDER BY 1", [target, method]).fetchall()]
+                for label in labels:
+                    folder = selection_dir(storage, target, method, label)
+                    manifest = storage.read_json(folder / "manifest.json", "selected_subset")
+                    expected = selection_size(manifest["scored_candidates"], manifest["config"]["percentage"],
+                                              manifest["config"]["n"])
+                    in_db = conn.execute("SELECT count(*) FROM selections WHERE target = ? AND method = ? AND "
+                                         "budget = ?", [target, method, label]).fetchone()[0]
+                    counts = {}
+                    for name in ("selection.jsonl", "selection.messages.jsonl"):
+                        with open(folder / name, encoding="utf-8") as fh:
+                            counts[name] = sum(1 for _ in fh)
+                    report[f"{target}/{method}/{label}"] = {"expected": expected, "duckdb": in_db, **counts}
+                    ok &= expected == in_db == counts["selection.jsonl"] == counts["selection.messages.jsonl"]
     return dg.AssetCheckResult(passed=ok, metadata={"sizes": dg.MetadataValue.json(report)})
