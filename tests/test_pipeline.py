@@ -106,7 +106,8 @@ def test_scores_match_plain_computation(small_run):
             order = sorted(range(len(ids)), key=lambda j: (-expected[j], ids[j]))
             n_sel = selection_size(len(ids), percentage=0.1)
             chosen = [r[0] for r in db.execute("SELECT candidate_id FROM selections WHERE target = ? "
-                                               "AND method = 'gist' ORDER BY rank", [target]).fetchall()]
+                                               "AND method = 'gist' AND budget = 'p0.1' ORDER BY rank",
+                                               [target]).fetchall()]
             assert chosen == [ids[j] for j in order[:n_sel]]
 
 
