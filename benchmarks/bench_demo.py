@@ -113,7 +113,8 @@ def main(argv=None) -> int:
     print("\nrun_all's own phase timings:")
     for phase, secs in out["timings"].items():
         print(f"  {secs:6.1f}s  {phase}")
-    sel = ", ".join(f"{t}: {m['selected']} of {m['scored_candidates']}" for t, m in out["selections"].items())
+    sel = ", ".join(f"{t} [{b}]: {m['selected']} of {m['scored_candidates']}"
+                    for t, per in out["selections"].items() for b, m in per.items())
     print(f"selections: {sel}")
     print(f"other processes used {bg.value:.2f} CPUs on average during the run")
     print("\nRATIOS")

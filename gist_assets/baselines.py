@@ -223,7 +223,7 @@ def baseline_scores(context: dg.AssetExecutionContext, config: BaselineScoresCon
 BASELINE_METHODS = ("random", "less", "representation")
 
 
-@dg.asset(group_name="baselines", deps=[baseline_scores, candidate_pool], code_version="1", pool=DUCKDB_POOL,
+@dg.asset(group_name="baselines", deps=[baseline_scores, candidate_pool], code_version="2", pool=DUCKDB_POOL,
           kinds={"duckdb", "parquet"})
 def baseline_selections(context: dg.AssetExecutionContext, config: SelectionConfig, storage: StorageResource,
                         score_store: ScoreStore) -> dg.MaterializeResult:

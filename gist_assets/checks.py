@@ -76,23 +76,27 @@ def selections_valid(score_store: ScoreStore) -> dg.AssetCheckResult:
                                metadata=_integrity_metadata(found))
 
 
-@dg.asset_check(asset=selected_subset, description="Each selection has the configured size, in every output")
+@dg.asset_check(asset=selected_subset, description="Each selection has the configured size at every budget, "
+                "in every output")
 def selection_size_as_configured(storage: StorageResource, score_store: ScoreStore) -> dg.AssetCheckResult:
     bases = read_basis_manifest(storage)
     report, ok = {}, True
     with score_store.get_connection() as conn:
         # The selections made (a method not requested in the last scoring run has none for a newer target).
-        pairs = conn.execute("SELECT DISTINCT method, target FROM selections ORDER BY 1, 2").fetchall()
-        for method, target in pairs:
-            if target in bases["targets"]:
-                folder = selection_dir(storage, target, method)
-                manifest = storage.read_json(folder / "manifest.json", "selected_subset")
-                expected = selection_size(manifest["scored_candidates"], manifest["config"]["percentage"],
-                                          manifest["config"]["n"])
-                in_db = conn.execute("SELECT count(*) FROM selections WHERE target = ? AND method = ?",
-                                     [target, method]).fetchone()[0]
-                with open(folder / "selection.jsonl", encoding="utf-8") as fh:
-                    in_jsonl = sum(1 for _ in fh)
-                report[f"{target}/{method}"] = {"expected": expected, "duckdb": in_db, "jsonl": in_jsonl}
-                ok &= expected == in_db == in_jsonl
+        made = conn.execute("SELECT DISTINCT method, target, budget FROM selections ORDER BY 1, 2, 3").fetchall()
+        for method, target, label in made:
+            if target not in bases["targets"]:
+                continue
+            folder = selection_dir(storage, target, method, label)
+            manifest = storage.read_json(folder / "manifest.json", "selected_subset")
+            expected = selection_size(manifest["scored_candidates"], manifest["config"]["percentage"],
+                                      manifest["config"]["n"])
+            in_db = conn.execute("SELECT count(*) FROM selections WHERE target = ? AND method = ? AND "
+                                 "budget = ?", [target, method, label]).fetchone()[0]
+            counts = {}
+            for name in ("selection.jsonl", "selection.messages.jsonl"):
+                with open(folder / name, encoding="utf-8") as fh:
+                    counts[name] = sum(1 for _ in fh)
+            report[f"{target}/{method}/{label}"] = {"expected": expected, "duckdb": in_db, **counts}
+            ok &= expected == in_db == counts["selection.jsonl"] == counts["selection.messages.jsonl"]
     return dg.AssetCheckResult(passed=ok, metadata={"sizes": dg.MetadataValue.json(report)})

@@ -13,7 +13,7 @@ configured model, smaller ones for the embedded tiny model, see
 """
 
 from pathlib import Path
-from typing import Literal, Optional
+from typing import Any, Literal, Optional
 
 import dagster as dg
 from dagster import Field as ConfigField, Permissive, Shape
@@ -80,8 +80,19 @@ class WarmupConfig(dg.Config):
     seed: int = 0
 
 
+# Which warmup checkpoints GIST selects with, and their weights (see docs/evaluation.md).
+RECIPES = {
+    "less_style": "every warmup checkpoint, weighted by its epoch's average learning rate (LESS)",
+    "gist_paper": "the last warmup checkpoint alone, weight 1 (the GIST paper's own selection)",
+}
+
+
 class TargetGradientsConfig(dg.Config):
-    checkpoints: list[int] = Field(default=[], description="Warmup epochs to select with (1-based); empty = all")
+    recipe: Literal["less_style", "gist_paper"] = Field(
+        default="less_style", description="less_style: " + RECIPES["less_style"] + "; gist_paper: "
+        + RECIPES["gist_paper"])
+    checkpoints: list[int] = Field(default=[], description="Warmup epochs to select with (1-based), instead of "
+                                   "the recipe's; empty = the recipe's (gist_paper takes one)")
 
 
 class SpectralBasisConfig(dg.Config):
@@ -124,12 +135,26 @@ class CandidateSketchesConfig(dg.Config):
 
 
 class SelectionConfig(dg.Config):
-    percentage: Optional[float] = Field(default=0.05, description="Top fraction of scored candidates")
-    n: Optional[int] = Field(default=None, description="Instead of percentage: top n (set percentage to null)")
+    # Any: Dagster's config schema has no "a number or a list"; the validator below checks the value.
+    percentage: Any = Field(default=0.05, description="Top fraction of scored candidates, or a list of them "
+                            "(budgets, e.g. [0.01, 0.05, 0.1]: one selection each)")
+    n: Any = Field(default=None, description="Instead of percentage: top n, or a list (set percentage to null)")
     strategy: Literal["top", "round_robin"] = Field(
         default="top", description="'top' (global top by score) or 'round_robin' (subtasks take turns picking "
         "their best remaining candidate)")
     max_per_source: Optional[int] = Field(default=None, ge=1, description="Cap on selected candidates per source")
+
+    @field_validator("percentage", "n")
+    @classmethod
+    def _budget(cls, value, info):
+        kind = float if info.field_name == "percentage" else int
+        values = value if isinstance(value, list) else [value]
+        if value is None:
+            return None
+        if not values or any(isinstance(v, bool) or not isinstance(v, (int, float)) or kind is int and
+                             not float(v).is_integer() for v in values):
+            raise ValueError(f"{info.field_name} must be a {kind.__name__} or a non-empty list of them, got {value!r}")
+        return [kind(v) for v in values] if isinstance(value, list) else kind(value)
 
 
 class LessFeaturesConfig(dg.Config):
@@ -166,7 +191,16 @@ class EvaluationConfig(dg.Config):
     lora_alpha: int = Field(default=32, ge=1)
     include_full_pool: bool = Field(default=True, description="Also fine-tune once on the whole pool (a "
                                     "reference judged on every target)")
-    seed: int = 0
+    seeds: list[int] = Field(default=[0, 1, 2], min_length=1, description="One fine-tune per seed and "
+                             "selection (the seed drives the example order, the LoRA init and the random "
+                             "baseline's draw); the summary compares methods over them")
+
+    @field_validator("seeds")
+    @classmethod
+    def _distinct_seeds(cls, seeds: list[int]) -> list[int]:
+        if len(set(seeds)) != len(seeds):
+            raise ValueError(f"seeds must be distinct, got {seeds}")
+        return seeds
 
 
 # The configurable assets and their Config class: the shape of a run-config file.

@@ -2,13 +2,21 @@
 
 How a selection is judged: LoRA fine-tune the base model on it, then
 the target's held-out loss (examples never used to build the basis) and, for
-multiple-choice targets, accuracy. Every method found in the DuckDB ``selections``
-table (gist and whatever baselines were selected) is fine-tuned with the same
-hyperparameters and seed. Two references per target: ``base`` (no fine-tuning) and
-``full_pool`` (the whole pool; target-independent, so trained once and judged on
-every target). Identical training sets (e.g. a random baseline shared by all
-targets) are trained once as well: the fine-tune depends only on the set of
-candidates, not on their rank order.
+multiple-choice targets, accuracy. Every method and budget found in the DuckDB
+``selections`` table (gist and whatever baselines were selected) is fine-tuned with
+the same hyperparameters, once per seed of ``seeds``: the seed drives the example
+order, the LoRA init and, for ``random``, the draw itself (seed s takes the top of
+``random_scores(ids, s)`` at the selection's size, so one random fine-tune is one
+random sample). Two references per target: ``base`` (no fine-tuning, one row, no
+seed) and ``full_pool`` (the whole pool, once per seed; target-independent, so
+trained once per seed and judged on every target). Identical training sets (e.g. a
+random baseline shared by all targets) are trained once per seed: the fine-tune
+depends only on the set of candidates, not on their rank order.
+
+``evaluation_summary`` (a DuckDB view, also the asset's metadata) gives per target,
+method and budget the mean and standard deviation over seeds and the paired
+difference to ``random`` (same budget) and to ``full_pool`` with a 95% t interval
+over seeds, and a verdict.
 
 Next to the quality, each method's cost as stored: bytes of features per scored
 candidate and the seconds of its feature pass, read from ``features/<shard>/``
@@ -26,25 +34,26 @@ import polars as pl
 from pydantic import Field
 
 from gist_core.data import encode_messages
+from gist_core.selection import capped_top
 from gist_core.evaluate import FinetuneSpec, HeldoutSet, evaluate_heldout, finetune_and_evaluate_many, prepare_heldout
 from gist_core.warmup import LoraTrainConfig
 from gist_resources import ComputeResource, ScoreStore, StorageResource
 
-from .baselines import baseline_selections
+from .baselines import baseline_selections, random_scores
 from .config import EvaluationConfig
 from .model import GPU_STEP_TAGS, base_model, default_target_modules, read_model_ref
-from .plots import bar_chart, md_table
+from .plots import budget_plot, md_table
 from .paths import model_path
 from .pool import candidate_pool, pool_path, target_sets, targets_path
-from .scores import DUCKDB_POOL, selected_subset
+from .scores import DUCKDB_POOL, selected_subset, selection_dir
 
-BASE, FULL_POOL = "base", "full_pool"
-SCHEMA = {"target": pl.Utf8, "method": pl.Utf8, "train_examples": pl.Int64, "heldout_examples": pl.Int64,
-          "heldout_loss": pl.Float64, "accuracy": pl.Float64, "bytes_per_candidate": pl.Float64,
-          "feature_pass_seconds": pl.Float64}
+BASE, FULL_POOL, RANDOM = "base", "full_pool", "random"
+SCHEMA = {"target": pl.Utf8, "method": pl.Utf8, "budget": pl.Utf8, "seed": pl.Int64, "train_examples": pl.Int64,
+          "heldout_examples": pl.Int64, "heldout_loss": pl.Float64, "accuracy": pl.Float64,
+          "bytes_per_candidate": pl.Float64, "feature_pass_seconds": pl.Float64}
 
 
-def finetune_spec(config: EvaluationConfig, ref: dict, target_modules: list[str]) -> FinetuneSpec:
+def finetune_spec(config: EvaluationConfig, ref: dict, target_modules: list[str], seed: int) -> FinetuneSpec:
     lr = config.learning_rate or (1e-3 if ref["embedded"] else 2e-5)
     if config.epochs < 1 or config.effective_batch_size < 1 or config.micro_batch_size < 1:
         raise ValueError("selection_evaluation: epochs, effective_batch_size and micro_batch_size must be >= 1")
@@ -53,7 +62,7 @@ def finetune_spec(config: EvaluationConfig, ref: dict, target_modules: list[str]
                                               effective_batch_size=config.effective_batch_size,
                                               micro_batch_size=min(config.micro_batch_size,
                                                                    config.effective_batch_size),
-                                              seed=config.seed))
+                                              seed=seed))
 
 
 def heldout_sets(targets: pl.DataFrame, tokenizer, max_length: int) -> dict[str, HeldoutSet]:
@@ -74,13 +83,14 @@ def heldout_sets(targets: pl.DataFrame, tokenizer, max_length: int) -> dict[str,
 
 
 def read_selections(score_store: ScoreStore) -> pl.DataFrame:
-    """(target, method, candidate_id) of every selection in DuckDB."""
+    """(target, method, budget, candidate_id) of every selection in DuckDB."""
     with score_store.get_connection() as conn:
         exists = conn.execute("SELECT count(*) FROM information_schema.tables WHERE table_name = 'selections'"
                               ).fetchall()[0][0]
         if not exists:
             raise ValueError(f"{score_store.database} has no selections table; materialize selected_subset first")
-        return conn.sql("SELECT target, method, candidate_id FROM selections ORDER BY target, method, rank").pl()
+        return conn.sql("SELECT target, method, budget, candidate_id FROM selections "
+                        "ORDER BY target, method, budget, rank").pl()
 
 
 def _scored_count(d) -> int | None:
@@ -121,14 +131,36 @@ def feature_costs(storage: StorageResource, method: str, shards: list[str]) -> t
     return (total_bytes / scored if scored else None), (seconds if timed else None)
 
 
-def _plan(selections: pl.DataFrame, targets: list[str], pool_ids: list[str], include_full_pool: bool):
-    """Group (target, method) pairs by their training set: one fine-tune per distinct set."""
-    plan: dict[tuple[str, ...], list[tuple[str, str]]] = {}
-    if include_full_pool:
-        plan.setdefault(tuple(sorted(pool_ids)), []).extend((t, FULL_POOL) for t in targets)
-    for (target, method), df in sorted(selections.group_by("target", "method"), key=lambda kv: kv[0]):
-        if target in targets:
-            plan.setdefault(tuple(sorted(df["candidate_id"].to_list())), []).append((target, method))
+def random_draw(score_store: ScoreStore, storage: StorageResource, target: str, budget: str, size: int,
+                seed: int) -> list[str]:
+    """Seed ``seed``'s random selection of ``size`` for (target, budget): the top of ``random_scores(ids, seed)``
+    over the candidates the random baseline scored, under the selection's own per-source cap."""
+    scored = score_store.read_scores(target, RANDOM)
+    config = storage.read_json(selection_dir(storage, target, RANDOM, budget) / "manifest.json",
+                               "baseline_selections")["config"]
+    ids = scored["candidate_id"]
+    picked = capped_top(random_scores(ids.to_list(), seed), ids, size, scored["source"].to_list(),
+                        config["max_per_source"])
+    return ids.gather(picked).to_list()
+
+
+def plan_finetunes(selections: pl.DataFrame, targets: list[str], pool_ids: list[str], include_full_pool: bool,
+                   seeds: list[int], draw) -> dict[tuple[int, tuple[str, ...]], list[tuple[str, str, str | None]]]:
+    """Group (target, method, budget) by seed and training set: one fine-tune per distinct (seed, set).
+
+    ``draw(target, budget, size, seed)`` gives the random baseline's candidates for a seed.
+    """
+    plan: dict = {}
+    groups = sorted(selections.filter(pl.col("target").is_in(targets)).group_by("target", "method", "budget"),
+                    key=lambda kv: kv[0])
+    for seed in seeds:
+        if include_full_pool:
+            plan.setdefault((seed, tuple(sorted(pool_ids))), []).extend((t, FULL_POOL, None) for t in targets)
+        for (target, method, budget), df in groups:
+            ids = df["candidate_id"].to_list()
+            if method == RANDOM:
+                ids = draw(target, budget, len(ids), seed)
+            plan.setdefault((seed, tuple(sorted(ids))), []).append((target, method, budget))
     return plan
 
 
@@ -139,10 +171,11 @@ def _fmt(v):
 
 
 @dg.asset(group_name="evaluation", deps=[selected_subset, baseline_selections, target_sets, base_model, candidate_pool],
-          code_version="1", pool=DUCKDB_POOL, op_tags=GPU_STEP_TAGS, kinds={"pytorch", "duckdb"})
+          code_version="2", pool=DUCKDB_POOL, op_tags=GPU_STEP_TAGS, kinds={"pytorch", "duckdb"})
 def selection_evaluation(context: dg.AssetExecutionContext, config: EvaluationConfig, storage: StorageResource,
                          compute: ComputeResource, score_store: ScoreStore) -> dg.MaterializeResult:
-    """Fine-tune on each method's selection (same settings and seed), then held-out loss and accuracy per target."""
+    """Fine-tune on each method's selection at each budget and seed (same settings), then held-out loss and
+    accuracy per target, and the summary over seeds."""
     ref = read_model_ref(storage)
     tokenizer = compute.load_tokenizer(model_path(storage, ref))
     pool = storage.read_parquet(pool_path(storage), "candidate_pool")
@@ -178,36 +211,39 @@ def selection_evaluation(context: dg.AssetExecutionContext, config: EvaluationCo
 
     device, dtype = compute.torch_device(), compute.autocast_dtype()
     pad_id, max_tokens = tokenizer.pad_token_id, compute.max_tokens_per_batch
-    results: dict[tuple[str, str], dict] = {}
+    results: dict[tuple[str, str, str | None, int | None], dict] = {}
 
-    # The base model: no fine-tuning, judged on every target; it also names the LoRA target modules.
+    # The base model: no fine-tuning (no seed), judged on every target; it also names the LoRA target modules.
     start = time.perf_counter()
     model = compute.load_model(model_path(storage, ref))
-    spec = finetune_spec(config, ref, default_target_modules(model))
+    modules = default_target_modules(model)
     for target, held in heldouts.items():
-        results[(target, BASE)] = {**evaluate_heldout(model, held, device, pad_id, dtype, max_tokens),
-                                   "train_examples": 0}
+        results[(target, BASE, None, None)] = {**evaluate_heldout(model, held, device, pad_id, dtype, max_tokens),
+                                               "train_examples": 0}
     del model
     context.log.info(f"base model (no fine-tuning) judged on {len(targets)} targets in "
                      f"{time.perf_counter() - start:.1f}s")
 
-    plan = _plan(selections, targets, list(messages), config.include_full_pool)
-    context.log.info(f"{len(plan)} fine-tunes for {sum(len(v) for v in plan.values())} (target, method) pairs, "
-                     f"methods {methods}; lr {spec.train.learning_rate:g}, {config.epochs} epochs, "
-                     f"r={config.lora_r}, seed {config.seed}")
-    for n, (ids, pairs) in enumerate(plan.items(), 1):
+    plan = plan_finetunes(selections, targets, list(messages), config.include_full_pool, config.seeds,
+                          lambda t, b, n, seed: random_draw(score_store, storage, t, b, n, seed))
+    spec = finetune_spec(config, ref, modules, config.seeds[0])
+    context.log.info(f"{len(plan)} fine-tunes for {sum(len(v) for v in plan.values())} (target, method, budget, "
+                     f"seed) cells, methods {methods}; lr {spec.train.learning_rate:g}, {config.epochs} epochs, "
+                     f"r={config.lora_r}, seeds {config.seeds}")
+    for n, ((seed, ids), cells) in enumerate(plan.items(), 1):
         train = train_set(ids)
-        names = ", ".join(f"{t}/{m}" for t, m in pairs)
+        names = ", ".join(f"{t}/{m}" + (f"/{b}" if b else "") for t, m, b in cells)
         if not train:
             raise ValueError(f"the selection of {names} has no example with completion tokens within "
                              f"max_length={ref['max_length']}")
         start = time.perf_counter()
-        context.log.info(f"fine-tune {n}/{len(plan)}: {names} ({len(train)} examples)")
-        judged = {t: heldouts[t] for t in sorted({t for t, _ in pairs})}
-        out = finetune_and_evaluate_many(lambda: compute.load_model(model_path(storage, ref)), train, judged, spec, device,
-                                         pad_id, dtype, max_tokens, log=context.log.debug)
-        for target, method in pairs:
-            results[(target, method)] = out[target]
+        context.log.info(f"fine-tune {n}/{len(plan)}: {names}, seed {seed} ({len(train)} examples)")
+        judged = {t: heldouts[t] for t in sorted({t for t, _, _ in cells})}
+        out = finetune_and_evaluate_many(lambda: compute.load_model(model_path(storage, ref)), train, judged,
+                                         finetune_spec(config, ref, modules, seed), device, pad_id, dtype,
+                                         max_tokens, log=context.log.debug)
+        for target, method, budget in cells:
+            results[(target, method, budget, seed)] = out[target]
         summary = "; ".join(
             f"{t} loss {out[t]['heldout_loss']:.4f}"
             + ("" if out[t]["accuracy"] is None else f" acc {out[t]['accuracy']:.3f}") for t in judged)
@@ -216,41 +252,43 @@ def selection_evaluation(context: dg.AssetExecutionContext, config: EvaluationCo
     shards = sorted(pool["shard"].unique().to_list())
     costs = {m: feature_costs(storage, m, shards) for m in methods}
     rows = []
-    for (target, method), r in results.items():
+    for (target, method, budget, seed), r in results.items():
         cost = costs.get(method, (None, None))
-        rows.append({"target": target, "method": method, "train_examples": r["train_examples"],
-                     "heldout_examples": r["heldout_examples"], "heldout_loss": r["heldout_loss"],
-                     "accuracy": r["accuracy"], "bytes_per_candidate": cost[0], "feature_pass_seconds": cost[1]})
-    bad = [(r["target"], r["method"]) for r in rows if not np.isfinite(r["heldout_loss"])]
+        rows.append({"target": target, "method": method, "budget": budget, "seed": seed,
+                     "train_examples": r["train_examples"], "heldout_examples": r["heldout_examples"],
+                     "heldout_loss": r["heldout_loss"], "accuracy": r["accuracy"], "bytes_per_candidate": cost[0],
+                     "feature_pass_seconds": cost[1]})
+    bad = [(r["target"], r["method"], r["budget"], r["seed"]) for r in rows if not np.isfinite(r["heldout_loss"])]
     if bad:
         raise ValueError(f"non-finite held-out loss for {bad}; lower evaluation learning_rate")
-    df = pl.DataFrame(rows, schema=SCHEMA).sort("target", "heldout_loss", "method")
+    df = pl.DataFrame(rows, schema=SCHEMA).sort("target", "budget", "heldout_loss", "method", "seed",
+                                                 nulls_last=True)
     score_store.replace_evaluations(df)
+    summary_df = score_store.read_evaluation_summary()
+    figure = budget_plot(summary_df.to_dicts())
+    with storage.atomic_file(storage.path("evaluation", "heldout_loss_by_budget.png")) as tmp:
+        tmp.write_bytes(figure.png)
+    storage.write_parquet(storage.path("evaluation", "summary.parquet"), summary_df)
 
-    table = [{k: _fmt(v) for k, v in r.items()} for r in df.to_dicts()]
     meta = {
-        "comparison": dg.MetadataValue.md(md_table(table, limit=1000)),
-        "heldout_loss_chart": bar_chart(
-            {t: {r["method"]: r["heldout_loss"] for r in df.filter(pl.col("target") == t).sort("method").to_dicts()}
-             for t in targets}, "Held-out loss after fine-tuning (lower is better)", "held-out loss",
-            zero_based=False),
+        "summary": dg.MetadataValue.md(md_table([{k: _fmt(v) for k, v in r.items()} for r in summary_df.to_dicts()],
+                                                limit=1000)),
+        "heldout_loss_by_budget": figure.markdown,
+        "heldout_loss_by_budget_png": dg.MetadataValue.path(str(storage.path("evaluation",
+                                                                             "heldout_loss_by_budget.png"))),
+        "comparison": dg.MetadataValue.md(md_table([{k: _fmt(v) for k, v in r.items()} for r in df.to_dicts()],
+                                                   limit=1000)),
         "rows": df.height, "fine_tunes": len(plan), "methods": dg.MetadataValue.json(methods),
+        "seeds": dg.MetadataValue.json(config.seeds),
+        "heldout_examples": dg.MetadataValue.json({t: len(h) for t, h in heldouts.items()}),
         "hyperparameters": dg.MetadataValue.json({
             "epochs": config.epochs, "learning_rate": spec.train.learning_rate, "lora_r": spec.lora_r,
             "lora_alpha": spec.lora_alpha, "lora_dropout": spec.lora_dropout,
             "target_modules": list(spec.target_modules), "effective_batch_size": spec.train.effective_batch_size,
-            "micro_batch_size": spec.train.micro_batch_size, "seed": config.seed,
+            "micro_batch_size": spec.train.micro_batch_size, "seeds": config.seeds,
             "include_full_pool": config.include_full_pool}),
         "database": dg.MetadataValue.path(score_store.database),
     }
-    with_acc = df.filter(pl.col("accuracy").is_not_null())
-    if with_acc.height:
-        meta["accuracy_chart"] = bar_chart(
-            {t: {r["method"]: r["accuracy"] for r in with_acc.filter(pl.col("target") == t).sort("method").to_dicts()}
-             for t in sorted(with_acc["target"].unique().to_list())},
-            "Held-out accuracy after fine-tuning (multiple-choice targets)", "accuracy")
-    for target in targets:
-        best = df.filter((pl.col("target") == target) & ~pl.col("method").is_in([BASE, FULL_POOL]))
-        if best.height:
-            meta[f"{target}/best_method"] = best["method"][0]
+    for row in summary_df.filter(pl.col("better_than_random").is_not_null()).to_dicts():
+        meta[f"{row['target']}/{row['budget']}/{row['method']}/better_than_random"] = row["better_than_random"]
     return dg.MaterializeResult(metadata=meta)

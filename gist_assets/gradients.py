@@ -45,6 +45,22 @@ def progress_logger(log, what: str, every_s: float = 10.0):
     return report
 
 
+def recipe_epochs(config: TargetGradientsConfig, saved: list[int]) -> list[int]:
+    """The warmup epochs GIST selects with: ``checkpoints`` if given, else the recipe's.
+
+    candidate_scores weights the checkpoints by their average learning rate, normalized, so one
+    checkpoint (gist_paper) has weight 1 and several (less_style) get LESS's weights.
+    """
+    wanted = list(config.checkpoints) or (saved[-1:] if config.recipe == "gist_paper" else saved)
+    missing = [e for e in wanted if e not in saved]
+    if missing:
+        raise ValueError(f"target_gradients.checkpoints {missing} do not exist; the warmup saved epochs {saved}")
+    if config.recipe == "gist_paper" and len(wanted) != 1:
+        raise ValueError(f"target_gradients: recipe gist_paper selects with one checkpoint, got checkpoints "
+                         f"{wanted}; give one epoch, or use recipe less_style for several")
+    return wanted
+
+
 @dg.asset(group_name="gist", deps=[warmup_checkpoint, target_sets], code_version="2",
           retry_policy=GRADIENT_RETRY, pool=GPU_POOL, op_tags=GPU_STEP_TAGS, kinds={"pytorch", "numpy"})
 def target_gradients(context: dg.AssetExecutionContext, config: TargetGradientsConfig,
@@ -52,11 +68,7 @@ def target_gradients(context: dg.AssetExecutionContext, config: TargetGradientsC
     """Exact LoRA gradient of every basis-split target example, per checkpoint: N x D .npy memmaps."""
     ref, warm = read_model_ref(storage), read_warmup(storage)
     available = {c["epoch"]: c for c in warm["checkpoints"]}
-    wanted = list(config.checkpoints) or sorted(available)
-    missing = [e for e in wanted if e not in available]
-    if missing:
-        raise ValueError(f"checkpoints {missing} do not exist; the warmup saved epochs {sorted(available)}")
-    checkpoints = [available[e] for e in wanted]
+    checkpoints = [available[e] for e in recipe_epochs(config, sorted(available))]
     df = storage.read_parquet(targets_path(storage), "target_sets").filter(pl.col("split") == "basis")
     tokenizer = compute.load_tokenizer(model_path(storage, ref))
     dest = storage.path("target_gradients")
@@ -99,6 +111,7 @@ def target_gradients(context: dg.AssetExecutionContext, config: TargetGradientsC
             del model
         (tmp / "manifest.json").write_text(json.dumps(manifest, indent=2))
     return dg.MaterializeResult(data_version=data_version(version), metadata={
+        "recipe": config.recipe,
         "checkpoints": dg.MetadataValue.json([c["name"] for c in checkpoints]),
         "gradient_dim": manifest["dim"],
         "examples_per_target": dg.MetadataValue.json({k: v["n"] for k, v in manifest["targets"].items()}),
@@ -141,6 +154,9 @@ def spectral_basis(context: dg.AssetExecutionContext, config: SpectralBasisConfi
                                            budget_bytes=config.memory_budget_mb << 20, out=out_dir / "V.npy")
                 for note in notes:
                     context.log.warning(f"{ckpt['name']}/{name}: {note}")
+                if config.energy is not None:
+                    context.log.info(f"{ckpt['name']}/{name}: energy {config.energy:g} chose k={basis.k} "
+                                     f"(keeps {basis.energy_kept:.4f} of sum s^2)")
                 np.save(out_dir / "Z.npy", basis.Z, allow_pickle=False)
                 fingerprint = hashlib.sha256(basis.s.tobytes() + basis.Z.tobytes()
                                              + json.dumps(manifest["config"], sort_keys=True).encode()).hexdigest()[:16]
@@ -157,6 +173,7 @@ def spectral_basis(context: dg.AssetExecutionContext, config: SpectralBasisConfi
     return dg.MaterializeResult(data_version=data_version(manifest["version"]), metadata={
         "bases": dg.MetadataValue.md(md_table(summary, limit=100)),
         "k": dg.MetadataValue.json({k: v for k, v in ks.items()}),
+        "rank_rule": f"energy {config.energy:g}" if config.energy is not None else f"fixed k={config.k}",
         "spectrum": spectrum_plot(spectra, ks),
         "path": dg.MetadataValue.path(str(dest)),
     })

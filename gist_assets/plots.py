@@ -3,27 +3,72 @@
 
 import base64
 import io
+from dataclasses import dataclass
 from typing import Sequence
 
 import dagster as dg
 
 
-def _figure():
+def _figure(panels: int = 0):
+    """(pyplot, figure, axes): one axes, or a row of ``panels`` of them."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    if panels:
+        fig, axes = plt.subplots(1, panels, figsize=(3.2 * panels, 3), dpi=80, squeeze=False)
+        return plt, fig, list(axes[0])
     fig, ax = plt.subplots(figsize=(5, 3), dpi=80)
     return plt, fig, ax
 
 
-def _to_md(plt, fig, title: str) -> dg.MetadataValue:
+def _png(plt, fig) -> bytes:
     buf = io.BytesIO()
     fig.tight_layout()
     fig.savefig(buf, format="png")
     plt.close(fig)
-    return dg.MetadataValue.md(f"**{title}**\n\n![{title}](data:image/png;base64,{base64.b64encode(buf.getvalue()).decode()})")
+    return buf.getvalue()
+
+
+def _png_md(png: bytes, title: str) -> dg.MetadataValue:
+    return dg.MetadataValue.md(f"**{title}**\n\n![{title}](data:image/png;base64,{base64.b64encode(png).decode()})")
+
+
+def _to_md(plt, fig, title: str) -> dg.MetadataValue:
+    return _png_md(_png(plt, fig), title)
+
+
+@dataclass
+class Figure:
+    png: bytes
+    markdown: dg.MetadataValue
+
+
+def budget_plot(summary: list[dict]) -> Figure:
+    """Mean held-out loss (error bars: std over seeds) against selection size, one panel per target and a
+    line per method; base and full_pool, which have no budget, are horizontal lines."""
+    targets = sorted({r["target"] for r in summary})
+    plt, fig, axes = _figure(max(1, len(targets)))
+    for ax, target in zip(axes, targets):
+        rows = [r for r in summary if r["target"] == target]
+        for method in sorted({r["method"] for r in rows if r["budget"] is not None}):
+            pts = sorted((r["train_examples"], r["mean_loss"], r["std_loss"] or 0.0)
+                         for r in rows if r["method"] == method and r["budget"] is not None)
+            ax.errorbar([p[0] for p in pts], [p[1] for p in pts], yerr=[p[2] for p in pts], marker="o",
+                        capsize=2, label=method)
+        for r in rows:
+            if r["budget"] is None:
+                ax.axhline(r["mean_loss"], linestyle=":" if r["method"] == "base" else "--", color="gray")
+                ax.annotate(r["method"], (0, r["mean_loss"]), xycoords=("axes fraction", "data"), fontsize=6)
+        ax.set_xscale("log")
+        ax.set_title(target, fontsize=8)
+        ax.set_xlabel("selected examples (budget)", fontsize=7)
+    axes[0].set_ylabel("held-out loss (mean over seeds)", fontsize=7)
+    axes[0].legend(fontsize=6)
+    title = "Held-out loss after fine-tuning against budget (lower is better)"
+    png = _png(plt, fig)
+    return Figure(png, _png_md(png, title))
 
 
 def line_plot(values: Sequence[float], title: str, xlabel: str, ylabel: str) -> dg.MetadataValue:
@@ -70,34 +115,3 @@ def md_table(rows: list[dict], limit: int = 20) -> str:
     lines = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
     lines += ["| " + " | ".join(cell(r[c]) for c in cols) + " |" for r in rows[:limit]]
     return "\n".join(lines)
-
-
-def bar_chart(groups: dict[str, dict[str, float]], title: str, ylabel: str,
-              zero_based: bool = True) -> dg.MetadataValue:
-    """Grouped bars: one group per outer key (e.g. target), one bar per inner key (e.g. method).
-
-    ``zero_based=False`` zooms the y axis onto the values (differences of a few
-    hundredths in a loss of ~5 would be invisible from zero); bars carry their values.
-    """
-    import numpy as np
-
-    series = list(dict.fromkeys(s for per in groups.values() for s in per))
-    names = list(groups)
-    plt, fig, ax = _figure()
-    fig.set_size_inches(max(5, 0.45 * len(names) * max(1, len(series))), 3)
-    width = 0.8 / max(1, len(series))
-    x = np.arange(len(names))
-    for j, s in enumerate(series):
-        values = [groups[n].get(s, float("nan")) for n in names]
-        bars = ax.bar(x + (j - (len(series) - 1) / 2) * width, values, width, label=s)
-        ax.bar_label(bars, fmt="%.3f", fontsize=5, rotation=90, padding=2)
-    finite = [v for per in groups.values() for v in per.values() if v is not None and np.isfinite(v)]
-    if finite:
-        lo, hi = min(finite), max(finite)
-        pad = 0.25 * (hi - lo) or 0.05 * abs(hi) or 1.0
-        ax.set_ylim(0 if zero_based and lo >= 0 else lo - pad, hi + 2 * pad)
-    ax.set_xticks(x)
-    ax.set_xticklabels(names, fontsize=7)
-    ax.set_ylabel(ylabel)
-    ax.legend(fontsize=6, ncol=min(4, max(1, len(series))))
-    return _to_md(plt, fig, title)

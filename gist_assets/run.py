@@ -294,24 +294,44 @@ def summarize(report: dict[str, str]) -> list[str]:
 
 
 def current_selections(root: str, method: str = METHOD) -> dict:
-    """One method's selection manifests (default: exact GIST), by target."""
-    out = {}
-    for path in sorted(Path(root, "selections").glob(f"*/{method}/manifest.json")):
-        m = json.loads(path.read_text())
-        out[m["target"]] = m
+    """One method's selection manifests (default: exact GIST) of the configured targets (those of the current
+    bases), by target and budget; exports of targets no longer configured are left out even if still on disk."""
+    bases = Path(root, "basis", "manifest.json")
+    if not bases.exists():
+        return {}
+    out: dict = {}
+    for target in sorted(json.loads(bases.read_text())["targets"]):
+        for path in sorted(Path(root, "selections", target, method).glob("*/manifest.json")):
+            m = json.loads(path.read_text())
+            out.setdefault(target, {})[m["budget"]] = m
     return out
 
 
-def print_evaluations(database: str) -> None:
-    """The evaluations table as markdown, best held-out loss first within each target."""
+def print_summary(database: str) -> None:
+    """The evaluation summary as markdown: mean ± std over seeds, held-out counts, the verdicts."""
     from gist_resources import ScoreStore
 
-    rows = ScoreStore(database=database).read_evaluations()
-    print("\n| target | method | train examples | held-out loss | accuracy | feature bytes/candidate | "
-          "feature pass s |\n|---|---|---|---|---|---|---|")
-    for t, m, n, loss, acc, nbytes, secs in rows:
-        fmt = lambda v, f: "" if v is None else format(v, f)  # noqa: E731
-        print(f"| {t} | {m} | {n} | {loss:.3f} | {fmt(acc, '.3f')} | {fmt(nbytes, '.0f')} | {fmt(secs, '.1f')} |")
+    print(summary_markdown(ScoreStore(database=database).read_evaluation_summary().to_dicts()))
+
+
+def summary_markdown(rows: list[dict]) -> str:
+    """The summary rows as the markdown table docs/evaluation.md shows."""
+    def interval(r, ref):
+        if r[f"diff_vs_{ref}"] is None:
+            return ""
+        if r[f"diff_vs_{ref}_lo"] is None:
+            return f"{r[f'diff_vs_{ref}']:+.3f}"
+        return f"{r[f'diff_vs_{ref}']:+.3f} [{r[f'diff_vs_{ref}_lo']:+.3f}, {r[f'diff_vs_{ref}_hi']:+.3f}]"
+
+    lines = ["| target | budget | method | seeds | train examples | held-out examples | held-out loss "
+             "(mean ± std) | vs random (95% CI) | better than random | vs full pool (95% CI) |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        std = "" if r["std_loss"] is None else f" ± {r['std_loss']:.3f}"
+        lines.append(f"| {r['target']} | {r['budget'] or ''} | {r['method']} | {r['seeds']} | "
+                     f"{int(r['train_examples'])} | {r['heldout_examples']} | {r['mean_loss']:.3f}{std} | "
+                     f"{interval(r, 'random')} | {r['better_than_random'] or ''} | {interval(r, 'full_pool')} |")
+    return "\n".join(lines)
 
 
 def main(argv=None) -> int:
@@ -341,13 +361,15 @@ def main(argv=None) -> int:
         print(f"  {line}")
     for method, selections in out["selections_by_method"].items():
         print(f"\n=== {method} selection ===")
-        for target, m in selections.items():
-            mix = ", ".join(f"{s} {n}" for s, n in sorted(m["counts_per_source"].items(), key=lambda kv: -kv[1]))
-            print(f"{target}: {m['selected']} of {m['scored_candidates']} candidates ({mix})")
-            print(f"    {Path(out['root'], m['files']['jsonl'])}")
+        for target, per_budget in selections.items():
+            for budget, m in per_budget.items():
+                mix = ", ".join(f"{s} {n}" for s, n in sorted(m["counts_per_source"].items(), key=lambda kv: -kv[1]))
+                print(f"{target} [{budget}]: {m['selected']} of {m['scored_candidates']} candidates ({mix})")
+                print(f"    {Path(out['root'], m['files']['messages_jsonl'])}")
     print(f"scores: {out['database']} (tables candidate_scores, subtask_scores, selections)")
     if args.compare:
-        print_evaluations(out["database"])
+        print(f"\nevaluation ({out['database']}: table evaluations, view evaluation_summary):")
+        print_summary(out["database"])
     for step, secs in out["timings"].items():
         print(f"  {secs:6.1f}s  {step}")
     print(f"total {time.perf_counter() - start:.1f}s")

@@ -2,6 +2,7 @@
 
 
 import json
+import shutil
 import time
 from collections import Counter
 
@@ -10,7 +11,7 @@ import numpy as np
 import polars as pl
 
 from gist_core.scoring import checkpoint_weights, cosine_to_subtasks, subtask_directions, weighted_sum
-from gist_core.selection import capped_top, rank_order, round_robin, selection_size
+from gist_core.selection import budgets, capped_top, rank_order, round_robin, selection_size
 from gist_resources import ScoreStore, StorageResource
 from gist_resources.score_store import SCORES_DDL
 from gist_resources.storage import strict_json
@@ -198,8 +199,9 @@ def scores_version_path(storage: StorageResource, group: str):
     return storage.path("scores", f"{group}_version.json")
 
 
-def selection_dir(storage: StorageResource, target: str, method: str = METHOD):
-    return storage.path("selections", target, method)
+def selection_dir(storage: StorageResource, target: str, method: str = METHOD, budget: str | None = None):
+    """``selections/<target>/<method>``, or one budget's folder in it."""
+    return storage.path("selections", target, method, *([budget] if budget else []))
 
 
 def _top_rows_are_complete(conn, where: str, params: list, rows: pl.DataFrame, size: int) -> bool:
@@ -281,83 +283,151 @@ def choose(config: SelectionConfig, scores: pl.DataFrame, subtask_scores: pl.Dat
     return scores[picked.tolist()].with_columns(pl.Series("selection_rank", np.arange(1, size + 1)))
 
 
+def training_messages(messages_json: str) -> list[dict]:
+    """A pool record's conversation as chat ``messages`` for SFT trainers (open-instruct, TRL).
+
+    Turns after the last assistant turn carry no loss (only assistant tokens are trained on)
+    and TRL's conversational format ends with the assistant, so they are left out.
+    """
+    messages = [{"role": m["role"], "content": m["content"]} for m in json.loads(messages_json)]
+    last = max(i for i, m in enumerate(messages) if m["role"] == "assistant")
+    return messages[:last + 1]
+
+
+def selection_budgets(config: SelectionConfig) -> list[tuple[str, SelectionConfig]]:
+    """(label, the config with that one budget) for every configured budget."""
+    return [(label, config.model_copy(update={"percentage": p, "n": n}))
+            for label, p, n in budgets(config.percentage, config.n)]
+
+
+def remove_unconfigured_exports(storage: StorageResource, targets: list[str], methods: list[str]) -> list[str]:
+    """Delete the export folders of ``methods`` for targets no longer configured; their names."""
+    removed = []
+    root = storage.path("selections")
+    for folder in sorted(root.glob("*/*")) if root.exists() else []:
+        if folder.is_dir() and folder.name in methods and folder.parent.name not in targets:
+            shutil.rmtree(folder)
+            removed.append(f"{folder.parent.name}/{folder.name}")
+            if not any(folder.parent.iterdir()):
+                folder.parent.rmdir()
+    return removed
+
+
 def write_selections(context, config: SelectionConfig, storage: StorageResource, score_store: ScoreStore,
                      methods: list[str], version_files: list[str]) -> dg.MaterializeResult:
-    """Per target and method: the chosen candidates as JSONL in their own format, Parquet, and a manifest."""
+    """Per target, method and budget: the chosen candidates as JSONL in their own format, as chat
+    ``messages`` JSONL, Parquet, and a manifest, under ``selections/<target>/<method>/<budget>/``."""
     bases = read_basis_manifest(storage)
     pool_df = storage.read_parquet(pool_path(storage), "candidate_pool")
-    pool = pool_df.select("candidate_id", "original")
+    pool = pool_df.select("candidate_id", "original", "messages")
     pool_mix = Counter(pool_df["source"].to_list())
     ref, warm = read_model_ref(storage), read_warmup(storage)
     targets = sorted(bases["targets"])
     known_at_warmup = warmup_pool_ids(storage)
-    meta: dict = {}
+    per_budget = selection_budgets(config)
+    meta: dict = {"budgets": dg.MetadataValue.json([label for label, _ in per_budget])}
     for method in methods:
         for target in targets:
-            scores, n_scored, all_scores = read_selection_rows(score_store, target, method, config,
-                                                               with_all_scores=method == METHOD)
-            if n_scored == 0:
-                raise ValueError(f"no {method!r} scores for target {target!r}; materialize its scores asset first")
-            subtasks = score_store.read_subtask_scores(target, method) if config.strategy == "round_robin" else None
-            chosen = (choose(config, scores, subtasks, n_scored).join(pool, on="candidate_id", how="left")
-                      .sort("selection_rank"))
-            size = chosen.height
-            dest = selection_dir(storage, target, method)
-            mix = Counter(chosen["source"].to_list())
-            manifest = {
-                "target": target, "method": method, "config": config.model_dump(), "selected": size,
-                "scored_candidates": n_scored, "score_cut": float(chosen["score"].min()),
-                "counts_per_source": dict(sorted(mix.items())),
-                # Paths relative to the storage root (an external model stays as configured).
-                "model": storage.relative(model_path(storage, ref)),
-                "checkpoints": relative_checkpoints(storage, [
-                    c for c in warm["checkpoints"] if c["name"] in {x["name"] for x in bases["checkpoints"]}]),
-                "basis": {c: {**v, "dir": storage.relative(storage.path("basis", c, target))}
-                          for c, v in bases["targets"][target].items()} if method == METHOD else None,
-                "artifacts": {"candidate_pool": storage.relative(pool_path(storage)),
-                              "database": storage.relative(score_store.database),
-                              **{name: storage.relative(storage.path(name)) for name in
-                                 ("warmup", "basis", "target_gradients", "features")}},
-                "files": {"jsonl": storage.relative(dest / "selection.jsonl"),
-                          "parquet": storage.relative(dest / "selection.parquet")},
-            }
-            if known_at_warmup is not None:
-                manifest["selected_newer_than_warmup"] = sum(1 for c in chosen["candidate_id"] if c not in known_at_warmup)
-            with storage.atomic_dir(dest) as tmp:
-                with open(tmp / "selection.jsonl", "w", encoding="utf-8") as fh:
-                    for line in chosen["original"]:
-                        fh.write(line + "\n")
-                chosen.write_parquet(tmp / "selection.parquet")
-                (tmp / "manifest.json").write_text(strict_json(manifest))
-            score_store.replace_selection(target, method, chosen.select(
-                pl.lit(target).alias("target"), pl.lit(method).alias("method"), "candidate_id",
-                pl.col("selection_rank").alias("rank"), "score", "source"))
-            key = target if method == METHOD else f"{target}/{method}"
-            mix_rows = [{"source": s, "selected": mix.get(s, 0), "selected_share": round(mix.get(s, 0) / size, 3),
-                         "pool_share": round(n / sum(pool_mix.values()), 3)} for s, n in sorted(pool_mix.items())]
-            meta[f"{key}/selected"] = size
-            if "selected_newer_than_warmup" in manifest:
-                meta[f"{key}/selected_newer_than_warmup"] = manifest["selected_newer_than_warmup"]
-            meta[f"{key}/source_mix"] = dg.MetadataValue.md(md_table(mix_rows, limit=100))
-            if method == METHOD:
-                meta[f"{key}/top"] = dg.MetadataValue.md(md_table(
-                    chosen.head(10).select("selection_rank", "candidate_id", "source", "score",
-                                           "best_subtask").to_dicts()))
-                meta[f"{key}/histogram"] = histogram(all_scores.to_list(), f"{target}: scores",
-                                                     mark=manifest["score_cut"])
-            meta[f"{key}/manifest"] = dg.MetadataValue.path(str(dest / "manifest.json"))
+            folder = selection_dir(storage, target, method)
+            rows = []
+            with storage.atomic_dir(folder) as tmp:
+                for label, one in per_budget:
+                    chosen = choose_budget(score_store, target, method, one).join(pool, on="candidate_id",
+                                                                                   how="left")
+                    rows.append(chosen.select(pl.lit(target).alias("target"), pl.lit(method).alias("method"),
+                                              "candidate_id", pl.col("selection_rank").alias("rank"), "score",
+                                              "source", pl.lit(label).alias("budget")))
+                    manifest = write_budget(storage, tmp / label, folder / label, chosen, one, label, target,
+                                            method, bases, ref, warm, score_store.database, known_at_warmup)
+                    meta.update(budget_metadata(manifest, chosen, pool_mix, label, target, method,
+                                                folder / label, score_store, one))
+            score_store.replace_selection(target, method, pl.concat(rows))
+    removed = remove_unconfigured_exports(storage, targets, methods)
     for method in methods:
         score_store.delete_targets_except(targets, method)
+    if removed:
+        context.log.info(f"removed the selections of targets no longer configured: {removed}")
+    meta["removed_unconfigured"] = dg.MetadataValue.json(removed)
     inputs = [storage.read_json(scores_version_path(storage, f), "scores")["version"] for f in version_files]
     version = asset_fingerprint(context, inputs, read_pool_version(storage)["version"], methods)
     return dg.MaterializeResult(data_version=data_version(version), metadata=meta)
 
 
-@dg.asset(group_name="gist", deps=[candidate_scores, candidate_pool], code_version="4",
+def choose_budget(score_store: ScoreStore, target: str, method: str, config: SelectionConfig) -> pl.DataFrame:
+    """The selection of one (target, method) at the one budget of ``config``, best first."""
+    scores, n_scored, _ = read_selection_rows(score_store, target, method, config)
+    if n_scored == 0:
+        raise ValueError(f"no {method!r} scores for target {target!r}; materialize its scores asset first")
+    subtasks = score_store.read_subtask_scores(target, method) if config.strategy == "round_robin" else None
+    return choose(config, scores, subtasks, n_scored).with_columns(pl.lit(n_scored).alias("n_scored"))
+
+
+def write_budget(storage: StorageResource, tmp, dest, chosen: pl.DataFrame, config: SelectionConfig, label: str,
+                 target: str, method: str, bases: dict, ref: dict, warm: dict, database: str,
+                 known_at_warmup) -> dict:
+    """One budget's exports into ``tmp`` (swapped in at ``dest``); returns its manifest."""
+    tmp.mkdir()
+    mix = Counter(chosen["source"].to_list())
+    manifest = {
+        "target": target, "method": method, "budget": label, "config": config.model_dump(),
+        "selected": chosen.height, "scored_candidates": int(chosen["n_scored"][0]),
+        "score_cut": float(chosen["score"].min()), "counts_per_source": dict(sorted(mix.items())),
+        # Paths relative to the storage root (an external model stays as configured).
+        "model": storage.relative(model_path(storage, ref)),
+        "checkpoints": relative_checkpoints(storage, [
+            c for c in warm["checkpoints"] if c["name"] in {x["name"] for x in bases["checkpoints"]}]),
+        "basis": {c: {**v, "dir": storage.relative(storage.path("basis", c, target))}
+                  for c, v in bases["targets"][target].items()} if method == METHOD else None,
+        "artifacts": {"candidate_pool": storage.relative(pool_path(storage)),
+                      "database": storage.relative(database),
+                      **{name: storage.relative(storage.path(name)) for name in
+                         ("warmup", "basis", "target_gradients", "features")}},
+        "files": {"jsonl": storage.relative(dest / "selection.jsonl"),
+                  "messages_jsonl": storage.relative(dest / "selection.messages.jsonl"),
+                  "parquet": storage.relative(dest / "selection.parquet")},
+    }
+    if known_at_warmup is not None:
+        manifest["selected_newer_than_warmup"] = sum(1 for c in chosen["candidate_id"] if c not in known_at_warmup)
+    messages = [training_messages(m) for m in chosen["messages"]]
+    with open(tmp / "selection.jsonl", "w", encoding="utf-8") as fh:
+        for line in chosen["original"]:
+            fh.write(line + "\n")
+    with open(tmp / "selection.messages.jsonl", "w", encoding="utf-8") as fh:
+        for cid, source, msgs in zip(chosen["candidate_id"], chosen["source"], messages):
+            fh.write(json.dumps({"id": cid, "source": source, "messages": msgs}, ensure_ascii=False) + "\n")
+    # Parquet: the chat messages (a list of {role, content} structs) beside the scores.
+    (chosen.drop("messages", "n_scored")
+     .with_columns(pl.Series("messages", messages, dtype=pl.List(pl.Struct({"role": pl.Utf8, "content": pl.Utf8}))),
+                   pl.lit(label).alias("budget"))
+     .write_parquet(tmp / "selection.parquet"))
+    (tmp / "manifest.json").write_text(strict_json(manifest))
+    return manifest
+
+
+def budget_metadata(manifest: dict, chosen: pl.DataFrame, pool_mix: Counter, label: str, target: str, method: str,
+                    dest, score_store: ScoreStore, config: SelectionConfig) -> dict:
+    """The metadata a person reads for one selection: size, source mix, the top rows, the score histogram."""
+    key = (target if method == METHOD else f"{target}/{method}") + f"/{label}"
+    size, mix = chosen.height, Counter(chosen["source"].to_list())
+    mix_rows = [{"source": s, "selected": mix.get(s, 0), "selected_share": round(mix.get(s, 0) / size, 3),
+                 "pool_share": round(n / sum(pool_mix.values()), 3)} for s, n in sorted(pool_mix.items())]
+    meta = {f"{key}/selected": size, f"{key}/source_mix": dg.MetadataValue.md(md_table(mix_rows, limit=100)),
+            f"{key}/manifest": dg.MetadataValue.path(str(dest / "manifest.json"))}
+    if "selected_newer_than_warmup" in manifest:
+        meta[f"{key}/selected_newer_than_warmup"] = manifest["selected_newer_than_warmup"]
+    if method == METHOD:
+        meta[f"{key}/top"] = dg.MetadataValue.md(md_table(
+            chosen.head(10).select("selection_rank", "candidate_id", "source", "score", "best_subtask").to_dicts()))
+        _, _, all_scores = read_selection_rows(score_store, target, method, config, with_all_scores=True)
+        meta[f"{key}/histogram"] = histogram(all_scores.to_list(), f"{target}: scores", mark=manifest["score_cut"])
+    return meta
+
+
+@dg.asset(group_name="gist", deps=[candidate_scores, candidate_pool], code_version="5",
           pool=DUCKDB_POOL, kinds={"duckdb", "parquet"}, automation_condition=dg.AutomationCondition.eager())
 def selected_subset(context: dg.AssetExecutionContext, config: SelectionConfig, storage: StorageResource,
                     score_store: ScoreStore) -> dg.MaterializeResult:
-    """Per target and scored GIST method (candidate_scores' methods): the selection as JSONL in each record's own
-    format, Parquet, and a manifest."""
+    """Per target, budget and scored GIST method (candidate_scores' methods): the selection as JSONL (own format
+    and chat messages), Parquet, and a manifest."""
     methods = storage.read_json(scores_version_path(storage, METHOD), "candidate_scores").get("methods", [METHOD])
     return write_selections(context, config, storage, score_store, methods, [METHOD])

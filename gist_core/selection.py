@@ -23,6 +23,25 @@ def selection_size(n_candidates: int, percentage: float | None = None, n: int | 
     return max(1, math.floor(percentage * n_candidates + 1e-9))
 
 
+def budgets(percentage: float | Sequence[float] | None = None, n: int | Sequence[int] | None = None
+            ) -> list[tuple[str, float | None, int | None]]:
+    """The configured selection budgets as (label, percentage, n), one per value, in the order given.
+
+    A label names the budget in tables and folders: ``p0.05`` (the top 5%), ``n200`` (the top 200).
+    """
+    if (percentage is None) == (n is None):
+        raise ValueError("set exactly one of percentage (a fraction in (0, 1], or a list) or n (a count, or a list)")
+    values = percentage if percentage is not None else n
+    values = list(values) if isinstance(values, (list, tuple)) else [values]
+    if not values:
+        raise ValueError("the list of selection budgets is empty; give at least one percentage or n")
+    out = [(f"p{v:g}", v, None) if percentage is not None else (f"n{v}", None, v) for v in values]
+    labels = [label for label, _, _ in out]
+    if len(set(labels)) != len(labels):
+        raise ValueError(f"selection budgets repeat: {labels}")
+    return out
+
+
 def _id_series(candidate_ids) -> pl.Series:
     """Candidate ids as a polars Utf8 Series; ids that are not strings compare as their ``str``."""
     if isinstance(candidate_ids, pl.Series):

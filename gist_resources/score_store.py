@@ -24,8 +24,10 @@ CREATE TABLE IF NOT EXISTS subtask_scores (
 SELECTIONS_DDL = """
 CREATE TABLE IF NOT EXISTS selections (
     target VARCHAR NOT NULL, method VARCHAR NOT NULL, candidate_id VARCHAR NOT NULL,
-    rank BIGINT NOT NULL, score DOUBLE NOT NULL, source VARCHAR NOT NULL
-)"""
+    rank BIGINT NOT NULL, score DOUBLE NOT NULL, source VARCHAR NOT NULL, budget VARCHAR NOT NULL
+);
+-- A database written before selections had budgets: its rows were one budget, the configured one.
+ALTER TABLE selections ADD COLUMN IF NOT EXISTS budget VARCHAR DEFAULT 'unknown'"""
 
 
 class ScoreStoreLockedError(RuntimeError):
@@ -144,12 +146,13 @@ class ScoreStore(DuckDBResource):
     def integrity(self, table: str, limit: int = 20) -> dict:
         """Rows of ``table`` (candidate_scores or selections) that break its invariants.
 
-        Returns {"duplicated_keys": number of (candidate_id, target, method) keys held by more than one row,
+        Returns {"duplicated_keys": number of (candidate_id, target, method[, budget]) keys held by more than one row,
         "duplicates": up to ``limit`` of them with their row counts, "nonfinite": rows whose score is NaN
         or infinite, "nonfinite_rows": up to ``limit`` of them}.
         """
         ddl = {"candidate_scores": SCORES_DDL, "selections": SELECTIONS_DDL}[table]
-        key = "candidate_id, target, method"
+        # A candidate is in a selection once per budget.
+        key = "candidate_id, target, method" + (", budget" if table == "selections" else "")
         with self.get_connection() as conn:
             conn.execute(ddl)
             dup_sql = f"SELECT {key}, count(*) AS n FROM {table} GROUP BY {key} HAVING count(*) > 1"
@@ -159,11 +162,11 @@ class ScoreStore(DuckDBResource):
             n_bad = conn.execute(f"SELECT count(*) {bad}").fetchone()[0]
             bad_rows = conn.execute(f"SELECT {key}, CAST(score AS VARCHAR) {bad} ORDER BY {key} LIMIT ?",
                                     [limit]).fetchall()
+        names = key.split(", ")
         return {"duplicated_keys": int(n_dup),
-                "duplicates": [{"candidate_id": c, "target": t, "method": m, "rows": int(n)} for c, t, m, n in dups],
+                "duplicates": [{**dict(zip(names, r[:-1])), "rows": int(r[-1])} for r in dups],
                 "nonfinite": int(n_bad),
-                "nonfinite_rows": [{"candidate_id": c, "target": t, "method": m, "score": v}
-                                   for c, t, m, v in bad_rows]}
+                "nonfinite_rows": [{**dict(zip(names, r[:-1])), "score": r[-1]} for r in bad_rows]}
 
     def methods(self) -> list[str]:
         with self.get_connection() as conn:
@@ -182,23 +185,27 @@ class ScoreStore(DuckDBResource):
             return conn.sql("SELECT * FROM candidate_scores WHERE target = ? AND method = ? ORDER BY rank",
                             params=[target, method]).pl()
 
-    def read_evaluations(self) -> list[tuple]:
-        """(target, method, train examples, held-out loss, accuracy, bytes/candidate, feature-pass s), best first."""
+    def read_evaluation_summary(self) -> pl.DataFrame:
+        """The ``evaluation_summary`` view, ordered by target, budget and mean held-out loss."""
         with self.get_connection() as conn:
             conn.execute(EVALUATIONS_DDL)
-            return conn.execute("SELECT target, method, train_examples, heldout_loss, accuracy, bytes_per_candidate, "
-                                "feature_pass_seconds FROM evaluations ORDER BY target, heldout_loss").fetchall()
+            conn.execute(SUMMARY_VIEW)
+            return conn.sql("SELECT * FROM evaluation_summary ORDER BY target, budget NULLS FIRST, mean_loss, "
+                            "method").pl()
 
     def replace_evaluations(self, df: pl.DataFrame) -> None:
-        """Replace the whole ``evaluations`` table (fine-tune results) in one transaction."""
+        """Replace the whole ``evaluations`` table (fine-tune results) in one transaction; its view too."""
         with self.get_connection() as conn:
-            conn.execute(EVALUATIONS_DDL)
             conn.register("incoming_evaluations", df.to_arrow())
             conn.execute("BEGIN TRANSACTION")
             try:
-                conn.execute("DELETE FROM evaluations")
+                # Replaced whole, so a table of an older shape (no seed, no budget) is simply rebuilt.
+                conn.execute("DROP VIEW IF EXISTS evaluation_summary")
+                conn.execute("DROP TABLE IF EXISTS evaluations")
+                conn.execute(EVALUATIONS_DDL)
                 cols = ", ".join(df.columns)
                 conn.execute(f"INSERT INTO evaluations ({cols}) SELECT {cols} FROM incoming_evaluations")
+                conn.execute(SUMMARY_VIEW)
                 conn.execute("COMMIT")
             except Exception as exc:
                 conn.execute("ROLLBACK")
@@ -209,7 +216,48 @@ class ScoreStore(DuckDBResource):
 
 EVALUATIONS_DDL = """
 CREATE TABLE IF NOT EXISTS evaluations (
-    target VARCHAR NOT NULL, method VARCHAR NOT NULL, train_examples BIGINT NOT NULL,
+    target VARCHAR NOT NULL, method VARCHAR NOT NULL, budget VARCHAR, seed BIGINT, train_examples BIGINT NOT NULL,
     heldout_examples BIGINT NOT NULL, heldout_loss DOUBLE NOT NULL, accuracy DOUBLE,
     bytes_per_candidate DOUBLE, feature_pass_seconds DOUBLE
 )"""
+# Student t quantiles t(0.975, df) for df = 1..30 (two-sided 95%); beyond 30 seeds the normal 1.96.
+T975 = (12.706, 4.303, 3.182, 2.776, 2.571, 2.447, 2.365, 2.306, 2.262, 2.228, 2.201, 2.179, 2.160, 2.145, 2.131,
+        2.120, 2.110, 2.101, 2.093, 2.086, 2.080, 2.074, 2.069, 2.064, 2.060, 2.056, 2.052, 2.048, 2.045, 2.042)
+# Per (target, method, budget): mean and standard deviation of held-out loss over seeds, and the paired
+# difference (same seed) to random at the same budget and to the full pool, with a 95% t interval over
+# seeds and a verdict: 'yes' (interval below 0: lower loss), 'no' (above 0), "can't tell" (it holds 0,
+# or fewer than 2 seeds). base (no fine-tuning) has one row and no seed; full_pool has no budget.
+SUMMARY_VIEW = f"""
+CREATE OR REPLACE VIEW evaluation_summary AS
+WITH t975(df, q) AS (VALUES {", ".join(f"({i + 1}, {q})" for i, q in enumerate(T975))}),
+stats AS (
+    SELECT target, method, budget, count(*) AS seeds, min(heldout_examples) AS heldout_examples,
+           round(avg(train_examples)) AS train_examples, avg(heldout_loss) AS mean_loss,
+           stddev_samp(heldout_loss) AS std_loss, avg(accuracy) AS mean_accuracy
+    FROM evaluations GROUP BY target, method, budget),
+diffs AS (
+    SELECT e.target, e.method, e.budget, r.method AS reference, e.heldout_loss - r.heldout_loss AS d
+    FROM evaluations e JOIN evaluations r
+      ON e.target = r.target AND e.seed = r.seed AND e.method <> r.method
+     AND ((r.method = 'random' AND r.budget = e.budget) OR r.method = 'full_pool')),
+agg AS (
+    SELECT target, method, budget, reference, count(*) AS n, avg(d) AS mean_d, stddev_samp(d) AS sd_d
+    FROM diffs GROUP BY target, method, budget, reference),
+paired AS (
+    SELECT agg.*, mean_d - coalesce(q, 1.96) * sd_d / sqrt(n) AS lo, mean_d + coalesce(q, 1.96) * sd_d / sqrt(n) AS hi
+    FROM agg LEFT JOIN t975 ON t975.df = agg.n - 1),
+verdicts AS (
+    SELECT *, CASE WHEN n >= 2 AND hi < 0 THEN 'yes' WHEN n >= 2 AND lo > 0 THEN 'no' ELSE 'can''t tell' END
+           AS verdict FROM paired)
+SELECT s.target, s.method, s.budget, s.seeds, s.train_examples, s.heldout_examples, s.mean_loss, s.std_loss,
+       s.mean_accuracy,
+       r.mean_d AS diff_vs_random, r.lo AS diff_vs_random_lo, r.hi AS diff_vs_random_hi,
+       r.verdict AS better_than_random,
+       f.mean_d AS diff_vs_full_pool, f.lo AS diff_vs_full_pool_lo, f.hi AS diff_vs_full_pool_hi,
+       f.verdict AS better_than_full_pool
+FROM stats s
+LEFT JOIN verdicts r ON r.reference = 'random' AND r.target = s.target AND r.method = s.method
+     AND r.budget IS NOT DISTINCT FROM s.budget
+LEFT JOIN verdicts f ON f.reference = 'full_pool' AND f.target = s.target AND f.method = s.method
+     AND f.budget IS NOT DISTINCT FROM s.budget
+"""

@@ -37,57 +37,67 @@ def test_selection_evaluation(small_run, tmp_path, one_thread):
     root = tmp_path / "copy"
     shutil.copytree(small_run["root"], root)
     resources = make_resources(str(root))
-    run_config = {"ops": {"selection_evaluation": {"config": {"epochs": 1, "include_full_pool": True}}}}
+    run_config = {"ops": {"selection_evaluation": {"config": {"epochs": 1, "include_full_pool": True,
+                                                              "seeds": [0, 1]}}}}
     with dg.instance_for_test() as instance:
         store = resources["score_store"]
         with store.get_connection() as conn:
             sel = conn.sql("SELECT * FROM selections").pl()
         # Another method, as a baseline would write it: the evaluation reads methods, never hard-codes them.
         pool_ids = sorted(pl.read_parquet(root / "pool" / "candidate_pool.parquet")["candidate_id"].to_list())
-        picked = random.Random(0).sample(pool_ids, sel.filter(pl.col("target") == sel["target"][0]).height)
+        budget = "p0.05"
+        picked = random.Random(0).sample(pool_ids, sel.filter((pl.col("target") == sel["target"][0])
+                                                              & (pl.col("budget") == budget)).height)
         for target in sorted(sel["target"].unique().to_list()):
             store.replace_selection(target, EXTRA, pl.DataFrame({
                 "target": target, "method": EXTRA, "candidate_id": picked, "rank": range(1, len(picked) + 1),
-                "score": 0.0, "source": "?"}))
+                "score": 0.0, "source": "?", "budget": budget}))
         with store.get_connection() as conn:
-            pairs = set(conn.execute("SELECT DISTINCT target, method FROM selections").fetchall())
-        targets = sorted({t for t, _ in pairs})
+            cells = set(conn.execute("SELECT DISTINCT target, method, budget FROM selections").fetchall())
+        targets = sorted({t for t, _, _ in cells})
+        seeds = run_config["ops"]["selection_evaluation"]["config"]["seeds"]
 
         result = dg.materialize([selection_evaluation], instance=instance, resources=resources,
                                 run_config=run_config)
         assert result.success
         first = _evaluations(root)
-        expected = pairs | {(t, m) for t in targets for m in ("base", "full_pool")}
-        assert set(zip(first["target"], first["method"])) == expected
+        expected = ({(t, m, b, s) for t, m, b in cells for s in seeds} | {(t, "full_pool", None, s) for t in targets
+                    for s in seeds} | {(t, "base", None, None) for t in targets})
+        assert set(zip(first["target"], first["method"], first["budget"], first["seed"])) == expected
         assert first.height == len(expected)  # one row each
         assert all(math.isfinite(x) for x in first["heldout_loss"])
         assert first["accuracy"].null_count() == first.height  # embedded targets are not multiple choice
         assert (first["heldout_examples"] > 0).all()
-        by = {(r["target"], r["method"]): r for r in first.to_dicts()}
+        by = {(r["target"], r["method"], r["budget"], r["seed"]): r for r in first.to_dicts()}
         n_pool = len(pool_ids)
         for t in targets:
-            assert by[(t, "base")]["train_examples"] == 0
-            assert 0 < by[(t, "full_pool")]["train_examples"] <= n_pool
-            assert by[(t, "gist")]["bytes_per_candidate"] > 0 and by[(t, "gist")]["feature_pass_seconds"] > 0
-            assert by[(t, EXTRA)]["bytes_per_candidate"] is None  # no stored features for this method
-            assert by[(t, "base")]["bytes_per_candidate"] is None
+            assert by[(t, "base", None, None)]["train_examples"] == 0
+            assert 0 < by[(t, "full_pool", None, 0)]["train_examples"] <= n_pool
+            gist = by[(t, "gist", budget, 0)]
+            assert gist["bytes_per_candidate"] > 0 and gist["feature_pass_seconds"] > 0
+            assert by[(t, EXTRA, budget, 0)]["bytes_per_candidate"] is None  # no stored features for this method
+            assert by[(t, "base", None, None)]["bytes_per_candidate"] is None
             # Fine-tuning on anything from the pool changes the model; the held-out set is the same for all.
-            assert by[(t, "full_pool")]["heldout_loss"] != by[(t, "base")]["heldout_loss"]
-            assert len({by[(t, m)]["heldout_examples"] for m in ("base", "full_pool", "gist")}) == 1
+            assert by[(t, "full_pool", None, 0)]["heldout_loss"] != by[(t, "base", None, None)]["heldout_loss"]
+            assert len({r["heldout_examples"] for k, r in by.items() if k[0] == t}) == 1
+            # Another seed is another fine-tune (order, LoRA init): another number, same training set size.
+            assert gist["heldout_loss"] != by[(t, "gist", budget, 1)]["heldout_loss"]
+            assert gist["train_examples"] == by[(t, "gist", budget, 1)]["train_examples"]
         mat = result.asset_materializations_for_node("selection_evaluation")[0]
-        assert "comparison" in mat.metadata and "heldout_loss_chart" in mat.metadata
-        # One fine-tune per distinct training set (random and EXTRA are the same for every target) + full pool.
-        with store.get_connection() as conn:
-            sets = {tuple(sorted(ids)) for (ids,) in conn.execute(
-                "SELECT list(candidate_id) FROM selections GROUP BY target, method").fetchall()}
-        assert mat.metadata["fine_tunes"].value == len(sets) + 1
+        assert {"comparison", "summary", "heldout_loss_by_budget"} <= set(mat.metadata)
+        assert (root / "evaluation" / "heldout_loss_by_budget.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+        # One fine-tune per seed and distinct training set: gist, less, representation per target and budget;
+        # random per budget (its draw, like EXTRA, is shared by every target); EXTRA; the full pool.
+        n_budgets = len({b for _, _, b in cells})
+        per_seed = (3 * len(targets) + 1) * n_budgets + 1 + 1
+        assert mat.metadata["fine_tunes"].value == per_seed * len(seeds)
 
         # Again: the table is replaced, not appended to; same seed, same numbers.
         assert dg.materialize([selection_evaluation], instance=instance, resources=resources,
                               run_config=run_config).success
         second = _evaluations(root)
         assert second.height == first.height
-        key = ["target", "method"]
+        key = ["target", "method", "budget", "seed"]
         assert second.sort(key).select(*key, "heldout_loss").equals(first.sort(key).select(*key, "heldout_loss"))
 
 

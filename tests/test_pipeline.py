@@ -41,22 +41,30 @@ def test_graph_outputs(small_run):
                            "FROM candidate_scores GROUP BY 1, 2").fetchall()
         assert len(ranks) == 3 * 5  # targets x (gist, gist_sketch, random, less, representation)
         assert all(r[2] == 1 and r[3] == r[4] == r[5] == n_scored for r in ranks)
-        sel_counts = db.execute("SELECT target, method, count(*) FROM selections GROUP BY 1, 2").fetchall()
-        evaluations = db.execute("SELECT target, method FROM evaluations").fetchall()
-    expected = selection_size(n_scored, percentage=0.1)
-    assert len(sel_counts) == 15 and all(r[2] == expected for r in sel_counts)
-    assert set(evaluations) == {(t, m) for t in targets for m in ("gist", "gist_sketch", "random", "less",
-                                                                   "representation", "base", "full_pool")}
-    for target, manifest in out["selections"].items():
-        assert not Path(manifest["files"]["jsonl"]).is_absolute()  # relative to the storage root
-        lines = open(root / manifest["files"]["jsonl"], encoding="utf-8").read().splitlines()
-        assert len(lines) == expected == manifest["selected"]
-        originals = set(pool["original"].to_list())
-        assert all(line in originals for line in lines)  # exported in the pool's own format
-        assert all("messages" in json.loads(line) for line in lines)
-        assert sum(manifest["counts_per_source"].values()) == expected
-        assert set(manifest["basis"]) == {"epoch_1", "epoch_2"}
-        assert len(manifest["checkpoints"]) == 2
+        sel_counts = db.execute("SELECT target, method, budget, count(*) FROM selections GROUP BY 1, 2, 3").fetchall()
+        evaluations = db.execute("SELECT target, method, budget, seed FROM evaluations").fetchall()
+    expected = {"p0.05": selection_size(n_scored, percentage=0.05), "p0.1": selection_size(n_scored, percentage=0.1)}
+    assert len(sel_counts) == 15 * 2 and all(r[3] == expected[r[2]] for r in sel_counts)
+    methods = ("gist", "gist_sketch", "random", "less", "representation")
+    assert sorted(evaluations, key=str) == sorted(
+        [(t, m, b, s) for t in targets for m in methods for b in expected for s in (0, 1)]
+        + [(t, "full_pool", None, s) for t in targets for s in (0, 1)] + [(t, "base", None, None) for t in targets],
+        key=str)
+    originals = set(pool["original"].to_list())
+    for target, per_budget in out["selections"].items():
+        assert sorted(per_budget) == sorted(expected)
+        for budget, manifest in per_budget.items():
+            assert not Path(manifest["files"]["jsonl"]).is_absolute()  # relative to the storage root
+            lines = open(root / manifest["files"]["jsonl"], encoding="utf-8").read().splitlines()
+            assert len(lines) == expected[budget] == manifest["selected"]
+            assert all(line in originals for line in lines)  # exported in the pool's own format
+            assert all("messages" in json.loads(line) for line in lines)
+            assert sum(manifest["counts_per_source"].values()) == expected[budget]
+            assert set(manifest["basis"]) == {"epoch_1", "epoch_2"}
+            assert len(manifest["checkpoints"]) == 2
+        # A bigger budget is the smaller one and more (the same ranking, cut later).
+        small, big = (pl.read_parquet(root / per_budget[b]["files"]["parquet"]) for b in ("p0.05", "p0.1"))
+        assert big["candidate_id"].head(small.height).to_list() == small["candidate_id"].to_list()
 
 
 def test_scores_match_plain_computation(small_run):
@@ -65,7 +73,7 @@ def test_scores_match_plain_computation(small_run):
     ref = json.loads((root / "models" / "model_ref.json").read_text())
     warm = json.loads((root / "warmup" / "manifest.json").read_text())
     compute = ComputeResource()
-    tok = compute.load_tokenizer(ref["path"])
+    tok = compute.load_tokenizer(str(root / ref["path"]))  # manifests hold root-relative paths
     pool = pl.read_parquet(root / "pool" / "candidate_pool.parquet")
     targets = pl.read_parquet(root / "targets" / "target_sets.parquet").filter(pl.col("split") == "basis")
     cand_enc = [encode_messages(tok, json.loads(m), ref["max_length"]) for m in pool["messages"]]
@@ -82,7 +90,7 @@ def test_scores_match_plain_computation(small_run):
             subtasks = np.array(rows["subtask"].to_list())
             total = 0.0
             for w, ckpt in zip(weights, warm["checkpoints"]):
-                model = compute.load_model(ref["path"], ckpt["dir"])
+                model = compute.load_model(str(root / ref["path"]), str(root / ckpt["dir"]))
                 G = torch.from_numpy(reference_gradients(model, t_enc)).double()
                 g = torch.from_numpy(reference_gradients(model, [cand_enc[i] for i in keep])).double()
                 U, S, Vh = torch.linalg.svd(G, full_matrices=False)
@@ -99,7 +107,8 @@ def test_scores_match_plain_computation(small_run):
             order = sorted(range(len(ids)), key=lambda j: (-expected[j], ids[j]))
             n_sel = selection_size(len(ids), percentage=0.1)
             chosen = [r[0] for r in db.execute("SELECT candidate_id FROM selections WHERE target = ? "
-                                               "AND method = 'gist' ORDER BY rank", [target]).fetchall()]
+                                               "AND method = 'gist' AND budget = 'p0.1' ORDER BY rank",
+                                               [target]).fetchall()]
             assert chosen == [ids[j] for j in order[:n_sel]]
 
 
@@ -172,11 +181,11 @@ def test_rematerialize_same_seed_is_identical(small_run, tmp_path):
              "ORDER BY target, method, candidate_id")
     with _db(first) as a, _db(tmp_path) as b:
         assert a.execute(query).fetchall() == b.execute(query).fetchall()
-        sel = "SELECT * FROM selections ORDER BY target, method, rank"
+        sel = "SELECT * FROM selections ORDER BY target, method, budget, rank"
         assert a.execute(sel).fetchall() == b.execute(sel).fetchall()
     for target in ["arithmetic_sums", "geography", "word_reversal"]:
         for method in ["gist", "gist_sketch", "random", "less", "representation"]:
-            rel = ("selections", target, method, "selection.jsonl")
+            rel = ("selections", target, method, "p0.1", "selection.jsonl")
             assert first.joinpath(*rel).read_bytes() == tmp_path.joinpath(*rel).read_bytes()
 
 
@@ -197,13 +206,13 @@ def test_less_features_match_plain_computation(small_run):
     pool = pl.read_parquet(root / "pool" / "candidate_pool.parquet").filter(pl.col("shard") == shard)
     assert side["candidate_id"].to_list() == pool["candidate_id"].to_list()
     compute = ComputeResource()
-    tok = compute.load_tokenizer(ref["path"])
+    tok = compute.load_tokenizer(str(root / ref["path"]))  # manifests hold root-relative paths
     enc = [encode_messages(tok, json.loads(m), ref["max_length"]) for m in pool["messages"]]
     proj = meta["projection"]
     for ckpt in meta["checkpoints"]:
         ckpt_dir = root / "warmup" / ckpt
         info = json.loads((ckpt_dir / "checkpoint_info.json").read_text())
-        model = compute.load_model(ref["path"], str(ckpt_dir))
+        model = compute.load_model(str(root / ref["path"]), str(ckpt_dir))
         g = torch.from_numpy(reference_gradients(model, enc)).double()
         state = load_optimizer_state(ckpt_dir)
         names = [n for n, p in model.named_parameters() if p.requires_grad]
@@ -215,3 +224,27 @@ def test_less_features_match_plain_computation(small_run):
         P = BlockProjector(layout, proj["dim"], proj["seed"], proj["kind"]).dense().double()
         np.testing.assert_allclose(features[ckpt], (direction @ P).numpy(), rtol=1e-3, atol=1e-4)
         assert float(v.abs().sum()) > 0  # real moments, not an empty state
+
+
+def test_exports_load_as_trl_conversations(small_run):
+    """Every selection's chat export loads with `datasets` and is in TRL's conversational format."""
+    from datasets import load_dataset
+
+    root = small_run["root"]
+    pool = pl.read_parquet(root / "pool" / "candidate_pool.parquet")
+    pool_messages = dict(zip(pool["candidate_id"], pool["messages"]))
+    files = sorted(root.glob("selections/*/*/*/selection.messages.jsonl"))
+    assert len(files) == 3 * 4 * 2  # targets x methods x budgets
+    for path in files:
+        rows = load_dataset("json", data_files=str(path), split="train")
+        parquet = pl.read_parquet(path.with_name("selection.parquet"))
+        assert rows.num_rows == parquet.height > 0
+        assert {"messages", "score", "selection_rank", "source", "budget"} <= set(parquet.columns)
+        assert parquet["budget"].unique().to_list() == [path.parent.name]
+        assert rows["id"] == parquet["candidate_id"].to_list()  # same order: best first
+        for row, msgs in zip(rows, parquet["messages"].to_list()):
+            messages = row["messages"]
+            assert isinstance(messages, list) and messages[-1]["role"] == "assistant"
+            assert all(m["role"] in ("system", "user", "assistant") and isinstance(m["content"], str)
+                       for m in messages)
+            assert messages == msgs == json.loads(pool_messages[row["id"]])[:len(messages)]

@@ -43,7 +43,7 @@ def test_copied_root_reruns_downstream_assets_from_the_new_place(custom_graph, t
         assert str(old) not in path.read_text(encoding="utf-8"), rel
     import json
 
-    manifest = json.loads((new / "selections" / "mixed" / "gist" / "manifest.json").read_text())
-    assert manifest["files"]["jsonl"] == "selections/mixed/gist/selection.jsonl"
+    manifest = json.loads((new / "selections" / "mixed" / "gist" / "p0.1" / "manifest.json").read_text())
+    assert manifest["files"]["jsonl"] == "selections/mixed/gist/p0.1/selection.jsonl"
     assert manifest["model"] == "models/base_model" and manifest["artifacts"]["database"] == "gist.duckdb"
     assert all((new / c["dir"]).is_dir() for c in manifest["checkpoints"])

@@ -84,7 +84,7 @@ def test_nonfinite_score_is_excluded_from_ranking_and_exports_stay_strict(custom
                             ).fetchone()[0]
     assert nan_id not in [c for c, _ in mixed] and [r for _, r in mixed] == list(range(1, side.height))
     assert single == side.height  # the other target is untouched
-    folder = root / "selections" / "mixed" / "gist"
+    folder = root / "selections" / "mixed" / "gist" / "p1"
     lines = (folder / "selection.jsonl").read_text(encoding="utf-8").splitlines()
     assert len(lines) == side.height - 1 and all(_strict_loads(line) for line in lines)
     manifest = _strict_loads((folder / "manifest.json").read_text())
