@@ -50,7 +50,6 @@ def custom_graph(small_run, tmp_path_factory):
                         "heldout_fraction": 0.5},
         "spectral_basis": {"k": 8},
         "selected_subset": {"percentage": 0.1},
-        "candidate_scores": {"methods": ["gist"]},   # these tests are about the exact path's inputs
     }
     cwd = base / "cwd"
     cwd.mkdir()
