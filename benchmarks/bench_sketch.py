@@ -6,9 +6,10 @@ All through the project's run path (``gist_assets.run.run_all`` on a test instan
 2. a third target is added, ``methods: [gist_sketch]``: the time to add a target with the sketch
    (target gradients + SVD + scoring; the report must show no pool pass);
 3. ``methods: [gist]`` on the same three targets: the exact pool pass the new target costs without it;
-4. agreement of gist_sketch with gist per target at every d of ``--curve`` (the stored d-dimensional
-   sketch truncated to d' columns and rescaled by sqrt(d/d') is a d'-dimensional sketch of the same kind;
-   at d' = d the scores are the stored ones, which is checked): Spearman, top-5% and top-1% overlap;
+4. agreement of gist_sketch with gist per target at every d' of ``--curve`` (a CountSketch folded
+   mod d', or a dense projection's first d' columns rescaled by sqrt(d/d'), is a d'-dimensional sketch
+   of the same kind; at d' = d the scores are the stored ones, which is checked): Spearman, top-5% and
+   top-1% overlap;
 5. ``selection_evaluation`` (gist and gist_sketch selections, top 5%) for each of ``--seeds`` seeds.
 
     .venv/bin/python benchmarks/bench_sketch.py                        # embedded default (~1 h on a busy 2-core machine)
@@ -69,16 +70,23 @@ def sketch_scores_at(storage, ckpts, weights, targets, sketches, projector, dims
     for c in ckpts:
         V, slices = load_bases(storage, c, targets)
         PV[c] = (projector.project_columns(V.numpy()), slices)
+    def smaller(x, d):
+        """The d-dimensional sketch (rows of x are sketches or columns of P^T V) of the same kind."""
+        if projector.kind == "countsketch":   # bucket b -> b mod d: a CountSketch with d buckets, same signs
+            return x.reshape(x.shape[0], projector.dim // d, d).sum(axis=1)
+        return x[:, :d] * np.sqrt(projector.dim / d)   # the first d columns of a dense projection, rescaled
+
     out = {}
     for d in dims:
-        scale = projector.dim / d   # (sqrt(dim/d) on each side)
+        if projector.dim % d:
+            raise ValueError(f"curve dimension {d} does not divide the sketch dimension {projector.dim}")
         per_target = {}
         for target in targets:
             cos, names = [], None
             for c in ckpts:
                 pv, slices = PV[c]
                 a, b = slices[target]
-                z = scale * (sketches[c][:, :d].astype(np.float64) @ pv[:d, a:b])
+                z = smaller(sketches[c].astype(np.float64), d) @ smaller(pv[:, a:b].T, d).T
                 names, directions = target_directions(storage, c, target)
                 cos.append(cosine_to_subtasks(z, directions))
             per_target[target] = weighted_sum(cos, weights).max(axis=1)
