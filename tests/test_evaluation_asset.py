@@ -86,10 +86,14 @@ def test_selection_evaluation(small_run, tmp_path, one_thread):
         mat = result.asset_materializations_for_node("selection_evaluation")[0]
         assert {"comparison", "summary", "heldout_loss_by_budget"} <= set(mat.metadata)
         assert (root / "evaluation" / "heldout_loss_by_budget.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
-        # One fine-tune per seed and distinct training set: gist, less, representation per target and budget;
-        # random per budget (its draw, like EXTRA, is shared by every target); EXTRA; the full pool.
+        # One fine-tune per seed and distinct training set: the score-based methods' selections (two methods
+        # that chose the same set share one), random per budget (its draw, like EXTRA, is shared by every
+        # target), EXTRA, the full pool.
         n_budgets = len({b for _, _, b in cells})
-        per_seed = (3 * len(targets) + 1) * n_budgets + 1 + 1
+        with duckdb.connect(str(root / "gist.duckdb"), read_only=True) as db:
+            sets = db.execute("SELECT target, method, budget, list(candidate_id ORDER BY candidate_id) FROM selections "
+                              "WHERE method NOT IN ('random', ?) GROUP BY 1, 2, 3", [EXTRA]).fetchall()
+        per_seed = len({tuple(ids) for *_, ids in sets}) + n_budgets + 1 + 1
         assert mat.metadata["fine_tunes"].value == per_seed * len(seeds)
 
         # Again: the table is replaced, not appended to; same seed, same numbers.

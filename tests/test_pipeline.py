@@ -234,7 +234,7 @@ def test_exports_load_as_trl_conversations(small_run):
     pool = pl.read_parquet(root / "pool" / "candidate_pool.parquet")
     pool_messages = dict(zip(pool["candidate_id"], pool["messages"]))
     files = sorted(root.glob("selections/*/*/*/selection.messages.jsonl"))
-    assert len(files) == 3 * 4 * 2  # targets x methods x budgets
+    assert len(files) == 3 * 5 * 2  # targets x methods (gist, gist_sketch, random, less, representation) x budgets
     for path in files:
         rows = load_dataset("json", data_files=str(path), split="train")
         parquet = pl.read_parquet(path.with_name("selection.parquet"))

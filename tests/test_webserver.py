@@ -16,12 +16,12 @@ HOST = "127.0.0.1"
 STARTUP_TIMEOUT_S = 120
 
 EXPECTED_ASSETS = {"candidate_pool", "target_sets", "base_model", "warmup_checkpoint", "target_gradients",
-                   "spectral_basis", "candidate_features", "candidate_scores", "selected_subset",
+                   "spectral_basis", "candidate_features", "candidate_sketches", "candidate_scores", "selected_subset",
                    "less_candidate_features", "representation_features", "baseline_scores", "baseline_selections",
                    "selection_evaluation"}
 EXPECTED_CHECKS = {"spectral_basis": {"basis_columns_orthonormal"}, "candidate_scores": {"scores_valid"},
                    "baseline_scores": {"scores_valid"}, "selected_subset": {"selection_size_as_configured", "selections_valid"}}
-PARTITIONED = ["candidate_features", "less_candidate_features", "representation_features"]
+PARTITIONED = ["candidate_features", "candidate_sketches", "less_candidate_features", "representation_features"]
 
 LOCATIONS_QUERY = """
 {

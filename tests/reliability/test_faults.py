@@ -102,7 +102,7 @@ def test_sigkill_mid_shard_then_rerun_scores_every_candidate_once(small_run, tmp
                           "GROUP BY 1, 2").fetchall()
         gist_ids = {r[0] for r in db.execute("SELECT DISTINCT candidate_id FROM candidate_scores "
                                              "WHERE method = 'gist'").fetchall()}
-    assert {r[1] for r in rows} == {"gist", "random", "less", "representation"}
+    assert {r[1] for r in rows} == {"gist", "gist_sketch", "random", "less", "representation"}
     assert all(r[2] == r[3] == len(included) for r in rows), rows  # exactly one row per candidate
     assert gist_ids == included
 
