@@ -46,8 +46,8 @@ def _scored_ids(root, method="gist"):
     return {t: sorted(ids) for t, ids in out.items()}
 
 
-@pytest.mark.slow
-def test_sensor_adds_changes_and_removes_only_what_changed(tmp_path, monkeypatch):
+def _watched_pool(tmp_path, monkeypatch):
+    """160 embedded candidates in a watched folder, the run config pointing at it, the sensor's environment."""
     root, watch = tmp_path / "root", tmp_path / "watch"
     synthetic.write_pool(watch, n_examples=160, seed=0)
     run_config = {"ops": {**SMALL["ops"], "candidate_pool": {"config": {"paths": [str(watch / "**" / "*.jsonl")],
@@ -56,7 +56,12 @@ def test_sensor_adds_changes_and_removes_only_what_changed(tmp_path, monkeypatch
     config_file.write_text(yaml.safe_dump(run_config))
     monkeypatch.setenv("GIST_WATCH_DIR", str(watch))
     monkeypatch.setenv("GIST_RUN_CONFIG", str(config_file))
-    resources = make_resources(str(root))
+    return root, watch, run_config, make_resources(str(root))
+
+
+@pytest.mark.slow
+def test_sensor_adds_changes_and_removes_only_what_changed(tmp_path, monkeypatch):
+    root, watch, run_config, resources = _watched_pool(tmp_path, monkeypatch)
     with dg.instance_for_test() as instance:
         run_all(run_config, str(root), instance=instance, log=lambda _: None)
         assert _drive(instance, resources, run_config) == []  # nothing to do after a full run
@@ -116,15 +121,7 @@ def test_new_candidates_from_the_same_generator_score_on_the_same_scale(tmp_path
     must not look special. Statistic: per target, the standardized mean difference
     d = (mean(new) - mean(old)) / std(old) of the GIST scores; |d| < 0.5 (measured: |d| <= 0.09; with the
     base model trained on the pool it first saw, |d| <= 0.16 on this data)."""
-    root, watch = tmp_path / "root", tmp_path / "watch"
-    synthetic.write_pool(watch, n_examples=160, seed=0)
-    run_config = {"ops": {**SMALL["ops"], "candidate_pool": {"config": {"paths": [str(watch / "**" / "*.jsonl")],
-                                                                       "shard_size": 40}}}}
-    config_file = tmp_path / "run.yaml"
-    config_file.write_text(yaml.safe_dump(run_config))
-    monkeypatch.setenv("GIST_WATCH_DIR", str(watch))
-    monkeypatch.setenv("GIST_RUN_CONFIG", str(config_file))
-    resources = make_resources(str(root))
+    root, watch, run_config, resources = _watched_pool(tmp_path, monkeypatch)
     with dg.instance_for_test() as instance:
         run_all(run_config, str(root), instance=instance, log=lambda _: None)
         old = _scores_by_id(root)

@@ -93,7 +93,7 @@ def test_cli_reruns_only_what_changed_and_the_ui_launches_and_reexecutes(tmp_pat
     lines = _assets_lines(third.stdout)
     recomputed = sorted(k for k, v in lines.items() if v.startswith("recomputed"))
     assert recomputed == ["selected_subset"], lines
-    assert "percentage 0.1 -> 0.2" in lines["selected_subset"]
+    assert "percentage [0.05, 0.1] -> 0.2" in lines["selected_subset"]
 
     # A misspelt key is refused before any compute, naming the key and the valid ones, without a traceback.
     config.write_text(yaml.safe_dump({"ops": {"spectral_basis": {"config": {"kk": 3}}}}))
