@@ -330,10 +330,12 @@ def write_selections(context, config: SelectionConfig, storage: StorageResource,
         for target in targets:
             folder = selection_dir(storage, target, method)
             rows = []
+            # Every budget is chosen before anything is written: a bad size touches no file.
+            chosen_per_budget = [choose_budget(score_store, target, method, one).join(pool, on="candidate_id",
+                                                                                      how="left")
+                                 for _, one in per_budget]
             with storage.atomic_dir(folder) as tmp:
-                for label, one in per_budget:
-                    chosen = choose_budget(score_store, target, method, one).join(pool, on="candidate_id",
-                                                                                   how="left")
+                for (label, one), chosen in zip(per_budget, chosen_per_budget):
                     rows.append(chosen.select(pl.lit(target).alias("target"), pl.lit(method).alias("method"),
                                               "candidate_id", pl.col("selection_rank").alias("rank"), "score",
                                               "source", pl.lit(label).alias("budget")))
