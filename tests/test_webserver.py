@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pytest
 import requests
+from service_util import free_port, graphql, stop_group
 
 REPO = Path(__file__).resolve().parents[1]
 WEBSERVER = Path(sys.executable).parent / "dagster-webserver"
@@ -59,20 +60,6 @@ ASSETS_QUERY = """
 """
 
 
-def _free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind((HOST, 0))
-        return s.getsockname()[1]
-
-
-def _graphql(base: str, query: str) -> dict:
-    resp = requests.post(f"{base}/graphql", json={"query": query}, timeout=60)
-    assert resp.status_code == 200, resp.text[:2000]
-    body = resp.json()
-    assert not body.get("errors"), body["errors"]
-    return body["data"]
-
-
 def _listen_addresses(port: int) -> set[str] | None:
     """Local addresses with a listening TCP socket on ``port``; None when the OS does not tell us."""
     try:
@@ -86,7 +73,7 @@ def _listen_addresses(port: int) -> set[str] | None:
 
 @pytest.fixture
 def webserver(tmp_path):
-    port = _free_port()
+    port = free_port()
     env = {**os.environ, "DAGSTER_HOME": str(tmp_path / "dagster_home"),
            "GIST_STORAGE_ROOT": str(tmp_path / "gist_root")}
     Path(env["DAGSTER_HOME"]).mkdir()
@@ -115,17 +102,7 @@ def webserver(tmp_path):
             time.sleep(0.5)
         yield {"base": base, "port": port, "proc": proc, "logs": logs, "storage_root": Path(env["GIST_STORAGE_ROOT"])}
     finally:
-        if proc.poll() is None:
-            # The webserver runs the code server as a child: stop the whole process group it leads.
-            try:
-                os.killpg(proc.pid, 15)
-            except ProcessLookupError:
-                pass
-            try:
-                proc.wait(timeout=20)
-            except subprocess.TimeoutExpired:
-                os.killpg(proc.pid, 9)
-                proc.wait(timeout=10)
+        stop_group(proc, grace_s=20)  # the webserver runs the code server as a child
         stdout.close()
         stderr.close()
 
@@ -144,7 +121,7 @@ def test_webserver_serves_the_code_location(webserver):
             assert s.connect_ex(("127.0.0.2", port)) != 0, "webserver accepts connections beyond 127.0.0.1"
 
     # The code location loaded without error.
-    ws = _graphql(base, LOCATIONS_QUERY)["workspaceOrError"]
+    ws = graphql(base, LOCATIONS_QUERY)["workspaceOrError"]
     assert ws["__typename"] == "Workspace", ws
     entries = ws["locationEntries"]
     assert len(entries) == 1, entries
@@ -157,7 +134,7 @@ def test_webserver_serves_the_code_location(webserver):
     assert {"prepare_job", "features_job", "select_job"} <= jobs, jobs
 
     # The asset graph: exactly these assets, the checks, and the dynamic shard partitions.
-    nodes = _graphql(base, ASSETS_QUERY)["assetNodes"]
+    nodes = graphql(base, ASSETS_QUERY)["assetNodes"]
     by_key = {"/".join(n["assetKey"]["path"]): n for n in nodes}
     assert len(by_key) == len(nodes)
     assert set(by_key) == EXPECTED_ASSETS
