@@ -155,7 +155,7 @@ def random_scores(candidate_ids: list[str], seed: int) -> np.ndarray:
 @dg.asset(group_name="baselines",
           deps=[candidate_features, less_candidate_features, representation_features, target_gradients, target_sets,
                 warmup_checkpoint],
-          code_version="1", pool=DUCKDB_POOL, kinds={"duckdb"})
+          code_version="2", pool=DUCKDB_POOL, kinds={"duckdb", "parquet"})
 def baseline_scores(context: dg.AssetExecutionContext, config: BaselineScoresConfig, storage: StorageResource,
                     compute: ComputeResource, score_store: ScoreStore) -> dg.MaterializeResult:
     """Scores of the baselines in the same candidate_scores table (column `method`)."""
@@ -168,9 +168,8 @@ def baseline_scores(context: dg.AssetExecutionContext, config: BaselineScoresCon
         side, _, metas = _load_method_features(storage, shards, "gist")
         inputs.append(("random", [m.get("shard_version") for m in metas]))
         score = random_scores(side["candidate_id"].to_list(), config.random_seed)
-        for target in targets:
-            summary.append(write_method_scores(score_store, target, "random", side, score[:, None], ["all"],
-                                               f"random-seed-{config.random_seed}"))
+        summary += write_method_scores(score_store, "random", [
+            (target, side, score[:, None], ["all"], f"random-seed-{config.random_seed}") for target in targets])
     if "less" in config.methods:
         side, tensors, metas = _load_method_features(storage, shards, "less")
         inputs.append(("less", [m.get("version") for m in metas]))
@@ -183,6 +182,7 @@ def baseline_scores(context: dg.AssetExecutionContext, config: BaselineScoresCon
         projector = BlockProjector(_layout(grads), proj["dim"], proj["seed"], proj["kind"])
         ckpts = [c["name"] for c in grads["checkpoints"]]
         weights = checkpoint_weights([avg_lr[c] for c in ckpts])
+        per_target = []
         for target in targets:
             per_ckpt, names = [], None
             for ckpt in ckpts:
@@ -191,8 +191,9 @@ def baseline_scores(context: dg.AssetExecutionContext, config: BaselineScoresCon
                                               "target_gradients")
                 names, m = mean_cosine_per_subtask(tensors[ckpt], projector.project_rows(G), labels["subtask"])
                 per_ckpt.append(m)
-            summary.append(write_method_scores(score_store, target, "less", side, weighted_sum(per_ckpt, weights),
-                                               names, f"less-{proj['kind']}-{proj['dim']}-seed-{proj['seed']}"))
+            per_target.append((target, side, weighted_sum(per_ckpt, weights), names,
+                         f"less-{proj['kind']}-{proj['dim']}-seed-{proj['seed']}"))
+        summary += write_method_scores(score_store, "less", per_target)
     if "representation" in config.methods:
         side, tensors, metas = _load_method_features(storage, shards, "representation")
         inputs.append(("representation", [m.get("version") for m in metas]))
@@ -201,6 +202,7 @@ def baseline_scores(context: dg.AssetExecutionContext, config: BaselineScoresCon
         tokenizer = compute.load_tokenizer(model_path(storage, ref))
         df = storage.read_parquet(targets_path(storage), "target_sets").filter(pl.col("split") == "basis")
         b = compute.batching()
+        per_target = []
         for target in targets:
             rows = df.filter(pl.col("target") == target).sort("example_id")
             enc = [encode_prompt_completion(tokenizer, p, c, ref["max_length"])
@@ -208,12 +210,12 @@ def baseline_scores(context: dg.AssetExecutionContext, config: BaselineScoresCon
             reps = mean_pooled_hidden_states(model, enc, b["device"], b["dtype"], b["max_tokens"],
                                              b["max_batch_size"], tokenizer.pad_token_id)
             names, directions = subtask_directions(reps, rows["subtask"].to_list())
-            summary.append(write_method_scores(score_store, target, "representation", side,
-                                               cosine_to_subtasks(tensors["hidden"], directions), names,
-                                               f"representation-{ckpt['name']}"))
+            per_target.append((target, side, cosine_to_subtasks(tensors["hidden"], directions), names,
+                         f"representation-{ckpt['name']}"))
         del model
+        summary += write_method_scores(score_store, "representation", per_target)
     for method in config.methods:
-        score_store.delete_targets_except(targets, method)
+        score_store.delete_selections_except(targets, method)
     version = asset_fingerprint(context, inputs, grads["version"], read_targets_version(storage))
     storage.write_json(scores_version_path(storage, "baseline"), {"version": version})
     return dg.MaterializeResult(data_version=data_version(version),

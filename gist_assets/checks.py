@@ -35,11 +35,7 @@ def _integrity_metadata(found: dict) -> dict:
 
 def _scores_valid(context, storage: StorageResource, score_store: ScoreStore) -> dg.AssetCheckResult:
     found = score_store.integrity("candidate_scores")
-    with score_store.get_connection() as conn:
-        bad = conn.execute(
-            "SELECT count(*) FROM candidate_scores WHERE "
-            "(NOT isfinite(score) OR score < -1.000001 OR score > 1.000001)").fetchone()[0]
-        scored_ids = {r[0] for r in conn.execute("SELECT DISTINCT candidate_id FROM candidate_scores").fetchall()}
+    bad = score_store.out_of_range_scores(-1.000001, 1.000001)
     excluded = set()
     for shard in context.instance.get_dynamic_partitions(candidate_shards.name):
         for method, asset in (("gist", "candidate_features"), ("gist_sketch", "candidate_sketches")):
@@ -47,7 +43,7 @@ def _scores_valid(context, storage: StorageResource, score_store: ScoreStore) ->
             if side.exists():
                 excluded |= set(storage.read_parquet(side, asset, partition=shard)
                                 .filter(~pl.col("included"))["candidate_id"].to_list())
-    wrongly_scored = sorted(set(excluded) & scored_ids)
+    wrongly_scored = score_store.scored_among(sorted(excluded))
     ok = bad == 0 and not wrongly_scored and found["duplicated_keys"] == 0 and found["nonfinite"] == 0
     return dg.AssetCheckResult(passed=ok, metadata={
         "out_of_range_or_nonfinite": int(bad), "excluded_candidates": len(excluded),
@@ -81,22 +77,18 @@ def selections_valid(score_store: ScoreStore) -> dg.AssetCheckResult:
 def selection_size_as_configured(storage: StorageResource, score_store: ScoreStore) -> dg.AssetCheckResult:
     bases = read_basis_manifest(storage)
     report, ok = {}, True
-    with score_store.get_connection() as conn:
-        # The selections made (a method not requested in the last scoring run has none for a newer target).
-        made = conn.execute("SELECT DISTINCT method, target, budget FROM selections ORDER BY 1, 2, 3").fetchall()
-        for method, target, label in made:
-            if target not in bases["targets"]:
-                continue
-            folder = selection_dir(storage, target, method, label)
-            manifest = storage.read_json(folder / "manifest.json", "selected_subset")
-            expected = selection_size(manifest["scored_candidates"], manifest["config"]["percentage"],
-                                      manifest["config"]["n"])
-            in_db = conn.execute("SELECT count(*) FROM selections WHERE target = ? AND method = ? AND "
-                                 "budget = ?", [target, method, label]).fetchone()[0]
-            counts = {}
-            for name in ("selection.jsonl", "selection.messages.jsonl"):
-                with open(folder / name, encoding="utf-8") as fh:
-                    counts[name] = sum(1 for _ in fh)
-            report[f"{target}/{method}/{label}"] = {"expected": expected, "duckdb": in_db, **counts}
-            ok &= expected == in_db == counts["selection.jsonl"] == counts["selection.messages.jsonl"]
+    # The selections made (a method not requested in the last scoring run has none for a newer target).
+    for (method, target, label), in_db in score_store.selection_sizes().items():
+        if target not in bases["targets"]:
+            continue
+        folder = selection_dir(storage, target, method, label)
+        manifest = storage.read_json(folder / "manifest.json", "selected_subset")
+        expected = selection_size(manifest["scored_candidates"], manifest["config"]["percentage"],
+                                  manifest["config"]["n"])
+        counts = {}
+        for name in ("selection.jsonl", "selection.messages.jsonl"):
+            with open(folder / name, encoding="utf-8") as fh:
+                counts[name] = sum(1 for _ in fh)
+        report[f"{target}/{method}/{label}"] = {"expected": expected, "duckdb": in_db, **counts}
+        ok &= expected == in_db == counts["selection.jsonl"] == counts["selection.messages.jsonl"]
     return dg.AssetCheckResult(passed=ok, metadata={"sizes": dg.MetadataValue.json(report)})

@@ -84,13 +84,10 @@ def heldout_sets(targets: pl.DataFrame, tokenizer, max_length: int) -> dict[str,
 
 def read_selections(score_store: ScoreStore) -> pl.DataFrame:
     """(target, method, budget, candidate_id) of every selection in DuckDB."""
-    with score_store.get_connection() as conn:
-        exists = conn.execute("SELECT count(*) FROM information_schema.tables WHERE table_name = 'selections'"
-                              ).fetchall()[0][0]
-        if not exists:
-            raise ValueError(f"{score_store.database} has no selections table; materialize selected_subset first")
-        return conn.sql("SELECT target, method, budget, candidate_id FROM selections "
-                        "ORDER BY target, method, budget, rank").pl()
+    df = score_store.read_selections()
+    if df is None:
+        raise ValueError(f"{score_store.database} has no selections; materialize selected_subset first")
+    return df
 
 
 def _scored_count(d) -> int | None:

@@ -13,8 +13,8 @@ from gist_resources import ComputeResource, StorageResource
 from gist_resources.storage import strict_json
 
 from .config import BaseModelConfig, WarmupConfig
-from .plots import line_plot
 from .paths import model_path
+from .plots import line_plot
 from .pool import candidate_pool, pool_path, read_pool_version
 from .versions import asset_fingerprint, data_version
 
@@ -37,12 +37,18 @@ def read_model_ref(storage: StorageResource) -> dict:
 WARMUP_POOL_IDS = "pool_ids.parquet"
 
 
-def warmup_pool_ids(storage: StorageResource) -> set[str] | None:
-    """The candidate ids in the pool when the warmup was trained (None for a warmup older than this record)."""
-    path = storage.path("warmup", WARMUP_POOL_IDS)
+def warmup_pool_ids_path(storage: StorageResource):
+    """The candidate ids in the pool when the warmup was trained (absent for a warmup older than this record)."""
+    return storage.path("warmup", WARMUP_POOL_IDS)
+
+
+def known_at_warmup(storage: StorageResource, candidate_ids) -> set[str] | None:
+    """Those of ``candidate_ids`` that were in the pool when the warmup was trained (None: not recorded)."""
+    path = warmup_pool_ids_path(storage)
     if not path.exists():
         return None
-    return set(storage.read_parquet(path, "warmup_checkpoint")["candidate_id"].to_list())
+    known = storage.read_parquet(path, "warmup_checkpoint", candidate_ids=candidate_ids)
+    return set(known["candidate_id"].to_list())
 
 
 def warmup_manifest_path(storage: StorageResource):

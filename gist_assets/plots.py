@@ -3,10 +3,11 @@
 
 import base64
 import io
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Sequence
 
 import dagster as dg
+import numpy as np
 
 
 def _figure(panels: int = 0):
@@ -95,9 +96,11 @@ def spectrum_plot(spectra: dict[str, Sequence[float]], ks: dict[str, int]) -> dg
     return _to_md(plt, fig, "Spectrum (cumulative energy; dotted: chosen k)")
 
 
-def histogram(values: Sequence[float], title: str, mark: float | None = None) -> dg.MetadataValue:
+def histogram(edges: np.ndarray, counts: np.ndarray, title: str, mark: float | None = None) -> dg.MetadataValue:
+    """A histogram from its bin edges and counts (counted where the values are, e.g. in DuckDB)."""
     plt, fig, ax = _figure()
-    ax.hist(list(values), bins=40)
+    if len(counts):
+        ax.stairs(counts, edges, fill=True)
     if mark is not None:
         ax.axvline(mark, color="red", linestyle="--", label="selection cut")
         ax.legend(fontsize=7)

@@ -1,29 +1,34 @@
 """candidate_scores (DuckDB) and selected_subset (JSONL + Parquet + manifest)."""
 
 
-import json
 import shutil
 import time
-from collections import Counter
 
 import dagster as dg
 import numpy as np
 import polars as pl
 
 from gist_core.scoring import checkpoint_weights, cosine_to_subtasks, subtask_directions, weighted_sum
-from gist_core.selection import budgets, capped_top, rank_order, round_robin, selection_size
+from gist_core.selection import budgets, capped_top, round_robin, selection_size
 from gist_resources import ScoreStore, StorageResource
-from gist_resources.score_store import SCORES_DDL
+from gist_resources.score_store import SCORE_SCHEMA, ScoreSetWriter
 from gist_resources.storage import strict_json
 
 from .config import CandidateScoresConfig, SelectionConfig
 from .gradients import candidate_features, features_dir, read_basis_manifest, spectral_basis
-from .model import read_model_ref, read_warmup, warmup_pool_ids
+from .model import known_at_warmup, read_model_ref, read_warmup, warmup_pool_ids_path
 from .partitions import candidate_shards
 from .paths import model_path, relative_checkpoints
 from .plots import histogram, md_table
 from .pool import candidate_pool, pool_path, read_pool_version
-from .sketch import candidate_sketches, load_sketches, sketch_scores_inputs, sketched_coordinates
+from .sketch import (
+    candidate_sketches,
+    current_sketch_shards,
+    shard_sketches,
+    sketch_projection,
+    sketch_scores_inputs,
+    sketched_coordinates,
+)
 from .versions import asset_fingerprint, data_version, fingerprint
 
 METHOD = "gist"
@@ -32,12 +37,10 @@ METHOD = "gist"
 DUCKDB_POOL = "duckdb_writer"
 
 
-def load_shard_features(storage: StorageResource, shards: list[str], bases: dict):
-    """Concatenate every current shard's features; refuse missing or stale shards by name.
-
-    Returns (sidecar rows, tensors, {shard: features version}).
-    """
-    missing, stale, parts, sides, versions = [], [], [], [], {}
+def current_feature_shards(storage: StorageResource, shards: list[str], bases: dict) -> dict[str, str]:
+    """{shard: features version} when every shard's features are present and made from the current shard
+    contents and bases; otherwise an error naming the missing and stale shards."""
+    missing, stale, versions = [], [], {}
     want = {t: {c: v["fingerprint"] for c, v in per.items()} for t, per in bases["targets"].items()}
     pool_shards = read_pool_version(storage)["shards"]
     for shard in shards:
@@ -50,54 +53,85 @@ def load_shard_features(storage: StorageResource, shards: list[str], bases: dict
             stale.append(shard)
             continue
         versions[shard] = meta["version"]
-        parts.append(storage.load_tensors(d / "features.safetensors", "candidate_features", partition=shard))
-        sides.append(storage.read_parquet(d / "candidates.parquet", "candidate_features", partition=shard)
-                     .with_columns(pl.lit(shard).alias("shard")))
     if missing or stale:
         raise ValueError(
             f"candidate_features is missing for shards {missing} and stale (computed from other shard contents "
             f"or another basis) for {stale}; materialize those partitions of candidate_features first")
-    side = pl.concat(sides) if sides else pl.DataFrame()
-    tensors = {k: np.concatenate([p[k] for p in parts]) for k in parts[0]} if parts else {}
+    return versions
+
+
+def shard_features(storage: StorageResource, shard: str) -> tuple[pl.DataFrame, dict[str, np.ndarray]]:
+    """One shard's sidecar rows (with its name) and feature tensors."""
+    d = features_dir(storage, shard)
+    tensors = storage.load_tensors(d / "features.safetensors", "candidate_features", partition=shard)
+    side = storage.read_parquet(d / "candidates.parquet", "candidate_features", partition=shard)
+    return side.with_columns(pl.lit(shard).alias("shard")), tensors
+
+
+def load_shard_features(storage: StorageResource, shards: list[str], bases: dict):
+    """Every current shard's features concatenated (for comparisons on small pools; the scoring asset streams).
+
+    Returns (sidecar rows, tensors, {shard: features version}).
+    """
+    versions = current_feature_shards(storage, shards, bases)
+    parts = [shard_features(storage, shard) for shard in shards]
+    side = pl.concat([p[0] for p in parts]) if parts else pl.DataFrame()
+    tensors = {k: np.concatenate([p[1][k] for p in parts]) for k in parts[0][1]} if parts else {}
     return side, tensors, versions
 
 
-def write_method_scores(score_store: ScoreStore, target: str, method: str, scored: pl.DataFrame,
-                        per_subtask: np.ndarray, subtask_names: list[str], fingerprint: str) -> dict:
-    """Max over subtasks, rank (ties by id), then both tables for (target, method) in one transaction.
+def add_method_scores(writer: ScoreSetWriter, summary: dict, target: str, scored: pl.DataFrame,
+                      per_subtask: np.ndarray, subtask_names: list[str], fingerprint: str) -> None:
+    """Rows of ``scored`` for (target, writer's method): max over subtasks and the best one, every subtask's
+    score; ``summary[target]`` accumulates what the asset reports.
 
-    A candidate with a non-finite score (NaN or infinite in any subtask) is left out of both tables and
-    the ranking, and is reported (``nonfinite_excluded``), so exports and the ranking stay strict.
+    A candidate with a non-finite score (NaN or infinite in any subtask) is left out of the rows and the
+    ranking, and is reported (``nonfinite_excluded``), so exports and the ranking stay strict.
     """
+    s = summary.setdefault(target, {"target": target, "method": writer.method, "scored": 0, "sum": 0.0,
+                                    "max": -np.inf, "min": np.inf, "nonfinite_ids": []})
     finite = np.isfinite(per_subtask).all(axis=1)
-    nonfinite_ids = scored["candidate_id"].filter(pl.Series(~finite)).to_list()
-    scored, per_subtask = scored.filter(pl.Series(finite)), per_subtask[finite]
-    score = per_subtask.max(axis=1) if len(per_subtask) else np.zeros(0)
-    best = per_subtask.argmax(axis=1) if len(per_subtask) else np.zeros(0, dtype=np.int64)
-    ids = scored["candidate_id"]
-    m, n_sub = len(ids), len(subtask_names)
-    if not m:
-        raise ValueError(f"no candidate has a finite {method!r} score for target {target!r} "
-                         f"({len(nonfinite_ids)} non-finite); check the gradients of the target and the candidates")
-    rank = np.empty(m, dtype=np.int64)
-    rank[rank_order(score, ids)] = np.arange(1, m + 1)
+    if not finite.all():
+        s["nonfinite_ids"] += scored["candidate_id"].filter(pl.Series(~finite)).to_list()
+        scored, per_subtask = scored.filter(pl.Series(finite)), per_subtask[finite]
+    if not len(per_subtask):
+        writer.add(target, pl.DataFrame(schema=SCORE_SCHEMA), subtask_names)
+        return
+    score = per_subtask.max(axis=1)
     names = pl.Series("best_subtask", subtask_names, dtype=pl.Utf8)
-    df = scored.select("candidate_id", "source", "shard", "n_tokens").with_columns(
-        pl.lit(target).alias("target"), pl.lit(method).alias("method"),
-        pl.Series("score", score), pl.Series("rank", rank),
-        names.gather(best),
+    rows = scored.select("candidate_id", "source", "shard", "n_tokens").with_columns(
+        pl.Series("score", score, dtype=pl.Float64), names.gather(per_subtask.argmax(axis=1)),
         pl.lit(fingerprint).alias("basis_fingerprint"),
-    )
-    # One row per (candidate, subtask), candidate-major: per_subtask.reshape(-1)'s order.
-    long = pl.DataFrame([
-        ids.cast(pl.Utf8).gather(np.repeat(np.arange(m), n_sub)).alias("candidate_id"),
-        names.gather(np.tile(np.arange(n_sub), m)).alias("subtask"),
-        pl.Series("score", per_subtask.reshape(-1)),
-    ]).with_columns(pl.lit(target).alias("target"), pl.lit(method).alias("method"))
-    score_store.replace_method_scores(target, method, df, long)
-    return {"target": target, "method": method, "scored": df.height, "mean": float(score.mean()),
-            "max": float(score.max()), "min": float(score.min()), "nonfinite_excluded": len(nonfinite_ids),
-            "nonfinite_ids": ", ".join(nonfinite_ids[:10])}
+        pl.Series("subtask_scores", per_subtask.astype(np.float64)).cast(pl.List(pl.Float64)))
+    writer.add(target, rows, subtask_names)
+    s["scored"] += len(score)
+    s["sum"] += float(score.sum())
+    s["max"], s["min"] = max(s["max"], float(score.max())), min(s["min"], float(score.min()))
+
+
+def score_summary(summary: dict) -> list[dict]:
+    """Per target, what ``add_method_scores`` accumulated; an error for a target with no finite score."""
+    out = []
+    for target, s in sorted(summary.items()):
+        if not s["scored"]:
+            raise ValueError(f"no candidate has a finite {s['method']!r} score for target {target!r} "
+                             f"({len(s['nonfinite_ids'])} non-finite); check the gradients of the target and the "
+                             "candidates")
+        out.append({"target": target, "method": s["method"], "scored": s["scored"], "mean": s["sum"] / s["scored"],
+                    "max": s["max"], "min": s["min"], "nonfinite_excluded": len(s["nonfinite_ids"]),
+                    "nonfinite_ids": ", ".join(s["nonfinite_ids"][:10])})
+    return out
+
+
+def write_method_scores(score_store: ScoreStore, method: str, per_target: list[tuple]) -> list[dict]:
+    """One method's whole score set from in-memory rows: ``per_target`` is (target, scored rows,
+    per-subtask scores, subtask names, fingerprint) for each target."""
+    summary: dict = {}
+    with score_store.write_scores(method) as writer:
+        for target, scored, per_subtask, names, fp in per_target:
+            add_method_scores(writer, summary, target, scored, per_subtask, names, fp)
+        rows = score_summary(summary)
+    return rows
 
 
 def target_directions(storage: StorageResource, ckpt: str, target: str) -> tuple[list[str], np.ndarray]:
@@ -107,52 +141,78 @@ def target_directions(storage: StorageResource, ckpt: str, target: str) -> tuple
     return subtask_directions(Z, meta["subtasks"])
 
 
-def _score_targets(storage, score_store, method: str, scored: pl.DataFrame, coords, bases: dict, ckpts: list[str],
-                   weights: np.ndarray, tag: str) -> list[dict]:
-    """cos(z, t_s) per checkpoint, weighted, max over subtasks, for every target; ``coords(ckpt, target)`` is z."""
-    summary = []
-    for target in sorted(bases["targets"]):
-        cosines, names = [], None
-        for ckpt in ckpts:
-            names, directions = target_directions(storage, ckpt, target)
-            cosines.append(cosine_to_subtasks(coords(ckpt, target), directions))
-        fingerprint = "+".join(([tag] if tag else []) + [bases["targets"][target][c]["fingerprint"] for c in ckpts])
-        summary.append(write_method_scores(score_store, target, method, scored, weighted_sum(cosines, weights),
-                                           names, fingerprint))
-    return summary
+class ShardCounts:
+    """What the scoring asset reports about the candidates, added up shard by shard."""
+
+    def __init__(self):
+        self.scored = self.excluded = self.truncated = 0
+        self.excluded_rows: list[dict] = []
+
+    def add(self, side: pl.DataFrame) -> pl.DataFrame:
+        """Count one shard's sidecar; returns its scored (included) rows."""
+        excluded = side.filter(~pl.col("included"))
+        self.excluded += excluded.height
+        self.truncated += int(side["truncated"].sum())
+        if len(self.excluded_rows) < 20:
+            self.excluded_rows += excluded.select("candidate_id", "source", "exclude_reason").head(20).to_dicts()
+        scored = side.filter(pl.col("included"))
+        self.scored += scored.height
+        return scored
+
+
+def score_shard(writer: ScoreSetWriter, summary: dict, scored: pl.DataFrame, coords, directions: dict,
+                ckpts: list[str], weights: np.ndarray, fingerprints: dict[str, str]) -> None:
+    """cos(z, t_s) per checkpoint, weighted, max over subtasks, for every target, on one shard's rows;
+    ``coords(ckpt, target)`` is their z, ``directions[ckpt, target]`` the (subtask names, t_s)."""
+    for target in sorted(fingerprints):
+        cosines = [cosine_to_subtasks(coords(ckpt, target), directions[ckpt, target][1]) for ckpt in ckpts]
+        add_method_scores(writer, summary, target, scored, weighted_sum(cosines, weights),
+                          directions[ckpts[0], target][0], fingerprints[target])
 
 
 @dg.asset(group_name="gist", deps=[candidate_features, candidate_sketches, spectral_basis, candidate_pool],
-          code_version="3", pool=DUCKDB_POOL, kinds={"duckdb"})
+          code_version="4", pool=DUCKDB_POOL, kinds={"duckdb", "parquet"})
 def candidate_scores(context: dg.AssetExecutionContext, config: CandidateScoresConfig, storage: StorageResource,
                      score_store: ScoreStore) -> dg.MaterializeResult:
     """Per requested method, cosine of each candidate to each subtask direction, checkpoint-weighted, max over
-    subtasks: `gist` from candidate_features (exact z), `gist_sketch` from candidate_sketches (z estimated)."""
+    subtasks: `gist` from candidate_features (exact z), `gist_sketch` from candidate_sketches (z estimated).
+    Streamed shard by shard into the score store."""
     bases = read_basis_manifest(storage)
     shards = sorted(context.instance.get_dynamic_partitions(candidate_shards.name))
     avg_lr = {c["name"]: c["avg_lr"] for c in read_warmup(storage)["checkpoints"]}
     ckpts = [c["name"] for c in bases["checkpoints"]]
     weights = checkpoint_weights([avg_lr[c] for c in ckpts])
     targets = sorted(bases["targets"])
-    summary, inputs, seconds, removed, side = [], {}, {}, {}, None
+    directions = {(c, t): target_directions(storage, c, t) for c in ckpts for t in targets}
+    exact_fps = {t: "+".join(bases["targets"][t][c]["fingerprint"] for c in ckpts) for t in targets}
+    summary, inputs, seconds, removed, counts = [], {}, {}, {}, None
     for method in config.methods:
         start = time.perf_counter()
-        if method == METHOD:
-            side, tensors, shard_versions = load_shard_features(storage, shards, bases)
-            inputs[method] = scores_inputs(shard_versions, bases["version"])
-            coords, tag = (lambda ckpt, target: tensors[f"{ckpt}/{target}"]), ""
-        else:
-            side, sketches, versions, projector = load_sketches(storage, shards, ckpts)
-            inputs[method] = sketch_scores_inputs(versions, bases["version"])
-            z = {c: sketched_coordinates(storage, projector, c, targets, sketches[c]) for c in ckpts}
-            coords = lambda ckpt, target: z[ckpt][target]  # noqa: E731
-            tag = f"sketch-{projector.kind}-{projector.dim}-seed-{projector.seed}"
-        scored = side.filter(pl.col("included"))
-        summary += _score_targets(storage, score_store, method, scored, coords, bases, ckpts, weights, tag)
-        removed[method] = score_store.delete_targets_except(targets, method)
+        before = score_store.scored_targets(method)
+        per_target: dict = {}
+        shard_counts = ShardCounts()
+        with score_store.write_scores(method) as writer:
+            if method == METHOD:
+                inputs[method] = scores_inputs(current_feature_shards(storage, shards, bases), bases["version"])
+                for shard in shards:
+                    side, tensors = shard_features(storage, shard)
+                    score_shard(writer, per_target, shard_counts.add(side), lambda c, t, x=tensors: x[f"{c}/{t}"],
+                                directions, ckpts, weights, exact_fps)
+            else:
+                versions, projector = current_sketch_shards(storage, shards, ckpts)
+                inputs[method] = sketch_scores_inputs(versions, bases["version"])
+                projected = {c: sketch_projection(storage, projector, c, targets) for c in ckpts}
+                tag = f"sketch-{projector.kind}-{projector.dim}-seed-{projector.seed}"
+                for shard in shards:
+                    side, sketches = shard_sketches(storage, shard, ckpts)
+                    z = {c: sketched_coordinates(projected[c], sketches[c]) for c in ckpts}
+                    score_shard(writer, per_target, shard_counts.add(side), lambda c, t, x=z: x[c][t],
+                                directions, ckpts, weights, {t: f"{tag}+{fp}" for t, fp in exact_fps.items()})
+            summary += score_summary(per_target)
+        counts = counts or shard_counts
+        removed[method] = sorted(set(before) - set(targets))
         seconds[method] = round(time.perf_counter() - start, 3)
-    excluded = side.filter(~pl.col("included"))
-    newer = newer_than_warmup(context, storage, scored["candidate_id"].to_list(), config.warn_new_share)
+    newer = newer_than_warmup(context, storage, score_store, targets[0], config.methods[0], config.warn_new_share)
     version = asset_fingerprint(context, inputs, read_warmup(storage)["version"])
     # "inputs": per method, what its scores are a function of (the refresh sensor compares it); "methods":
     # what selected_subset selects.
@@ -162,29 +222,31 @@ def candidate_scores(context: dg.AssetExecutionContext, config: CandidateScoresC
         "methods": dg.MetadataValue.json(list(config.methods)),
         "rows_per_target": dg.MetadataValue.md(md_table(summary)),
         "scoring_seconds": dg.MetadataValue.json(seconds),
-        "candidates_scored": scored.height,
-        "candidates_excluded": excluded.height,
-        "candidates_truncated": int(side["truncated"].sum()),
+        "candidates_scored": counts.scored,
+        "candidates_excluded": counts.excluded,
+        "candidates_truncated": counts.truncated,
         **newer,
-        "excluded_no_completion": dg.MetadataValue.md(
-            md_table(excluded.select("candidate_id", "source", "exclude_reason").to_dicts())),
-        "checkpoint_weights": dg.MetadataValue.json(dict(zip(ckpts, weights.tolist()))),
-        "rows_of_removed_targets_deleted": dg.MetadataValue.json(removed),
+        "excluded_no_completion": dg.MetadataValue.md(md_table(counts.excluded_rows)),
+        "checkpoint_weights": dg.MetadataValue.json(dict(zip(ckpts, weights.tolist(), strict=True))),
+        "targets_removed": dg.MetadataValue.json(removed),
         "nonfinite_scores_excluded": sum(s["nonfinite_excluded"] for s in summary),
         "database": dg.MetadataValue.path(score_store.database),
+        "score_files": dg.MetadataValue.path(str(score_store.score_root)),
         "shards": len(shards),
     })
 
 
-def newer_than_warmup(context, storage: StorageResource, candidate_ids: list[str], warn_share: float) -> dict:
+def newer_than_warmup(context, storage: StorageResource, score_store: ScoreStore, target: str, method: str,
+                      warn_share: float) -> dict:
     """How many scored candidates joined the pool after the warmup was trained; a warning past ``warn_share``."""
-    known = warmup_pool_ids(storage)
-    if known is None:
+    path = warmup_pool_ids_path(storage)
+    if not path.exists():
         return {}
-    n_new = sum(1 for c in candidate_ids if c not in known)
-    share = n_new / max(1, len(candidate_ids))
+    n_scored = score_store.count_scores(target, method)
+    n_new = score_store.count_absent_from(target, method, str(path))
+    share = n_new / max(1, n_scored)
     if share > warn_share:
-        context.log.warning(f"{n_new} of {len(candidate_ids)} scored candidates ({share:.0%}) joined the pool after "
+        context.log.warning(f"{n_new} of {n_scored} scored candidates ({share:.0%}) joined the pool after "
                             f"the warmup checkpoint was trained (warn_new_share={warn_share}); re-materialize "
                             "warmup_checkpoint and what follows it to train on the current pool")
     return {"candidates_newer_than_warmup": n_new, "share_newer_than_warmup": round(share, 4)}
@@ -204,59 +266,18 @@ def selection_dir(storage: StorageResource, target: str, method: str = METHOD, b
     return storage.path("selections", target, method, *([budget] if budget else []))
 
 
-def _top_rows_are_complete(conn, where: str, params: list, rows: pl.DataFrame, size: int) -> bool:
-    """True when ``rows`` (those with rank <= size) are the top ``size`` by (score desc, id asc).
+def read_selection_rows(score_store: ScoreStore, target: str, method: str,
+                        config: SelectionConfig) -> tuple[pl.DataFrame, int]:
+    """The candidate_scores rows ``choose`` needs, best first, and the number scored.
 
-    Their ranks must be exactly 1..size, and no row ranked below may beat the weakest of them
-    (one filtered count, no sort). A NaN score falls back to reading every row (DuckDB orders
-    NaN above all numbers, ``rank_order`` below).
+    The plain top-n (strategy 'top', no per-source cap) reads only the best n rows (a bounded
+    top-n in DuckDB, ordered as ``rank_order``: score descending, ties by id). The per-source cap
+    and round-robin can reach below rank n, so they read every row.
     """
-    if not np.array_equal(rows["rank"].to_numpy(), np.arange(1, size + 1)):
-        return False
-    score = rows["score"].to_numpy()
-    if np.isnan(score).any():
-        return False
-    last = int(rank_order(score, rows["candidate_id"])[-1])
-    cut_score, cut_id = float(score[last]), rows["candidate_id"][last]
-    beaten = conn.execute(
-        f"SELECT count(*) FROM candidate_scores WHERE {where} AND rank > ? "
-        "AND (isnan(score) OR score > ? OR (score = ? AND candidate_id < ?))",
-        [*params, size, cut_score, cut_score, cut_id]).fetchall()[0][0]
-    return beaten == 0
-
-
-def read_selection_rows(score_store: ScoreStore, target: str, method: str, config: SelectionConfig,
-                        with_all_scores: bool = False) -> tuple[pl.DataFrame, int, pl.Series | None]:
-    """The candidate_scores rows ``choose`` needs, best first; the number scored; all scores if asked.
-
-    The plain top-n (strategy 'top', no per-source cap) needs only the rows with
-    ``rank <= n``: ``write_method_scores`` stores rank = position in ``rank_order`` (score
-    descending, ties by id), the order ``choose`` re-derives. If the stored ranks do not
-    agree with that (rows written some other way: see ``_top_rows_are_complete``), every
-    row is read instead, so the selection is always the one ``choose`` makes on all rows.
-    The per-source cap and round-robin can reach below rank n, so they read every row.
-    """
-    where = "target = ? AND method = ?"
-    with score_store.get_connection() as conn:
-        conn.execute(SCORES_DDL)
-        n_scored = conn.execute(f"SELECT count(*) FROM candidate_scores WHERE {where}",
-                                [target, method]).fetchall()[0][0]
-        rows = None
-        if n_scored and config.strategy == "top" and config.max_per_source is None:
-            size = selection_size(n_scored, config.percentage, config.n)
-            rows = conn.sql(f"SELECT * FROM candidate_scores WHERE {where} AND rank <= ? ORDER BY rank",
-                            params=[target, method, size]).pl()
-            if not _top_rows_are_complete(conn, where, [target, method], rows, size):
-                rows = None
-        if rows is None:
-            rows = conn.sql(f"SELECT * FROM candidate_scores WHERE {where} ORDER BY rank",
-                            params=[target, method]).pl()
-        all_scores = None
-        if with_all_scores:
-            all_scores = (rows["score"] if rows.height == n_scored else
-                          conn.sql(f"SELECT score FROM candidate_scores WHERE {where}",
-                                   params=[target, method]).pl()["score"])
-    return rows, int(n_scored), all_scores
+    n_scored = score_store.count_scores(target, method)
+    if n_scored and config.strategy == "top" and config.max_per_source is None:
+        return score_store.top_scores(target, method, selection_size(n_scored, config.percentage, config.n)), n_scored
+    return score_store.read_scores(target, method), n_scored
 
 
 def choose(config: SelectionConfig, scores: pl.DataFrame, subtask_scores: pl.DataFrame | None,
@@ -283,15 +304,25 @@ def choose(config: SelectionConfig, scores: pl.DataFrame, subtask_scores: pl.Dat
     return scores[picked.tolist()].with_columns(pl.Series("selection_rank", np.arange(1, size + 1)))
 
 
-def training_messages(messages_json: str) -> list[dict]:
-    """A pool record's conversation as chat ``messages`` for SFT trainers (open-instruct, TRL).
+MESSAGE = pl.Struct({"role": pl.Utf8, "content": pl.Utf8})
+
+
+def training_messages_column(messages_json: pl.Series) -> pl.Series:
+    """Pool records' conversations (JSON text) as chat ``messages`` for SFT trainers (open-instruct, TRL).
 
     Turns after the last assistant turn carry no loss (only assistant tokens are trained on)
     and TRL's conversational format ends with the assistant, so they are left out.
     """
-    messages = [{"role": m["role"], "content": m["content"]} for m in json.loads(messages_json)]
-    last = max(i for i, m in enumerate(messages) if m["role"] == "assistant")
-    return messages[:last + 1]
+    turns = messages_json.str.json_decode(pl.List(MESSAGE))
+    frame = pl.DataFrame({"m": turns}).with_columns(
+        last=pl.col("m").list.eval(pl.element().struct.field("role") == "assistant")
+        .list.eval(pl.arg_where(pl.element())).list.last())
+    return frame.select(pl.col("m").list.head(pl.col("last") + 1))["m"].alias("messages")
+
+
+def training_messages(messages_json: str) -> list[dict]:
+    """One record's ``training_messages_column``."""
+    return training_messages_column(pl.Series([messages_json], dtype=pl.Utf8))[0].to_list()
 
 
 def selection_budgets(config: SelectionConfig) -> list[tuple[str, SelectionConfig]]:
@@ -318,12 +349,9 @@ def write_selections(context, config: SelectionConfig, storage: StorageResource,
     """Per target, method and budget: the chosen candidates as JSONL in their own format, as chat
     ``messages`` JSONL, Parquet, and a manifest, under ``selections/<target>/<method>/<budget>/``."""
     bases = read_basis_manifest(storage)
-    pool_df = storage.read_parquet(pool_path(storage), "candidate_pool")
-    pool = pool_df.select("candidate_id", "original", "messages")
-    pool_mix = Counter(pool_df["source"].to_list())
+    pool_mix = storage.count_parquet_values(pool_path(storage), "candidate_pool", "source")
     ref, warm = read_model_ref(storage), read_warmup(storage)
     targets = sorted(bases["targets"])
-    known_at_warmup = warmup_pool_ids(storage)
     per_budget = selection_budgets(config)
     meta: dict = {"budgets": dg.MetadataValue.json([label for label, _ in per_budget])}
     for method in methods:
@@ -331,22 +359,27 @@ def write_selections(context, config: SelectionConfig, storage: StorageResource,
             folder = selection_dir(storage, target, method)
             rows = []
             # Every budget is chosen before anything is written: a bad size touches no file.
-            chosen_per_budget = [choose_budget(score_store, target, method, one).join(pool, on="candidate_id",
-                                                                                      how="left")
-                                 for _, one in per_budget]
+            chosen_per_budget = [choose_budget(score_store, target, method, one) for _, one in per_budget]
+            # Only the chosen records' text is read from the pool.
+            ids = pl.concat([c["candidate_id"] for c in chosen_per_budget]).unique()
+            pool = storage.read_parquet(pool_path(storage), "candidate_pool",
+                                        columns=["candidate_id", "original", "messages"], candidate_ids=ids)
+            known = known_at_warmup(storage, ids)
+            hist = histogram_of(score_store, target, method) if method == METHOD else None
             with storage.atomic_dir(folder) as tmp:
-                for (label, one), chosen in zip(per_budget, chosen_per_budget):
+                for (label, one), chosen in zip(per_budget, chosen_per_budget, strict=True):
+                    chosen = chosen.join(pool, on="candidate_id", how="left", maintain_order="left")
                     rows.append(chosen.select(pl.lit(target).alias("target"), pl.lit(method).alias("method"),
                                               "candidate_id", pl.col("selection_rank").alias("rank"), "score",
                                               "source", pl.lit(label).alias("budget")))
                     manifest = write_budget(storage, tmp / label, folder / label, chosen, one, label, target,
-                                            method, bases, ref, warm, score_store.database, known_at_warmup)
+                                            method, bases, ref, warm, score_store.database, known)
                     meta.update(budget_metadata(manifest, chosen, pool_mix, label, target, method,
-                                                folder / label, score_store, one))
+                                                folder / label, hist))
             score_store.replace_selection(target, method, pl.concat(rows))
     removed = remove_unconfigured_exports(storage, targets, methods)
     for method in methods:
-        score_store.delete_targets_except(targets, method)
+        score_store.delete_selections_except(targets, method)
     if removed:
         context.log.info(f"removed the selections of targets no longer configured: {removed}")
     meta["removed_unconfigured"] = dg.MetadataValue.json(removed)
@@ -357,7 +390,7 @@ def write_selections(context, config: SelectionConfig, storage: StorageResource,
 
 def choose_budget(score_store: ScoreStore, target: str, method: str, config: SelectionConfig) -> pl.DataFrame:
     """The selection of one (target, method) at the one budget of ``config``, best first."""
-    scores, n_scored, _ = read_selection_rows(score_store, target, method, config)
+    scores, n_scored = read_selection_rows(score_store, target, method, config)
     if n_scored == 0:
         raise ValueError(f"no {method!r} scores for target {target!r}; materialize its scores asset first")
     subtasks = score_store.read_subtask_scores(target, method) if config.strategy == "round_robin" else None
@@ -366,14 +399,13 @@ def choose_budget(score_store: ScoreStore, target: str, method: str, config: Sel
 
 def write_budget(storage: StorageResource, tmp, dest, chosen: pl.DataFrame, config: SelectionConfig, label: str,
                  target: str, method: str, bases: dict, ref: dict, warm: dict, database: str,
-                 known_at_warmup) -> dict:
+                 known_at_warmup: set[str] | None) -> dict:
     """One budget's exports into ``tmp`` (swapped in at ``dest``); returns its manifest."""
     tmp.mkdir()
-    mix = Counter(chosen["source"].to_list())
     manifest = {
         "target": target, "method": method, "budget": label, "config": config.model_dump(),
         "selected": chosen.height, "scored_candidates": int(chosen["n_scored"][0]),
-        "score_cut": float(chosen["score"].min()), "counts_per_source": dict(sorted(mix.items())),
+        "score_cut": float(chosen["score"].min()), "counts_per_source": source_counts(chosen),
         # Paths relative to the storage root (an external model stays as configured).
         "model": storage.relative(model_path(storage, ref)),
         "checkpoints": relative_checkpoints(storage, [
@@ -389,39 +421,44 @@ def write_budget(storage: StorageResource, tmp, dest, chosen: pl.DataFrame, conf
                   "parquet": storage.relative(dest / "selection.parquet")},
     }
     if known_at_warmup is not None:
-        manifest["selected_newer_than_warmup"] = sum(1 for c in chosen["candidate_id"] if c not in known_at_warmup)
-    messages = [training_messages(m) for m in chosen["messages"]]
+        manifest["selected_newer_than_warmup"] = int((~chosen["candidate_id"].is_in(list(known_at_warmup))).sum())
+    messages = training_messages_column(chosen["messages"])
     with open(tmp / "selection.jsonl", "w", encoding="utf-8") as fh:
-        for line in chosen["original"]:
-            fh.write(line + "\n")
-    with open(tmp / "selection.messages.jsonl", "w", encoding="utf-8") as fh:
-        for cid, source, msgs in zip(chosen["candidate_id"], chosen["source"], messages):
-            fh.write(json.dumps({"id": cid, "source": source, "messages": msgs}, ensure_ascii=False) + "\n")
+        fh.write("".join(line + "\n" for line in chosen["original"]))
+    pl.DataFrame([chosen["candidate_id"].alias("id"), chosen["source"], messages]).write_ndjson(
+        tmp / "selection.messages.jsonl")
     # Parquet: the chat messages (a list of {role, content} structs) beside the scores.
-    (chosen.drop("messages", "n_scored")
-     .with_columns(pl.Series("messages", messages, dtype=pl.List(pl.Struct({"role": pl.Utf8, "content": pl.Utf8}))),
-                   pl.lit(label).alias("budget"))
+    (chosen.drop("messages", "n_scored").with_columns(messages, pl.lit(label).alias("budget"))
      .write_parquet(tmp / "selection.parquet"))
     (tmp / "manifest.json").write_text(strict_json(manifest))
     return manifest
 
 
-def budget_metadata(manifest: dict, chosen: pl.DataFrame, pool_mix: Counter, label: str, target: str, method: str,
-                    dest, score_store: ScoreStore, config: SelectionConfig) -> dict:
+def source_counts(rows: pl.DataFrame) -> dict[str, int]:
+    counts = rows.group_by("source").len().sort("source")
+    return dict(zip(counts["source"].to_list(), counts["len"].to_list(), strict=True))
+
+
+def histogram_of(score_store: ScoreStore, target: str, method: str):
+    """The score histogram of (target, method), counted in DuckDB (not every score in memory)."""
+    return score_store.score_histogram(target, method)
+
+
+def budget_metadata(manifest: dict, chosen: pl.DataFrame, pool_mix: dict, label: str, target: str, method: str,
+                    dest, hist) -> dict:
     """The metadata a person reads for one selection: size, source mix, the top rows, the score histogram."""
     key = (target if method == METHOD else f"{target}/{method}") + f"/{label}"
-    size, mix = chosen.height, Counter(chosen["source"].to_list())
+    size, mix = chosen.height, manifest["counts_per_source"]
     mix_rows = [{"source": s, "selected": mix.get(s, 0), "selected_share": round(mix.get(s, 0) / size, 3),
                  "pool_share": round(n / sum(pool_mix.values()), 3)} for s, n in sorted(pool_mix.items())]
     meta = {f"{key}/selected": size, f"{key}/source_mix": dg.MetadataValue.md(md_table(mix_rows, limit=100)),
             f"{key}/manifest": dg.MetadataValue.path(str(dest / "manifest.json"))}
     if "selected_newer_than_warmup" in manifest:
         meta[f"{key}/selected_newer_than_warmup"] = manifest["selected_newer_than_warmup"]
-    if method == METHOD:
+    if hist is not None:
         meta[f"{key}/top"] = dg.MetadataValue.md(md_table(
             chosen.head(10).select("selection_rank", "candidate_id", "source", "score", "best_subtask").to_dicts()))
-        _, _, all_scores = read_selection_rows(score_store, target, method, config, with_all_scores=True)
-        meta[f"{key}/histogram"] = histogram(all_scores.to_list(), f"{target}: scores", mark=manifest["score_cut"])
+        meta[f"{key}/histogram"] = histogram(*hist, f"{target}: scores", mark=manifest["score_cut"])
     return meta
 
 

@@ -17,7 +17,7 @@ from gist_core.projection import sketch_projector
 from gist_resources import ComputeResource, StorageResource
 
 from .config import CandidateSketchesConfig
-from .gradients import (GPU_POOL, GRADIENT_RETRY, ShardInput, features_dir, load_bases, progress_logger)
+from .gradients import GPU_POOL, GRADIENT_RETRY, ShardInput, features_dir, load_bases, progress_logger
 from .model import GPU_STEP_TAGS, base_model, read_model_ref, read_warmup, warmup_checkpoint
 from .partitions import candidate_shards
 from .paths import checkpoint_dir, model_path
@@ -91,14 +91,12 @@ def sketch_scores_inputs(sketch_versions: dict[str, str], basis_version: str) ->
     return fingerprint(sorted(sketch_versions.items()), basis_version)
 
 
-def load_sketches(storage: StorageResource, shards: list[str], checkpoints: list[str]):
-    """Every current shard's sketches: (sidecar rows, {checkpoint: M x d}, {shard: version}, projector).
-
-    Refuses, by shard, sketches that are missing, made from other shard contents or another warmup,
-    with another projection, or without one of ``checkpoints``.
-    """
+def current_sketch_shards(storage: StorageResource, shards: list[str], checkpoints: list[str]):
+    """({shard: sketch version}, the projector) when every shard's sketches are current and made with one
+    projection; otherwise an error naming the missing and stale shards (other shard contents, warmup, or
+    without one of ``checkpoints``)."""
     pool_shards, warm_version = read_pool_version(storage)["shards"], read_warmup(storage)["version"]
-    missing, stale, metas, sides, parts = [], [], {}, [], []
+    missing, stale, metas = [], [], {}
     for shard in shards:
         d = features_dir(storage, shard, SKETCH_METHOD)
         if not (d / "meta.json").exists():
@@ -117,26 +115,41 @@ def load_sketches(storage: StorageResource, shards: list[str], checkpoints: list
     if len(kinds) != 1:
         raise ValueError(f"{ASSET} shards were made with different projections or adapters; "
                          f"re-materialize every partition of {ASSET} with one config")
-    for shard in shards:
-        d = features_dir(storage, shard, SKETCH_METHOD)
-        tensors = storage.load_tensors(d / "features.safetensors", ASSET, partition=shard)
-        parts.append({c: tensors[c] for c in checkpoints})
-        sides.append(storage.read_parquet(d / "candidates.parquet", ASSET, partition=shard)
-                     .with_columns(pl.lit(shard).alias("shard")))
     first = metas[shards[0]]
     layout = GradientLayout(tuple(ParamBlock(n, tuple(shape), off) for n, shape, off in first["layout"]["blocks"]))
     proj = first["projection"]
     projector = sketch_projector(layout, proj["dim"], proj["seed"], proj["kind"])
-    sketches = {c: np.concatenate([p[c] for p in parts]) for c in checkpoints}
-    return pl.concat(sides), sketches, {s: m["version"] for s, m in metas.items()}, projector
+    return {s: m["version"] for s, m in metas.items()}, projector
 
 
-def sketched_coordinates(storage: StorageResource, projector, ckpt: str, targets: list[str],
-                         sketches: np.ndarray) -> dict[str, np.ndarray]:
-    """Per target, the candidates' estimated coordinates s (P^T V_k) (M x k), all targets in one P^T pass."""
+def shard_sketches(storage: StorageResource, shard: str, checkpoints: list[str]):
+    """One shard's sidecar rows (with its name) and {checkpoint: sketches (M x d)}."""
+    d = features_dir(storage, shard, SKETCH_METHOD)
+    tensors = storage.load_tensors(d / "features.safetensors", ASSET, partition=shard)
+    side = storage.read_parquet(d / "candidates.parquet", ASSET, partition=shard)
+    return side.with_columns(pl.lit(shard).alias("shard")), {c: tensors[c] for c in checkpoints}
+
+
+def load_sketches(storage: StorageResource, shards: list[str], checkpoints: list[str]):
+    """Every current shard's sketches concatenated (for comparisons on small pools; the scoring asset streams):
+    (sidecar rows, {checkpoint: M x d}, {shard: version}, projector)."""
+    versions, projector = current_sketch_shards(storage, shards, checkpoints)
+    parts = [shard_sketches(storage, shard, checkpoints) for shard in shards]
+    sketches = {c: np.concatenate([p[1][c] for p in parts]) for c in checkpoints}
+    return pl.concat([p[0] for p in parts]), sketches, versions, projector
+
+
+def sketch_projection(storage: StorageResource, projector, ckpt: str, targets: list[str]):
+    """(P^T V_k of every target side by side (d x sum k), {target: its columns}) at one checkpoint."""
     V, slices = load_bases(storage, ckpt, targets)
     if V.shape[0] != projector.layout.dim:
-        raise ValueError(f"the bases of {ckpt} have {V.shape[0]} rows but {ASSET} sketched {projector.layout.dim}-entry "
-                         f"gradients (another adapter); re-materialize {ASSET}")
-    z = sketches @ projector.project_columns(V.numpy()).astype(np.float32)
+        raise ValueError(f"the bases of {ckpt} have {V.shape[0]} rows but {ASSET} sketched "
+                         f"{projector.layout.dim}-entry gradients (another adapter); re-materialize {ASSET}")
+    return projector.project_columns(V.numpy()).astype(np.float32), slices
+
+
+def sketched_coordinates(projected, sketches: np.ndarray) -> dict[str, np.ndarray]:
+    """Per target, the candidates' estimated coordinates s (P^T V_k) (M x k), from ``sketch_projection``."""
+    PV, slices = projected
+    z = sketches @ PV
     return {name: z[:, a:b] for name, (a, b) in slices.items()}

@@ -1,26 +1,35 @@
-"""DuckDB tables: candidate_scores and selections, replaced atomically per (target, method)."""
+"""The score database: DuckDB tables and views, and the Parquet score sets behind them.
+
+Scores are written as Parquet files, one set per method (``<database>.scores/method=<m>/<version>/
+target=<t>/part-*.parquet``), streamed shard by shard; a set replaces the method's previous one in a
+single DuckDB transaction that points the views at it, so readers see the old rows or the new, never
+a mix. DuckDB reads the files in place: ``candidate_scores`` (with each row's rank), ``subtask_scores``.
+"""
 
 from __future__ import annotations
 
+import os
+import re
+import shutil
 import time
+import uuid
 from contextlib import contextmanager
+from pathlib import Path
 
 import duckdb
+import numpy as np
 import polars as pl
 from dagster_duckdb import DuckDBResource
 from pydantic import Field
 
-SCORES_DDL = """
-CREATE TABLE IF NOT EXISTS candidate_scores (
-    candidate_id VARCHAR NOT NULL, source VARCHAR NOT NULL, target VARCHAR NOT NULL,
-    method VARCHAR NOT NULL, score DOUBLE NOT NULL, rank BIGINT NOT NULL,
-    best_subtask VARCHAR, shard VARCHAR, n_tokens BIGINT, basis_fingerprint VARCHAR
-)"""
-SUBTASK_DDL = """
-CREATE TABLE IF NOT EXISTS subtask_scores (
-    candidate_id VARCHAR NOT NULL, target VARCHAR NOT NULL, method VARCHAR NOT NULL,
-    subtask VARCHAR NOT NULL, score DOUBLE NOT NULL
-)"""
+# The columns of a score row as the files hold them (target and method are the folder names).
+SCORE_SCHEMA = {"candidate_id": pl.Utf8, "source": pl.Utf8, "score": pl.Float64, "best_subtask": pl.Utf8,
+                "shard": pl.Utf8, "n_tokens": pl.Int64, "basis_fingerprint": pl.Utf8,
+                "subtask_scores": pl.List(pl.Float64)}
+SETS_DDL = """
+CREATE TABLE IF NOT EXISTS score_sets (method VARCHAR PRIMARY KEY, version VARCHAR NOT NULL, rows BIGINT NOT NULL);
+CREATE TABLE IF NOT EXISTS score_subtasks (method VARCHAR NOT NULL, target VARCHAR NOT NULL,
+                                           subtasks VARCHAR[] NOT NULL)"""
 SELECTIONS_DDL = """
 CREATE TABLE IF NOT EXISTS selections (
     target VARCHAR NOT NULL, method VARCHAR NOT NULL, candidate_id VARCHAR NOT NULL,
@@ -28,6 +37,28 @@ CREATE TABLE IF NOT EXISTS selections (
 );
 -- A database written before selections had budgets: its rows were one budget, the configured one.
 ALTER TABLE selections ADD COLUMN IF NOT EXISTS budget VARCHAR DEFAULT 'unknown'"""
+# rank: position by score descending, ties by candidate id (gist_core.selection.rank_order's order).
+RANKED = ("row_number() OVER (PARTITION BY target, method ORDER BY score DESC, candidate_id) AS rank")
+_EMPTY_ROWS = ("SELECT NULL::VARCHAR AS candidate_id, NULL::VARCHAR AS source, NULL::DOUBLE AS score, "
+               "NULL::VARCHAR AS best_subtask, NULL::VARCHAR AS shard, NULL::BIGINT AS n_tokens, "
+               "NULL::VARCHAR AS basis_fingerprint, NULL::DOUBLE[] AS subtask_scores, NULL::VARCHAR AS method, "
+               "NULL::VARCHAR AS target WHERE false")
+_VERSION = re.compile(r"\d{19}-[0-9a-f]{8}")
+_PARTIAL = re.compile(r"\.partial-(\d+)-(\d{19}-[0-9a-f]{8})")
+
+
+def _sql_text(value: str) -> str:
+    return "'" + value.replace("'", "''") + "'"
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except OSError:
+        return True
+    return True
 
 
 class ScoreStoreLockedError(RuntimeError):
@@ -43,29 +74,83 @@ def _is_lock_error(exc: Exception) -> bool:
     return "lock" in text and ("could not set" in text or "conflicting" in text)
 
 
-class ScoreStore(DuckDBResource):
-    """The one DuckDB file. Only unpartitioned, single-step assets write it, so
-    parallel shard steps never contend for it (they write their own files).
+class ScoreSetWriter:
+    """One method's new score set, filled target by target and shard by shard (``ScoreStore.write_scores``).
 
-    DuckDB lets one process hold the file for writing. When another process has it
-    (a DuckDB shell, a notebook, a second run), a connection waits up to
-    ``lock_timeout_s`` and then fails naming the file and the holder, instead of
-    dagster-duckdb's ten exponential retries (about 100 s).
+    Rows go to Parquet files under a scratch folder as they come, so memory holds one shard at a time;
+    nothing is visible to readers until the whole set is committed.
+    """
+
+    def __init__(self, store: ScoreStore, method: str):
+        self.store, self.method = store, method
+        self.version = f"{time.time_ns():019d}-{uuid.uuid4().hex[:8]}"
+        self.dir = store.method_dir(method) / f".partial-{os.getpid()}-{self.version}"
+        self.subtasks: dict[str, list[str]] = {}
+        self.rows: dict[str, int] = {}
+        self._parts = 0
+
+    def add(self, target: str, rows: pl.DataFrame, subtasks: list[str]) -> None:
+        """Append rows of ``target`` (the columns of SCORE_SCHEMA; ``subtask_scores`` in ``subtasks``' order)."""
+        known = self.subtasks.setdefault(target, list(subtasks))
+        if known != list(subtasks):
+            raise ValueError(f"{self.method} scores of target {target!r} came with subtasks {subtasks}, "
+                             f"earlier parts with {known}")
+        missing = [c for c in SCORE_SCHEMA if c not in rows.columns]
+        if missing:
+            raise ValueError(f"{self.method} scores of target {target!r} lack the columns {missing}")
+        frame = rows.select([pl.col(c).cast(t) for c, t in SCORE_SCHEMA.items()])
+        self.rows[target] = self.rows.get(target, 0) + frame.height
+        if not frame.height:
+            return
+        nulls = {c: n for c, n in zip(frame.columns, frame.null_count().row(0), strict=True) if n and c in
+                 ("candidate_id", "source", "score", "subtask_scores")}
+        if nulls:
+            raise ValueError(f"{self.method} scores of target {target!r} have null values {nulls}")
+        widths = frame["subtask_scores"].list.len()
+        if (widths != len(subtasks)).any():
+            raise ValueError(f"{self.method} scores of target {target!r}: each row needs {len(subtasks)} "
+                             f"subtask scores ({subtasks})")
+        folder = self.dir / f"target={target}"
+        folder.mkdir(parents=True, exist_ok=True)
+        frame.write_parquet(folder / f"part-{self._parts:06d}.parquet", statistics=True)
+        self._parts += 1
+
+
+class ScoreStore(DuckDBResource):
+    """The one DuckDB file and the Parquet score sets beside it (``<database stem>.scores/``).
+
+    Only unpartitioned, single-step assets write it, so parallel shard steps never contend for it
+    (they write their own files). DuckDB lets one process hold the file for writing. When another
+    process has it (a DuckDB shell, a notebook, a second run), a connection waits up to
+    ``lock_timeout_s`` and then fails naming the file and the holder, instead of dagster-duckdb's
+    ten exponential retries (about 100 s).
     """
 
     lock_timeout_s: float = Field(default=30.0, description="Seconds to wait for another process's lock on "
                                   "the database before failing with a message naming it")
+    memory_limit: str = Field(default="1GB", description="DuckDB's memory cap for queries on this store; "
+                              "sorts and joins past it spill to disk (DuckDB's own default is 80% of RAM)")
+
+    @property
+    def score_root(self) -> Path:
+        return Path(self.database).with_suffix(".scores")
+
+    def method_dir(self, method: str) -> Path:
+        if not re.fullmatch(r"[A-Za-z0-9_-]+", method):
+            raise ValueError(f"method names are letters, digits, '_' and '-': {method!r}")
+        return self.score_root / f"method={method}"
 
     @contextmanager
     def get_connection(self):
         conn = self._connect()
         try:
+            self._prepare(conn)
             yield conn
         finally:
             conn.close()
 
     def _connect(self):
-        config = {"custom_user_agent": "dagster", **self.connection_config}
+        config = {"custom_user_agent": "dagster", "memory_limit": self.memory_limit, **self.connection_config}
         deadline = time.monotonic() + max(0.0, self.lock_timeout_s)
         delay = 0.05
         while True:
@@ -83,6 +168,78 @@ class ScoreStore(DuckDBResource):
                         f"step. Waited {self.lock_timeout_s:g}s (score_store.lock_timeout_s).") from None
                 time.sleep(min(delay, left))
                 delay = min(delay * 2, 1.0)
+
+    def _prepare(self, conn) -> None:
+        """Tables, and views pointing at this store's current score sets (rebuilt on every connection, so
+        a storage root that was copied or moved reads its own files)."""
+        old = conn.execute("SELECT table_name FROM information_schema.tables WHERE table_schema = 'main' AND "
+                           "table_type = 'BASE TABLE' AND table_name IN ('candidate_scores', 'subtask_scores')"
+                           ).fetchall()
+        for (name,) in old:  # a database from before score sets: the scoring assets write them anew
+            conn.execute(f"DROP TABLE {name}")
+        conn.execute(SETS_DDL)
+        conn.execute(SELECTIONS_DDL)
+        self._create_views(conn)
+
+    def _create_views(self, conn) -> None:
+        sets = conn.execute("SELECT method, version FROM score_sets WHERE rows > 0 ORDER BY method").fetchall()
+        globs = [str(self.method_dir(m) / v / "*" / "*.parquet") for m, v in sets
+                 if (self.method_dir(m) / v).is_dir()]
+        rows = (f"SELECT * FROM read_parquet([{', '.join(_sql_text(g) for g in globs)}], hive_partitioning = true, "
+                "hive_types = {'method': VARCHAR, 'target': VARCHAR})" if globs else _EMPTY_ROWS)
+        conn.execute(f"CREATE OR REPLACE VIEW score_rows AS {rows}")
+        conn.execute("CREATE OR REPLACE VIEW candidate_scores AS SELECT candidate_id, source, target, method, score, "
+                     f"{RANKED}, best_subtask, shard, n_tokens, basis_fingerprint FROM score_rows")
+        conn.execute("CREATE OR REPLACE VIEW subtask_scores AS SELECT r.candidate_id, r.target, r.method, "
+                     "unnest(n.subtasks) AS subtask, unnest(r.subtask_scores) AS score FROM score_rows r "
+                     "JOIN score_subtasks n ON n.method = r.method AND n.target = r.target")
+
+    @contextmanager
+    def write_scores(self, method: str):
+        """A new score set for ``method``: ``add`` rows inside the block; on a clean exit the set replaces the
+        method's previous one (every target) in one transaction, on an exception it is discarded."""
+        writer = ScoreSetWriter(self, method)
+        try:
+            yield writer
+        except BaseException:
+            shutil.rmtree(writer.dir, ignore_errors=True)
+            raise
+        self._commit(writer)
+
+    def _commit(self, writer: ScoreSetWriter) -> None:
+        final = writer.dir.with_name(writer.version)
+        method = writer.method
+        # The connection holds DuckDB's file lock: no other writer renames or cleans up meanwhile.
+        with self.get_connection() as conn:
+            if writer.dir.exists():
+                os.replace(writer.dir, final)
+            else:
+                final.mkdir(parents=True)
+            try:
+                conn.execute("BEGIN TRANSACTION")
+                conn.execute("DELETE FROM score_sets WHERE method = ?", [method])
+                conn.execute("INSERT INTO score_sets VALUES (?, ?, ?)", [method, writer.version,
+                                                                         sum(writer.rows.values())])
+                conn.execute("DELETE FROM score_subtasks WHERE method = ?", [method])
+                for target, names in sorted(writer.subtasks.items()):
+                    if writer.rows[target]:
+                        conn.execute("INSERT INTO score_subtasks VALUES (?, ?, ?)", [method, target, names])
+                self._create_views(conn)
+                conn.execute("COMMIT")
+            except Exception as exc:
+                conn.execute("ROLLBACK")
+                shutil.rmtree(final, ignore_errors=True)
+                raise ScoreStoreWriteError(f"writing the {method} scores to {self.database} failed and was "
+                                           f"rolled back; the previous scores are unchanged: {exc}") from None
+            self._remove_unused_sets(method, writer.version)
+
+    def _remove_unused_sets(self, method: str, current: str) -> None:
+        """Older sets of ``method``, and scratch folders of writers that died."""
+        for folder in self.method_dir(method).iterdir():
+            partial = _PARTIAL.fullmatch(folder.name)
+            if (folder.name != current and _VERSION.fullmatch(folder.name)) or (
+                    partial and not _pid_alive(int(partial.group(1)))):
+                shutil.rmtree(folder, ignore_errors=True)
 
     def _replace_many(self, items: list[tuple[str, str, pl.DataFrame, dict[str, str]]]) -> None:
         """Replace the rows matching ``where`` in each table with ``df``, all in one transaction.
@@ -114,34 +271,22 @@ class ScoreStore(DuckDBResource):
                 for i in range(len(items)):
                     conn.unregister(f"incoming_{i}")
 
-    def _replace(self, table: str, ddl: str, df: pl.DataFrame, where: dict[str, str]) -> None:
-        self._replace_many([(table, ddl, df, where)])
-
-    def replace_method_scores(self, target: str, method: str, scores: pl.DataFrame, subtask_scores: pl.DataFrame) -> None:
-        """candidate_scores and subtask_scores of one (target, method), replaced together."""
-        where = {"target": target, "method": method}
-        self._replace_many([("candidate_scores", SCORES_DDL, scores, where),
-                            ("subtask_scores", SUBTASK_DDL, subtask_scores, where)])
-
-    def replace_scores(self, target: str, method: str, df: pl.DataFrame) -> None:
-        self._replace("candidate_scores", SCORES_DDL, df, {"target": target, "method": method})
-
     def replace_selection(self, target: str, method: str, df: pl.DataFrame) -> None:
-        self._replace("selections", SELECTIONS_DDL, df, {"target": target, "method": method})
+        self._replace_many([("selections", SELECTIONS_DDL, df, {"target": target, "method": method})])
 
-    def delete_targets_except(self, keep: list[str], method: str) -> int:
-        """Drop rows of targets no longer configured, so stale targets do not linger."""
+    def delete_selections_except(self, keep: list[str], method: str) -> int:
+        """Drop the selections of ``method`` for targets no longer configured; the number of rows dropped."""
         marks = ", ".join("?" for _ in keep) or "''"
         with self.get_connection() as conn:
-            n = 0
-            for table, ddl in (("candidate_scores", SCORES_DDL), ("subtask_scores", SUBTASK_DDL),
-                               ("selections", SELECTIONS_DDL)):
-                conn.execute(ddl)
-                where = f"WHERE method = ? AND target NOT IN ({marks})"
-                if table == "candidate_scores":
-                    n = conn.execute(f"SELECT count(*) FROM {table} {where}", [method, *keep]).fetchone()[0]
-                conn.execute(f"DELETE FROM {table} {where}", [method, *keep])
+            where = f"WHERE method = ? AND target NOT IN ({marks})"
+            n = conn.execute(f"SELECT count(*) FROM selections {where}", [method, *keep]).fetchone()[0]
+            conn.execute(f"DELETE FROM selections {where}", [method, *keep])
             return int(n)
+
+    def scored_targets(self, method: str) -> list[str]:
+        with self.get_connection() as conn:
+            return [r[0] for r in conn.execute("SELECT target FROM score_subtasks WHERE method = ? ORDER BY 1",
+                                               [method]).fetchall()]
 
     def integrity(self, table: str, limit: int = 20) -> dict:
         """Rows of ``table`` (candidate_scores or selections) that break its invariants.
@@ -150,15 +295,14 @@ class ScoreStore(DuckDBResource):
         "duplicates": up to ``limit`` of them with their row counts, "nonfinite": rows whose score is NaN
         or infinite, "nonfinite_rows": up to ``limit`` of them}.
         """
-        ddl = {"candidate_scores": SCORES_DDL, "selections": SELECTIONS_DDL}[table]
+        source = {"candidate_scores": "score_rows", "selections": "selections"}[table]
         # A candidate is in a selection once per budget.
         key = "candidate_id, target, method" + (", budget" if table == "selections" else "")
         with self.get_connection() as conn:
-            conn.execute(ddl)
-            dup_sql = f"SELECT {key}, count(*) AS n FROM {table} GROUP BY {key} HAVING count(*) > 1"
+            dup_sql = f"SELECT {key}, count(*) AS n FROM {source} GROUP BY {key} HAVING count(*) > 1"
             n_dup = conn.execute(f"SELECT count(*) FROM ({dup_sql})").fetchone()[0]
             dups = conn.execute(f"{dup_sql} ORDER BY n DESC, {key} LIMIT ?", [limit]).fetchall()
-            bad = f"FROM {table} WHERE NOT isfinite(score)"
+            bad = f"FROM {source} WHERE NOT isfinite(score)"
             n_bad = conn.execute(f"SELECT count(*) {bad}").fetchone()[0]
             bad_rows = conn.execute(f"SELECT {key}, CAST(score AS VARCHAR) {bad} ORDER BY {key} LIMIT ?",
                                     [limit]).fetchall()
@@ -168,22 +312,83 @@ class ScoreStore(DuckDBResource):
                 "nonfinite": int(n_bad),
                 "nonfinite_rows": [{**dict(zip(names, r[:-1])), "score": r[-1]} for r in bad_rows]}
 
+    def out_of_range_scores(self, low: float, high: float) -> int:
+        with self.get_connection() as conn:
+            return int(conn.execute("SELECT count(*) FROM score_rows WHERE NOT isfinite(score) OR score < ? "
+                                    "OR score > ?", [low, high]).fetchone()[0])
+
+    def scored_among(self, candidate_ids: list[str]) -> list[str]:
+        """Those of ``candidate_ids`` that have a score of any method."""
+        with self.get_connection() as conn:
+            conn.register("asked", pl.DataFrame({"candidate_id": candidate_ids}, schema={"candidate_id": pl.Utf8})
+                          .to_arrow())
+            try:
+                return sorted(r[0] for r in conn.execute(
+                    "SELECT DISTINCT candidate_id FROM score_rows SEMI JOIN asked USING (candidate_id)").fetchall())
+            finally:
+                conn.unregister("asked")
+
     def methods(self) -> list[str]:
         with self.get_connection() as conn:
-            conn.execute(SCORES_DDL)
-            return [r[0] for r in conn.execute("SELECT DISTINCT method FROM candidate_scores ORDER BY 1").fetchall()]
+            return [r[0] for r in conn.execute("SELECT method FROM score_sets WHERE rows > 0 ORDER BY 1").fetchall()]
+
+    def count_scores(self, target: str, method: str) -> int:
+        with self.get_connection() as conn:
+            return int(conn.execute("SELECT count(*) FROM score_rows WHERE target = ? AND method = ?",
+                                    [target, method]).fetchone()[0])
+
+    def top_scores(self, target: str, method: str, n: int) -> pl.DataFrame:
+        """The best ``n`` rows of (target, method) in rank order (a bounded top-n: no sort of every row)."""
+        with self.get_connection() as conn:
+            rows = conn.sql("SELECT candidate_id, source, target, method, score, best_subtask, shard, n_tokens, "
+                            "basis_fingerprint FROM score_rows WHERE target = ? AND method = ? "
+                            "ORDER BY score DESC, candidate_id LIMIT ?", params=[target, method, n]).pl()
+        return rows.insert_column(5, pl.Series("rank", np.arange(1, rows.height + 1, dtype=np.int64)))
+
+    def read_scores(self, target: str, method: str) -> pl.DataFrame:
+        """Every row of (target, method) in rank order."""
+        with self.get_connection() as conn:
+            return conn.sql("SELECT * FROM candidate_scores WHERE target = ? AND method = ? ORDER BY rank",
+                            params=[target, method]).pl()
 
     def read_subtask_scores(self, target: str, method: str) -> pl.DataFrame:
         with self.get_connection() as conn:
-            conn.execute(SUBTASK_DDL)
             return conn.sql("SELECT candidate_id, subtask, score FROM subtask_scores WHERE target = ? AND method = ?",
                             params=[target, method]).pl()
 
-    def read_scores(self, target: str, method: str) -> pl.DataFrame:
+    def score_histogram(self, target: str, method: str, bins: int = 40) -> tuple[np.ndarray, np.ndarray]:
+        """(bin edges, counts) of the scores of (target, method), computed in DuckDB."""
+        where, params = "WHERE target = ? AND method = ?", [target, method]
         with self.get_connection() as conn:
-            conn.execute(SCORES_DDL)
-            return conn.sql("SELECT * FROM candidate_scores WHERE target = ? AND method = ? ORDER BY rank",
-                            params=[target, method]).pl()
+            lo, hi = conn.execute(f"SELECT min(score), max(score) FROM score_rows {where}", params).fetchone()
+            if lo is None:
+                return np.zeros(0), np.zeros(0, dtype=np.int64)
+            width = (hi - lo) / bins or 1.0
+            counts = dict(conn.execute(
+                f"SELECT least(CAST(floor((score - ?) / ?) AS BIGINT), ?) AS b, count(*) FROM score_rows {where} "
+                "GROUP BY b", [lo, width, bins - 1, *params]).fetchall())
+        return lo + width * np.arange(bins + 1), np.array([counts.get(b, 0) for b in range(bins)], dtype=np.int64)
+
+    def count_absent_from(self, target: str, method: str, ids_file: str) -> int:
+        """Scored rows of (target, method) whose candidate is not in the Parquet file ``ids_file``."""
+        with self.get_connection() as conn:
+            return int(conn.execute(
+                "SELECT count(*) FROM score_rows r WHERE target = ? AND method = ? AND NOT EXISTS "
+                "(SELECT 1 FROM read_parquet(?) p WHERE p.candidate_id = r.candidate_id)",
+                [target, method, ids_file]).fetchone()[0])
+
+    def selection_sizes(self) -> dict[tuple[str, str, str], int]:
+        """{(method, target, budget): rows} of the selections table."""
+        with self.get_connection() as conn:
+            return {(m, t, b): int(n) for m, t, b, n in conn.execute(
+                "SELECT method, target, budget, count(*) FROM selections GROUP BY ALL ORDER BY 1, 2, 3").fetchall()}
+
+    def read_selections(self) -> pl.DataFrame | None:
+        """(target, method, budget, candidate_id) of every selection, in rank order; None when none was made."""
+        with self.get_connection() as conn:
+            df = conn.sql("SELECT target, method, budget, candidate_id FROM selections "
+                          "ORDER BY target, method, budget, rank").pl()
+        return df if df.height else None
 
     def read_evaluation_summary(self) -> pl.DataFrame:
         """The ``evaluation_summary`` view, ordered by target, budget and mean held-out loss."""

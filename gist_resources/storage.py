@@ -222,16 +222,37 @@ class StorageResource(dg.ConfigurableResource):
             df.write_parquet(tmp)
         return dest
 
-    def read_parquet(self, src: Path, produced_by: str, partition: str | None = None):
+    def read_parquet(self, src: Path, produced_by: str, partition: str | None = None,
+                     columns: list[str] | None = None, candidate_ids=None):
+        """A Parquet file as a polars frame; only ``columns``, and only the rows whose ``candidate_id`` is in
+        ``candidate_ids``, when given (the other columns are decoded for those rows only)."""
         import polars as pl
 
         if not src.exists():
             raise MissingArtifactError(f"{src} is missing; materialize {_asset(produced_by, partition)} first")
         try:
-            return pl.read_parquet(src)
+            if columns is None and candidate_ids is None:
+                return pl.read_parquet(src)
+            frame = pl.scan_parquet(src)
+            if candidate_ids is not None:
+                frame = frame.filter(pl.col("candidate_id").is_in(pl.Series(candidate_ids, dtype=pl.Utf8).implode()))
+            return (frame.select(columns) if columns is not None else frame).collect()
         except Exception as exc:  # polars raises ComputeError / OSError / its own errors for a damaged file
             raise ArtifactError(f"{src} is not a readable Parquet file ({exc}); re-materialize "
                              f"{_asset(produced_by, partition)}") from None
+
+    def count_parquet_values(self, src: Path, produced_by: str, column: str) -> dict:
+        """{value: rows} of one column of a Parquet file, streamed (the file is not loaded whole)."""
+        import polars as pl
+
+        if not src.exists():
+            raise MissingArtifactError(f"{src} is missing; materialize {_asset(produced_by)} first")
+        try:
+            counts = pl.scan_parquet(src).group_by(column).len().collect()
+        except Exception as exc:
+            raise ArtifactError(f"{src} is not a readable Parquet file ({exc}); re-materialize "
+                             f"{_asset(produced_by)}") from None
+        return dict(zip(counts[column].to_list(), counts["len"].to_list(), strict=True))
 
     def write_npy(self, dest: Path, array: np.ndarray) -> Path:
         with self.atomic_file(dest) as tmp:

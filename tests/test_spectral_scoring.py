@@ -367,12 +367,13 @@ def test_rank_order_nan_last_string_ids_and_edges():
 
 
 def test_method_scores_and_top_rows_read_back_as_before(tmp_path):
-    """write_method_scores' columns as the old list code built them; top-n read with rank <= n
-    picks the same rows as choosing on every row; capped/round-robin still see every row."""
+    """write_method_scores' columns as the old list code built them; the bounded top-n picks the same rows
+    as choosing on every row; capped/round-robin still see every row; a set streamed in shards is the
+    same as one written at once; the DuckDB histogram counts what numpy counts."""
     import polars as pl
 
     from gist_assets.config import SelectionConfig
-    from gist_assets.scores import choose, read_selection_rows, write_method_scores
+    from gist_assets.scores import add_method_scores, choose, read_selection_rows, score_summary, write_method_scores
     from gist_resources import ScoreStore
 
     rng = np.random.default_rng(4)
@@ -382,7 +383,7 @@ def test_method_scores_and_top_rows_read_back_as_before(tmp_path):
                            "shard": ["x-0000"] * m, "n_tokens": list(range(m))})
     per_subtask = np.round(rng.random((m, 3)), 2)        # many tied scores
     store = ScoreStore(database=str(tmp_path / "scores.duckdb"))
-    write_method_scores(store, "t", "gist", scored, per_subtask, names, "fp")
+    write_method_scores(store, "gist", [("t", scored, per_subtask, names, "fp")])
     full = store.read_scores("t", "gist")
     score, best = per_subtask.max(axis=1), per_subtask.argmax(axis=1)
     rank = np.empty(m, dtype=np.int64)
@@ -397,19 +398,23 @@ def test_method_scores_and_top_rows_read_back_as_before(tmp_path):
     for cfg in (SelectionConfig(percentage=0.1), SelectionConfig(percentage=None, n=37),
                 SelectionConfig(percentage=0.1, max_per_source=15),
                 SelectionConfig(percentage=0.1, strategy="round_robin")):
-        rows, n_scored, all_scores = read_selection_rows(store, "t", "gist", cfg, with_all_scores=True)
-        assert n_scored == m and sorted(all_scores.to_list()) == sorted(full["score"].to_list())
+        rows, n_scored = read_selection_rows(store, "t", "gist", cfg)
+        assert n_scored == m
         subtasks = store.read_subtask_scores("t", "gist") if cfg.strategy == "round_robin" else None
         assert rows.height == (cfg.n or int(cfg.percentage * m) if cfg.strategy == "top" and
                                cfg.max_per_source is None else m)
         assert choose(cfg, rows, subtasks, n_scored).equals(choose(cfg, full, subtasks))
 
-    # Ranks that disagree with the scores (rows written some other way): every row is read.
-    with store.get_connection() as conn:
-        conn.execute("UPDATE candidate_scores SET score = 1.5 WHERE rank = ?", [m])
-    full = store.read_scores("t", "gist")
-    cfg = SelectionConfig(percentage=0.1)
-    rows, n_scored, _ = read_selection_rows(store, "t", "gist", cfg)
-    assert rows.height == m
-    picked = choose(cfg, rows, None, n_scored)
-    assert picked.equals(choose(cfg, full, None)) and picked["score"][0] == 1.5
+    edges, counts = store.score_histogram("t", "gist", bins=7)
+    np.testing.assert_array_equal(counts, np.histogram(score, bins=7, range=(score.min(), score.max()))[0])
+    np.testing.assert_allclose(edges[[0, -1]], [score.min(), score.max()])
+
+    # The same rows streamed in three uneven shards, into another target: the same table.
+    summary: dict = {}
+    with store.write_scores("gist") as writer:
+        for target in ("t", "u"):
+            for a, b in ((0, 150), (150, 151), (151, m)):
+                add_method_scores(writer, summary, target, scored[a:b], per_subtask[a:b], names, "fp")
+    assert [r["scored"] for r in score_summary(summary)] == [m, m]
+    assert store.read_scores("u", "gist").drop("target").equals(full.drop("target"))
+    assert store.read_scores("t", "gist").equals(full)

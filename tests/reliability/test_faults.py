@@ -137,40 +137,56 @@ def test_stale_scratch_is_removed_live_and_foreign_scratch_is_kept(tmp_path):
     assert (dest / "x").read_text() == "complete"
 
 
-def _scores(target: str, method: str, n: int, shift: float = 0.0) -> tuple[pl.DataFrame, pl.DataFrame]:
-    ids = [f"c{i:04d}" for i in range(n)]
-    scores = pl.DataFrame({
-        "candidate_id": ids, "source": ["s"] * n, "target": [target] * n, "method": [method] * n,
-        "score": [i / n - shift for i in range(n)], "rank": list(range(n, 0, -1)),
-        "best_subtask": ["a"] * n, "shard": ["x-0000"] * n, "n_tokens": [10] * n, "basis_fingerprint": ["f"] * n})
-    subtasks = pl.DataFrame({"candidate_id": ids, "target": [target] * n, "method": [method] * n,
-                             "subtask": ["a"] * n, "score": [i / n - shift for i in range(n)]})
-    return scores, subtasks
+def _rows(n: int, shift: float = 0.0) -> pl.DataFrame:
+    score = [i / n - shift for i in range(n)]
+    return pl.DataFrame({"candidate_id": [f"c{i:04d}" for i in range(n)], "source": ["s"] * n, "score": score,
+                         "best_subtask": ["a"] * n, "shard": ["x-0000"] * n, "n_tokens": [10] * n,
+                         "basis_fingerprint": ["f"] * n, "subtask_scores": [[v] for v in score]})
 
 
-@pytest.mark.parametrize("broken", ["candidate_scores", "subtask_scores"])
-def test_failed_score_write_leaves_previous_rows_intact(tmp_path, broken):
+def _write(store: ScoreStore, sets: dict[str, pl.DataFrame], fail_after: int | None = None) -> None:
+    with store.write_scores("gist") as writer:
+        for i, (target, rows) in enumerate(sets.items()):
+            if i == fail_after:
+                raise KeyboardInterrupt  # the run is stopped half way through the set
+            writer.add(target, rows, ["a"])
+
+
+@pytest.mark.parametrize("broken", ["interrupted", "null_score", "commit"])
+def test_failed_score_write_leaves_previous_rows_intact(tmp_path, broken, monkeypatch):
     store = ScoreStore(database=str(tmp_path / "scores.duckdb"))
-    store.replace_method_scores("t", "gist", *_scores("t", "gist", 200))
-    store.replace_method_scores("u", "gist", *_scores("u", "gist", 50))
+    _write(store, {"t": _rows(200), "u": _rows(50)})
     before = (store.read_scores("t", "gist"), store.read_subtask_scores("t", "gist"))
-    new_scores, new_subtasks = _scores("t", "gist", 300, shift=0.5)
-    # Half way through the insert a row breaks a NOT NULL constraint (after the old rows were deleted).
-    if broken == "candidate_scores":
-        new_scores = new_scores.with_columns(
-            pl.when(pl.arange(0, 300) == 150).then(None).otherwise(pl.col("score")).alias("score"))
-    else:
-        new_subtasks = new_subtasks.with_columns(
-            pl.when(pl.arange(0, 300) == 150).then(None).otherwise(pl.col("subtask")).alias("subtask"))
-    with pytest.raises(ScoreStoreWriteError, match="rolled back; the previous rows are unchanged") as err:
-        store.replace_method_scores("t", "gist", new_scores, new_subtasks)
-    assert "NOT NULL" in str(err.value) and str(tmp_path / "scores.duckdb") in str(err.value)
+    files_before = sorted(p.relative_to(tmp_path) for p in tmp_path.rglob("*.parquet"))
+    new = {"t": _rows(300, shift=0.5), "v": _rows(10)}
+    if broken == "interrupted":
+        with pytest.raises(KeyboardInterrupt):
+            _write(store, new, fail_after=1)
+    elif broken == "null_score":
+        new["v"] = new["v"].with_columns(pl.when(pl.arange(0, 10) == 5).then(None).otherwise(pl.col("score"))
+                                         .alias("score"))
+        with pytest.raises(ValueError, match="target 'v' have null values {'score': 1}"):
+            _write(store, new)
+    else:  # the DuckDB transaction that swaps the set in fails
+        calls, create_views = [], ScoreStore._create_views
+
+        def fail_in_commit(self, conn):  # the first call is the connection's own setup
+            calls.append(1)
+            create_views(self, conn) if len(calls) == 1 else conn.execute("SELECT no_such_column")
+        monkeypatch.setattr(ScoreStore, "_create_views", fail_in_commit)
+        with pytest.raises(ScoreStoreWriteError, match="rolled back; the previous scores are unchanged") as err:
+            _write(store, new)
+        assert str(tmp_path / "scores.duckdb") in str(err.value)
+        monkeypatch.undo()
     assert store.read_scores("t", "gist").equals(before[0])  # all 200 old rows, none of the new
     assert store.read_subtask_scores("t", "gist").sort("candidate_id").equals(before[1].sort("candidate_id"))
-    assert store.read_scores("u", "gist").height == 50
-    # The store is usable afterwards: a good write replaces the rows.
-    store.replace_method_scores("t", "gist", *_scores("t", "gist", 300, shift=0.5))
-    assert store.read_scores("t", "gist").height == 300
+    assert store.read_scores("u", "gist").height == 50 and store.read_scores("v", "gist").height == 0
+    # Nothing of the failed write is left on disk.
+    assert sorted(p.relative_to(tmp_path) for p in tmp_path.rglob("*.parquet")) == files_before
+    # The store is usable afterwards: a good write replaces the whole set.
+    _write(store, {"t": _rows(300, shift=0.5)})
+    assert store.read_scores("t", "gist").height == 300 and store.read_scores("u", "gist").height == 0
+    assert len(list(store.method_dir("gist").iterdir())) == 1
 
 
 class FlakyCompute(ComputeResource):
