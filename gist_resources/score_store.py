@@ -47,6 +47,10 @@ _VERSION = re.compile(r"\d{19}-[0-9a-f]{8}")
 _PARTIAL = re.compile(r"\.partial-(\d+)-(\d{19}-[0-9a-f]{8})")
 
 
+def _plain_name(name: str) -> bool:
+    return re.fullmatch(r"[A-Za-z0-9_-]+", name) is not None
+
+
 def _sql_text(value: str) -> str:
     return "'" + value.replace("'", "''") + "'"
 
@@ -136,7 +140,7 @@ class ScoreStore(DuckDBResource):
         return Path(self.database).with_suffix(".scores")
 
     def method_dir(self, method: str) -> Path:
-        if not re.fullmatch(r"[A-Za-z0-9_-]+", method):
+        if not _plain_name(method):
             raise ValueError(f"method names are letters, digits, '_' and '-': {method!r}")
         return self.score_root / f"method={method}"
 
@@ -183,8 +187,9 @@ class ScoreStore(DuckDBResource):
 
     def _create_views(self, conn) -> None:
         sets = conn.execute("SELECT method, version FROM score_sets WHERE rows > 0 ORDER BY method").fetchall()
+        # A name or version edited into the table by hand never names a folder outside the store.
         globs = [str(self.method_dir(m) / v / "*" / "*.parquet") for m, v in sets
-                 if (self.method_dir(m) / v).is_dir()]
+                 if _plain_name(m) and _plain_name(v) and (self.method_dir(m) / v).is_dir()]
         rows = (f"SELECT * FROM read_parquet([{', '.join(_sql_text(g) for g in globs)}], hive_partitioning = true, "
                 "hive_types = {'method': VARCHAR, 'target': VARCHAR})" if globs else _EMPTY_ROWS)
         conn.execute(f"CREATE OR REPLACE VIEW score_rows AS {rows}")
@@ -330,7 +335,8 @@ class ScoreStore(DuckDBResource):
 
     def methods(self) -> list[str]:
         with self.get_connection() as conn:
-            return [r[0] for r in conn.execute("SELECT method FROM score_sets WHERE rows > 0 ORDER BY 1").fetchall()]
+            rows = conn.execute("SELECT method FROM score_sets WHERE rows > 0 ORDER BY 1").fetchall()
+        return [m for (m,) in rows if _plain_name(m)]
 
     def count_scores(self, target: str, method: str) -> int:
         with self.get_connection() as conn:

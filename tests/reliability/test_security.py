@@ -205,7 +205,7 @@ def test_method_names_cannot_escape_the_root(custom_graph, tmp_path):
     root = shutil.copytree(custom_graph["root"], tmp_path / "root")
     evil = "../../evil"
     with duckdb.connect(str(root / "gist.duckdb")) as db:
-        db.execute("UPDATE candidate_scores SET method = ? WHERE method = 'gist'", [evil])
+        db.execute("UPDATE score_sets SET method = ?, version = ? WHERE method = 'gist'", [evil, evil])
     before = files_under(tmp_path)
     with fresh_instance(custom_graph["shards"]) as instance:
         select = materialize(["baseline_selections"], root, instance, checks=False)
