@@ -32,11 +32,17 @@ def _run_checks(root, shards):
     return {ev.asset_key.to_user_string(): ev for ev in result.get_asset_check_evaluations()}
 
 
+def _damage_score_file(root, change):
+    """Rewrites one Parquet part of the gist score set of target 'mixed' (scores live in files, not tables)."""
+    part = sorted(root.glob("gist.scores/method=gist/*/target=mixed/*.parquet"))[0]
+    change(pl.read_parquet(part)).write_parquet(part)
+
+
 DAMAGE = {
-    "duplicate_score_row": ("candidate_scores", "INSERT INTO candidate_scores SELECT * FROM candidate_scores "
-                                                "WHERE rank = 1 AND target = 'mixed'", "duplicated_keys"),
-    "nan_score": ("candidate_scores", "UPDATE candidate_scores SET score = 'NaN'::DOUBLE "
-                                      "WHERE rank = 2 AND target = 'mixed'", "nonfinite_scores"),
+    "duplicate_score_row": ("candidate_scores", lambda df: pl.concat([df, df.head(1)]), "duplicated_keys"),
+    "nan_score": ("candidate_scores", lambda df: df.with_columns(
+        pl.when(pl.int_range(pl.len()) == 1).then(float("nan")).otherwise(pl.col("score")).alias("score")),
+        "nonfinite_scores"),
     "duplicate_selection_row": ("selected_subset", "INSERT INTO selections SELECT * FROM selections "
                                                    "WHERE rank = 1 AND target = 'single'", "duplicated_keys"),
     "infinite_selection_score": ("selected_subset", "UPDATE selections SET score = 'Infinity'::DOUBLE "
@@ -51,8 +57,11 @@ def test_blocking_checks_fail_on_duplicated_keys_and_nonfinite_scores(custom_gra
     shutil.copytree(custom_graph["root"], root)
     before = _run_checks(root, custom_graph["shards"])
     assert before["candidate_scores"].passed and before["selected_subset"].passed
-    with duckdb.connect(str(root / "gist.duckdb")) as db:
-        db.execute(sql)
+    if callable(sql):
+        _damage_score_file(root, sql)
+    else:
+        with duckdb.connect(str(root / "gist.duckdb")) as db:
+            db.execute(sql)
     after = _run_checks(root, custom_graph["shards"])
     assert not after[asset].passed
     assert after[asset].metadata[counter].value == 1
