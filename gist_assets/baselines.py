@@ -49,10 +49,6 @@ def _layout(manifest: dict) -> GradientLayout:
     return GradientLayout(tuple(ParamBlock(n, tuple(shape), off) for n, shape, off in manifest["layout"]["blocks"]))
 
 
-def _timing(stats) -> dict:
-    return {"seconds": stats.seconds, "examples_per_s": stats.examples_per_s, "tokens_per_s": stats.tokens_per_s}
-
-
 @dg.asset(group_name="baselines", deps=[candidate_pool, target_gradients, base_model], partitions_def=candidate_shards,
           code_version="1", retry_policy=GRADIENT_RETRY, pool=GPU_POOL, op_tags=GPU_STEP_TAGS,
           kinds={"pytorch", "safetensors"})
@@ -90,7 +86,7 @@ def less_candidate_features(context: dg.AssetExecutionContext, config: LessFeatu
                                         progress=progress_logger(context.log, f"less {shard}/{ckpt['name']}"),
                                         **compute.batching())
         tensors[ckpt["name"]] = z
-        timings[ckpt["name"]] = _timing(stats)
+        timings[ckpt["name"]] = stats.timing()
     projection = {"dim": dim, "kind": config.projection, "seed": config.seed}
     version = asset_fingerprint(context, shard_in.version, grads["version"], ref["version"])
     shard_in.write(storage, shard, "less", tensors, {"version": version, "projection": projection, "timings": timings,

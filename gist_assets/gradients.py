@@ -278,8 +278,7 @@ def compute_gist_shard(storage: StorageResource, compute: ComputeResource, shard
             tensors[f"{ckpt['name']}/{name}"] = np.ascontiguousarray(z[:, a:b])
         tensors[f"{ckpt['name']}/grad_norm"] = norms
         tensors[f"{ckpt['name']}/loss"] = losses
-        timings[ckpt["name"]] = {"seconds": stats.seconds, "examples_per_s": stats.examples_per_s,
-                                 "tokens_per_s": stats.tokens_per_s}
+        timings[ckpt["name"]] = stats.timing()
         del model
     side = shard_in.side
     fingerprints = {t: {c: v["fingerprint"] for c, v in per.items()} for t, per in bases["targets"].items()}
@@ -296,6 +295,7 @@ def compute_gist_shard(storage: StorageResource, compute: ComputeResource, shard
         "candidates": len(encoded), "scored": len(keep), "excluded_no_completion": n_excluded,
         "truncated": int(side["truncated"].sum()), "tokens": int(side["n_tokens"].sum()),
         "timings": dg.MetadataValue.json(timings),
+        "padding_share": max((t["padding_share"] for t in timings.values()), default=0.0),
         "bytes_per_candidate": round(sum(t.nbytes for t in tensors.values()) / max(1, len(keep)), 1),
         "device": str(compute.torch_device()),
         "path": dg.MetadataValue.path(str(features_dir(storage, shard))),
