@@ -89,7 +89,9 @@ def base_model(context: dg.AssetExecutionContext, config: BaseModelConfig, stora
         ref = {"path": storage.relative(path) if preset else path, "embedded": False, "preset": preset,
                "chat_format": config.chat_format,
                "max_length": config.max_length or PAPER_DEFAULTS["max_length"], "vocab_size": len(tok)}
-        ref["version"] = asset_fingerprint(context, config.model_name_or_path, ref["max_length"])
+        # A preset's conversion (its source file and converter version) is part of what the model is.
+        made = [facts["gguf_sha256"], facts["converter_version"]] if preset else []
+        ref["version"] = asset_fingerprint(context, config.model_name_or_path, ref["max_length"], *made)
         storage.write_json(ref_path, ref)
         metadata = {"model": config.model_name_or_path, "embedded": False, "max_length": ref["max_length"],
                     "chat_format": config.chat_format, "eos_token": tok.eos_token,
