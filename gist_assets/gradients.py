@@ -18,7 +18,7 @@ from gist_resources import ComputeResource, StorageResource
 from gist_resources.storage import ArtifactError
 
 from .config import SpectralBasisConfig, TargetGradientsConfig
-from .model import GPU_STEP_TAGS, base_model, read_model_ref, read_warmup, warmup_checkpoint
+from .model import GPU_STEP_TAGS, base_model, chat_format, read_model_ref, read_warmup, warmup_checkpoint
 from .partitions import candidate_shards
 from .paths import checkpoint_dir, model_path, relative_checkpoints
 from .plots import md_table, spectrum_plot
@@ -80,7 +80,7 @@ def target_gradients(context: dg.AssetExecutionContext, config: TargetGradientsC
         per_target = {}
         for name in sorted(df["target"].unique().to_list()):
             rows = df.filter(pl.col("target") == name).sort("example_id")
-            enc = [encode_prompt_completion(tokenizer, p, c, ref["max_length"])
+            enc = [encode_prompt_completion(tokenizer, p, c, ref["max_length"], chat_format(ref))
                    for p, c in zip(rows["prompt"], rows["completion"])]
             keep = [i for i, e in enumerate(enc) if e.n_label_tokens > 0]
             for i in sorted(set(range(len(enc))) - set(keep)):
@@ -116,7 +116,8 @@ def target_gradients(context: dg.AssetExecutionContext, config: TargetGradientsC
         "gradient_dim": manifest["dim"],
         "examples_per_target": dg.MetadataValue.json({k: v["n"] for k, v in manifest["targets"].items()}),
         "excluded_examples": dg.MetadataValue.md(md_table(excluded_rows)),
-        "bytes_on_disk": sum(p.stat().st_size for p in dest.rglob("*.npy")),
+        "bytes_on_disk": sum(p.stat().st_size for p in dest.rglob("*.npy")),  # the target gradients G, all of them
+        "bytes_per_example_and_checkpoint": 4 * manifest["dim"],
         "path": dg.MetadataValue.path(str(dest)),
     })
 
@@ -213,7 +214,8 @@ class ShardInput:
             raise ArtifactError(f"shard {shard!r} has no candidates in the current pool; re-materialize "
                              "candidate_pool (it removes shards of deleted files)")
         tokenizer = compute.load_tokenizer(model_path(storage, ref))
-        encoded = [encode_messages(tokenizer, json.loads(m), ref["max_length"]) for m in pool["messages"]]
+        encoded = [encode_messages(tokenizer, json.loads(m), ref["max_length"], chat_format(ref))
+                   for m in pool["messages"]]
         included = [e.n_label_tokens > 0 for e in encoded]
         side = pool.select("candidate_id", "source").with_columns(
             pl.Series("n_tokens", [len(e.input_ids) for e in encoded]),
@@ -278,8 +280,7 @@ def compute_gist_shard(storage: StorageResource, compute: ComputeResource, shard
             tensors[f"{ckpt['name']}/{name}"] = np.ascontiguousarray(z[:, a:b])
         tensors[f"{ckpt['name']}/grad_norm"] = norms
         tensors[f"{ckpt['name']}/loss"] = losses
-        timings[ckpt["name"]] = {"seconds": stats.seconds, "examples_per_s": stats.examples_per_s,
-                                 "tokens_per_s": stats.tokens_per_s}
+        timings[ckpt["name"]] = stats.timing()
         del model
     side = shard_in.side
     fingerprints = {t: {c: v["fingerprint"] for c, v in per.items()} for t, per in bases["targets"].items()}
@@ -296,6 +297,7 @@ def compute_gist_shard(storage: StorageResource, compute: ComputeResource, shard
         "candidates": len(encoded), "scored": len(keep), "excluded_no_completion": n_excluded,
         "truncated": int(side["truncated"].sum()), "tokens": int(side["n_tokens"].sum()),
         "timings": dg.MetadataValue.json(timings),
+        "padding_share": max((t["padding_share"] for t in timings.values()), default=0.0),
         "bytes_per_candidate": round(sum(t.nbytes for t in tensors.values()) / max(1, len(keep)), 1),
         "device": str(compute.torch_device()),
         "path": dg.MetadataValue.path(str(features_dir(storage, shard))),

@@ -6,7 +6,7 @@ import random
 
 import dagster as dg
 
-from gist_core import modeling, synthetic
+from gist_core import modeling, smollm2, synthetic
 from gist_core.data import encode_messages, tulu_segments
 from gist_core.warmup import LoraTrainConfig, save_checkpoint, train_lora
 from gist_resources import ComputeResource, StorageResource
@@ -23,6 +23,8 @@ GPU_STEP_TAGS = {"dagster-k8s/config": {"container_config": {"resources": {
     "requests": {"nvidia.com/gpu": "1"}, "limits": {"nvidia.com/gpu": "1"}}}}}
 
 EMBEDDED_DEFAULTS = {"max_length": 128, "lora_r": 8, "learning_rate": 1e-3, "effective_batch_size": 16}
+# base_model.model_name_or_path "preset:smollm2": a model converted under the storage root (gist_core.smollm2).
+PRESET_PREFIX = "preset:"
 PAPER_DEFAULTS = {"max_length": 2048, "lora_r": 128, "learning_rate": 2e-5, "effective_batch_size": 128}
 
 
@@ -32,6 +34,10 @@ def model_ref_path(storage: StorageResource):
 
 def read_model_ref(storage: StorageResource) -> dict:
     return storage.read_json(model_ref_path(storage), "base_model")
+
+
+def chat_format(ref: dict) -> str:
+    return ref.get("chat_format") or "tulu"
 
 
 WARMUP_POOL_IDS = "pool_ids.parquet"
@@ -75,14 +81,33 @@ def base_model(context: dg.AssetExecutionContext, config: BaseModelConfig, stora
     corpus shipped with the package (never on the pool, so a refresh is scored by the same model)."""
     ref_path = model_ref_path(storage)
     if config.model_name_or_path:
-        modeling.check_model_path(config.model_name_or_path)
-        tok = compute.load_tokenizer(config.model_name_or_path)
-        ref = {"path": config.model_name_or_path, "embedded": False,
+        preset, path, facts = None, config.model_name_or_path, {}
+        if path.startswith(PRESET_PREFIX):
+            preset = path[len(PRESET_PREFIX):]
+            if preset != smollm2.PRESET:
+                raise ValueError(f"unknown model preset {path!r}; presets: {PRESET_PREFIX}{smollm2.PRESET}")
+            dest = smollm2.convert(storage.path("models", smollm2.DIR_NAME), log=context.log.info)
+            path, facts = str(dest), smollm2.conversion_facts(dest)
+        modeling.check_model_path(path)
+        tok = compute.load_tokenizer(path)
+        probe = encode_messages(tok, [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello."}],
+                                64, config.chat_format)  # a format the tokenizer cannot do fails here
+        ref = {"path": storage.relative(path) if preset else path, "embedded": False, "preset": preset,
+               "chat_format": config.chat_format,
                "max_length": config.max_length or PAPER_DEFAULTS["max_length"], "vocab_size": len(tok)}
-        ref["version"] = asset_fingerprint(context, ref["path"], ref["max_length"])
+        # A preset's conversion (its source file and converter version) is part of what the model is.
+        made = [facts["gguf_sha256"], facts["converter_version"]] if preset else []
+        ref["version"] = asset_fingerprint(context, config.model_name_or_path, ref["max_length"], *made)
         storage.write_json(ref_path, ref)
-        return dg.MaterializeResult(data_version=data_version(ref["version"]),
-                                    metadata={"model": ref["path"], "embedded": False, "max_length": ref["max_length"]})
+        metadata = {"model": config.model_name_or_path, "embedded": False, "max_length": ref["max_length"],
+                    "chat_format": config.chat_format, "eos_token": tok.eos_token,
+                    "example_label_tokens": probe.n_label_tokens}
+        if preset:
+            metadata.update({"path": dg.MetadataValue.path(path), **{k: facts[k] for k in (
+                "parameters", "num_attention_heads", "num_key_value_heads", "tie_word_embeddings", "answer")}})
+        return dg.MaterializeResult(data_version=data_version(ref["version"]), metadata=metadata)
+    if config.chat_format != "tulu":
+        raise ValueError("the embedded model's tokenizer has no chat template: use chat_format 'tulu' with it")
 
     max_length = config.max_length or EMBEDDED_DEFAULTS["max_length"]
     # Tokenizer and pretraining texts: the fixed corpus in Tulu chat format.
@@ -134,7 +159,8 @@ def warmup_checkpoint(context: dg.AssetExecutionContext, config: WarmupConfig, s
     n = max(1, round(config.fraction * pool.height))
     picked = sorted(random.Random(config.seed).sample(range(pool.height), n))
     tokenizer = compute.load_tokenizer(model_path(storage, ref))
-    encoded = [encode_messages(tokenizer, json.loads(pool["messages"][i]), ref["max_length"]) for i in picked]
+    encoded = [encode_messages(tokenizer, json.loads(pool["messages"][i]), ref["max_length"], chat_format(ref))
+               for i in picked]
     encoded = [e for e in encoded if e.n_label_tokens > 0]
     model = compute.load_model(model_path(storage, ref))
     target_modules = list(config.target_modules or []) or default_target_modules(model)
@@ -143,6 +169,7 @@ def warmup_checkpoint(context: dg.AssetExecutionContext, config: WarmupConfig, s
     cfg = LoraTrainConfig(epochs=config.epochs, learning_rate=hp["learning_rate"], warmup_ratio=config.warmup_ratio,
                           effective_batch_size=hp["effective_batch_size"],
                           micro_batch_size=min(config.micro_batch_size, hp["effective_batch_size"]), seed=config.seed)
+    lora_dim = sum(p.numel() for p in model.parameters() if p.requires_grad)
     dest = storage.path("warmup")
     checkpoints = []
     with storage.atomic_dir(dest) as tmp:
@@ -165,6 +192,8 @@ def warmup_checkpoint(context: dg.AssetExecutionContext, config: WarmupConfig, s
         "examples": len(encoded), "steps": result.steps, "seconds": round(result.seconds, 2),
         "final_loss": result.losses[-1], "avg_lr_per_epoch": dg.MetadataValue.json(result.epoch_avg_lr),
         "hyperparameters": dg.MetadataValue.json(manifest["hyperparameters"]),
+        # D, the LoRA dimension every gradient has, and what one float32 target gradient takes.
+        "lora_dim_D": lora_dim, "target_gradient_bytes_per_example": 4 * lora_dim,
         "loss_curve": line_plot(result.losses, "Warmup loss", "optimizer step", "loss"),
         "path": dg.MetadataValue.path(str(dest)),
     })

