@@ -107,7 +107,8 @@ def load_gguf_tokenizer(fixed: bool = True):
     from transformers import AutoTokenizer
 
     src = gguf_path()
-    tok = AutoTokenizer.from_pretrained(str(src.parent), gguf_file=src.name)
+    tok = AutoTokenizer.from_pretrained(str(src.parent), gguf_file=src.name, local_files_only=True,
+                                        trust_remote_code=False)
     return fix_tokenizer(tok) if fixed else tok
 
 
@@ -140,9 +141,10 @@ def verify(model_dir: str | Path) -> dict:
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    tok = AutoTokenizer.from_pretrained(str(model_dir), local_files_only=True)
+    tok = AutoTokenizer.from_pretrained(str(model_dir), local_files_only=True, trust_remote_code=False)
     check_tokenizer(tok)
-    model = AutoModelForCausalLM.from_pretrained(str(model_dir), local_files_only=True, dtype=torch.float32).eval()
+    model = AutoModelForCausalLM.from_pretrained(str(model_dir), local_files_only=True, trust_remote_code=False,
+                                                 dtype=torch.float32).eval()
     cfg = model.config
     if (cfg.eos_token_id, model.generation_config.eos_token_id) != (EOS_ID, EOS_ID):
         raise ConversionError(f"model check failed: eos_token_id {cfg.eos_token_id} / generation "
@@ -186,7 +188,8 @@ def convert(dest: str | Path, log: Callable[[str], None] = print) -> Path:
     log(f"converting {src.name} ({src.stat().st_size / 2**20:.0f} MiB) to float32 in {dest} ...")
     try:
         tok = load_gguf_tokenizer()
-        model = AutoModelForCausalLM.from_pretrained(str(src.parent), gguf_file=src.name, dtype=torch.float32)
+        model = AutoModelForCausalLM.from_pretrained(str(src.parent), gguf_file=src.name, local_files_only=True,
+                                                     trust_remote_code=False, dtype=torch.float32)
         model.config.bos_token_id, model.config.eos_token_id, model.config.pad_token_id = BOS_ID, EOS_ID, EOS_ID
         model.generation_config.bos_token_id = BOS_ID
         model.generation_config.eos_token_id = model.generation_config.pad_token_id = EOS_ID
