@@ -366,7 +366,7 @@ def main(argv=None) -> int:
                 mix = ", ".join(f"{s} {n}" for s, n in sorted(m["counts_per_source"].items(), key=lambda kv: -kv[1]))
                 print(f"{target} [{budget}]: {m['selected']} of {m['scored_candidates']} candidates ({mix})")
                 print(f"    {Path(out['root'], m['files']['messages_jsonl'])}")
-    print(f"scores: {out['database']} (tables candidate_scores, subtask_scores, selections)")
+    print(f"scores: {out['database']} (views candidate_scores, subtask_scores; table selections)")
     if args.compare:
         print(f"\nevaluation ({out['database']}: table evaluations, view evaluation_summary):")
         print_summary(out["database"])
