@@ -27,7 +27,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import subprocess
 import sys
 import tempfile
@@ -80,11 +79,11 @@ class _Sampler:
 
 
 def child(mode: str, path: str, budget: int, k: int, out: str) -> None:
+    import tracemalloc
+
     import numpy as np
 
     from gist_core.spectral import build_basis
-
-    import tracemalloc
 
     rec = {"mode": mode}
     tracemalloc.start()  # numpy reports its array buffers to tracemalloc

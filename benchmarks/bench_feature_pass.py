@@ -51,8 +51,17 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import (BackgroundLoad, lora_model, machine_line, median, orthonormal_basis,  # noqa: E402
-                     spread, synthetic_candidates, table, wait_for_quiet)
+from _common import (  # noqa: E402
+    BackgroundLoad,
+    lora_model,
+    machine_line,
+    median,
+    orthonormal_basis,
+    spread,
+    synthetic_candidates,
+    table,
+    wait_for_quiet,
+)
 
 MODELS = {
     # ~1M parameters: the embedded default's shape
@@ -80,8 +89,13 @@ def run_model(name: str, args, log) -> dict:
     import numpy as np
     import torch
 
-    from gist_core.gradients import (completion_losses, length_batches, projected_gradients, reference_gradients,
-                                     split_causal_lm)
+    from gist_core.gradients import (
+        completion_losses,
+        length_batches,
+        projected_gradients,
+        reference_gradients,
+        split_causal_lm,
+    )
 
     model, n_base, layout = build(name, args.r, args.seed)
     vocab = MODELS[name]["vocab_size"]

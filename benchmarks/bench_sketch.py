@@ -29,7 +29,6 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import REPO, BackgroundLoad, machine_line, table  # noqa: E402
-from bench_demo import step_durations  # noqa: E402
 
 sys.path.insert(0, str(REPO / "tests"))
 from small_config import SMALL  # noqa: E402
@@ -63,8 +62,8 @@ def sketch_scores_at(storage, ckpts, weights, targets, sketches, projector, dims
     import numpy as np
 
     from gist_assets.gradients import load_bases
-    from gist_core.scoring import cosine_to_subtasks, weighted_sum
     from gist_assets.scores import target_directions
+    from gist_core.scoring import cosine_to_subtasks, weighted_sum
 
     PV = {}
     for c in ckpts:

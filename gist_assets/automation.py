@@ -27,7 +27,6 @@ import dagster as dg
 from gist_resources import StorageResource
 
 from .config import effective_config, for_assets, load_run_config
-
 from .gradients import candidate_features, stale_gist_shards
 from .model import read_warmup
 from .partitions import candidate_shards

@@ -6,21 +6,34 @@ import json
 import dagster as dg
 import numpy as np
 import polars as pl
-from pydantic import Field
 
 from gist_core.data import encode_prompt_completion
 from gist_core.gradients import GradientLayout, ParamBlock, block_features, trainable_linears
 from gist_core.projection import BlockProjector, adam_direction
 from gist_core.representation import mean_pooled_hidden_states
-from gist_core.scoring import (checkpoint_weights, cosine_to_subtasks, mean_cosine_per_subtask,
-                               subtask_directions, weighted_sum)
+from gist_core.scoring import (
+    checkpoint_weights,
+    cosine_to_subtasks,
+    mean_cosine_per_subtask,
+    subtask_directions,
+    weighted_sum,
+)
 from gist_core.warmup import load_optimizer_state
 from gist_resources import ComputeResource, ScoreStore, StorageResource
 from gist_resources.storage import ArtifactError
 
 from .config import BaselineScoresConfig, LessFeaturesConfig, SelectionConfig
-from .gradients import (GPU_POOL, GPU_STEP_TAGS, GRADIENT_RETRY, ShardInput, candidate_features, features_dir, progress_logger,
-                        read_targets_version, target_gradients)
+from .gradients import (
+    GPU_POOL,
+    GPU_STEP_TAGS,
+    GRADIENT_RETRY,
+    ShardInput,
+    candidate_features,
+    features_dir,
+    progress_logger,
+    read_targets_version,
+    target_gradients,
+)
 from .model import base_model, chat_format, read_model_ref, read_warmup, warmup_checkpoint
 from .partitions import candidate_shards
 from .paths import checkpoint_dir, model_path

@@ -13,13 +13,13 @@ configured model, smaller ones for the embedded tiny model, see
 """
 
 from pathlib import Path
-from typing import Any, Literal, Optional
+from typing import Any, Literal
 
 import dagster as dg
-from dagster import Field as ConfigField, Permissive, Shape
 import yaml
+from dagster import Field as ConfigField
+from dagster import Permissive, Shape
 from pydantic import Field, ValidationError, field_validator
-
 
 # Chosen from the agreement-against-d curve of benchmarks/bench_sketch.py (docs/sketch.md).
 SKETCH_DIM = 16384
@@ -57,7 +57,7 @@ class BaseModelConfig(dg.Config):
     chat_format: Literal["tulu", "model"] = Field(
         default="tulu", description="'tulu' (LESS and the paper: <|user|>/<|assistant|> headers, for every model) "
         "or 'model' (the tokenizer's own chat template); the loss stays on the assistant replies only")
-    max_length: Optional[int] = Field(default=None, ge=8, description="Max tokens per example (null: 2048 for "
+    max_length: int | None = Field(default=None, ge=8, description="Max tokens per example (null: 2048 for "
                                       "a configured model, 128 for the embedded one)")
     vocab_size: int = Field(default=2048, ge=64)
     hidden_size: int = Field(default=128, ge=8)
@@ -73,14 +73,14 @@ class BaseModelConfig(dg.Config):
 class WarmupConfig(dg.Config):
     fraction: float = Field(default=0.05, gt=0, le=1, description="Seeded random share of the pool to warm up on")
     epochs: int = Field(default=4, ge=1)
-    lora_r: Optional[int] = Field(default=None, ge=1, description="null: 128 (paper) / 8 (embedded model)")
-    lora_alpha: Optional[int] = Field(default=None, ge=1, description="null: 4 x lora_r (paper: 512 for r=128)")
+    lora_r: int | None = Field(default=None, ge=1, description="null: 128 (paper) / 8 (embedded model)")
+    lora_alpha: int | None = Field(default=None, ge=1, description="null: 4 x lora_r (paper: 512 for r=128)")
     lora_dropout: float = Field(default=0.1, ge=0, lt=1)
-    target_modules: Optional[list[str]] = Field(default=None, description="null: the q/k/v/o projections "
+    target_modules: list[str] | None = Field(default=None, description="null: the q/k/v/o projections "
                                                 "(or GPT-2's c_attn)")
-    learning_rate: Optional[float] = Field(default=None, gt=0, description="null: 2e-5 (paper) / 1e-3 (embedded)")
+    learning_rate: float | None = Field(default=None, gt=0, description="null: 2e-5 (paper) / 1e-3 (embedded)")
     warmup_ratio: float = Field(default=0.03, ge=0, lt=1)
-    effective_batch_size: Optional[int] = Field(default=None, ge=1, description="null: 128 (paper) / 16 (embedded)")
+    effective_batch_size: int | None = Field(default=None, ge=1, description="null: 128 (paper) / 16 (embedded)")
     micro_batch_size: int = Field(default=8, ge=1)
     seed: int = 0
 
@@ -101,8 +101,8 @@ class TargetGradientsConfig(dg.Config):
 
 
 class SpectralBasisConfig(dg.Config):
-    k: Optional[int] = Field(default=16, ge=1, description="Fixed rank (clamped to the number of target examples)")
-    energy: Optional[float] = Field(default=None, gt=0, le=1, description="Instead of k: smallest rank keeping "
+    k: int | None = Field(default=16, ge=1, description="Fixed rank (clamped to the number of target examples)")
+    energy: float | None = Field(default=None, gt=0, le=1, description="Instead of k: smallest rank keeping "
                                     "this fraction of sum s^2 (set k to null)")
     eps: float = Field(default=1e-8, gt=0)
     memory_budget_mb: int = Field(default=256, ge=1, description="Working memory for reading G in column chunks; "
@@ -147,7 +147,7 @@ class SelectionConfig(dg.Config):
     strategy: Literal["top", "round_robin"] = Field(
         default="top", description="'top' (global top by score) or 'round_robin' (subtasks take turns picking "
         "their best remaining candidate)")
-    max_per_source: Optional[int] = Field(default=None, ge=1, description="Cap on selected candidates per source")
+    max_per_source: int | None = Field(default=None, ge=1, description="Cap on selected candidates per source")
 
     @field_validator("percentage", "n")
     @classmethod
@@ -163,7 +163,7 @@ class SelectionConfig(dg.Config):
 
 
 class LessFeaturesConfig(dg.Config):
-    projection_dim: Optional[int] = Field(default=None, ge=1, description="Random projection dimension (null: "
+    projection_dim: int | None = Field(default=None, ge=1, description="Random projection dimension (null: "
                                           "8192, LESS's default; 1024 for the embedded model)")
     projection: Literal["rademacher", "gaussian"] = Field(
         default="rademacher", description="rademacher or gaussian (entries of variance 1/d)")
@@ -188,7 +188,7 @@ class EvaluationConfig(dg.Config):
     """Fine-tune settings, identical for every method compared."""
 
     epochs: int = Field(default=3, ge=1)
-    learning_rate: Optional[float] = Field(default=None, gt=0, description="null: 1e-3 for the embedded model, "
+    learning_rate: float | None = Field(default=None, gt=0, description="null: 1e-3 for the embedded model, "
                                            "2e-5 otherwise")
     effective_batch_size: int = Field(default=16, ge=1)
     micro_batch_size: int = Field(default=16, ge=1)

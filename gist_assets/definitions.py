@@ -10,8 +10,13 @@ from gist_resources import ComputeResource, ScoreStore, StorageResource
 
 from .automation import automation_sensor, new_candidate_data, periodic_refresh, refresh_job
 from .baselines import baseline_scores, baseline_selections, less_candidate_features, representation_features
-from .checks import (basis_columns_orthonormal, baseline_scores_valid, scores_valid, selection_size_as_configured,
-                     selections_valid)
+from .checks import (
+    baseline_scores_valid,
+    basis_columns_orthonormal,
+    scores_valid,
+    selection_size_as_configured,
+    selections_valid,
+)
 from .config import job_config
 from .evaluation import selection_evaluation
 from .gradients import candidate_features, spectral_basis, target_gradients

@@ -31,19 +31,18 @@ import time
 import dagster as dg
 import numpy as np
 import polars as pl
-from pydantic import Field
 
 from gist_core.data import encode_messages
-from gist_core.selection import capped_top
 from gist_core.evaluate import FinetuneSpec, HeldoutSet, evaluate_heldout, finetune_and_evaluate_many, prepare_heldout
+from gist_core.selection import capped_top
 from gist_core.warmup import LoraTrainConfig
 from gist_resources import ComputeResource, ScoreStore, StorageResource
 
 from .baselines import baseline_selections, random_scores
 from .config import EvaluationConfig
 from .model import GPU_STEP_TAGS, base_model, chat_format, default_target_modules, read_model_ref
-from .plots import budget_plot, md_table
 from .paths import model_path
+from .plots import budget_plot, md_table
 from .pool import candidate_pool, pool_path, target_sets, targets_path
 from .scores import DUCKDB_POOL, selected_subset, selection_dir
 

@@ -15,7 +15,14 @@ import dagster as dg
 
 from gist_resources import ComputeResource, StorageResource
 
-from .gradients import GPU_POOL, GPU_STEP_TAGS, GRADIENT_RETRY, candidate_features, compute_gist_shard, stale_gist_shards
+from .gradients import (
+    GPU_POOL,
+    GPU_STEP_TAGS,
+    GRADIENT_RETRY,
+    candidate_features,
+    compute_gist_shard,
+    stale_gist_shards,
+)
 from .partitions import candidate_shards
 
 

@@ -9,7 +9,8 @@ from collections import Counter
 import dagster as dg
 import polars as pl
 
-from gist_core import synthetic, targets as target_loaders
+from gist_core import synthetic
+from gist_core import targets as target_loaders
 from gist_core.data import read_candidates
 from gist_resources import StorageResource
 

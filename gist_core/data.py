@@ -18,9 +18,9 @@ import os
 import re
 import unicodedata
 import zlib
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterable, Iterator, Sequence
 
 IGNORE_INDEX = -100
 ROLES = ("system", "user", "assistant")

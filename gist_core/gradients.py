@@ -23,9 +23,9 @@ from __future__ import annotations
 import math
 import time
 import weakref
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
-from typing import Callable, Iterator, Sequence
 
 import numpy as np
 import torch
@@ -339,10 +339,10 @@ def completion_losses(parts: CausalLMParts, input_ids: torch.Tensor, attention_m
     return torch.zeros(len(counts), dtype=ce.dtype, device=ce.device).index_add_(0, rows, ce) / counts
 
 
-_HEAD_CHECKED: "weakref.WeakKeyDictionary[nn.Module, bool]" = weakref.WeakKeyDictionary()
+_HEAD_CHECKED: weakref.WeakKeyDictionary[nn.Module, bool] = weakref.WeakKeyDictionary()
 
 
-def completion_head_matches(model: nn.Module, parts: CausalLMParts, batch: "Batch", device: torch.device) -> bool:
+def completion_head_matches(model: nn.Module, parts: CausalLMParts, batch: Batch, device: torch.device) -> bool:
     """Whether body + head reproduce the model's own logits (no soft-capping, scaling, ...) on one example.
 
     Checked once per model object.

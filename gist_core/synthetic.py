@@ -49,9 +49,9 @@ import random
 import re
 import string
 import tempfile
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
 
 __all__ = [
     "SKILLS",

@@ -5,8 +5,8 @@ from __future__ import annotations
 import warnings
 
 import dagster as dg
-from pydantic import Field
 import torch
+from pydantic import Field
 
 from gist_core import modeling
 

@@ -9,13 +9,13 @@ import shutil
 import socket
 import time
 import uuid
+from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Iterator
 
 import dagster as dg
-from pydantic import Field
 import numpy as np
+from pydantic import Field
 
 ROOT_ENV = "GIST_STORAGE_ROOT"
 

@@ -52,8 +52,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(REPO / "benchmarks"))
-from _common import (lora_model, machine_line, orthonormal_basis, synthetic_candidates, table,  # noqa: E402
-                     with_lora)
+from _common import lora_model, machine_line, orthonormal_basis, synthetic_candidates, table, with_lora  # noqa: E402
 
 # Dense (no sparsity) bf16 tensor-core peak, TFLOP/s, from the vendors' datasheets; first match
 # of the name (lower case) wins, so the more specific names come first.
@@ -153,8 +152,14 @@ def main(argv=None) -> int:
     import numpy as np
     import torch
 
-    from gist_core.gradients import (completion_losses, length_batches, projected_gradients, reference_gradients,
-                                     split_causal_lm, trainable_linears)
+    from gist_core.gradients import (
+        completion_losses,
+        length_batches,
+        projected_gradients,
+        reference_gradients,
+        split_causal_lm,
+        trainable_linears,
+    )
 
     device = torch.device(args.device)
     cuda = device.type == "cuda"

@@ -18,7 +18,6 @@ from gist_core.data import (
     record_to_messages,
 )
 
-
 # ----------------------------------------------------------------- helpers
 
 def conv(user: str, assistant: str, **extra) -> dict:

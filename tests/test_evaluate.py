@@ -8,8 +8,15 @@ import torch
 
 from gist_core import modeling
 from gist_core.data import IGNORE_INDEX, encode_prompt_completion
-from gist_core.evaluate import (FinetuneSpec, evaluate_heldout, finetune_and_evaluate_many,
-                                multiple_choice_options, option_completion, option_log_probs, prepare_heldout)
+from gist_core.evaluate import (
+    FinetuneSpec,
+    evaluate_heldout,
+    finetune_and_evaluate_many,
+    multiple_choice_options,
+    option_completion,
+    option_log_probs,
+    prepare_heldout,
+)
 from gist_core.warmup import LoraTrainConfig, mean_completion_loss
 
 CPU = torch.device("cpu")

@@ -6,7 +6,7 @@ import numpy as np
 import polars as pl
 import pytest
 
-from gist_assets.config import SelectionConfig, TargetGradientsConfig, check_run_config, RunConfigError
+from gist_assets.config import RunConfigError, SelectionConfig, TargetGradientsConfig, check_run_config
 from gist_assets.evaluation import SCHEMA, plan_finetunes
 from gist_assets.gradients import recipe_epochs
 from gist_assets.run import summary_markdown

@@ -5,9 +5,15 @@ import pytest
 import torch
 from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM
 
-from gist_core.data import Encoded, IGNORE_INDEX
-from gist_core.gradients import (full_gradients, length_batches, projected_gradients, reference_gradients,
-                                 repeated_layers, trainable_linears)
+from gist_core.data import IGNORE_INDEX, Encoded
+from gist_core.gradients import (
+    full_gradients,
+    length_batches,
+    projected_gradients,
+    reference_gradients,
+    repeated_layers,
+    trainable_linears,
+)
 from gist_core.modeling import attach_lora
 
 

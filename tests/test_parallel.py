@@ -8,7 +8,6 @@ import duckdb
 import polars as pl
 import pytest
 
-from gist_assets.definitions import make_resources
 from gist_assets.run import materialize, run_all
 from gist_resources.devices import claim_slot
 from small_config import SMALL

@@ -7,16 +7,14 @@ import dagster as dg
 import duckdb
 import numpy as np
 import polars as pl
-import pytest
-from dagster import AssetCheckKey, AssetKey
 import torch
+from dagster import AssetCheckKey, AssetKey
 
 from gist_assets.run import run_all
 from gist_core.data import encode_messages, encode_prompt_completion
 from gist_core.gradients import reference_gradients
 from gist_core.selection import selection_size
 from gist_resources import ComputeResource
-
 from small_config import SMALL
 
 
@@ -115,9 +113,10 @@ def test_scores_match_plain_computation(small_run):
 def test_sketch_scores_match_plain_computation(small_run):
     """gist_sketch: bs=1 gradients times a dense P are the stored sketches; SVD of the bs=1 target gradients,
     z = s (P^T V_k), cosine, checkpoint weights and max give the stored scores."""
+    from safetensors.numpy import load_file
+
     from gist_core.gradients import trainable_linears
     from gist_core.projection import sketch_projector
-    from safetensors.numpy import load_file
 
     root = small_run["root"]
     ref = json.loads((root / "models" / "model_ref.json").read_text())
@@ -191,10 +190,11 @@ def test_rematerialize_same_seed_is_identical(small_run, tmp_path):
 
 def test_less_features_match_plain_computation(small_run):
     """LESS candidate features: bs=1 gradients, Adam direction from the saved state, dense projection."""
+    from safetensors.numpy import load_file
+
     from gist_core.gradients import trainable_linears
     from gist_core.projection import BlockProjector
     from gist_core.warmup import load_optimizer_state
-    from safetensors.numpy import load_file
 
     root = small_run["root"]
     ref = json.loads((root / "models" / "model_ref.json").read_text())

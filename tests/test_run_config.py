@@ -2,11 +2,11 @@
 
 import dagster as dg
 import pytest
-from small_config import SMALL
 
 from gist_assets.config import ASSET_CONFIGS, RunConfigError, check_run_config, effective_config, load_run_config
 from gist_assets.definitions import ASSETS, JOB_ASSETS, PARTITIONED_JOBS, defs
 from gist_assets.run import main, plan_stage, with_storage
+from small_config import SMALL
 
 
 def test_every_configurable_asset_is_in_the_shape():

@@ -9,10 +9,10 @@ from pathlib import Path
 import duckdb
 import pytest
 import yaml
-from service_util import LOCATION, REPO, graphql, make_ui, postgres_bin, postgres_server, run_cli, wait_run
-from small_config import SMALL
 
 from gist_core import synthetic
+from service_util import LOCATION, REPO, graphql, make_ui, postgres_bin, postgres_server, run_cli, wait_run
+from small_config import SMALL
 
 # The small embedded default, smaller still: the whole graph in well under a minute.
 TINY = {"ops": {**SMALL["ops"], "candidate_pool": {"config": {"embedded_pool_size": 160, "shard_size": 40}}}}

@@ -4,7 +4,6 @@ import dagster as dg
 import duckdb
 import numpy as np
 import pytest
-import torch
 
 from gist_assets.config import RunConfigError, check_run_config
 from gist_assets.run import run_all

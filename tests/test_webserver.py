@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pytest
 import requests
+
 from service_util import free_port, graphql, stop_group
 
 REPO = Path(__file__).resolve().parents[1]

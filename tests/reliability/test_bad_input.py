@@ -17,8 +17,17 @@ import polars as pl
 import pytest
 
 from gist_resources import ScoreStore
-from reliability_util import (check_results, conv, fresh_instance, materialize, metadata, truncate_file,
-                              user_error, warnings_logged, write_jsonl)
+from reliability_util import (
+    check_results,
+    conv,
+    fresh_instance,
+    materialize,
+    metadata,
+    truncate_file,
+    user_error,
+    warnings_logged,
+    write_jsonl,
+)
 
 GOOD = conv("What is the capital of France?", "Paris.")
 
