@@ -51,9 +51,9 @@ def table(rows: Sequence[dict], floatfmt: str = "{:.3g}") -> str:
 
     cells = [[fmt(r.get(c, "")) for c in cols] for r in rows]
     widths = [max(len(c), *(len(row[i]) for row in cells)) for i, c in enumerate(cols)]
-    out = ["| " + " | ".join(c.ljust(w) for c, w in zip(cols, widths)) + " |",
+    out = ["| " + " | ".join(c.ljust(w) for c, w in zip(cols, widths, strict=False)) + " |",
            "|" + "|".join("-" * (w + 2) for w in widths) + "|"]
-    out += ["| " + " | ".join(v.ljust(w) for v, w in zip(row, widths)) + " |" for row in cells]
+    out += ["| " + " | ".join(v.ljust(w) for v, w in zip(row, widths, strict=False)) + " |" for row in cells]
     return "\n".join(out)
 
 

@@ -215,7 +215,7 @@ def baseline_scores(context: dg.AssetExecutionContext, config: BaselineScoresCon
         for target in targets:
             rows = df.filter(pl.col("target") == target).sort("example_id")
             enc = [encode_prompt_completion(tokenizer, p, c, ref["max_length"], chat_format(ref))
-                   for p, c in zip(rows["prompt"], rows["completion"])]
+                   for p, c in zip(rows["prompt"], rows["completion"], strict=False)]
             reps = mean_pooled_hidden_states(model, enc, b["device"], b["dtype"], b["max_tokens"],
                                              b["max_batch_size"], tokenizer.pad_token_id)
             names, directions = subtask_directions(reps, rows["subtask"].to_list())

@@ -197,7 +197,7 @@ def selection_evaluation(context: dg.AssetExecutionContext, config: EvaluationCo
         if not have:
             context.log.warning(f"target {target!r} has no selections; only the references are evaluated")
 
-    messages = dict(zip(pool["candidate_id"].to_list(), pool["messages"].to_list()))
+    messages = dict(zip(pool["candidate_id"].to_list(), pool["messages"].to_list(), strict=False))
     encoded: dict = {}
 
     def train_set(ids):

@@ -81,7 +81,7 @@ def target_gradients(context: dg.AssetExecutionContext, config: TargetGradientsC
         for name in sorted(df["target"].unique().to_list()):
             rows = df.filter(pl.col("target") == name).sort("example_id")
             enc = [encode_prompt_completion(tokenizer, p, c, ref["max_length"], chat_format(ref))
-                   for p, c in zip(rows["prompt"], rows["completion"])]
+                   for p, c in zip(rows["prompt"], rows["completion"], strict=False)]
             keep = [i for i, e in enumerate(enc) if e.n_label_tokens > 0]
             for i in sorted(set(range(len(enc))) - set(keep)):
                 excluded_rows.append({"target": name, "example_id": rows["example_id"][i],

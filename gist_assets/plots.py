@@ -51,7 +51,7 @@ def budget_plot(summary: list[dict]) -> Figure:
     line per method; base and full_pool, which have no budget, are horizontal lines."""
     targets = sorted({r["target"] for r in summary})
     plt, fig, axes = _figure(max(1, len(targets)))
-    for ax, target in zip(axes, targets):
+    for ax, target in zip(axes, targets, strict=False):
         rows = [r for r in summary if r["target"] == target]
         for method in sorted({r["method"] for r in rows if r["budget"] is not None}):
             pts = sorted((r["train_examples"], r["mean_loss"], r["std_loss"] or 0.0)

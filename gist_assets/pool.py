@@ -152,7 +152,7 @@ def split_heldout(examples: list[dict], fraction: float, seed: int) -> list[str]
 def check_splits(examples: list[dict], split: list[str], fraction: float, sources: dict[str, str]) -> None:
     """Every target needs a basis example (target_gradients) and, when fraction > 0, a held-out one (evaluation)."""
     for target in sorted({e["target"] for e in examples}):
-        got = Counter(s for e, s in zip(examples, split) if e["target"] == target)
+        got = Counter(s for e, s in zip(examples, split, strict=False) if e["target"] == target)
         n, where = sum(got.values()), sources[target]
         if not got["basis"]:
             raise ValueError(f"target {target!r} ({where}) has no basis examples ({n} examples, all held out); "

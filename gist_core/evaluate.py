@@ -91,7 +91,7 @@ def prepare_heldout(tokenizer, prompts: Sequence[str], completions: Sequence[str
         raise ValueError("prompts and completions differ in length")
     options = multiple_choice_options(completions)
     held = HeldoutSet(encoded=[], options=options)
-    for prompt, completion in zip(prompts, completions):
+    for prompt, completion in zip(prompts, completions, strict=False):
         enc = encode_prompt_completion(tokenizer, prompt, completion, max_length, chat_format)
         if enc.n_label_tokens == 0:
             held.dropped += 1

@@ -289,7 +289,7 @@ def checkpointed_layers(model: nn.Module, enabled: bool = True):
     try:
         yield
     finally:
-        for layer, previous in zip(layers, own):
+        for layer, previous in zip(layers, own, strict=False):
             if previous is None:
                 del layer.forward
             else:
@@ -395,7 +395,7 @@ def batch_block_gradients(model: nn.Module, capture: _IOCapture, batch: Batch, d
     grads_out = torch.autograd.grad(losses.sum(), outputs, allow_unused=True)
 
     def blocks():
-        for k, (calls, gy) in enumerate(zip(store, grads_out)):
+        for k, (calls, gy) in enumerate(zip(store, grads_out, strict=False)):
             x = calls[0][0]
             B = x.shape[0]
             if gy is None:  # layer not on the loss path

@@ -55,7 +55,7 @@ def weighted_sum(per_checkpoint: Sequence[np.ndarray], weights: Sequence[float])
     """Weighted sum of per-checkpoint M x S score matrices."""
     if len(per_checkpoint) != len(weights):
         raise ValueError("one weight per checkpoint is required")
-    return sum(w * c for w, c in zip(weights, per_checkpoint))
+    return sum(w * c for w, c in zip(weights, per_checkpoint, strict=False))
 
 
 def combine_and_max(cosines: Sequence[np.ndarray], weights: Sequence[float]) -> tuple[np.ndarray, np.ndarray]:

@@ -621,7 +621,7 @@ def generate_pool(n_examples: int = 4000, seed: int = 0) -> list[dict]:
     gens = [_SkillGenerator(skill, seed, i) for i, skill in enumerate(SKILLS)]
     convs: list[list[list[dict]]] = [[] for _ in SKILLS]
     shortfall = 0
-    for i, (gen, quota) in enumerate(zip(gens, quotas)):
+    for i, (gen, quota) in enumerate(zip(gens, quotas, strict=False)):
         while len(convs[i]) < quota:
             msgs = gen.next()
             if msgs is None:
@@ -641,7 +641,7 @@ def generate_pool(n_examples: int = 4000, seed: int = 0) -> list[dict]:
             raise ValueError(f"cannot generate {n_examples} unique examples")
     return [
         {"id": f"{skill}_{j}", "dataset": skill, "messages": msgs}
-        for skill, skill_convs in zip(SKILLS, convs)
+        for skill, skill_convs in zip(SKILLS, convs, strict=False)
         for j, msgs in enumerate(skill_convs)
     ]
 

@@ -133,7 +133,7 @@ def load_mmlu(data_dir: str | Path, target: str = "mmlu", k: int = 5) -> list[di
                     f"{path}: row {i + 1} answer {answer!r} is not one of A/B/C/D"
                 )
             body = question + "".join(
-                f"\n{letter}. {choice}" for letter, choice in zip(_MMLU_LETTERS, choices)
+                f"\n{letter}. {choice}" for letter, choice in zip(_MMLU_LETTERS, choices, strict=False)
             ) + "\nAnswer:"
             prompt = "<|user|>\n" + header + body + "\n<|assistant|>\nThe answer is:"
             examples.append(_example(target, subject, i, prompt, " " + answer))

@@ -313,9 +313,9 @@ class ScoreStore(DuckDBResource):
                                     [limit]).fetchall()
         names = key.split(", ")
         return {"duplicated_keys": int(n_dup),
-                "duplicates": [{**dict(zip(names, r[:-1])), "rows": int(r[-1])} for r in dups],
+                "duplicates": [{**dict(zip(names, r[:-1], strict=False)), "rows": int(r[-1])} for r in dups],
                 "nonfinite": int(n_bad),
-                "nonfinite_rows": [{**dict(zip(names, r[:-1])), "score": r[-1]} for r in bad_rows]}
+                "nonfinite_rows": [{**dict(zip(names, r[:-1], strict=False)), "score": r[-1]} for r in bad_rows]}
 
     def out_of_range_scores(self, low: float, high: float) -> int:
         with self.get_connection() as conn:

@@ -293,7 +293,7 @@ def tok():
 def label_runs(enc):
     """Contiguous runs of labelled positions as lists of ids."""
     runs, cur = [], []
-    for tid, lab in zip(enc.input_ids, enc.labels):
+    for tid, lab in zip(enc.input_ids, enc.labels, strict=False):
         if lab == IGNORE_INDEX:
             if cur:
                 runs.append(cur)
@@ -336,7 +336,7 @@ def test_two_turn_conversation_labels_both_assistant_turns(tok):
     enc = encode_messages(tok, msgs, max_length=512)
     runs = label_runs(enc)
     assert [tok.decode(r) for r in runs] == ["Paris</s>\n", "Berlin</s>\n"]
-    masked = [t for t, lab in zip(enc.input_ids, enc.labels) if lab == IGNORE_INDEX]
+    masked = [t for t, lab in zip(enc.input_ids, enc.labels, strict=False) if lab == IGNORE_INDEX]
     assert tok.decode(masked) == "<s><|user|>\nCapital of France?\n<|assistant|>\n<|user|>\nAnd Germany?\n<|assistant|>\n"
 
 
@@ -346,7 +346,7 @@ def test_prompt_completion_labels_completion_only_without_eos(tok):
     runs = label_runs(enc)
     assert len(runs) == 1 and tok.decode(runs[0]) == "Paris"
     assert tok.eos_token_id not in enc.input_ids
-    masked = [t for t, lab in zip(enc.input_ids, enc.labels) if lab == IGNORE_INDEX]
+    masked = [t for t, lab in zip(enc.input_ids, enc.labels, strict=False) if lab == IGNORE_INDEX]
     assert tok.decode(masked) == "<s>" + prompt
     assert enc.labels[-enc.n_label_tokens:] == enc.input_ids[-enc.n_label_tokens:]
 

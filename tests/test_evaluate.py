@@ -102,7 +102,7 @@ def test_accuracy_matches_explicit_per_option_loop(tiny):
                          for p, c in examples])
     np.testing.assert_allclose(got, expected, rtol=1e-4, atol=1e-4)
     answers = ["ABCDE".index(c.strip()) for _, c in examples]
-    explicit_accuracy = float(np.mean([int(np.argmax(row)) == a for row, a in zip(expected, answers)]))
+    explicit_accuracy = float(np.mean([int(np.argmax(row)) == a for row, a in zip(expected, answers, strict=False)]))
     result = evaluate_heldout(model, held, CPU, pad_id=tok.pad_token_id, max_tokens=200)
     assert result["accuracy"] == pytest.approx(explicit_accuracy)
     # The loss is the same mean-over-examples of mean completion-token loss as before.

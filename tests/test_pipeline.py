@@ -84,10 +84,10 @@ def test_scores_match_plain_computation(small_run):
         for target in ["arithmetic_sums", "geography", "word_reversal"]:
             rows = targets.filter(pl.col("target") == target).sort("example_id")
             t_enc = [encode_prompt_completion(tok, p, c, ref["max_length"])
-                     for p, c in zip(rows["prompt"], rows["completion"])]
+                     for p, c in zip(rows["prompt"], rows["completion"], strict=False)]
             subtasks = np.array(rows["subtask"].to_list())
             total = 0.0
-            for w, ckpt in zip(weights, warm["checkpoints"]):
+            for w, ckpt in zip(weights, warm["checkpoints"], strict=False):
                 model = compute.load_model(str(root / ref["path"]), str(root / ckpt["dir"]))
                 G = torch.from_numpy(reference_gradients(model, t_enc)).double()
                 g = torch.from_numpy(reference_gradients(model, [cand_enc[i] for i in keep])).double()
@@ -137,7 +137,7 @@ def test_sketch_scores_match_plain_computation(small_run):
     weights = weights / weights.sum()
     k = SMALL["ops"]["spectral_basis"]["config"]["k"]
     totals = {}
-    for w, ckpt in zip(weights, warm["checkpoints"]):
+    for w, ckpt in zip(weights, warm["checkpoints"], strict=False):
         model = compute.load_model(model_dir, str(root / ckpt["dir"]))
         P = sketch_projector(trainable_linears(model)[0], proj["dim"], proj["seed"], proj["kind"]).dense().double()
         g = torch.from_numpy(reference_gradients(model, first)).double()
@@ -146,7 +146,7 @@ def test_sketch_scores_match_plain_computation(small_run):
         for target in ["arithmetic_sums", "geography", "word_reversal"]:
             rows = targets.filter(pl.col("target") == target).sort("example_id")
             t_enc = [encode_prompt_completion(tok, p, c, ref["max_length"])
-                     for p, c in zip(rows["prompt"], rows["completion"])]
+                     for p, c in zip(rows["prompt"], rows["completion"], strict=False)]
             subtasks = np.array(rows["subtask"].to_list())
             U, S, Vh = torch.linalg.svd(torch.from_numpy(reference_gradients(model, t_enc)).double(),
                                         full_matrices=False)
@@ -232,7 +232,7 @@ def test_exports_load_as_trl_conversations(small_run):
 
     root = small_run["root"]
     pool = pl.read_parquet(root / "pool" / "candidate_pool.parquet")
-    pool_messages = dict(zip(pool["candidate_id"], pool["messages"]))
+    pool_messages = dict(zip(pool["candidate_id"], pool["messages"], strict=False))
     files = sorted(root.glob("selections/*/*/*/selection.messages.jsonl"))
     assert len(files) == 3 * 5 * 2  # targets x methods (gist, gist_sketch, random, less, representation) x budgets
     for path in files:
@@ -242,7 +242,7 @@ def test_exports_load_as_trl_conversations(small_run):
         assert {"messages", "score", "selection_rank", "source", "budget"} <= set(parquet.columns)
         assert parquet["budget"].unique().to_list() == [path.parent.name]
         assert rows["id"] == parquet["candidate_id"].to_list()  # same order: best first
-        for row, msgs in zip(rows, parquet["messages"].to_list()):
+        for row, msgs in zip(rows, parquet["messages"].to_list(), strict=False):
             messages = row["messages"]
             assert isinstance(messages, list) and messages[-1]["role"] == "assistant"
             assert all(m["role"] in ("system", "user", "assistant") and isinstance(m["content"], str)

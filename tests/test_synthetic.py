@@ -26,7 +26,7 @@ def targets():
 def _turns(record):
     """(user, assistant) content pairs of a record, system turn skipped."""
     msgs = [m for m in record["messages"] if m["role"] != "system"]
-    return [(u["content"], a["content"]) for u, a in zip(msgs[::2], msgs[1::2])]
+    return [(u["content"], a["content"]) for u, a in zip(msgs[::2], msgs[1::2], strict=False)]
 
 
 def _is_noisy(record):
@@ -46,7 +46,7 @@ def test_write_pool_is_byte_identical(tmp_path):
     a = syn.write_pool(tmp_path / "a", n_examples=800, seed=5)
     b = syn.write_pool(tmp_path / "b", n_examples=800, seed=5)
     assert [p.relative_to(tmp_path / "a") for p in a] == [p.relative_to(tmp_path / "b") for p in b]
-    for pa, pb in zip(a, b):
+    for pa, pb in zip(a, b, strict=False):
         assert pa.read_bytes() == pb.read_bytes()
 
 
@@ -221,7 +221,7 @@ def test_write_pool_layout(tmp_path):
     paths = syn.write_pool(tmp_path, n_examples=400, seed=0)
     assert [p.parent.name for p in paths] == list(syn.SKILLS)
     total = 0
-    for skill, path in zip(syn.SKILLS, paths):
+    for skill, path in zip(syn.SKILLS, paths, strict=False):
         assert path == tmp_path / "train" / "processed" / skill / f"{skill}_data.jsonl"
         lines = path.read_text(encoding="utf-8").splitlines()
         records = [json.loads(line) for line in lines]
