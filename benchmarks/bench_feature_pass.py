@@ -150,8 +150,11 @@ def run_model(name: str, args, log) -> dict:
         f"of <= {args.max_tokens} tokens")
 
     # Warm up every code path once (allocator, kernels) before timing.
-    train_on(units[-1]); train_completion_on(units[-1])
-    feat_on(units[-1], one); feat_on(units[-1], three); ref_on(units[-1][:2], one)
+    train_on(units[-1])
+    train_completion_on(units[-1])
+    feat_on(units[-1], one)
+    feat_on(units[-1], three)
+    ref_on(units[-1][:2], one)
     model.eval()
 
     # a + c: per batch, train step / feature k=16 / feature k=48 back to back, rotating order.

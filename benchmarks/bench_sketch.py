@@ -248,7 +248,7 @@ def main(argv=None) -> int:
                 if losses:
                     sd = statistics.stdev(losses) if len(losses) > 1 else float("nan")
                     row[method] = f"{statistics.mean(losses):.4f} +- {sd:.4f}"
-            per_seed = [(dict(((m, l) for s2, t2, m, l in evals if s2 == s and t2 == target))) for s in range(args.seeds)]
+            per_seed = [(dict(((m, loss) for s2, t2, m, loss in evals if s2 == s and t2 == target))) for s in range(args.seeds)]
             diffs = [d["gist_sketch"] - d["gist"] for d in per_seed if "gist" in d and "gist_sketch" in d]
             row["sketch - exact (per seed)"] = ", ".join(f"{x:+.4f}" for x in diffs)
             rows.append(row)

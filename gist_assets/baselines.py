@@ -91,8 +91,9 @@ def less_candidate_features(context: dg.AssetExecutionContext, config: LessFeatu
         projector = BlockProjector(layout, dim, config.seed, config.projection, device=device)
         betas, eps = tuple(info["betas"]), info["adam_eps"]
 
+        # B023: the closure is only called by block_features below, within this loop iteration.
         def project(k, g):
-            return projector.project_block(k, adam_direction(g, *moments[k], betas=betas, eps=eps))
+            return projector.project_block(k, adam_direction(g, *moments[k], betas=betas, eps=eps))  # noqa: B023
 
         z, _, _, stats = block_features(model, [shard_in.encoded[i] for i in shard_in.keep], project, dim,
                                         pad_id=shard_in.tokenizer.pad_token_id,

@@ -105,6 +105,8 @@ class Batch:
 BATCH_OVERHEAD_TOKENS = 128
 MAX_PADDING_SHARE = 0.05
 
+_CPU = torch.device("cpu")  # reference_gradients' default device
+
 
 def _split(L: np.ndarray, max_tokens: int, max_batch_size: int, overhead: float) -> list[int]:
     n = len(L)
@@ -540,7 +542,7 @@ def projected_gradients(model: nn.Module, encoded: Sequence[Encoded], basis: tor
     return block_features(model, encoded, lambda k, g: g @ slices[k], basis.shape[1], **kwargs)
 
 
-def reference_gradients(model: nn.Module, encoded: Sequence[Encoded], device=torch.device("cpu")) -> np.ndarray:
+def reference_gradients(model: nn.Module, encoded: Sequence[Encoded], device: torch.device = _CPU) -> np.ndarray:
     """The obviously-right way: batch size 1, ``loss.backward()``, concatenated ``p.grad``.
 
     Slow; used by tests and benchmarks as the baseline.

@@ -43,7 +43,7 @@ class ComputeResource(dg.ConfigurableResource):
             return torch.device("cuda", claim_slot(n)) if n > 1 else torch.device("cuda")
         dev = torch.device(self.device)
         if dev.type == "cuda" and not torch.cuda.is_available():
-            warnings.warn(f"device {self.device!r} requested but CUDA is not available; using CPU")
+            warnings.warn(f"device {self.device!r} requested but CUDA is not available; using CPU", stacklevel=1)
             return torch.device("cpu")
         return dev
 

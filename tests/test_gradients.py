@@ -20,7 +20,7 @@ from gist_core.modeling import attach_lora
 def _examples(n, vocab, seed=0):
     g = torch.Generator().manual_seed(seed)
     out = []
-    for i in range(n):
+    for _ in range(n):
         length = int(torch.randint(6, 24, (1,), generator=g))
         ids = torch.randint(3, vocab, (length,), generator=g).tolist()
         prompt = int(torch.randint(2, length - 2, (1,), generator=g))

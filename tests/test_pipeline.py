@@ -49,7 +49,7 @@ def test_graph_outputs(small_run):
         + [(t, "full_pool", None, s) for t in targets for s in (0, 1)] + [(t, "base", None, None) for t in targets],
         key=str)
     originals = set(pool["original"].to_list())
-    for target, per_budget in out["selections"].items():
+    for per_budget in out["selections"].values():
         assert sorted(per_budget) == sorted(expected)
         for budget, manifest in per_budget.items():
             assert not Path(manifest["files"]["jsonl"]).is_absolute()  # relative to the storage root

@@ -175,7 +175,7 @@ def test_subtask_directions_by_hand():
     names, D = subtask_directions(Z, ["math", "math", "zulu", "bio", "zulu"])
     assert names == ["bio", "math", "zulu"]
     expected = []
-    for name, rows in (("bio", [3]), ("math", [0, 1]), ("zulu", [2, 4])):
+    for _name, rows in (("bio", [3]), ("math", [0, 1]), ("zulu", [2, 4])):
         m = Z[rows].mean(axis=0)
         expected.append(m / np.linalg.norm(m))
     np.testing.assert_allclose(D, np.array(expected))

@@ -5,7 +5,7 @@ import pytest
 from dagster._core.definitions.data_version import StaleStatus
 from dagster._utils.test.data_versions import get_stale_status_resolver
 
-from gist_assets.definitions import ASSETS, make_resources
+from gist_assets.definitions import ASSETS
 from gist_assets.run import materialize, run_all
 from small_config import SMALL
 
@@ -28,7 +28,6 @@ def _status(instance, shards):
 @pytest.mark.slow
 def test_changing_k_and_warmup_marks_exactly_what_depends_on_them(tmp_path):
     root = str(tmp_path)
-    resources = make_resources(root)
     with dg.instance_for_test() as instance:
         run_all(TINY, root, instance=instance, log=lambda _: None)
         shards = instance.get_dynamic_partitions("candidate_shards")
