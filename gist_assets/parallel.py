@@ -40,16 +40,22 @@ def shards_to_compute(context: dg.OpExecutionContext, config: FanOutConfig, stor
 
 
 @dg.op(pool=GPU_POOL, retry_policy=GRADIENT_RETRY, tags=GPU_STEP_TAGS)
-def shard_features(context: dg.OpExecutionContext, shard: str, storage: StorageResource,
-                   compute: ComputeResource) -> str:
+def shard_features(
+    context: dg.OpExecutionContext, shard: str, storage: StorageResource, compute: ComputeResource
+) -> str:
     version, metadata = compute_gist_shard(storage, compute, shard, context.log)
-    context.log_event(dg.AssetMaterialization(asset_key=candidate_features.key, partition=shard, metadata=metadata,
-                                              tags={"dagster/data_version": version}))
+    context.log_event(
+        dg.AssetMaterialization(
+            asset_key=candidate_features.key, partition=shard, metadata=metadata, tags={"dagster/data_version": version}
+        )
+    )
     return shard
 
 
-@dg.job(executor_def=dg.multiprocess_executor,
-        description="Compute the missing or stale candidate_features shards in parallel processes")
+@dg.job(
+    executor_def=dg.multiprocess_executor,
+    description="Compute the missing or stale candidate_features shards in parallel processes",
+)
 def parallel_features_job():
     shards_to_compute().map(shard_features)
 

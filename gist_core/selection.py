@@ -23,8 +23,9 @@ def selection_size(n_candidates: int, percentage: float | None = None, n: int | 
     return max(1, math.floor(percentage * n_candidates + 1e-9))
 
 
-def budgets(percentage: float | Sequence[float] | None = None, n: int | Sequence[int] | None = None
-            ) -> list[tuple[str, float | None, int | None]]:
+def budgets(
+    percentage: float | Sequence[float] | None = None, n: int | Sequence[int] | None = None
+) -> list[tuple[str, float | None, int | None]]:
     """The configured selection budgets as (label, percentage, n), one per value, in the order given.
 
     A label names the budget in tables and folders: ``p0.05`` (the top 5%), ``n200`` (the top 200).
@@ -52,7 +53,7 @@ def _id_series(candidate_ids) -> pl.Series:
         values = candidate_ids.tolist() if isinstance(candidate_ids, np.ndarray) else list(candidate_ids)
         try:
             ids = pl.Series(values, dtype=pl.Utf8, strict=True)
-        except TypeError:   # not all str: compare str(id), as np.asarray(ids, dtype=str) did
+        except TypeError:  # not all str: compare str(id), as np.asarray(ids, dtype=str) did
             ids = pl.Series(np.asarray(values, dtype=str).ravel(), dtype=pl.Utf8)
     return ids.alias("id")
 
@@ -70,18 +71,29 @@ def rank_order(scores: np.ndarray, candidate_ids: Sequence[str] | pl.Series | np
     ids = _id_series(candidate_ids)
     if len(ids) != len(neg):
         raise ValueError(f"{len(neg)} scores but {len(ids)} candidate ids")
-    return (pl.DataFrame([pl.Series("score", neg), ids]).with_row_index("i")
-            .sort(["score", "id"], maintain_order=True)["i"].to_numpy().astype(np.int64))
+    return (
+        pl.DataFrame([pl.Series("score", neg), ids])
+        .with_row_index("i")
+        .sort(["score", "id"], maintain_order=True)["i"]
+        .to_numpy()
+        .astype(np.int64)
+    )
 
 
-def top_selection(scores: np.ndarray, candidate_ids: Sequence[str], percentage: float | None = None,
-                  n: int | None = None) -> np.ndarray:
+def top_selection(
+    scores: np.ndarray, candidate_ids: Sequence[str], percentage: float | None = None, n: int | None = None
+) -> np.ndarray:
     """Indices of the selected candidates, best first."""
     return rank_order(scores, candidate_ids)[: selection_size(len(candidate_ids), percentage, n)]
 
 
-def capped_top(scores: np.ndarray, candidate_ids: Sequence[str], n: int, sources: Sequence[str] | None = None,
-               max_per_source: int | None = None) -> np.ndarray:
+def capped_top(
+    scores: np.ndarray,
+    candidate_ids: Sequence[str],
+    n: int,
+    sources: Sequence[str] | None = None,
+    max_per_source: int | None = None,
+) -> np.ndarray:
     """Global top-n by score, skipping candidates whose source already has ``max_per_source``."""
     order = rank_order(scores, candidate_ids)
     if max_per_source is None:
@@ -100,8 +112,13 @@ def capped_top(scores: np.ndarray, candidate_ids: Sequence[str], n: int, sources
     return np.asarray(picked, dtype=np.int64)
 
 
-def round_robin(subtask_scores: np.ndarray, candidate_ids: Sequence[str], n: int,
-                sources: Sequence[str] | None = None, max_per_source: int | None = None) -> np.ndarray:
+def round_robin(
+    subtask_scores: np.ndarray,
+    candidate_ids: Sequence[str],
+    n: int,
+    sources: Sequence[str] | None = None,
+    max_per_source: int | None = None,
+) -> np.ndarray:
     """Subtasks take turns (in column order), each picking its best remaining candidate.
 
     ``subtask_scores`` is M x S. Every subtask gets an equal share of the budget

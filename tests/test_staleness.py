@@ -33,8 +33,17 @@ def test_changing_k_and_warmup_marks_exactly_what_depends_on_them(tmp_path):
         shards = instance.get_dynamic_partitions("candidate_shards")
         fresh = {StaleStatus.FRESH}
         status = _status(instance, shards)
-        for name in ["candidate_pool", "target_sets", "base_model", "warmup_checkpoint", "target_gradients",
-                     "spectral_basis", "candidate_features", "candidate_scores", "selected_subset"]:
+        for name in [
+            "candidate_pool",
+            "target_sets",
+            "base_model",
+            "warmup_checkpoint",
+            "target_gradients",
+            "spectral_basis",
+            "candidate_features",
+            "candidate_scores",
+            "selected_subset",
+        ]:
             assert status[name] == fresh, (name, status[name])
 
         # Same config again: same data version, nothing downstream turns stale.
@@ -59,8 +68,12 @@ def test_changing_k_and_warmup_marks_exactly_what_depends_on_them(tmp_path):
         assert status["selected_subset"] == {StaleStatus.STALE}
 
         # A new warmup: the target gradients (and the basis after them) are stale, the pool is not.
-        materialize(["warmup_checkpoint"], {"ops": {"warmup_checkpoint": {"config": {"fraction": 0.1, "epochs": 1}}}},
-                     instance, root)
+        materialize(
+            ["warmup_checkpoint"],
+            {"ops": {"warmup_checkpoint": {"config": {"fraction": 0.1, "epochs": 1}}}},
+            instance,
+            root,
+        )
         status = _status(instance, shards)
         assert status["candidate_pool"] == fresh and status["base_model"] == fresh
         assert status["target_gradients"] == {StaleStatus.STALE}

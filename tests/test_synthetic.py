@@ -30,8 +30,7 @@ def _turns(record):
 
 
 def _is_noisy(record):
-    return any(reply not in syn._clean_replies(record["dataset"], user)
-               for user, reply in _turns(record))
+    return any(reply not in syn._clean_replies(record["dataset"], user) for user, reply in _turns(record))
 
 
 # ------------------------------------------------------------------ determinism
@@ -152,14 +151,19 @@ def test_clean_answers_are_correct(pool):
                 assert _ints(reply)[-1] == expected, (user, reply)
                 assert expected >= 0
             elif skill == "reverse_word":
-                m = (re.search(r"'([a-z]+)'", user) or re.search(r": ([a-z]+)$", user)
-                     or re.match(r"([a-z]+) reversed", user))
+                m = (
+                    re.search(r"'([a-z]+)'", user)
+                    or re.search(r": ([a-z]+)$", user)
+                    or re.match(r"([a-z]+) reversed", user)
+                )
                 word = m.group(1)
                 assert word[::-1] in reply, (user, reply)
             elif skill == "uppercase":
-                phrase = " ".join(w for w in re.findall(r"\b[a-z]+\b", user.split(":")[-1]
-                                                        if ":" in user else user)
-                                  if w not in {"to", "uppercase", "using", "only", "letters"})
+                phrase = " ".join(
+                    w
+                    for w in re.findall(r"\b[a-z]+\b", user.split(":")[-1] if ":" in user else user)
+                    if w not in {"to", "uppercase", "using", "only", "letters"}
+                )
                 assert phrase.upper() in reply, (user, reply)
             elif skill == "capitals":
                 country = next(c for c, _cap, _k in syn.COUNTRIES if c in user)
