@@ -168,7 +168,8 @@ def main(argv=None) -> int:
     print("\nRATIOS")
     print(
         f"  total {total:.1f}s / goal {GOAL_S:.0f}s = {total / GOAL_S:.2f} -> "
-        f"{'met' if total < GOAL_S else 'NOT met'}{' (quick config; the goal is for the default)' if args.quick else ''}"
+        f"{'met' if total < GOAL_S else 'NOT met'}"
+        f"{' (quick config; the goal is for the default)' if args.quick else ''}"
     )
     return 0
 

@@ -381,15 +381,16 @@ def report(results: dict, sizes: list[int], layout: dict) -> None:
     rss_small = med(small, "asset_path", "maxrss_kb") / 2**20
     print("\nRATIOS")
     for m in sizes:
-        print(
-            f"  {m:,}: asset path / in memory: time {med(m, 'asset_path', 'process_seconds') / med(m, 'in_memory', 'process_seconds'):.2f}, "
-            f"peak RSS {med(m, 'asset_path', 'maxrss_kb') / med(m, 'in_memory', 'maxrss_kb'):.2f}"
-        )
+        time_ratio = med(m, "asset_path", "process_seconds") / med(m, "in_memory", "process_seconds")
+        rss_ratio = med(m, "asset_path", "maxrss_kb") / med(m, "in_memory", "maxrss_kb")
+        print(f"  {m:,}: asset path / in memory: time {time_ratio:.2f}, peak RSS {rss_ratio:.2f}")
     if len(sizes) > 1:
         for kind in ("asset_path", "in_memory"):
+            time_ratio = med(big, kind, "process_seconds") / med(small, kind, "process_seconds")
+            rss_ratio = med(big, kind, "maxrss_kb") / med(small, kind, "maxrss_kb")
             print(
-                f"  {kind}: {big:,} / {small:,}: time {med(big, kind, 'process_seconds') / med(small, kind, 'process_seconds'):.1f} "
-                f"(linear = {big / small:.0f}), peak RSS {med(big, kind, 'maxrss_kb') / med(small, kind, 'maxrss_kb'):.2f}"
+                f"  {kind}: {big:,} / {small:,}: time {time_ratio:.1f} "
+                f"(linear = {big / small:.0f}), peak RSS {rss_ratio:.2f}"
             )
     if big == 10_000_000:
         ok = t_big < GOAL_SECONDS

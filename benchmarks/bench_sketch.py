@@ -12,9 +12,9 @@ All through the project's run path (``gist_assets.run.run_all`` on a test instan
    top-1% overlap;
 5. ``selection_evaluation`` (gist and gist_sketch selections, top 5%) for each of ``--seeds`` seeds.
 
-    .venv/bin/python benchmarks/bench_sketch.py                        # embedded default (~1 h on a busy 2-core machine)
-    .venv/bin/python benchmarks/bench_sketch.py --pool realtext        # benchmarks/data/realtext pool
-    .venv/bin/python benchmarks/bench_sketch.py --quick                # tiny config, smoke test
+    .venv/bin/python benchmarks/bench_sketch.py                  # embedded default (~1 h on a busy 2-core machine)
+    .venv/bin/python benchmarks/bench_sketch.py --pool realtext  # benchmarks/data/realtext pool
+    .venv/bin/python benchmarks/bench_sketch.py --quick          # tiny config, smoke test
 """
 
 from __future__ import annotations
@@ -265,7 +265,8 @@ def main(argv=None) -> int:
         n_scored, n_ckpt = len(ids), len(ckpts)
         sketch_bytes = sum(sketches[c][:1].nbytes for c in ckpts)
         print(
-            f"\npool: {args.pool}{' (quick)' if args.quick else ''}; {n_scored} scored candidates, {len(shards)} shards, "
+            f"\npool: {args.pool}{' (quick)' if args.quick else ''}; "
+            f"{n_scored} scored candidates, {len(shards)} shards, "
             f"{n_ckpt} checkpoints, LoRA gradient D = {projector.layout.dim}, sketch d = {dim} "
             f"({projector.kind}, seed {projector.seed}); other processes used {bg.value:.2f} CPUs on average"
         )

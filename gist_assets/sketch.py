@@ -3,7 +3,8 @@
 A candidate's GIST coordinates are z = V_k^T g with V_k = G^T U_k S_k^-1, so they need
 only g's inner products with the target gradients. ``candidate_sketches`` stores, once,
 a seeded random projection s = g P (d numbers per checkpoint, E[P P^T] = I; by default
-a CountSketch, O(D) per example) of each candidate's raw LoRA gradient; it depends on the pool and the warmup, not on any target.
+a CountSketch, O(D) per example) of each candidate's raw LoRA gradient; it depends on the pool
+and the warmup, not on any target.
 For any later target, z ~= s (P^T V_k): exact target gradients and SVD as for `gist`,
 and P^T V_k (d x k) is computed from the basis alone, so no model runs over the pool.
 """

@@ -67,7 +67,8 @@ def test_gist_selection_beats_random_on_heldout_loss(tmp_path):
                 d
                 for (d,) in db.execute(
                     "SELECT g.heldout_loss - r.heldout_loss FROM evaluations g JOIN evaluations r "
-                    "USING (target, budget, seed) WHERE g.method = 'gist' AND r.method = 'random' AND g.budget = 'p0.05'"
+                    "USING (target, budget, seed) "
+                    "WHERE g.method = 'gist' AND r.method = 'random' AND g.budget = 'p0.05'"
                 ).fetchall()
             ]
         )

@@ -19,7 +19,8 @@ def custom_graph(small_run, tmp_path_factory):
 
     pool: normal records, one far longer than max_length (truncated, still scored), one whose reply is cut
     off entirely by truncation (excluded), two different records sharing the id "dup" (ids re-derived);
-    targets: `single` (one basis example, by its explicit split) and `mixed` (subtask `sums` with 4 examples, `rare` with one), k=8.
+    targets: `single` (one basis example, by its explicit split) and `mixed` (subtask `sums` with 4 examples,
+    `rare` with one), k=8.
     Runs with the working directory set to an empty folder, to check nothing is written outside the root.
     """
     base = tmp_path_factory.mktemp("custom_graph")
