@@ -18,9 +18,10 @@ import os
 import re
 import unicodedata
 import zlib
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 IGNORE_INDEX = -100
 ROLES = ("system", "user", "assistant")
@@ -61,7 +62,7 @@ def _check_str(value, what: str) -> str:
     return value
 
 
-def record_to_messages(record: dict) -> tuple[list[dict], str]:
+def record_to_messages(record: object) -> tuple[list[dict], str]:
     """Detect the record's format and return (messages, format name).
 
     Raises ValueError with a short reason when the record is unusable.
@@ -157,7 +158,11 @@ MAX_RECORD_BYTES = 8 << 20
 MAX_DEPTH = 100
 MAX_ID_CHARS = 256
 # Compressed pool files are read as streams, by suffix.
-_STREAMS = {".gz": ("gzip", gzip.open), ".bz2": ("bzip2", bz2.open), ".xz": ("xz", lzma.open)}
+_STREAMS: dict[str, tuple[str, Callable[..., Any]]] = {
+    ".gz": ("gzip", gzip.open),
+    ".bz2": ("bzip2", bz2.open),
+    ".xz": ("xz", lzma.open),
+}
 
 
 class CorruptFileError(ValueError):
@@ -360,6 +365,7 @@ def read_candidates(
             obj, original = item
             try:
                 messages, fmt = record_to_messages(obj)
+                assert isinstance(obj, dict)  # record_to_messages rejects anything else
                 source = obj.get("dataset") or obj.get("source") or source_from_path(path)
                 _check_str(source, "'dataset'/'source'")
                 rid = _record_id(obj)

@@ -168,7 +168,7 @@ def option_log_probs(
     max_tokens: int = 4096,
 ) -> np.ndarray:
     """(examples, options): log P(option completion | prompt), summed over its tokens."""
-    if not held.is_multiple_choice:
+    if held.options is None:  # not held.is_multiple_choice
         raise ValueError("not a multiple-choice held-out set")
     n_opt = len(held.options)
     flat = [e for per in held.option_encoded for e in per]

@@ -26,6 +26,7 @@ import weakref
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
+from typing import TypeGuard
 
 import numpy as np
 import torch
@@ -81,7 +82,7 @@ def trainable_linears(model: nn.Module) -> tuple[GradientLayout, list[nn.Linear]
                 "per-example gradients support LoRA adapters on linear layers only "
                 "(no modules_to_save, no trainable biases or embeddings)"
             )
-        blocks.append(ParamBlock(name, tuple(p.shape), offset))
+        blocks.append(ParamBlock(name, (p.shape[0], p.shape[1]), offset))
         modules.append(mod)
         offset += p.numel()
     if not blocks:
@@ -128,7 +129,7 @@ def _split(L: np.ndarray, max_tokens: int, max_batch_size: int, overhead: float)
     return ends[::-1]
 
 
-def padding_share(lengths: Sequence[int], ends: Sequence[int]) -> float:
+def padding_share(lengths: Sequence[int] | np.ndarray, ends: Sequence[int]) -> float:
     """Padding tokens / all tokens of the batches ``ends`` cut ascending ``lengths`` into."""
     L = np.asarray(lengths, dtype=np.int64)
     begins = [0, *ends[:-1]]
@@ -265,7 +266,7 @@ class _IOCapture:
             h.remove()
 
 
-def _uniform_list(mod: nn.Module) -> bool:
+def _uniform_list(mod: nn.Module) -> TypeGuard[nn.ModuleList]:
     return isinstance(mod, nn.ModuleList) and len(mod) > 0 and len({type(m) for m in mod}) == 1
 
 
@@ -277,7 +278,7 @@ def repeated_layers(model: nn.Module) -> nn.ModuleList:
         for child in body.children():
             if _uniform_list(child):
                 return child
-    best = None
+    best: nn.ModuleList | None = None
     for mod in model.modules():
         if _uniform_list(mod) and (best is None or len(mod) > len(best)):
             best = mod
@@ -324,9 +325,15 @@ class CausalLMParts:
     head: nn.Module
 
 
+def _base_model(model: nn.Module) -> nn.Module:
+    """The model a PEFT wrapper wraps (``get_base_model()``), else the model itself."""
+    get_base_model = getattr(model, "get_base_model", None)
+    return get_base_model() if get_base_model is not None else model
+
+
 def _causal_lm_body(model: nn.Module) -> nn.Module | None:
     """The decoder of a Hugging Face causal LM (PEFT-wrapped or not): ``model.model``, ``model.transformer``."""
-    lm = model.get_base_model() if hasattr(model, "get_base_model") else model
+    lm = _base_model(model)
     prefix = getattr(lm, "base_model_prefix", "")
     body = getattr(lm, prefix, None) if prefix else None
     return body if isinstance(body, nn.Module) and body is not lm else None
@@ -334,9 +341,10 @@ def _causal_lm_body(model: nn.Module) -> nn.Module | None:
 
 def split_causal_lm(model: nn.Module) -> CausalLMParts | None:
     """The decoder and output layer of a Hugging Face causal LM (PEFT-wrapped or not), or None."""
-    lm = model.get_base_model() if hasattr(model, "get_base_model") else model
+    lm = _base_model(model)
     body = _causal_lm_body(model)
-    head = lm.get_output_embeddings() if hasattr(lm, "get_output_embeddings") else None
+    get_output_embeddings = getattr(lm, "get_output_embeddings", None)
+    head = get_output_embeddings() if get_output_embeddings is not None else None
     if body is None or not isinstance(head, nn.Module):
         return None
     if any(p.requires_grad for p in head.parameters()):
@@ -604,6 +612,7 @@ def reference_gradients(model: nn.Module, encoded: Sequence[Encoded], device: to
         logits = model(input_ids=ids).logits
         loss = per_example_loss(logits, labels)[0]
         loss.backward()
-        rows.append(torch.cat([p.grad.flatten() for p in params]).cpu().numpy())
+        # after backward() every trainable parameter the loss depends on has a .grad
+        rows.append(torch.cat([p.grad.flatten() for p in params]).cpu().numpy())  # type: ignore[union-attr]
     model.zero_grad(set_to_none=True)
     return np.stack(rows).astype(np.float32)

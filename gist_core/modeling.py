@@ -14,6 +14,7 @@ import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Protocol
 
 import torch
 from torch import nn
@@ -84,7 +85,13 @@ def tiny_llama(vocab_size: int, spec: TinyLlamaSpec, tokenizer=None, seed: int =
     return LlamaForCausalLM(config)
 
 
-def causal_lm_batches(encoded: Sequence[Encoded], batch_size: int, rng: random.Random, pad_id: int):
+class Shuffler(Protocol):
+    """What causal_lm_batches needs of its rng (random.Random, or a no-op)."""
+
+    def shuffle(self, x: list[int], /) -> None: ...
+
+
+def causal_lm_batches(encoded: Sequence[Encoded], batch_size: int, rng: Shuffler, pad_id: int):
     """Shuffled, right-padded batches (input_ids, attention_mask, labels)."""
     order = list(range(len(encoded)))
     rng.shuffle(order)
@@ -183,7 +190,8 @@ def load_causal_lm(path: str, device: torch.device, dtype: torch.dtype, trust_re
         trust_remote_code=trust_remote_code,
         dtype=dtype,
     )
-    return model.to(device).eval()
+    # transformers types the wrapped PreTrainedModel.to as taking the model as its first argument
+    return model.to(device).eval()  # type: ignore[arg-type]
 
 
 def attach_lora(model: nn.Module, r: int, alpha: int, dropout: float, target_modules: Sequence[str], seed: int):

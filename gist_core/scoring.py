@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import cast
 
 import numpy as np
 
@@ -51,11 +52,11 @@ def checkpoint_weights(avg_learning_rates: Sequence[float]) -> np.ndarray:
     return w / w.sum()
 
 
-def weighted_sum(per_checkpoint: Sequence[np.ndarray], weights: Sequence[float]) -> np.ndarray:
+def weighted_sum(per_checkpoint: Sequence[np.ndarray], weights: Sequence[float] | np.ndarray) -> np.ndarray:
     """Weighted sum of per-checkpoint M x S score matrices."""
     if len(per_checkpoint) != len(weights):
         raise ValueError("one weight per checkpoint is required")
-    return sum(w * c for w, c in zip(weights, per_checkpoint, strict=False))
+    return cast(np.ndarray, sum(w * c for w, c in zip(weights, per_checkpoint, strict=False)))
 
 
 def combine_and_max(cosines: Sequence[np.ndarray], weights: Sequence[float]) -> tuple[np.ndarray, np.ndarray]:

@@ -210,8 +210,10 @@ def convert(dest: str | Path, log: Callable[[str], None] = print) -> Path:
         tok = load_gguf_tokenizer()
         model = AutoModelForCausalLM.from_pretrained(str(src.parent), gguf_file=src.name, dtype=torch.float32)
         model.config.bos_token_id, model.config.eos_token_id, model.config.pad_token_id = BOS_ID, EOS_ID, EOS_ID
-        model.generation_config.bos_token_id = BOS_ID
-        model.generation_config.eos_token_id = model.generation_config.pad_token_id = EOS_ID
+        generation = model.generation_config
+        assert generation is not None  # set by from_pretrained for every causal LM
+        generation.bos_token_id = BOS_ID
+        generation.eos_token_id = generation.pad_token_id = EOS_ID
         model.save_pretrained(str(tmp))
         tok.save_pretrained(str(tmp))
         del model

@@ -138,6 +138,7 @@ def choose_rank(s: np.ndarray, k: int | None = None, energy: float | None = None
             )
             k = n_pos
         return k, notes
+    assert energy is not None  # exactly one of k and energy is set, checked above
     if not 0 < energy <= 1:
         raise ValueError(f"energy must be in (0, 1], got {energy}")
     cum = np.cumsum(s**2) / np.sum(s**2)
@@ -221,7 +222,7 @@ class _BasisWriter:
         if self.path is None:
             self.V[start : start + rows.shape[0]] = rows
             return
-        data = memoryview(np.ascontiguousarray(rows)).cast("B")
+        data = np.ascontiguousarray(rows).data.cast("B")
         position = self.offset + start * rows.shape[1] * 4
         while data:
             written = os.pwrite(self.fd, data, position)

@@ -15,6 +15,7 @@ import time
 import uuid
 from contextlib import contextmanager
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import duckdb
 import numpy as np
@@ -22,8 +23,11 @@ import polars as pl
 from dagster_duckdb import DuckDBResource
 from pydantic import Field
 
+if TYPE_CHECKING:
+    from polars._typing import PolarsDataType
+
 # The columns of a score row as the files hold them (target and method are the folder names).
-SCORE_SCHEMA = {
+SCORE_SCHEMA: dict[str, PolarsDataType] = {
     "candidate_id": pl.Utf8,
     "source": pl.Utf8,
     "score": pl.Float64,
