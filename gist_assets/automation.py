@@ -29,7 +29,7 @@ from gist_resources import StorageResource
 from .config import effective_config, for_assets, load_run_config
 from .gradients import candidate_features, stale_gist_shards
 from .model import read_warmup
-from .partitions import candidate_shards
+from .partitions import CANDIDATE_SHARDS
 from .pool import candidate_pool, file_signatures, read_pool_version
 from .scores import candidate_scores, scores_inputs, scores_version_path, selected_subset
 from .sketch import candidate_sketches, sketch_scores_inputs, stale_sketch_shards
@@ -137,7 +137,7 @@ def new_candidate_data(context: dg.SensorEvaluationContext, storage: StorageReso
     watch_dir = os.environ.get(WATCH_ENV)
     if not watch_dir:
         return dg.SkipReason(f"set {WATCH_ENV} to the directory of candidate JSONL files to watch")
-    shards = sorted(context.instance.get_dynamic_partitions(candidate_shards.name))
+    shards = sorted(context.instance.get_dynamic_partitions(CANDIDATE_SHARDS))
     return refresh_requests(storage, watch_dir, shards)
 
 

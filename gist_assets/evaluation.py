@@ -27,6 +27,7 @@ candidate and the seconds of its feature pass, read from ``features/<shard>/``
 import json
 import math
 import time
+from typing import Any
 
 import dagster as dg
 import numpy as np
@@ -314,14 +315,14 @@ def selection_evaluation(
     shards = sorted(pool["shard"].unique().to_list())
     costs = {m: feature_costs(storage, m, shards) for m in methods}
     rows = []
-    for (target, method, budget, seed), r in results.items():
+    for (target, method, budget, row_seed), r in results.items():
         cost = costs.get(method, (None, None))
         rows.append(
             {
                 "target": target,
                 "method": method,
                 "budget": budget,
-                "seed": seed,
+                "seed": row_seed,
                 "train_examples": r["train_examples"],
                 "heldout_examples": r["heldout_examples"],
                 "heldout_loss": r["heldout_loss"],
@@ -341,7 +342,7 @@ def selection_evaluation(
         tmp.write_bytes(figure.png)
     storage.write_parquet(storage.path("evaluation", "summary.parquet"), summary_df)
 
-    meta = {
+    meta: dict[str, Any] = {
         "summary": dg.MetadataValue.md(
             md_table([{k: _fmt(v) for k, v in r.items()} for r in summary_df.to_dicts()], limit=1000)
         ),

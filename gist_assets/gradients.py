@@ -4,6 +4,7 @@ import hashlib
 import json
 import time
 from dataclasses import dataclass
+from typing import Any
 
 import dagster as dg
 import numpy as np
@@ -274,7 +275,7 @@ def features_dir(storage: StorageResource, shard: str, method: str = "gist"):
 class ShardInput:
     """One shard's candidates, tokenized; ``keep`` are those with completion tokens."""
 
-    tokenizer: object
+    tokenizer: Any  # a Hugging Face tokenizer
     encoded: list
     keep: list[int]
     side: pl.DataFrame  # per candidate: id, source, token counts, included, exclude_reason

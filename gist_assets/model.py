@@ -2,6 +2,7 @@
 
 import json
 import random
+from typing import Any
 
 import dagster as dg
 
@@ -98,7 +99,7 @@ def base_model(
         probe = encode_messages(
             tok, [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello."}], 64, config.chat_format
         )  # a format the tokenizer cannot do fails here
-        ref = {
+        ref: dict[str, Any] = {
             "path": storage.relative(path) if preset else path,
             "embedded": False,
             "preset": preset,
@@ -138,7 +139,7 @@ def base_model(
     if config.chat_format != "tulu":
         raise ValueError("the embedded model's tokenizer has no chat template: use chat_format 'tulu' with it")
 
-    max_length = config.max_length or EMBEDDED_DEFAULTS["max_length"]
+    max_length = config.max_length or int(EMBEDDED_DEFAULTS["max_length"])
     # Tokenizer and pretraining texts: the fixed corpus in Tulu chat format.
     conversations = synthetic.pretraining_corpus()
     texts = ["".join(seg for seg, _ in tulu_segments(c, modeling.EOS)) for c in conversations]

@@ -23,7 +23,7 @@ from .gradients import (
     compute_gist_shard,
     stale_gist_shards,
 )
-from .partitions import candidate_shards
+from .partitions import CANDIDATE_SHARDS
 
 
 class FanOutConfig(dg.Config):
@@ -32,7 +32,7 @@ class FanOutConfig(dg.Config):
 
 @dg.op(out=dg.DynamicOut(str))
 def shards_to_compute(context: dg.OpExecutionContext, config: FanOutConfig, storage: StorageResource):
-    shards = sorted(context.instance.get_dynamic_partitions(candidate_shards.name))
+    shards = sorted(context.instance.get_dynamic_partitions(CANDIDATE_SHARDS))
     todo = shards if config.all_shards else stale_gist_shards(storage, shards)[0]
     context.log.info(f"{len(todo)} of {len(shards)} shards to compute")
     for shard in todo:

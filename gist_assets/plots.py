@@ -2,7 +2,7 @@
 
 import base64
 import io
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
 import dagster as dg
@@ -83,13 +83,13 @@ def line_plot(values: Sequence[float], title: str, xlabel: str, ylabel: str) -> 
     return _to_md(plt, fig, title)
 
 
-def spectrum_plot(spectra: dict[str, Sequence[float]], ks: dict[str, int]) -> dg.MetadataValue:
+def spectrum_plot(spectra: Mapping[str, Sequence[float] | np.ndarray], ks: dict[str, int]) -> dg.MetadataValue:
     """Cumulative energy of the singular values per basis, with the chosen k marked."""
     import numpy as np
 
     plt, fig, ax = _figure()
-    for name, s in spectra.items():
-        s = np.asarray(s)
+    for name, values in spectra.items():
+        s = np.asarray(values)
         cum = np.cumsum(s**2) / max(float(np.sum(s**2)), 1e-30)
         ax.plot(range(1, len(s) + 1), cum, label=name)
         ax.axvline(ks[name], linestyle=":", color=ax.lines[-1].get_color())

@@ -4,6 +4,7 @@ import json
 import os
 import random
 from collections import Counter
+from typing import cast
 
 import dagster as dg
 import polars as pl
@@ -117,9 +118,10 @@ def candidate_pool(
             "skip_reasons": dg.MetadataValue.md("\n".join(f"- {r}" for r in report.skip_reasons) or "(none)"),
             "ids_rederived": report.ids_rederived,
             "rows_per_source": dg.MetadataValue.md(md_table(per_source.to_dicts(), limit=100)),
-            "chars_mean": float(lengths.mean()),
-            "chars_p50": float(lengths.median()),
-            "chars_max": int(lengths.max()),
+            # polars types a Series' aggregates as any Python value; n_chars is an integer column
+            "chars_mean": float(cast(float, lengths.mean())),
+            "chars_p50": float(cast(float, lengths.median())),
+            "chars_max": int(cast(int, lengths.max())),
             "sample": dg.MetadataValue.md(md_table(sample.to_dicts())),
             "path": dg.MetadataValue.path(str(pool_path(storage))),
         },

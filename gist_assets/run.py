@@ -141,7 +141,7 @@ def plan_stage(
             reason = f"upstream {', '.join(moved)} {verb}"
         else:
             prior = instance.get_run_by_id(entry.run_id)
-            reason = _config_change(name, prior.run_config if prior else {}, run_config) or _stale_reason(
+            reason = _config_change(name, dict(prior.run_config) if prior else {}, run_config) or _stale_reason(
                 resolver, key, partition
             )
         if reason:
@@ -290,7 +290,9 @@ def run_all(
         ensure_dagster_home(root)
         with dg.DagsterInstance.get() as instance:
             return run_all(run_config, root, instance, log, compare, force)
-    timings, report, changed = {}, {}, set()
+    timings: dict[str, float] = {}
+    report: dict[str, str] = {}
+    changed: set[str] = set()
     for job in MAIN_STAGES + (COMPARE_STAGES if compare else []):
         start = time.perf_counter()
         log(f"{job}:")
@@ -310,7 +312,8 @@ def run_all(
 
 def summarize(report: dict[str, str]) -> list[str]:
     """One line per asset; a partitioned asset's shards that are up to date or skipped are counted, not listed."""
-    lines, grouped = [], {}
+    lines: list[str] = []
+    grouped: dict[tuple[str, str], list[str]] = {}
     for name, what in report.items():
         base = name.split("[", 1)[0]
         if base != name and what.startswith(("up to date", "skipped")):

@@ -2,6 +2,7 @@
 
 import shutil
 import time
+from typing import cast
 
 import dagster as dg
 import numpy as np
@@ -174,7 +175,7 @@ def target_directions(storage: StorageResource, ckpt: str, target: str) -> tuple
 class ShardCounts:
     """What the scoring asset reports about the candidates, added up shard by shard."""
 
-    def __init__(self):
+    def __init__(self) -> None:
         self.scored = self.excluded = self.truncated = 0
         self.excluded_rows: list[dict] = []
 
@@ -279,6 +280,7 @@ def candidate_scores(
         counts = counts or shard_counts
         removed[method] = sorted(set(before) - set(targets))
         seconds[method] = round(time.perf_counter() - start, 3)
+    assert counts is not None  # set by the loop above: config.methods is never empty
     newer = newer_than_warmup(context, storage, score_store, targets[0], config.methods[0], config.warn_new_share)
     version = asset_fingerprint(context, inputs, read_warmup(storage)["version"])
     # "inputs": per method, what its scores are a function of (the refresh sensor compares it); "methods":
@@ -369,6 +371,7 @@ def choose(
     if config.strategy == "top":
         picked = capped_top(scores["score"].to_numpy(), ids, size, sources, config.max_per_source)
     elif config.strategy == "round_robin":
+        assert subtask_scores is not None, "round_robin needs the per-subtask scores"
         wide = subtask_scores.pivot(on="subtask", index="candidate_id", values="score")
         wide = scores.select("candidate_id").join(wide, on="candidate_id", how="left")
         picked = round_robin(wide.drop("candidate_id").to_numpy(), ids, size, sources, config.max_per_source)
@@ -536,7 +539,7 @@ def write_budget(
         "config": config.model_dump(),
         "selected": chosen.height,
         "scored_candidates": int(chosen["n_scored"][0]),
-        "score_cut": float(chosen["score"].min()),
+        "score_cut": float(cast(float, chosen["score"].min())),
         "counts_per_source": source_counts(chosen),
         # Paths relative to the storage root (an external model stays as configured).
         "model": storage.relative(model_path(storage, ref)),
@@ -592,7 +595,14 @@ def histogram_of(score_store: ScoreStore, target: str, method: str):
 
 
 def budget_metadata(
-    manifest: dict, chosen: pl.DataFrame, pool_mix: dict, label: str, target: str, method: str, dest, hist
+    manifest: dict,
+    chosen: pl.DataFrame,
+    pool_mix: dict,
+    label: str,
+    target: str,
+    method: str,
+    dest,
+    hist: tuple[np.ndarray, np.ndarray] | None,
 ) -> dict:
     """The metadata a person reads for one selection: size, source mix, the top rows, the score histogram."""
     key = (target if method == METHOD else f"{target}/{method}") + f"/{label}"

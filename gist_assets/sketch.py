@@ -69,6 +69,7 @@ def candidate_sketches(
         tensors[f"{ckpt['name']}/loss"] = losses
         timings[ckpt["name"]] = stats.timing()
         del model
+    assert layout is not None  # set by the loop above: a warmup has at least one checkpoint
     projection = {"dim": config.dim, "kind": config.projection, "seed": config.seed}
     version = asset_fingerprint(context, shard_in.version, warm["version"], ref["version"])
     shard_in.write(
