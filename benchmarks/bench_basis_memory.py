@@ -32,6 +32,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import REPO, interleaved, machine_line, median, table, wait_for_quiet  # noqa: E402
@@ -86,7 +87,7 @@ def child(mode: str, path: str, budget: int, k: int, out: str) -> None:
 
     from gist_core.spectral import build_basis
 
-    rec = {"mode": mode}
+    rec: dict[str, Any] = {"mode": mode}
     tracemalloc.start()  # numpy reports its array buffers to tracemalloc
     with _Sampler() as sampler:
         t0 = time.perf_counter()

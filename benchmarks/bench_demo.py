@@ -107,6 +107,7 @@ def main(argv=None) -> int:
                 out = run_all(run_config, root, instance=instance, log=lambda s: None)
             except BaseException:
                 log_file.flush()
+                assert sys.__stderr__ is not None  # the process's own stderr, not the redirected one
                 sys.__stderr__.write("".join(log_path.read_text().splitlines(True)[-60:]))
                 raise
         total = time.perf_counter() - t0

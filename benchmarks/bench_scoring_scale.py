@@ -33,6 +33,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import REPO, BackgroundLoad, machine_line, median, spread, table, wait_for_quiet  # noqa: E402
@@ -66,7 +67,7 @@ def build_root(root: Path, m: int, shard_size: int, seed: int = 0) -> dict:
     import pyarrow.parquet as pq
     from safetensors.numpy import save_file
 
-    from gist_assets.partitions import candidate_shards
+    from gist_assets.partitions import CANDIDATE_SHARDS
 
     rng = np.random.default_rng(seed)
     (root / "pool").mkdir(parents=True)
@@ -135,6 +136,7 @@ def build_root(root: Path, m: int, shard_size: int, seed: int = 0) -> dict:
                 {"shard": shard, "fingerprints": fps, "version": f"f-{s}", "shard_version": shard_versions[shard]}
             )
         )
+    assert writer is not None and ids_writer is not None  # set by the first shard
     writer.close()
     ids_writer.close()
     (root / "pool" / "shards.json").write_text(json.dumps({"version": f"pool-{seed}", "shards": shard_versions}))
@@ -150,7 +152,7 @@ def build_root(root: Path, m: int, shard_size: int, seed: int = 0) -> dict:
     )
     (root / "models").mkdir()
     (root / "models" / "model_ref.json").write_text(json.dumps({"embedded": True, "max_length": 2048}))
-    manifest = {"version": "basis", "checkpoints": [{"name": c} for c in CHECKPOINTS], "targets": {}}
+    manifest: dict[str, Any] = {"version": "basis", "checkpoints": [{"name": c} for c in CHECKPOINTS], "targets": {}}
     for t in TARGETS:
         for c in CHECKPOINTS:
             d = root / "basis" / c / t
@@ -164,7 +166,7 @@ def build_root(root: Path, m: int, shard_size: int, seed: int = 0) -> dict:
     home.mkdir()
     (home / "dagster.yaml").write_text("telemetry:\n  enabled: false\n")
     with dg.DagsterInstance.from_config(str(home)) as instance:
-        instance.add_dynamic_partitions(candidate_shards.name, sorted(shard_versions))
+        instance.add_dynamic_partitions(CANDIDATE_SHARDS, sorted(shard_versions))
     return {
         "shards": n_shards,
         "excluded": excluded,
@@ -194,7 +196,10 @@ def child_asset_path(root: Path) -> dict:
         t0 = time.perf_counter()
         result = materialize(["candidate_scores", "selected_subset"], config, instance, str(root))
         seconds = time.perf_counter() - t0
-        steps = {s.step_key: s.end_time - s.start_time for s in instance.get_run_step_stats(result.run_id)}
+        steps: dict[str, float] = {}
+        for s in instance.get_run_step_stats(result.run_id):
+            assert s.start_time is not None and s.end_time is not None  # the run has finished
+            steps[s.step_key] = s.end_time - s.start_time
     return {"seconds": seconds, "steps": steps, "rss_after_imports_kb": rss_before}
 
 

@@ -26,6 +26,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import REPO, BackgroundLoad, machine_line, table  # noqa: E402
@@ -175,7 +176,7 @@ def main(argv=None) -> int:
 
         log_file = open(Path(tmp) / "dagster.log", "w")
         with BackgroundLoad() as bg, contextlib.nullcontext() if args.verbose else contextlib.redirect_stderr(log_file):
-            before = set()
+            before: set[str] = set()
             _, t_first = run_timed(
                 f"1. first run, targets {names[:2]}, gist + gist_sketch (d={dim})",
                 lambda: run_all(first, root, instance=instance, log=lambda _: None),
@@ -243,7 +244,7 @@ def main(argv=None) -> int:
             db.close()
 
             evals = []
-            eval_ops = {
+            eval_ops: dict[str, Any] = {
                 **later,
                 "selection_evaluation": {
                     "config": {"include_full_pool": False, **({"epochs": 1} if args.quick else {})}

@@ -48,6 +48,7 @@ import statistics
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
@@ -97,7 +98,7 @@ def guess_targets(model) -> list[str]:
     raise SystemExit(f"cannot guess LoRA target modules for {type(model).__name__}; give --targets")
 
 
-ARCHS = {
+ARCHS: dict[str, tuple[str, dict[str, Any]]] = {
     # Llama-2-7B: 32 layers, hidden 4096, MHA, vocab 32000
     "llama2-7b": (
         "llama",
@@ -395,8 +396,8 @@ def main(argv=None) -> int:
     if parts is None:  # no separable output layer: the fair step is the plain one
         del fns["train step, completion logits"]
     names = list(fns)
-    peak = {}
-    totals = {v: [] for v in names}
+    peak: dict[str, int] = {}
+    totals: dict[str, list[float]] = {v: [] for v in names}
     for rep in range(args.repeats):
         acc = dict.fromkeys(names, 0.0)
         for j, u in enumerate(units):
@@ -415,7 +416,7 @@ def main(argv=None) -> int:
     sub_batches = list(length_batches(subset, args.max_tokens, args.max_batch_size))
     sub_units = [[subset[i] for i in b.indices] for b in sub_batches]
     sub_tokens = sum(b.n_tokens for b in sub_batches)
-    ref_totals = {"reference bs=1": [], "feature k=16": []}
+    ref_totals: dict[str, list[float]] = {"reference bs=1": [], "feature k=16": []}
     for rep in range(args.repeats):
         acc = dict.fromkeys(ref_totals, 0.0)
         for j, u in enumerate(sub_units):

@@ -59,7 +59,8 @@ def smollm2_tokenizers(smollm2_packages, tmp_path_factory):
 
 def label_runs(enc) -> list[list[int]]:
     """The labelled stretches of an encoding, each a list of token ids (labels equal the ids there)."""
-    runs, cur = [], []
+    runs: list[list[int]] = []
+    cur: list[int] = []
     for tid, lab in zip(enc.input_ids, enc.labels, strict=True):
         if lab == IGNORE_INDEX:
             if cur:

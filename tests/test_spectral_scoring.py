@@ -382,7 +382,7 @@ def test_rank_order_nan_last_string_ids_and_edges():
         rank_order(np.array([0.1, 0.2]), ["a", "b", "c"])
 
 
-def test_method_scores_and_top_rows_read_back_as_before(tmp_path):
+def test_method_scores_and_top_rows_read_back_as_before(tmp_path) -> None:
     """write_method_scores' columns as the old list code built them; the bounded top-n picks the same rows
     as choosing on every row; capped/round-robin still see every row; a set streamed in shards is the
     same as one written at once; the DuckDB histogram counts what numpy counts."""

@@ -382,7 +382,8 @@ def _rows(source, pairs):
 
 def main() -> None:
     rng = random.Random(0)
-    pool, targets = [], {"capitals": [], "past_tense": [], "antonyms": []}
+    pool: list[dict] = []
+    targets: dict[str, list[dict]] = {"capitals": [], "past_tense": [], "antonyms": []}
     # Each target keeps a third of each subtask's items out of the pool, asked with its own template.
     for continent, items in CAPITALS.items():
         items = items[:]
@@ -436,7 +437,7 @@ def main() -> None:
     (OUT / "pool.jsonl").write_text("".join(json.dumps(r) + "\n" for r in pool), encoding="utf-8")
     for name, rows in targets.items():
         (OUT / f"target_{name}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
-    counts = {}
+    counts: dict[str, int] = {}
     for r in pool:
         counts[r["dataset"]] = counts.get(r["dataset"], 0) + 1
     print(f"pool: {len(pool)} examples {counts}; targets: { ({k: len(v) for k, v in targets.items()}) }")

@@ -322,6 +322,7 @@ def _database_held(database, seconds: float):
         text=True,
     )
     try:
+        assert holder.stdout is not None
         assert holder.stdout.readline().strip() == "holding"
         yield holder
     finally:

@@ -213,12 +213,18 @@ class FlakyCompute(ComputeResource):
 
     fail_marker: str
 
-    def load_model(self, path: str, adapter_dir: str | None = None):
+    def load_model(
+        self,
+        path: str,
+        adapter_dir: str | None = None,
+        produced_by: str = "warmup_checkpoint",
+        partition: str | None = None,
+    ):
         marker = Path(self.fail_marker)
         if not marker.exists():
             marker.write_text("failed once")
             raise RuntimeError("simulated transient failure: CUDA out of memory")
-        return super().load_model(path, adapter_dir)
+        return super().load_model(path, adapter_dir, produced_by, partition)
 
 
 def test_transient_gradient_failure_is_retried_without_duplicate_output(small_run, tmp_path):
