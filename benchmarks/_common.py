@@ -13,8 +13,8 @@ import random
 import statistics
 import sys
 import time
+from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Callable, Sequence
 
 REPO = Path(__file__).resolve().parent.parent
 if str(REPO) not in sys.path:
@@ -25,6 +25,7 @@ os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 
 
 # ------------------------------------------------------------------ reporting
+
 
 def machine_line() -> str:
     cpu = platform.processor() or "?"
@@ -51,14 +52,17 @@ def table(rows: Sequence[dict], floatfmt: str = "{:.3g}") -> str:
 
     cells = [[fmt(r.get(c, "")) for c in cols] for r in rows]
     widths = [max(len(c), *(len(row[i]) for row in cells)) for i, c in enumerate(cols)]
-    out = ["| " + " | ".join(c.ljust(w) for c, w in zip(cols, widths)) + " |",
-           "|" + "|".join("-" * (w + 2) for w in widths) + "|"]
-    out += ["| " + " | ".join(v.ljust(w) for v, w in zip(row, widths)) + " |" for row in cells]
+    out = [
+        "| " + " | ".join(c.ljust(w) for c, w in zip(cols, widths, strict=False)) + " |",
+        "|" + "|".join("-" * (w + 2) for w in widths) + "|",
+    ]
+    out += ["| " + " | ".join(v.ljust(w) for v, w in zip(row, widths, strict=False)) + " |" for row in cells]
     return "\n".join(out)
 
 
-def interleaved(variants: dict[str, Callable[[], float | None]], repeats: int,
-                log: Callable[[str], None] | None = None) -> dict[str, list[float]]:
+def interleaved(
+    variants: dict[str, Callable[[], float | None]], repeats: int, log: Callable[[str], None] | None = None
+) -> dict[str, list[float]]:
     """Run each variant ``repeats`` times, rotating the order every repeat.
 
     A variant returns its own measured seconds, or None to be timed here
@@ -89,8 +93,8 @@ def spread(xs: Sequence[float]) -> str:
 
 # ------------------------------------------------------------ model fixtures
 
-def synthetic_candidates(n: int, vocab: int, min_len: int = 20, max_len: int = 120, seed: int = 0,
-                         first_id: int = 3):
+
+def synthetic_candidates(n: int, vocab: int, min_len: int = 20, max_len: int = 120, seed: int = 0, first_id: int = 3):
     """Random token ids; a random prompt share (20-80%) masked out of the loss.
 
     Every example keeps at least two completion tokens so its loss is defined.
@@ -107,8 +111,14 @@ def synthetic_candidates(n: int, vocab: int, min_len: int = 20, max_len: int = 1
     return out
 
 
-def lora_model(config, r: int = 8, alpha: int | None = None, seed: int = 0,
-               targets: Sequence[str] = ("q_proj", "k_proj", "v_proj", "o_proj"), device=None):
+def lora_model(
+    config,
+    r: int = 8,
+    alpha: int | None = None,
+    seed: int = 0,
+    targets: Sequence[str] = ("q_proj", "k_proj", "v_proj", "o_proj"),
+    device=None,
+):
     """A random-weight causal LM from ``config`` with LoRA attached and the LoRA weights
     perturbed to non-zero values (as after warmup; LoRA B starts at zero otherwise)."""
     import torch
@@ -123,8 +133,14 @@ def lora_model(config, r: int = 8, alpha: int | None = None, seed: int = 0,
     return with_lora(base, r, alpha, seed, targets, device)
 
 
-def with_lora(base, r: int = 8, alpha: int | None = None, seed: int = 0,
-              targets: Sequence[str] = ("q_proj", "k_proj", "v_proj", "o_proj"), device=None):
+def with_lora(
+    base,
+    r: int = 8,
+    alpha: int | None = None,
+    seed: int = 0,
+    targets: Sequence[str] = ("q_proj", "k_proj", "v_proj", "o_proj"),
+    device=None,
+):
     """``base`` with LoRA attached, LoRA weights perturbed to non-zero: (model, base parameter count)."""
     import torch
 
@@ -155,6 +171,7 @@ def orthonormal_basis(dim: int, k: int, seed: int, device=None):
 
 
 # ------------------------------------------------------------ background load
+
 
 def _busy_jiffies() -> tuple[int, int]:
     """(all CPUs' non-idle jiffies, this process's + its waited-for children's jiffies)."""
@@ -194,8 +211,9 @@ class BackgroundLoad:
         self.value = max(0.0, ((b1 - self._b0) - (o1 - self._o0)) / hz / secs)
 
 
-def wait_for_quiet(max_wait_s: float, threshold: float = 0.25, window_s: float = 5.0,
-                   log: Callable[[str], None] = print) -> float:
+def wait_for_quiet(
+    max_wait_s: float, threshold: float = 0.25, window_s: float = 5.0, log: Callable[[str], None] = print
+) -> float:
     """Wait (at most ``max_wait_s``) until other processes use < ``threshold`` CPUs over a window."""
     deadline = time.perf_counter() + max_wait_s
     while True:

@@ -27,12 +27,12 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import REPO, interleaved, machine_line, median, table, wait_for_quiet  # noqa: E402
@@ -41,6 +41,7 @@ MB = 1 << 20
 
 
 # --------------------------------------------------------------- child side
+
 
 def _status_kb(field: str) -> int:
     for line in Path("/proc/self/status").read_text().splitlines():
@@ -80,13 +81,13 @@ class _Sampler:
 
 
 def child(mode: str, path: str, budget: int, k: int, out: str) -> None:
+    import tracemalloc
+
     import numpy as np
 
     from gist_core.spectral import build_basis
 
-    import tracemalloc
-
-    rec = {"mode": mode}
+    rec: dict[str, Any] = {"mode": mode}
     tracemalloc.start()  # numpy reports its array buffers to tracemalloc
     with _Sampler() as sampler:
         t0 = time.perf_counter()
@@ -118,14 +119,15 @@ def child(mode: str, path: str, budget: int, k: int, out: str) -> None:
 
 # -------------------------------------------------------------- parent side
 
+
 def write_G(path: Path, n: int, d: int, seed: int = 0) -> None:
     """A low-rank-plus-noise G with a decaying, well-separated spectrum, written in row blocks."""
     import numpy as np
 
     rng = np.random.default_rng(seed)
     r = 24
-    W = rng.standard_normal((r, d)).astype(np.float32)          # r x D directions
-    A = rng.standard_normal((n, r)) * (0.7 ** np.arange(r))      # N x r decaying weights
+    W = rng.standard_normal((r, d)).astype(np.float32)  # r x D directions
+    A = rng.standard_normal((n, r)) * (0.7 ** np.arange(r))  # N x r decaying weights
     G = np.lib.format.open_memmap(path, mode="w+", dtype=np.float32, shape=(n, d))
     for start in range(0, n, 16):
         stop = min(n, start + 16)
@@ -137,13 +139,25 @@ def write_G(path: Path, n: int, d: int, seed: int = 0) -> None:
 
 
 def run_child(mode: str, path: Path, budget: int, k: int, out: Path) -> dict:
-    cmd = [sys.executable, __file__, "--child", mode, "--path", str(path), "--budget-bytes", str(budget),
-           "--k", str(k), "--out", str(out)]
+    cmd = [
+        sys.executable,
+        __file__,
+        "--child",
+        mode,
+        "--path",
+        str(path),
+        "--budget-bytes",
+        str(budget),
+        "--k",
+        str(k),
+        "--out",
+        str(out),
+    ]
     proc = subprocess.run(cmd, capture_output=True, text=True, cwd=REPO)
     if proc.returncode != 0:
         raise SystemExit(f"child {mode} failed:\n{proc.stdout}\n{proc.stderr}")
     line = [ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")][-1]
-    return json.loads(line[len("RESULT "):])
+    return json.loads(line[len("RESULT ") :])
 
 
 def compare_bases(a: Path, b: Path) -> tuple[float, float]:
@@ -167,8 +181,13 @@ def main(argv=None) -> int:
     p.add_argument("--k", type=int, default=16)
     p.add_argument("--repeats", type=int, default=None, help="runs of each mode, interleaved (default 3, quick 1)")
     p.add_argument("--dir", default=None, help="where to write G (default a temporary directory)")
-    p.add_argument("--wait-quiet", type=float, default=0, metavar="S",
-                   help="first wait up to S seconds for other processes to leave the CPUs idle")
+    p.add_argument(
+        "--wait-quiet",
+        type=float,
+        default=0,
+        metavar="S",
+        help="first wait up to S seconds for other processes to leave the CPUs idle",
+    )
     p.add_argument("--child", help=argparse.SUPPRESS)
     p.add_argument("--path", help=argparse.SUPPRESS)
     p.add_argument("--budget-bytes", type=int, help=argparse.SUPPRESS)
@@ -191,8 +210,10 @@ def main(argv=None) -> int:
         t0 = time.perf_counter()
         write_G(path, n, d)
         g_mb = path.stat().st_size / MB
-        print(f"G: N={n} D={d} float32, {g_mb:.1f} MB on disk ({g_mb / budget_mb:.1f}x the {budget_mb} MB budget); "
-              f"written in {time.perf_counter() - t0:.1f}s; k={args.k}; {repeats} run(s) per mode, interleaved")
+        print(
+            f"G: N={n} D={d} float32, {g_mb:.1f} MB on disk ({g_mb / budget_mb:.1f}x the {budget_mb} MB budget); "
+            f"written in {time.perf_counter() - t0:.1f}s; k={args.k}; {repeats} run(s) per mode, interleaved"
+        )
         modes = ["baseline", "bounded", "in-memory"]
         results: dict[str, list[dict]] = {m: [] for m in modes}
 
@@ -201,6 +222,7 @@ def main(argv=None) -> int:
                 rec = run_child(mode, path, budget, args.k, Path(tmp) / mode)
                 results[mode].append(rec)
                 return rec.get("seconds", 0.0)
+
             return go
 
         interleaved({m: runner(m) for m in modes}, repeats)
@@ -213,17 +235,19 @@ def main(argv=None) -> int:
     for m in modes:
         rs = results[m]
         hwm = median([r["vmhwm_mb"] for r in rs])
-        rows.append({
-            "mode": m,
-            "budget MB": "-" if m == "baseline" else (f"{budget_mb}" if m == "bounded" else "unlimited"),
-            "G MB": "-" if m == "baseline" else f"{g_mb:.0f}",
-            "peak RSS MB (VmHWM)": f"{hwm:.0f}",
-            "peak - baseline MB": "-" if m == "baseline" else f"{hwm - base:.0f}",
-            "peak anon MB": f"{median([r['peak_anon_mb'] for r in rs]):.0f}",
-            "peak file MB": f"{median([r['peak_file_mb'] for r in rs]):.0f}",
-            "numpy peak MB": f"{median([r['traced_peak_mb'] for r in rs]):.0f}",
-            "build s": "-" if m == "baseline" else f"{median([r['seconds'] for r in rs]):.2f}",
-        })
+        rows.append(
+            {
+                "mode": m,
+                "budget MB": "-" if m == "baseline" else (f"{budget_mb}" if m == "bounded" else "unlimited"),
+                "G MB": "-" if m == "baseline" else f"{g_mb:.0f}",
+                "peak RSS MB (VmHWM)": f"{hwm:.0f}",
+                "peak - baseline MB": "-" if m == "baseline" else f"{hwm - base:.0f}",
+                "peak anon MB": f"{median([r['peak_anon_mb'] for r in rs]):.0f}",
+                "peak file MB": f"{median([r['peak_file_mb'] for r in rs]):.0f}",
+                "numpy peak MB": f"{median([r['traced_peak_mb'] for r in rs]):.0f}",
+                "build s": "-" if m == "baseline" else f"{median([r['seconds'] for r in rs]):.2f}",
+            }
+        )
     print()
     print(table(rows))
     bd = median([r["vmhwm_mb"] for r in results["bounded"]]) - base
@@ -232,16 +256,20 @@ def main(argv=None) -> int:
     t_bd = median([r["seconds"] for r in results["bounded"]])
     t_im = median([r["seconds"] for r in results["in-memory"]])
     print()
-    print(f"(V is {v_mb:.1f} MB; the bounded path streams it to disk. ru_maxrss of these children reads "
-          f"{median([r['ru_maxrss_mb'] for r in results['baseline']]):.0f} MB even for the baseline: the kernel "
-          "carries the parent's high-water mark into a forked child, so VmHWM, which exec resets, is used)")
+    print(
+        f"(V is {v_mb:.1f} MB; the bounded path streams it to disk. ru_maxrss of these children reads "
+        f"{median([r['ru_maxrss_mb'] for r in results['baseline']]):.0f} MB even for the baseline: the kernel "
+        "carries the parent's high-water mark into a forked child, so VmHWM, which exec resets, is used)"
+    )
     print()
     print("RATIOS (peaks over the baseline interpreter)")
     print(f"  bounded peak RSS - budget (goal: a small constant) = {bd - budget_mb:+.1f} MB")
     print(f"  bounded peak RSS / budget                          = {bd / budget_mb:.2f}")
     print(f"  bounded peak anonymous memory / budget             = {anon_bd / budget_mb:.2f}")
-    print(f"  bounded numpy peak / budget                        = "
-          f"{median([r['traced_peak_mb'] for r in results['bounded']]) / budget_mb:.2f}")
+    print(
+        f"  bounded numpy peak / budget                        = "
+        f"{median([r['traced_peak_mb'] for r in results['bounded']]) / budget_mb:.2f}"
+    )
     print(f"  bounded peak RSS / in-memory peak RSS              = {bd / im:.3f}")
     print(f"  in-memory peak RSS / G size                        = {im / g_mb:.2f}")
     print(f"  build time bounded / in-memory                     = {t_bd / t_im:.2f}")

@@ -51,16 +51,37 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import (BackgroundLoad, lora_model, machine_line, median, orthonormal_basis,  # noqa: E402
-                     spread, synthetic_candidates, table, wait_for_quiet)
+from _common import (  # noqa: E402
+    BackgroundLoad,
+    lora_model,
+    machine_line,
+    median,
+    orthonormal_basis,
+    spread,
+    synthetic_candidates,
+    table,
+    wait_for_quiet,
+)
 
 MODELS = {
     # ~1M parameters: the embedded default's shape
-    "llama-1M": dict(vocab_size=2048, hidden_size=128, intermediate_size=352, num_hidden_layers=4,
-                     num_attention_heads=4, num_key_value_heads=4),
+    "llama-1M": dict(
+        vocab_size=2048,
+        hidden_size=128,
+        intermediate_size=352,
+        num_hidden_layers=4,
+        num_attention_heads=4,
+        num_key_value_heads=4,
+    ),
     # ~6M parameters
-    "llama-6M": dict(vocab_size=4096, hidden_size=256, intermediate_size=704, num_hidden_layers=6,
-                     num_attention_heads=8, num_key_value_heads=8),
+    "llama-6M": dict(
+        vocab_size=4096,
+        hidden_size=256,
+        intermediate_size=704,
+        num_hidden_layers=6,
+        num_attention_heads=8,
+        num_key_value_heads=8,
+    ),
 }
 SPEEDUP_GOAL = {"llama-1M": 2.5, "llama-6M": 1.9}
 
@@ -80,8 +101,13 @@ def run_model(name: str, args, log) -> dict:
     import numpy as np
     import torch
 
-    from gist_core.gradients import (completion_losses, length_batches, projected_gradients, reference_gradients,
-                                     split_causal_lm)
+    from gist_core.gradients import (
+        completion_losses,
+        length_batches,
+        projected_gradients,
+        reference_gradients,
+        split_causal_lm,
+    )
 
     model, n_base, layout = build(name, args.r, args.seed)
     vocab = MODELS[name]["vocab_size"]
@@ -131,19 +157,27 @@ def run_model(name: str, args, log) -> dict:
     units = [[cands[i] for i in b.indices] for b in batches]
     tokens = sum(b.n_tokens for b in batches)
     padded = sum(b.input_ids.numel() for b in batches)
-    log(f"{name}: {n_base:,} parameters, LoRA r={args.r} on q/k/v/o: D={D:,} in {len(layout.blocks)} blocks; "
+    log(
+        f"{name}: {n_base:,} parameters, LoRA r={args.r} on q/k/v/o: D={D:,} in {len(layout.blocks)} blocks; "
         f"{len(cands)} candidates, {tokens:,} tokens ({padded:,} with padding) in {len(batches)} batches "
-        f"of <= {args.max_tokens} tokens")
+        f"of <= {args.max_tokens} tokens"
+    )
 
     # Warm up every code path once (allocator, kernels) before timing.
-    train_on(units[-1]); train_completion_on(units[-1])
-    feat_on(units[-1], one); feat_on(units[-1], three); ref_on(units[-1][:2], one)
+    train_on(units[-1])
+    train_completion_on(units[-1])
+    feat_on(units[-1], one)
+    feat_on(units[-1], three)
+    ref_on(units[-1][:2], one)
     model.eval()
 
     # a + c: per batch, train step / feature k=16 / feature k=48 back to back, rotating order.
-    variants = {"train step": lambda u: train_on(u), "feature k=16": lambda u: feat_on(u, one),
-                "feature k=48": lambda u: feat_on(u, three),
-                "train step, completion logits": lambda u: train_completion_on(u)}
+    variants = {
+        "train step": lambda u: train_on(u),
+        "feature k=16": lambda u: feat_on(u, one),
+        "feature k=48": lambda u: feat_on(u, three),
+        "train step, completion logits": lambda u: train_completion_on(u),
+    }
     per_batch = interleave_batches(units, variants, args.repeats, "", log, args)
 
     # b: reference (bs=1, full gradient, then projection) vs ours on the same subset.
@@ -159,19 +193,31 @@ def run_model(name: str, args, log) -> dict:
     zr = np.zeros_like(z)
     nr = np.zeros_like(norms)
     for start in range(0, len(cands), 100):
-        G = reference_gradients(model, cands[start:start + 100])
-        zr[start:start + 100] = G @ one.numpy()
-        nr[start:start + 100] = np.linalg.norm(G.astype(np.float64), axis=1)
+        G = reference_gradients(model, cands[start : start + 100])
+        zr[start : start + 100] = G @ one.numpy()
+        nr[start : start + 100] = np.linalg.norm(G.astype(np.float64), axis=1)
     err = float(np.max(np.abs(z - zr)) / max(1e-12, float(np.max(np.abs(zr)))))
     row_err = float(np.max(np.linalg.norm(z - zr, axis=1) / np.maximum(1e-12, np.linalg.norm(zr, axis=1))))
     norm_err = float(np.max(np.abs(norms - nr) / nr))
 
     return {
-        "name": name, "params": n_base, "D": D, "blocks": len(layout.blocks), "candidates": len(cands),
-        "tokens": tokens, "padded": padded, "batches": len(batches), **summarize(per_batch, ""),
-        "subset": len(subset), "sub_tokens": sub_tokens, "sub_padded": sum(b.input_ids.numel() for b in sub_batches),
-        "sub_batches": len(sub_batches), **summarize(ref_per_batch, "ref_"), "check_err": err,
-        "check_row_err": row_err, "check_norm_err": norm_err,
+        "name": name,
+        "params": n_base,
+        "D": D,
+        "blocks": len(layout.blocks),
+        "candidates": len(cands),
+        "tokens": tokens,
+        "padded": padded,
+        "batches": len(batches),
+        **summarize(per_batch, ""),
+        "subset": len(subset),
+        "sub_tokens": sub_tokens,
+        "sub_padded": sum(b.input_ids.numel() for b in sub_batches),
+        "sub_batches": len(sub_batches),
+        **summarize(ref_per_batch, "ref_"),
+        "check_err": err,
+        "check_row_err": row_err,
+        "check_norm_err": norm_err,
     }
 
 
@@ -192,12 +238,17 @@ def padding_rows(args) -> list[dict]:
         by_skill.setdefault(r["dataset"], []).append(encode_messages(tokenizer, r["messages"], 256))
     rng = np.random.default_rng(args.seed)
     lengths = np.clip(rng.lognormal(np.log(80), 0.9, n).astype(int), 4, 2048)
-    long_tailed = [Encoded(list(range(3, m + 3)), [IGNORE_INDEX] * (m // 2) + list(range(3, m - m // 2 + 3)), False)
-                   for m in lengths]
+    long_tailed = [
+        Encoded(list(range(3, m + 3)), [IGNORE_INDEX] * (m // 2) + list(range(3, m - m // 2 + 3)), False)
+        for m in lengths
+    ]
     bench = synthetic_candidates(n, 2048, 20, 120, seed=args.seed)
-    pools = {"benchmark (uniform 20-120)": [bench], f"benchmark subset ({args.subset})": [bench[:args.subset]],
-             f"embedded default, {len(by_skill)} per-skill shards": list(by_skill.values()),
-             "long-tailed (lognormal, median 80, sigma 0.9)": [long_tailed]}
+    pools = {
+        "benchmark (uniform 20-120)": [bench],
+        f"benchmark subset ({args.subset})": [bench[: args.subset]],
+        f"embedded default, {len(by_skill)} per-skill shards": list(by_skill.values()),
+        "long-tailed (lognormal, median 80, sigma 0.9)": [long_tailed],
+    }
     rows = []
     for name, shards in pools.items():
         got = {}
@@ -208,11 +259,19 @@ def padding_rows(args) -> list[dict]:
             got[split] = (len(bs), 1 - real / padded)
         ok = got["dp"][1] < 0.05
         mean_len = np.mean([len(e.input_ids) for e in pool])
-        rows.append({"pool": name, "examples": len(pool), "tokens/example": f"{mean_len:.1f}",
-                     "max length": max(len(e.input_ids) for e in pool),
-                     "batches greedy / dp": f"{got['greedy'][0]} / {got['dp'][0]}",
-                     "padding greedy (before)": f"{got['greedy'][1]:.1%}", "padding dp (now)": f"{got['dp'][1]:.1%}",
-                     "goal": "< 5%", "met": "met" if ok else "NOT met"})
+        rows.append(
+            {
+                "pool": name,
+                "examples": len(pool),
+                "tokens/example": f"{mean_len:.1f}",
+                "max length": max(len(e.input_ids) for e in pool),
+                "batches greedy / dp": f"{got['greedy'][0]} / {got['dp'][0]}",
+                "padding greedy (before)": f"{got['greedy'][1]:.1%}",
+                "padding dp (now)": f"{got['dp'][1]:.1%}",
+                "goal": "< 5%",
+                "met": "met" if ok else "NOT met",
+            }
+        )
     return rows
 
 
@@ -248,11 +307,16 @@ def interleave_batches(units, variants, repeats, label, log, args):
             rep_busy += bg.value * secs
             rep_secs += secs
         loads.append(rep_busy / max(rep_secs, 1e-9))
-        log(f"  {label}rep {rep + 1}/{repeats}: " + ", ".join(f"{v} {acc[v]:.2f}s" for v in names)
-            + f"  (other processes: {loads[-1]:.2f} CPUs in the kept runs)")
+        log(
+            f"  {label}rep {rep + 1}/{repeats}: "
+            + ", ".join(f"{v} {acc[v]:.2f}s" for v in names)
+            + f"  (other processes: {loads[-1]:.2f} CPUs in the kept runs)"
+        )
     if redone:
-        log(f"  {label}{redone} batch group(s) redone because other processes were busy "
-            f"(waited {args.waited:.0f}s so far)")
+        log(
+            f"  {label}{redone} batch group(s) redone because other processes were busy "
+            f"(waited {args.waited:.0f}s so far)"
+        )
     return {"times": times, "loads": loads, "redone": redone}
 
 
@@ -262,8 +326,9 @@ def summarize(per_batch, prefix):
     times = per_batch["times"]
     return {
         prefix + "med": {v: sum(median(reps) for reps in per) for v, per in times.items()},
-        prefix + "totals": {v: [sum(per[j][r] for j in range(len(per))) for r in range(len(per[0]))]
-                            for v, per in times.items()},
+        prefix + "totals": {
+            v: [sum(per[j][r] for j in range(len(per))) for r in range(len(per[0]))] for v, per in times.items()
+        },
         prefix + "loads": per_batch["loads"],
         prefix + "redone": per_batch["redone"],
     }
@@ -286,13 +351,27 @@ def main(argv=None) -> int:
     p.add_argument("--max-batch-size", type=int, default=64)
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--quiet-threshold", type=float, default=0.3, metavar="CPUS",
-                   help="redo a batch's group of runs if other processes used more CPUs than this (default 0.3)")
-    p.add_argument("--max-wait", type=float, default=None, metavar="S",
-                   help="total seconds to wait for a quiet machine before accepting loaded runs "
-                        "(default 1800, quick 60)")
-    p.add_argument("--wait-quiet", type=float, default=0, metavar="S",
-                   help="first wait up to S seconds for other processes to leave the CPUs idle")
+    p.add_argument(
+        "--quiet-threshold",
+        type=float,
+        default=0.3,
+        metavar="CPUS",
+        help="redo a batch's group of runs if other processes used more CPUs than this (default 0.3)",
+    )
+    p.add_argument(
+        "--max-wait",
+        type=float,
+        default=None,
+        metavar="S",
+        help="total seconds to wait for a quiet machine before accepting loaded runs (default 1800, quick 60)",
+    )
+    p.add_argument(
+        "--wait-quiet",
+        type=float,
+        default=0,
+        metavar="S",
+        help="first wait up to S seconds for other processes to leave the CPUs idle",
+    )
     args = p.parse_args(argv)
     args.candidates = args.candidates or (120 if args.quick else 1000)
     args.subset = min(args.candidates, args.subset or (30 if args.quick else 200))
@@ -310,46 +389,90 @@ def main(argv=None) -> int:
     pad_rows = padding_rows(args)
     results = [run_model(m, args, lambda s: print(s, flush=True)) for m in args.models]
 
-    print("\nPadding share (padding tokens / all tokens of the batches), token budget "
-          f"{args.max_tokens}, at most {args.max_batch_size} examples a batch")
+    print(
+        "\nPadding share (padding tokens / all tokens of the batches), token budget "
+        f"{args.max_tokens}, at most {args.max_batch_size} examples a batch"
+    )
     print(table(pad_rows))
 
     print("\nModels")
-    print(table([{"model": r["name"], "parameters": f"{r['params']:,}", "LoRA": f"r={args.r} q/k/v/o",
-                  "LoRA dim D": f"{r['D']:,}", "blocks": r["blocks"], "candidates": r["candidates"],
-                  "tokens": f"{r['tokens']:,}", "batches": r["batches"],
-                  "padding share": f"{1 - r['tokens'] / r['padded']:.1%}",
-                  f"subset ({r['subset']}) batches": r["sub_batches"],
-                  "subset padding share": f"{1 - r['sub_tokens'] / r['sub_padded']:.1%}"} for r in results]))
+    print(
+        table(
+            [
+                {
+                    "model": r["name"],
+                    "parameters": f"{r['params']:,}",
+                    "LoRA": f"r={args.r} q/k/v/o",
+                    "LoRA dim D": f"{r['D']:,}",
+                    "blocks": r["blocks"],
+                    "candidates": r["candidates"],
+                    "tokens": f"{r['tokens']:,}",
+                    "batches": r["batches"],
+                    "padding share": f"{1 - r['tokens'] / r['padded']:.1%}",
+                    f"subset ({r['subset']}) batches": r["sub_batches"],
+                    "subset padding share": f"{1 - r['sub_tokens'] / r['sub_padded']:.1%}",
+                }
+                for r in results
+            ]
+        )
+    )
 
-    print(f"\na/c. Throughput over all candidates: seconds = sum over batches of the median of "
-          f"{args.repeats} interleaved repeats; min-max of the repeats' totals; other processes' CPU use")
+    print(
+        f"\na/c. Throughput over all candidates: seconds = sum over batches of the median of "
+        f"{args.repeats} interleaved repeats; min-max of the repeats' totals; other processes' CPU use"
+    )
     rows = []
     for r in results:
         for v, xs in r["totals"].items():
             secs = r["med"][v]
-            rows.append({"model": r["name"], "variant": v, "seconds": f"{secs:.2f}", "repeat totals": spread(xs),
-                         "tokens/s": f"{r['tokens'] / secs:,.0f}", "examples/s": f"{r['candidates'] / secs:,.1f}",
-                         "background CPUs": "/".join(f"{x:.2f}" for x in r["loads"])})
+            rows.append(
+                {
+                    "model": r["name"],
+                    "variant": v,
+                    "seconds": f"{secs:.2f}",
+                    "repeat totals": spread(xs),
+                    "tokens/s": f"{r['tokens'] / secs:,.0f}",
+                    "examples/s": f"{r['candidates'] / secs:,.1f}",
+                    "background CPUs": "/".join(f"{x:.2f}" for x in r["loads"]),
+                }
+            )
     print(table(rows))
 
-    print(f"\nb. Reference (bs=1, full gradient, then projection) on a subset vs the feature pass, per example "
-          f"(per-batch medians of {args.ref_repeats} interleaved repeats, summed)")
+    print(
+        f"\nb. Reference (bs=1, full gradient, then projection) on a subset vs the feature pass, per example "
+        f"(per-batch medians of {args.ref_repeats} interleaved repeats, summed)"
+    )
     rows = []
     for r in results:
         for v, xs in r["ref_totals"].items():
             secs = r["ref_med"][v]
-            rows.append({"model": r["name"], "variant": v, "examples": r["subset"],
-                         "tokens/example": f"{r['sub_tokens'] / r['subset']:.1f}", "seconds": f"{secs:.2f}",
-                         "repeat totals": spread(xs), "ms/example": f"{1000 * secs / r['subset']:.2f}",
-                         "tokens/s": f"{r['sub_tokens'] / secs:,.0f}",
-                         "background CPUs": "/".join(f"{x:.2f}" for x in r["ref_loads"])})
+            rows.append(
+                {
+                    "model": r["name"],
+                    "variant": v,
+                    "examples": r["subset"],
+                    "tokens/example": f"{r['sub_tokens'] / r['subset']:.1f}",
+                    "seconds": f"{secs:.2f}",
+                    "repeat totals": spread(xs),
+                    "ms/example": f"{1000 * secs / r['subset']:.2f}",
+                    "tokens/s": f"{r['sub_tokens'] / secs:,.0f}",
+                    "background CPUs": "/".join(f"{x:.2f}" for x in r["ref_loads"]),
+                }
+            )
         secs = r["med"]["feature k=16"]
-        rows.append({"model": r["name"], "variant": "feature k=16, all candidates (a/c)", "examples": r["candidates"],
-                     "tokens/example": f"{r['tokens'] / r['candidates']:.1f}", "seconds": f"{secs:.2f}",
-                     "repeat totals": spread(r["totals"]["feature k=16"]),
-                     "ms/example": f"{1000 * secs / r['candidates']:.2f}", "tokens/s": f"{r['tokens'] / secs:,.0f}",
-                     "background CPUs": "/".join(f"{x:.2f}" for x in r["loads"])})
+        rows.append(
+            {
+                "model": r["name"],
+                "variant": "feature k=16, all candidates (a/c)",
+                "examples": r["candidates"],
+                "tokens/example": f"{r['tokens'] / r['candidates']:.1f}",
+                "seconds": f"{secs:.2f}",
+                "repeat totals": spread(r["totals"]["feature k=16"]),
+                "ms/example": f"{1000 * secs / r['candidates']:.2f}",
+                "tokens/s": f"{r['tokens'] / secs:,.0f}",
+                "background CPUs": "/".join(f"{x:.2f}" for x in r["loads"]),
+            }
+        )
     print(table(rows))
 
     print("\nRATIOS")
@@ -362,35 +485,78 @@ def main(argv=None) -> int:
         c = m["feature k=48"] / m["feature k=16"]
         a_same = m["train step, completion logits"] / m["feature k=16"]
         rows += [
-            {"model": r["name"], "ratio": "a. feature / train-step tokens/s", "baseline":
-             "LoRA train step, same batches, completion-only logits", "value": f"{a_same:.3f}",
-             "goal": ">= 0.95", "met": met(a_same >= 0.95)},
-            {"model": r["name"], "ratio": "   (extra) feature / train-step tokens/s", "baseline":
-             "LoRA train step, same batches, logits at every position", "value": f"{a:.3f}",
-             "goal": "(>= 0.9 before)", "met": met(a >= 0.9)},
-            {"model": r["name"], "ratio": "b. speedup over the bs=1 reference", "baseline":
-             f"bs=1 full gradient then projection, same {r['subset']} examples", "value": f"{b_same:.2f}x",
-             "goal": f">= {SPEEDUP_GOAL[r['name']]}x", "met": met(b_same >= SPEEDUP_GOAL[r["name"]])},
-            {"model": r["name"], "ratio": "   (extra) speedup per example", "baseline":
-             f"bs=1 reference on {r['subset']} vs feature pass on all {r['candidates']}", "value": f"{b:.2f}x",
-             "goal": "-", "met": "-"},
-            {"model": r["name"], "ratio": "c. time 3 targets (k=48) / 1 target (k=16)", "baseline":
-             "the feature pass with one target's basis", "value": f"{c:.3f}", "goal": "<= 1.15", "met": met(c <= 1.15)},
-            {"model": r["name"], "ratio": "padding share of the batches", "baseline": "-",
-             "value": f"{1 - r['tokens'] / r['padded']:.1%}", "goal": "< 5%",
-             "met": met(r["tokens"] / r["padded"] > 0.95)},
-            {"model": r["name"], "ratio": f"check: relative max error over all {r['candidates']}", "baseline":
-             "reference_gradients @ basis, float32", "value": f"{r['check_err']:.1e}", "goal": "<= 1e-5",
-             "met": met(r["check_err"] <= 1e-5)},
+            {
+                "model": r["name"],
+                "ratio": "a. feature / train-step tokens/s",
+                "baseline": "LoRA train step, same batches, completion-only logits",
+                "value": f"{a_same:.3f}",
+                "goal": ">= 0.95",
+                "met": met(a_same >= 0.95),
+            },
+            {
+                "model": r["name"],
+                "ratio": "   (extra) feature / train-step tokens/s",
+                "baseline": "LoRA train step, same batches, logits at every position",
+                "value": f"{a:.3f}",
+                "goal": "(>= 0.9 before)",
+                "met": met(a >= 0.9),
+            },
+            {
+                "model": r["name"],
+                "ratio": "b. speedup over the bs=1 reference",
+                "baseline": f"bs=1 full gradient then projection, same {r['subset']} examples",
+                "value": f"{b_same:.2f}x",
+                "goal": f">= {SPEEDUP_GOAL[r['name']]}x",
+                "met": met(b_same >= SPEEDUP_GOAL[r["name"]]),
+            },
+            {
+                "model": r["name"],
+                "ratio": "   (extra) speedup per example",
+                "baseline": f"bs=1 reference on {r['subset']} vs feature pass on all {r['candidates']}",
+                "value": f"{b:.2f}x",
+                "goal": "-",
+                "met": "-",
+            },
+            {
+                "model": r["name"],
+                "ratio": "c. time 3 targets (k=48) / 1 target (k=16)",
+                "baseline": "the feature pass with one target's basis",
+                "value": f"{c:.3f}",
+                "goal": "<= 1.15",
+                "met": met(c <= 1.15),
+            },
+            {
+                "model": r["name"],
+                "ratio": "padding share of the batches",
+                "baseline": "-",
+                "value": f"{1 - r['tokens'] / r['padded']:.1%}",
+                "goal": "< 5%",
+                "met": met(r["tokens"] / r["padded"] > 0.95),
+            },
+            {
+                "model": r["name"],
+                "ratio": f"check: relative max error over all {r['candidates']}",
+                "baseline": "reference_gradients @ basis, float32",
+                "value": f"{r['check_err']:.1e}",
+                "goal": "<= 1e-5",
+                "met": met(r["check_err"] <= 1e-5),
+            },
         ]
     print(table(rows))
-    print("batch groups redone because other processes were busy: "
-          + ", ".join(f"{r['name']} {r['redone']} + {r['ref_redone']}" for r in results)
-          + f" (waited {args.waited:.0f}s)")
-    print("check (every candidate, float32): projected_gradients vs reference_gradients @ basis, relative max "
-          "error (max |dz| / max |z|): " + ", ".join(f"{r['name']} {r['check_err']:.1e}" for r in results)
-          + "; worst example's |dz| / |z|: " + ", ".join(f"{r['check_row_err']:.1e}" for r in results)
-          + "; worst |g| relative error: " + ", ".join(f"{r['check_norm_err']:.1e}" for r in results))
+    print(
+        "batch groups redone because other processes were busy: "
+        + ", ".join(f"{r['name']} {r['redone']} + {r['ref_redone']}" for r in results)
+        + f" (waited {args.waited:.0f}s)"
+    )
+    print(
+        "check (every candidate, float32): projected_gradients vs reference_gradients @ basis, relative max "
+        "error (max |dz| / max |z|): "
+        + ", ".join(f"{r['name']} {r['check_err']:.1e}" for r in results)
+        + "; worst example's |dz| / |z|: "
+        + ", ".join(f"{r['check_row_err']:.1e}" for r in results)
+        + "; worst |g| relative error: "
+        + ", ".join(f"{r['check_norm_err']:.1e}" for r in results)
+    )
     return 0
 
 

@@ -33,6 +33,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import REPO, BackgroundLoad, machine_line, median, spread, table, wait_for_quiet  # noqa: E402
@@ -46,11 +47,12 @@ GOAL_SECONDS, GOAL_RSS_GB, GOAL_RSS_GROWTH = 60.0, 3.0, 1.2
 
 # ------------------------------------------------------------------ the storage root (not timed)
 
+
 def _ids(rng, source_idx):
     import numpy as np
     import polars as pl
 
-    h = rng.integers(0, 2 ** 62, len(source_idx), dtype=np.int64)
+    h = rng.integers(0, 2**62, len(source_idx), dtype=np.int64)
     digits = (h[:, None] >> (4 * np.arange(15, -1, -1))) & 15
     hexes = np.ascontiguousarray(np.frombuffer(b"0123456789abcdef", dtype=np.uint8)[digits]).view("S16").ravel()
     src = pl.Series("source", np.asarray(SOURCES)[source_idx])
@@ -65,7 +67,7 @@ def build_root(root: Path, m: int, shard_size: int, seed: int = 0) -> dict:
     import pyarrow.parquet as pq
     from safetensors.numpy import save_file
 
-    from gist_assets.partitions import candidate_shards
+    from gist_assets.partitions import CANDIDATE_SHARDS
 
     rng = np.random.default_rng(seed)
     (root / "pool").mkdir(parents=True)
@@ -75,14 +77,30 @@ def build_root(root: Path, m: int, shard_size: int, seed: int = 0) -> dict:
         n = min(shard_size, m - s * shard_size)
         shard = f"bench-{s:04d}"
         ids, src = _ids(rng, rng.integers(0, len(SOURCES), n))
-        q = pl.Series(rng.integers(0, 10 ** 6, n)).cast(pl.Utf8)
-        messages = ('[{"role": "user", "content": "Question ' + q + ': what is ' + q
-                    + ' plus one?"}, {"role": "assistant", "content": "' + q + ' plus one is the next number."}]')
+        q = pl.Series(rng.integers(0, 10**6, n)).cast(pl.Utf8)
+        messages = (
+            '[{"role": "user", "content": "Question '
+            + q
+            + ": what is "
+            + q
+            + ' plus one?"}, {"role": "assistant", "content": "'
+            + q
+            + ' plus one is the next number."}]'
+        )
         original = '{"id": "' + ids + '", "messages": ' + messages + "}"
-        pool = pl.DataFrame([ids, src, pl.Series("shard", [shard] * n), pl.Series("file", ["pool.jsonl"] * n),
-                             pl.Series("line", np.arange(s * shard_size, s * shard_size + n) + 1),
-                             pl.Series("format", ["messages"] * n), messages.alias("messages"),
-                             original.alias("original"), (q.str.len_chars() * 2 + 40).alias("n_chars")])
+        pool = pl.DataFrame(
+            [
+                ids,
+                src,
+                pl.Series("shard", [shard] * n),
+                pl.Series("file", ["pool.jsonl"] * n),
+                pl.Series("line", np.arange(s * shard_size, s * shard_size + n) + 1),
+                pl.Series("format", ["messages"] * n),
+                messages.alias("messages"),
+                original.alias("original"),
+                (q.str.len_chars() * 2 + 40).alias("n_chars"),
+            ]
+        )
         table_ = pool.to_arrow()
         writer = writer or pq.ParquetWriter(root / "pool" / "candidate_pool.parquet", table_.schema)
         writer.write_table(table_)
@@ -93,29 +111,48 @@ def build_root(root: Path, m: int, shard_size: int, seed: int = 0) -> dict:
         included = rng.random(n) > 0.005
         excluded += int((~included).sum())
         n_tokens = rng.integers(20, 2048, n)
-        side = pl.DataFrame([ids, src, pl.Series("n_tokens", n_tokens), pl.Series("n_label_tokens", n_tokens // 2),
-                             pl.Series("truncated", rng.random(n) < 0.01), pl.Series("included", included),
-                             pl.Series("exclude_reason", [None if ok else "no completion tokens" for ok in included],
-                                       dtype=pl.Utf8)])
+        side = pl.DataFrame(
+            [
+                ids,
+                src,
+                pl.Series("n_tokens", n_tokens),
+                pl.Series("n_label_tokens", n_tokens // 2),
+                pl.Series("truncated", rng.random(n) < 0.01),
+                pl.Series("included", included),
+                pl.Series("exclude_reason", [None if ok else "no completion tokens" for ok in included], dtype=pl.Utf8),
+            ]
+        )
         d = root / "features" / shard
         d.mkdir(parents=True)
         n_in = int(included.sum())
-        save_file({f"{c}/{t}": rng.standard_normal((n_in, K), dtype=np.float32) for c in CHECKPOINTS for t in TARGETS},
-                  str(d / "features.safetensors"))
+        save_file(
+            {f"{c}/{t}": rng.standard_normal((n_in, K), dtype=np.float32) for c in CHECKPOINTS for t in TARGETS},
+            str(d / "features.safetensors"),
+        )
         side.write_parquet(d / "candidates.parquet")
         fps = {t: {c: f"fp-{t}-{c}" for c in CHECKPOINTS} for t in TARGETS}
-        (d / "meta.json").write_text(json.dumps({"shard": shard, "fingerprints": fps, "version": f"f-{s}",
-                                                 "shard_version": shard_versions[shard]}))
+        (d / "meta.json").write_text(
+            json.dumps(
+                {"shard": shard, "fingerprints": fps, "version": f"f-{s}", "shard_version": shard_versions[shard]}
+            )
+        )
+    assert writer is not None and ids_writer is not None  # set by the first shard
     writer.close()
     ids_writer.close()
     (root / "pool" / "shards.json").write_text(json.dumps({"version": f"pool-{seed}", "shards": shard_versions}))
     (root / "warmup").mkdir()
     (root / "pool_ids.parquet").rename(root / "warmup" / "pool_ids.parquet")
-    (root / "warmup" / "manifest.json").write_text(json.dumps({"version": "warm", "checkpoints": [
-        {"name": c, "avg_lr": lr} for c, lr in zip(CHECKPOINTS, (1e-3, 5e-4), strict=True)]}))
+    (root / "warmup" / "manifest.json").write_text(
+        json.dumps(
+            {
+                "version": "warm",
+                "checkpoints": [{"name": c, "avg_lr": lr} for c, lr in zip(CHECKPOINTS, (1e-3, 5e-4), strict=True)],
+            }
+        )
+    )
     (root / "models").mkdir()
     (root / "models" / "model_ref.json").write_text(json.dumps({"embedded": True, "max_length": 2048}))
-    manifest = {"version": "basis", "checkpoints": [{"name": c} for c in CHECKPOINTS], "targets": {}}
+    manifest: dict[str, Any] = {"version": "basis", "checkpoints": [{"name": c} for c in CHECKPOINTS], "targets": {}}
     for t in TARGETS:
         for c in CHECKPOINTS:
             d = root / "basis" / c / t
@@ -129,13 +166,17 @@ def build_root(root: Path, m: int, shard_size: int, seed: int = 0) -> dict:
     home.mkdir()
     (home / "dagster.yaml").write_text("telemetry:\n  enabled: false\n")
     with dg.DagsterInstance.from_config(str(home)) as instance:
-        instance.add_dynamic_partitions(candidate_shards.name, sorted(shard_versions))
-    return {"shards": n_shards, "excluded": excluded,
-            "pool_bytes": (root / "pool" / "candidate_pool.parquet").stat().st_size,
-            "feature_bytes": sum(f.stat().st_size for f in (root / "features").rglob("*") if f.is_file())}
+        instance.add_dynamic_partitions(CANDIDATE_SHARDS, sorted(shard_versions))
+    return {
+        "shards": n_shards,
+        "excluded": excluded,
+        "pool_bytes": (root / "pool" / "candidate_pool.parquet").stat().st_size,
+        "feature_bytes": sum(f.stat().st_size for f in (root / "features").rglob("*") if f.is_file()),
+    }
 
 
 # ------------------------------------------------------------------ the measured processes
+
 
 def child_asset_path(root: Path) -> dict:
     import resource
@@ -145,13 +186,20 @@ def child_asset_path(root: Path) -> dict:
     from gist_assets.run import materialize
 
     rss_before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    config = {"ops": {"candidate_scores": {"config": {"methods": ["gist"]}},
-                      "selected_subset": {"config": {"percentage": PERCENT}}}}
+    config = {
+        "ops": {
+            "candidate_scores": {"config": {"methods": ["gist"]}},
+            "selected_subset": {"config": {"percentage": PERCENT}},
+        }
+    }
     with dg.DagsterInstance.from_config(str(root / "dagster_home")) as instance:
         t0 = time.perf_counter()
         result = materialize(["candidate_scores", "selected_subset"], config, instance, str(root))
         seconds = time.perf_counter() - t0
-        steps = {s.step_key: s.end_time - s.start_time for s in instance.get_run_step_stats(result.run_id)}
+        steps: dict[str, float] = {}
+        for s in instance.get_run_step_stats(result.run_id):
+            assert s.start_time is not None and s.end_time is not None  # the run has finished
+            steps[s.step_key] = s.end_time - s.start_time
     return {"seconds": seconds, "steps": steps, "rss_after_imports_kb": rss_before}
 
 
@@ -168,8 +216,14 @@ def child_in_memory(root: Path) -> dict:
     parts = [load_file(str(d / "features.safetensors")) for d in shards]
     tensors = {k: np.concatenate([p[k] for p in parts]) for k in parts[0]}
     del parts
-    ids = pl.concat([pl.read_parquet(d / "candidates.parquet", columns=["candidate_id", "included"])
-                     .filter(pl.col("included"))["candidate_id"] for d in shards])
+    ids = pl.concat(
+        [
+            pl.read_parquet(d / "candidates.parquet", columns=["candidate_id", "included"]).filter(pl.col("included"))[
+                "candidate_id"
+            ]
+            for d in shards
+        ]
+    )
     weights = checkpoint_weights([1e-3, 5e-4])
     top = {}
     for t in TARGETS:
@@ -179,17 +233,25 @@ def child_in_memory(root: Path) -> dict:
             _, directions = subtask_directions(np.load(root / "basis" / c / t / "Z.npy"), meta["subtasks"])
             cosines.append(cosine_to_subtasks(tensors[f"{c}/{t}"], directions))
         score = weighted_sum(cosines, weights).max(axis=1)
-        top[t] = ids.gather(rank_order(score, ids)[:selection_size(len(ids), PERCENT)]).to_list()
-    return {"seconds": time.perf_counter() - t0, "selected": {t: len(v) for t, v in top.items()},
-            "first": {t: v[:5] for t, v in top.items()}}
+        top[t] = ids.gather(rank_order(score, ids)[: selection_size(len(ids), PERCENT)]).to_list()
+    return {
+        "seconds": time.perf_counter() - t0,
+        "selected": {t: len(v) for t, v in top.items()},
+        "first": {t: v[:5] for t, v in top.items()},
+    }
 
 
 def run_child(kind: str, root: Path) -> dict:
     """One measured process; its wall time, peak RSS and result, and other processes' CPU use meanwhile."""
     with BackgroundLoad() as bg:
         t0 = time.perf_counter()
-        proc = subprocess.Popen([sys.executable, __file__, f"--child-{kind.replace('_', '-')}", str(root)], stdout=subprocess.PIPE,
-                                stderr=subprocess.PIPE, cwd=REPO, text=True)
+        proc = subprocess.Popen(
+            [sys.executable, __file__, f"--child-{kind.replace('_', '-')}", str(root)],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            cwd=REPO,
+            text=True,
+        )
         out, err = proc.communicate()
         wall = time.perf_counter() - t0
     if proc.returncode != 0:
@@ -207,8 +269,13 @@ def main(argv=None) -> int:
     p.add_argument("--shard-size", type=int, default=100_000, help="candidates per feature shard (default 100000)")
     p.add_argument("--repeats", type=int, default=2, help="interleaved repeats (default 2)")
     p.add_argument("--dir", default=None, help="where the storage roots go (default a temporary directory)")
-    p.add_argument("--wait-quiet", type=float, default=0, metavar="S",
-                   help="first wait up to S seconds for other processes to leave the CPUs idle")
+    p.add_argument(
+        "--wait-quiet",
+        type=float,
+        default=0,
+        metavar="S",
+        help="first wait up to S seconds for other processes to leave the CPUs idle",
+    )
     p.add_argument("--child-asset-path", type=Path, help=argparse.SUPPRESS)
     p.add_argument("--child-in-memory", type=Path, help=argparse.SUPPRESS)
     args = p.parse_args(argv)
@@ -227,10 +294,14 @@ def main(argv=None) -> int:
     import numpy as np
     import polars as pl
 
-    print(f"# bench_scoring_scale: {machine_line()}; numpy {np.__version__}, polars {pl.__version__}, "
-          f"duckdb {duckdb.__version__}")
-    print(f"k={K}, {len(SUBTASKS)} subtasks, {len(CHECKPOINTS)} checkpoints, {len(TARGETS)} targets, top {PERCENT:.0%}; "
-          f"sizes {sizes}, {shard_size:,} candidates per shard, {args.repeats} interleaved repeats")
+    print(
+        f"# bench_scoring_scale: {machine_line()}; numpy {np.__version__}, polars {pl.__version__}, "
+        f"duckdb {duckdb.__version__}"
+    )
+    print(
+        f"k={K}, {len(SUBTASKS)} subtasks, {len(CHECKPOINTS)} checkpoints, {len(TARGETS)} targets, top {PERCENT:.0%}; "
+        f"sizes {sizes}, {shard_size:,} candidates per shard, {args.repeats} interleaved repeats"
+    )
     results: dict[int, dict[str, list[dict]]] = {m: {"asset_path": [], "in_memory": []} for m in sizes}
     tmp = Path(tempfile.mkdtemp(dir=args.dir, prefix="bench_scoring_"))
     try:
@@ -239,9 +310,12 @@ def main(argv=None) -> int:
             t0 = time.perf_counter()
             roots[m] = tmp / f"root-{m}"
             layout[m] = build_root(roots[m], m, shard_size)
-            print(f"  storage root for {m:,} candidates ({layout[m]['shards']} shards, pool file "
-                  f"{layout[m]['pool_bytes'] / 1e9:.2f} GB, features {layout[m]['feature_bytes'] / 1e9:.2f} GB) "
-                  f"in {time.perf_counter() - t0:.0f}s (not timed)", flush=True)
+            print(
+                f"  storage root for {m:,} candidates ({layout[m]['shards']} shards, pool file "
+                f"{layout[m]['pool_bytes'] / 1e9:.2f} GB, features {layout[m]['feature_bytes'] / 1e9:.2f} GB) "
+                f"in {time.perf_counter() - t0:.0f}s (not timed)",
+                flush=True,
+            )
         if args.wait_quiet:
             wait_for_quiet(args.wait_quiet)
         for rep in range(args.repeats):
@@ -250,9 +324,11 @@ def main(argv=None) -> int:
             for m, kind in order[shift:] + order[:shift]:
                 r = run_child(kind, roots[m])
                 results[m][kind].append(r)
-                print(f"  rep {rep + 1}/{args.repeats} {m:,} {kind}: {r['process_seconds']:.1f}s process, "
-                      f"peak RSS {r['maxrss_kb'] / 2**20:.2f} GB (other processes: {r['background_cpus']:.2f} CPUs)",
-                      flush=True)
+                print(
+                    f"  rep {rep + 1}/{args.repeats} {m:,} {kind}: {r['process_seconds']:.1f}s process, "
+                    f"peak RSS {r['maxrss_kb'] / 2**20:.2f} GB (other processes: {r['background_cpus']:.2f} CPUs)",
+                    flush=True,
+                )
         check_agreement(roots, results, sizes)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -270,9 +346,11 @@ def check_agreement(roots: dict, results: dict, sizes: list[int]) -> None:
             got = pl.read_parquet(roots[m] / "selections" / t / "gist" / "p0.05" / "selection.parquet")
             want = plain["selected"][t]
             if got.height != want or got["candidate_id"].head(5).to_list() != plain["first"][t]:
-                raise AssertionError(f"{m:,} {t}: the asset path selected {got.height} (first "
-                                     f"{got['candidate_id'].head(5).to_list()}), the plain computation {want} "
-                                     f"(first {plain['first'][t]})")
+                raise AssertionError(
+                    f"{m:,} {t}: the asset path selected {got.height} (first "
+                    f"{got['candidate_id'].head(5).to_list()}), the plain computation {want} "
+                    f"(first {plain['first'][t]})"
+                )
     print("check: every target's selection (size and top 5 ids) equals the plain computation's at every size")
 
 
@@ -284,15 +362,20 @@ def report(results: dict, sizes: list[int], layout: dict) -> None:
     for m in sizes:
         for kind, label in (("asset_path", "asset path (select_job)"), ("in_memory", "in memory (plain)")):
             rs = results[m][kind]
-            row = {"candidates": f"{m:,}", "variant": label, "process s": f"{med(m, kind, 'process_seconds'):.1f}",
-                   "min-max": spread([r["process_seconds"] for r in rs]),
-                   "peak RSS GB": f"{med(m, kind, 'maxrss_kb') / 2**20:.2f}",
-                   "background CPUs": "/".join(f"{r['background_cpus']:.2f}" for r in rs)}
+            row = {
+                "candidates": f"{m:,}",
+                "variant": label,
+                "process s": f"{med(m, kind, 'process_seconds'):.1f}",
+                "min-max": spread([r["process_seconds"] for r in rs]),
+                "peak RSS GB": f"{med(m, kind, 'maxrss_kb') / 2**20:.2f}",
+                "background CPUs": "/".join(f"{r['background_cpus']:.2f}" for r in rs),
+            }
             if kind == "asset_path":
                 row["job s"] = f"{med(m, kind, 'seconds'):.1f}"
                 steps = {k for r in rs for k in r["steps"]}
-                row["steps s"] = ", ".join(f"{k} {median([r['steps'].get(k, 0) for r in rs]):.1f}"
-                                           for k in sorted(steps))
+                row["steps s"] = ", ".join(
+                    f"{k} {median([r['steps'].get(k, 0) for r in rs]):.1f}" for k in sorted(steps)
+                )
             else:
                 row["job s"], row["steps s"] = f"{med(m, kind, 'seconds'):.1f}", "scores + top 5%, no writes"
             rows.append(row)
@@ -303,22 +386,33 @@ def report(results: dict, sizes: list[int], layout: dict) -> None:
     rss_small = med(small, "asset_path", "maxrss_kb") / 2**20
     print("\nRATIOS")
     for m in sizes:
-        print(f"  {m:,}: asset path / in memory: time {med(m, 'asset_path', 'process_seconds') / med(m, 'in_memory', 'process_seconds'):.2f}, "
-              f"peak RSS {med(m, 'asset_path', 'maxrss_kb') / med(m, 'in_memory', 'maxrss_kb'):.2f}")
+        time_ratio = med(m, "asset_path", "process_seconds") / med(m, "in_memory", "process_seconds")
+        rss_ratio = med(m, "asset_path", "maxrss_kb") / med(m, "in_memory", "maxrss_kb")
+        print(f"  {m:,}: asset path / in memory: time {time_ratio:.2f}, peak RSS {rss_ratio:.2f}")
     if len(sizes) > 1:
         for kind in ("asset_path", "in_memory"):
-            print(f"  {kind}: {big:,} / {small:,}: time {med(big, kind, 'process_seconds') / med(small, kind, 'process_seconds'):.1f} "
-                  f"(linear = {big / small:.0f}), peak RSS {med(big, kind, 'maxrss_kb') / med(small, kind, 'maxrss_kb'):.2f}")
+            time_ratio = med(big, kind, "process_seconds") / med(small, kind, "process_seconds")
+            rss_ratio = med(big, kind, "maxrss_kb") / med(small, kind, "maxrss_kb")
+            print(
+                f"  {kind}: {big:,} / {small:,}: time {time_ratio:.1f} "
+                f"(linear = {big / small:.0f}), peak RSS {rss_ratio:.2f}"
+            )
     if big == 10_000_000:
         ok = t_big < GOAL_SECONDS
-        print(f"  goal: 10M x {len(TARGETS)} targets end to end under {GOAL_SECONDS:.0f} s: {t_big:.1f}s -> "
-              f"{'met' if ok else 'NOT met'}")
-        print(f"  goal: peak RSS under {GOAL_RSS_GB:.0f} GB: {rss_big:.2f} GB -> "
-              f"{'met' if rss_big < GOAL_RSS_GB else 'NOT met'}")
+        print(
+            f"  goal: 10M x {len(TARGETS)} targets end to end under {GOAL_SECONDS:.0f} s: {t_big:.1f}s -> "
+            f"{'met' if ok else 'NOT met'}"
+        )
+        print(
+            f"  goal: peak RSS under {GOAL_RSS_GB:.0f} GB: {rss_big:.2f} GB -> "
+            f"{'met' if rss_big < GOAL_RSS_GB else 'NOT met'}"
+        )
     if len(sizes) > 1:
         growth = rss_big / rss_small
-        print(f"  goal: peak RSS within {GOAL_RSS_GROWTH - 1:.0%} between {small:,} and {big:,}: {growth:.2f} -> "
-              f"{'met' if growth <= GOAL_RSS_GROWTH else 'NOT met'}")
+        print(
+            f"  goal: peak RSS within {GOAL_RSS_GROWTH - 1:.0%} between {small:,} and {big:,}: {growth:.2f} -> "
+            f"{'met' if growth <= GOAL_RSS_GROWTH else 'NOT met'}"
+        )
 
 
 if __name__ == "__main__":

@@ -12,9 +12,9 @@ All through the project's run path (``gist_assets.run.run_all`` on a test instan
    top-1% overlap;
 5. ``selection_evaluation`` (gist and gist_sketch selections, top 5%) for each of ``--seeds`` seeds.
 
-    .venv/bin/python benchmarks/bench_sketch.py                        # embedded default (~1 h on a busy 2-core machine)
-    .venv/bin/python benchmarks/bench_sketch.py --pool realtext        # benchmarks/data/realtext pool
-    .venv/bin/python benchmarks/bench_sketch.py --quick                # tiny config, smoke test
+    .venv/bin/python benchmarks/bench_sketch.py                  # embedded default (~1 h on a busy 2-core machine)
+    .venv/bin/python benchmarks/bench_sketch.py --pool realtext  # benchmarks/data/realtext pool
+    .venv/bin/python benchmarks/bench_sketch.py --quick          # tiny config, smoke test
 """
 
 from __future__ import annotations
@@ -26,10 +26,10 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import REPO, BackgroundLoad, machine_line, table  # noqa: E402
-from bench_demo import step_durations  # noqa: E402
 
 sys.path.insert(0, str(REPO / "tests"))
 from small_config import SMALL  # noqa: E402
@@ -63,18 +63,19 @@ def sketch_scores_at(storage, ckpts, weights, targets, sketches, projector, dims
     import numpy as np
 
     from gist_assets.gradients import load_bases
-    from gist_core.scoring import cosine_to_subtasks, weighted_sum
     from gist_assets.scores import target_directions
+    from gist_core.scoring import cosine_to_subtasks, weighted_sum
 
     PV = {}
     for c in ckpts:
         V, slices = load_bases(storage, c, targets)
         PV[c] = (projector.project_columns(V.numpy()), slices)
+
     def smaller(x, d):
         """The d-dimensional sketch (rows of x are sketches or columns of P^T V) of the same kind."""
-        if projector.kind == "countsketch":   # bucket b -> b mod d: a CountSketch with d buckets, same signs
+        if projector.kind == "countsketch":  # bucket b -> b mod d: a CountSketch with d buckets, same signs
             return x.reshape(x.shape[0], projector.dim // d, d).sum(axis=1)
-        return x[:, :d] * np.sqrt(projector.dim / d)   # the first d columns of a dense projection, rescaled
+        return x[:, :d] * np.sqrt(projector.dim / d)  # the first d columns of a dense projection, rescaled
 
     out = {}
     for d in dims:
@@ -124,8 +125,12 @@ def steps_since(instance, before: set[str]) -> dict[str, float]:
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--quick", action="store_true", help="the tests' tiny config (smoke test; figures not comparable)")
-    p.add_argument("--pool", choices=["embedded", "realtext"], default="embedded",
-                   help="embedded synthetic pool and targets, or benchmarks/data/realtext (pool and targets)")
+    p.add_argument(
+        "--pool",
+        choices=["embedded", "realtext"],
+        default="embedded",
+        help="embedded synthetic pool and targets, or benchmarks/data/realtext (pool and targets)",
+    )
     p.add_argument("--dim", type=int, default=None, help="sketch dimension of the run (default: the config default)")
     p.add_argument("--curve", default=",".join(map(str, CURVE)), help="dimensions of the agreement curve (<= --dim)")
     p.add_argument("--seeds", type=int, default=3, help="evaluation seeds (fine-tunes per selection)")
@@ -153,7 +158,7 @@ def main(argv=None) -> int:
         root = str(Path(tmp) / "root")
         ops = dict(SMALL["ops"]) if args.quick else {}
         ops.pop("selection_evaluation", None)
-        ops.pop("selected_subset", None)   # the default 5%, as in the top-5% overlap
+        ops.pop("selected_subset", None)  # the default 5%, as in the top-5% overlap
         if args.pool == "realtext":
             data = REPO / "benchmarks" / "data" / "realtext"
             ops["candidate_pool"] = {"config": {"paths": [str(data / "pool.jsonl")], "shard_size": 200}}
@@ -170,18 +175,27 @@ def main(argv=None) -> int:
         with_exact = {"ops": {**later, "candidate_scores": {"config": {"methods": ["gist"]}}}}
 
         log_file = open(Path(tmp) / "dagster.log", "w")
-        with BackgroundLoad() as bg, (contextlib.nullcontext() if args.verbose else contextlib.redirect_stderr(log_file)):
-            before = set()
-            _, t_first = run_timed(f"1. first run, targets {names[:2]}, gist + gist_sketch (d={dim})",
-                                   lambda: run_all(first, root, instance=instance, log=lambda _: None), log)
+        with BackgroundLoad() as bg, contextlib.nullcontext() if args.verbose else contextlib.redirect_stderr(log_file):
+            before: set[str] = set()
+            _, t_first = run_timed(
+                f"1. first run, targets {names[:2]}, gist + gist_sketch (d={dim})",
+                lambda: run_all(first, root, instance=instance, log=lambda _: None),
+                log,
+            )
             s_first = steps_since(instance, before)
             before = {r.run_id for r in instance.get_runs()}
-            out2, t_sketch = run_timed(f"2. add target {names[2]!r}, gist_sketch only",
-                                       lambda: run_all(with_sketch, root, instance=instance, log=lambda _: None), log)
+            out2, t_sketch = run_timed(
+                f"2. add target {names[2]!r}, gist_sketch only",
+                lambda: run_all(with_sketch, root, instance=instance, log=lambda _: None),
+                log,
+            )
             s_sketch = steps_since(instance, before)
             before = {r.run_id for r in instance.get_runs()}
-            _, t_exact = run_timed("3. the same targets, gist only (exact pool pass)",
-                                   lambda: run_all(with_exact, root, instance=instance, log=lambda _: None), log)
+            _, t_exact = run_timed(
+                "3. the same targets, gist only (exact pool pass)",
+                lambda: run_all(with_exact, root, instance=instance, log=lambda _: None),
+                log,
+            )
             s_exact = steps_since(instance, before)
             pool_steps = [k for k in s_sketch if k.startswith(("candidate_features", "candidate_sketches"))]
             assert not pool_steps, f"the gist_sketch run ran a pool pass: {pool_steps}"
@@ -189,6 +203,7 @@ def main(argv=None) -> int:
             storage = StorageResource(root=root)
             from gist_assets.gradients import read_basis_manifest
             from gist_assets.model import read_warmup
+
             bases = read_basis_manifest(storage)
             ckpts = [c["name"] for c in bases["checkpoints"]]
             avg_lr = {c["name"]: c["avg_lr"] for c in read_warmup(storage)["checkpoints"]}
@@ -203,8 +218,12 @@ def main(argv=None) -> int:
             db = duckdb.connect(str(Path(root) / "gist.duckdb"), read_only=True)
 
             def stored(method, target):
-                got = dict(db.execute("SELECT candidate_id, score FROM candidate_scores WHERE method = ? AND "
-                                      "target = ?", [method, target]).fetchall())
+                got = dict(
+                    db.execute(
+                        "SELECT candidate_id, score FROM candidate_scores WHERE method = ? AND target = ?",
+                        [method, target],
+                    ).fetchall()
+                )
                 return np.array([got[i] for i in ids])
 
             agreement, worst_check = [], 0.0
@@ -213,34 +232,53 @@ def main(argv=None) -> int:
                 worst_check = max(worst_check, float(np.abs(curve[dim][target] - stored("gist_sketch", target)).max()))
                 for d in dims:
                     approx = curve[d][target]
-                    agreement.append({"target": target, "d": d, "spearman": spearman(exact, approx),
-                                      "top5_overlap": top_overlap(exact, approx, ids, 0.05),
-                                      "top1_overlap": top_overlap(exact, approx, ids, 0.01)})
+                    agreement.append(
+                        {
+                            "target": target,
+                            "d": d,
+                            "spearman": spearman(exact, approx),
+                            "top5_overlap": top_overlap(exact, approx, ids, 0.05),
+                            "top1_overlap": top_overlap(exact, approx, ids, 0.01),
+                        }
+                    )
             db.close()
 
             evals = []
-            eval_ops = {**later, "selection_evaluation": {"config": {"include_full_pool": False,
-                                                                     **({"epochs": 1} if args.quick else {})}}}
+            eval_ops: dict[str, Any] = {
+                **later,
+                "selection_evaluation": {
+                    "config": {"include_full_pool": False, **({"epochs": 1} if args.quick else {})}
+                },
+            }
             for seed in range(args.seeds):
                 eval_ops["selection_evaluation"]["config"]["seed"] = seed
-                _, secs = run_timed(f"5. selection_evaluation seed {seed}",
-                                    lambda: materialize(["selection_evaluation"], {"ops": eval_ops}, instance, root),
-                                    log)
+                _, secs = run_timed(
+                    f"5. selection_evaluation seed {seed}",
+                    lambda: materialize(["selection_evaluation"], {"ops": eval_ops}, instance, root),
+                    log,
+                )
                 with duckdb.connect(str(Path(root) / "gist.duckdb"), read_only=True) as db:
-                    evals += [(seed, *r) for r in db.execute(
-                        "SELECT target, method, heldout_loss FROM evaluations").fetchall()]
+                    evals += [
+                        (seed, *r)
+                        for r in db.execute("SELECT target, method, heldout_loss FROM evaluations").fetchall()
+                    ]
 
         n_scored, n_ckpt = len(ids), len(ckpts)
         sketch_bytes = sum(sketches[c][:1].nbytes for c in ckpts)
-        print(f"\npool: {args.pool}{' (quick)' if args.quick else ''}; {n_scored} scored candidates, {len(shards)} shards, "
-              f"{n_ckpt} checkpoints, LoRA gradient D = {projector.layout.dim}, sketch d = {dim} "
-              f"({projector.kind}, seed {projector.seed}); other processes used {bg.value:.2f} CPUs on average")
+        print(
+            f"\npool: {args.pool}{' (quick)' if args.quick else ''}; "
+            f"{n_scored} scored candidates, {len(shards)} shards, "
+            f"{n_ckpt} checkpoints, LoRA gradient D = {projector.layout.dim}, sketch d = {dim} "
+            f"({projector.kind}, seed {projector.seed}); other processes used {bg.value:.2f} CPUs on average"
+        )
         print(f"check: recomputed gist_sketch scores at d={dim} vs the stored ones: max |diff| {worst_check:.2e}")
 
         print("\nAgreement of gist_sketch with exact gist (per target and d)")
         print(table(agreement))
-        print("\nHeld-out loss after fine-tuning on each top-5% selection (selection_evaluation, "
-              f"{args.seeds} seed(s); base = no fine-tuning)")
+        print(
+            "\nHeld-out loss after fine-tuning on each top-5% selection (selection_evaluation, "
+            f"{args.seeds} seed(s); base = no fine-tuning)"
+        )
         rows = []
         for target in names:
             row = {"target": target}
@@ -249,7 +287,9 @@ def main(argv=None) -> int:
                 if losses:
                     sd = statistics.stdev(losses) if len(losses) > 1 else float("nan")
                     row[method] = f"{statistics.mean(losses):.4f} +- {sd:.4f}"
-            per_seed = [(dict(((m, l) for s2, t2, m, l in evals if s2 == s and t2 == target))) for s in range(args.seeds)]
+            per_seed = [
+                (dict(((m, loss) for s2, t2, m, loss in evals if s2 == s and t2 == target))) for s in range(args.seeds)
+            ]
             diffs = [d["gist_sketch"] - d["gist"] for d in per_seed if "gist" in d and "gist_sketch" in d]
             row["sketch - exact (per seed)"] = ", ".join(f"{x:+.4f}" for x in diffs)
             rows.append(row)
@@ -280,15 +320,23 @@ def main(argv=None) -> int:
         print("\nStorage per candidate")
         print(table(storage_rows))
         print("\nRATIOS")
-        print(f"  new target, pool work: exact pass {exact_pass:.1f}s / gist_sketch scoring {sketch_score:.1f}s "
-              f"= {exact_pass / sketch_score:.1f}x")
-        print(f"  new target, end to end (steps): (shared {shared:.1f} + exact {exact_pass + exact_score:.1f}) / "
-              f"(shared {shared:.1f} + sketch {sketch_score:.1f}) = "
-              f"{(shared + exact_pass + exact_score) / (shared + sketch_score):.1f}x")
-        print(f"  storage: LESS {LESS_DIM * 4 * n_ckpt} B / sketch {sketch_bytes} B = "
-              f"{LESS_DIM * 4 * n_ckpt / sketch_bytes:.2f}x")
-        print(f"  one-time sketch pass / exact pass (first run): {sketch_pass:.1f}s / {first_exact_pass:.1f}s = "
-              f"{sketch_pass / max(first_exact_pass, 1e-9):.2f}")
+        print(
+            f"  new target, pool work: exact pass {exact_pass:.1f}s / gist_sketch scoring {sketch_score:.1f}s "
+            f"= {exact_pass / sketch_score:.1f}x"
+        )
+        print(
+            f"  new target, end to end (steps): (shared {shared:.1f} + exact {exact_pass + exact_score:.1f}) / "
+            f"(shared {shared:.1f} + sketch {sketch_score:.1f}) = "
+            f"{(shared + exact_pass + exact_score) / (shared + sketch_score):.1f}x"
+        )
+        print(
+            f"  storage: LESS {LESS_DIM * 4 * n_ckpt} B / sketch {sketch_bytes} B = "
+            f"{LESS_DIM * 4 * n_ckpt / sketch_bytes:.2f}x"
+        )
+        print(
+            f"  one-time sketch pass / exact pass (first run): {sketch_pass:.1f}s / {first_exact_pass:.1f}s = "
+            f"{sketch_pass / max(first_exact_pass, 1e-9):.2f}"
+        )
         at = [r for r in agreement if r["d"] == dim]
         print(f"  top-5% overlap at d={dim}: min over targets {min(r['top5_overlap'] for r in at):.3f} (goal >= 0.9)")
         del out2

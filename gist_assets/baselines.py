@@ -6,21 +6,34 @@ import json
 import dagster as dg
 import numpy as np
 import polars as pl
-from pydantic import Field
 
 from gist_core.data import encode_prompt_completion
 from gist_core.gradients import GradientLayout, ParamBlock, block_features, trainable_linears
 from gist_core.projection import BlockProjector, adam_direction
 from gist_core.representation import mean_pooled_hidden_states
-from gist_core.scoring import (checkpoint_weights, cosine_to_subtasks, mean_cosine_per_subtask,
-                               subtask_directions, weighted_sum)
+from gist_core.scoring import (
+    checkpoint_weights,
+    cosine_to_subtasks,
+    mean_cosine_per_subtask,
+    subtask_directions,
+    weighted_sum,
+)
 from gist_core.warmup import load_optimizer_state
 from gist_resources import ComputeResource, ScoreStore, StorageResource
 from gist_resources.storage import ArtifactError
 
 from .config import BaselineScoresConfig, LessFeaturesConfig, SelectionConfig
-from .gradients import (GPU_POOL, GPU_STEP_TAGS, GRADIENT_RETRY, ShardInput, candidate_features, features_dir, progress_logger,
-                        read_targets_version, target_gradients)
+from .gradients import (
+    GPU_POOL,
+    GPU_STEP_TAGS,
+    GRADIENT_RETRY,
+    ShardInput,
+    candidate_features,
+    features_dir,
+    progress_logger,
+    read_targets_version,
+    target_gradients,
+)
 from .model import base_model, chat_format, read_model_ref, read_warmup, warmup_checkpoint
 from .partitions import candidate_shards
 from .paths import checkpoint_dir, model_path
@@ -37,8 +50,9 @@ def _optimizer_state(storage: StorageResource, ckpt: dict) -> dict:
     try:
         return load_optimizer_state(checkpoint_dir(storage, ckpt))
     except Exception as exc:  # SafetensorError, OSError, ValueError
-        raise ArtifactError(f"{path} is not a readable safetensors file ({exc}); re-materialize "
-                            "the `warmup_checkpoint` asset") from None
+        raise ArtifactError(
+            f"{path} is not a readable safetensors file ({exc}); re-materialize the `warmup_checkpoint` asset"
+        ) from None
 
 
 def _grads_manifest(storage: StorageResource) -> dict:
@@ -49,11 +63,19 @@ def _layout(manifest: dict) -> GradientLayout:
     return GradientLayout(tuple(ParamBlock(n, tuple(shape), off) for n, shape, off in manifest["layout"]["blocks"]))
 
 
-@dg.asset(group_name="baselines", deps=[candidate_pool, target_gradients, base_model], partitions_def=candidate_shards,
-          code_version="1", retry_policy=GRADIENT_RETRY, pool=GPU_POOL, op_tags=GPU_STEP_TAGS,
-          kinds={"pytorch", "safetensors"})
-def less_candidate_features(context: dg.AssetExecutionContext, config: LessFeaturesConfig,
-                            storage: StorageResource, compute: ComputeResource) -> dg.MaterializeResult:
+@dg.asset(
+    group_name="baselines",
+    deps=[candidate_pool, target_gradients, base_model],
+    partitions_def=candidate_shards,
+    code_version="1",
+    retry_policy=GRADIENT_RETRY,
+    pool=GPU_POOL,
+    op_tags=GPU_STEP_TAGS,
+    kinds={"pytorch", "safetensors"},
+)
+def less_candidate_features(
+    context: dg.AssetExecutionContext, config: LessFeaturesConfig, storage: StorageResource, compute: ComputeResource
+) -> dg.MaterializeResult:
     """LESS: Adam-preconditioned candidate gradients, randomly projected; target-independent.
 
     Uses the same checkpoints as the GIST target gradients.
@@ -70,42 +92,75 @@ def less_candidate_features(context: dg.AssetExecutionContext, config: LessFeatu
         state = _optimizer_state(storage, ckpt)
         missing = [b.name for b in layout.blocks if b.name not in state]
         if missing:
-            raise ValueError(f"optimizer state of {checkpoint_dir(storage, ckpt)} has no moments for {missing[:3]}; "
-                             "re-materialize warmup_checkpoint")
+            raise ValueError(
+                f"optimizer state of {checkpoint_dir(storage, ckpt)} has no moments for {missing[:3]}; "
+                "re-materialize warmup_checkpoint"
+            )
         device = compute.torch_device()
-        moments = [(state[b.name]["exp_avg"].reshape(-1).to(device), state[b.name]["exp_avg_sq"].reshape(-1).to(device))
-                   for b in layout.blocks]
+        moments = [
+            (state[b.name]["exp_avg"].reshape(-1).to(device), state[b.name]["exp_avg_sq"].reshape(-1).to(device))
+            for b in layout.blocks
+        ]
         projector = BlockProjector(layout, dim, config.seed, config.projection, device=device)
         betas, eps = tuple(info["betas"]), info["adam_eps"]
 
+        # B023: the closure is only called by block_features below, within this loop iteration.
         def project(k, g):
-            return projector.project_block(k, adam_direction(g, *moments[k], betas=betas, eps=eps))
+            return projector.project_block(k, adam_direction(g, *moments[k], betas=betas, eps=eps))  # noqa: B023
 
-        z, _, _, stats = block_features(model, [shard_in.encoded[i] for i in shard_in.keep], project, dim,
-                                        pad_id=shard_in.tokenizer.pad_token_id,
-                                        progress=progress_logger(context.log, f"less {shard}/{ckpt['name']}"),
-                                        **compute.batching())
+        z, _, _, stats = block_features(
+            model,
+            [shard_in.encoded[i] for i in shard_in.keep],
+            project,
+            dim,
+            pad_id=shard_in.tokenizer.pad_token_id,
+            progress=progress_logger(context.log, f"less {shard}/{ckpt['name']}"),
+            **compute.batching(),
+        )
         tensors[ckpt["name"]] = z
         timings[ckpt["name"]] = stats.timing()
     projection = {"dim": dim, "kind": config.projection, "seed": config.seed}
     version = asset_fingerprint(context, shard_in.version, grads["version"], ref["version"])
-    shard_in.write(storage, shard, "less", tensors, {"version": version, "projection": projection, "timings": timings,
-                                                     "checkpoints": [c["name"] for c in grads["checkpoints"]]})
-    return dg.MaterializeResult(data_version=data_version(version), metadata={
-        "scored": len(shard_in.keep), "projection": dg.MetadataValue.json(projection),
-        "timings": dg.MetadataValue.json(timings),
-        "bytes_per_candidate": round(sum(t.nbytes for t in tensors.values()) / max(1, len(shard_in.keep)), 1)})
+    shard_in.write(
+        storage,
+        shard,
+        "less",
+        tensors,
+        {
+            "version": version,
+            "projection": projection,
+            "timings": timings,
+            "checkpoints": [c["name"] for c in grads["checkpoints"]],
+        },
+    )
+    return dg.MaterializeResult(
+        data_version=data_version(version),
+        metadata={
+            "scored": len(shard_in.keep),
+            "projection": dg.MetadataValue.json(projection),
+            "timings": dg.MetadataValue.json(timings),
+            "bytes_per_candidate": round(sum(t.nbytes for t in tensors.values()) / max(1, len(shard_in.keep)), 1),
+        },
+    )
 
 
 def _last_checkpoint(storage: StorageResource) -> dict:
     return read_warmup(storage)["checkpoints"][-1]
 
 
-@dg.asset(group_name="baselines", deps=[candidate_pool, warmup_checkpoint, base_model], partitions_def=candidate_shards,
-          code_version="1", retry_policy=GRADIENT_RETRY, pool=GPU_POOL, op_tags=GPU_STEP_TAGS,
-          kinds={"pytorch", "safetensors"})
-def representation_features(context: dg.AssetExecutionContext, storage: StorageResource,
-                            compute: ComputeResource) -> dg.MaterializeResult:
+@dg.asset(
+    group_name="baselines",
+    deps=[candidate_pool, warmup_checkpoint, base_model],
+    partitions_def=candidate_shards,
+    code_version="1",
+    retry_policy=GRADIENT_RETRY,
+    pool=GPU_POOL,
+    op_tags=GPU_STEP_TAGS,
+    kinds={"pytorch", "safetensors"},
+)
+def representation_features(
+    context: dg.AssetExecutionContext, storage: StorageResource, compute: ComputeResource
+) -> dg.MaterializeResult:
     """Mean-pooled last-layer hidden states of each candidate (model with the last warmup adapter)."""
     import time
 
@@ -115,27 +170,50 @@ def representation_features(context: dg.AssetExecutionContext, storage: StorageR
     model = compute.load_model(model_path(storage, ref), checkpoint_dir(storage, ckpt))
     b = compute.batching()
     start = time.perf_counter()
-    reps = mean_pooled_hidden_states(model, [shard_in.encoded[i] for i in shard_in.keep], b["device"], b["dtype"],
-                                     b["max_tokens"], b["max_batch_size"], shard_in.tokenizer.pad_token_id)
+    reps = mean_pooled_hidden_states(
+        model,
+        [shard_in.encoded[i] for i in shard_in.keep],
+        b["device"],
+        b["dtype"],
+        b["max_tokens"],
+        b["max_batch_size"],
+        shard_in.tokenizer.pad_token_id,
+    )
     seconds = time.perf_counter() - start
     version = asset_fingerprint(context, shard_in.version, read_warmup(storage)["version"], ref["version"])
-    shard_in.write(storage, shard, "representation", {"hidden": reps},
-                   {"version": version, "checkpoint": ckpt["name"], "timings": {ckpt["name"]: {"seconds": seconds}}})
-    return dg.MaterializeResult(data_version=data_version(version), metadata={"scored": len(shard_in.keep), "seconds": round(seconds, 2),
-                                          "bytes_per_candidate": reps.shape[1] * 4 if reps.size else 0})
+    shard_in.write(
+        storage,
+        shard,
+        "representation",
+        {"hidden": reps},
+        {"version": version, "checkpoint": ckpt["name"], "timings": {ckpt["name"]: {"seconds": seconds}}},
+    )
+    return dg.MaterializeResult(
+        data_version=data_version(version),
+        metadata={
+            "scored": len(shard_in.keep),
+            "seconds": round(seconds, 2),
+            "bytes_per_candidate": reps.shape[1] * 4 if reps.size else 0,
+        },
+    )
 
 
 def _load_method_features(storage: StorageResource, shards: list[str], method: str):
     """Concatenated sidecars and tensors of one method's shard features; missing shards named."""
-    asset = {"gist": "candidate_features", "less": "less_candidate_features",
-             "representation": "representation_features"}[method]
+    asset = {
+        "gist": "candidate_features",
+        "less": "less_candidate_features",
+        "representation": "representation_features",
+    }[method]
     missing = [s for s in shards if not (features_dir(storage, s, method) / "meta.json").exists()]
     if missing:
         raise ValueError(f"{asset} is missing for shards {missing}; materialize those partitions first")
     sides, parts, metas = [], [], []
     for s in shards:
         d = features_dir(storage, s, method)
-        sides.append(storage.read_parquet(d / "candidates.parquet", asset, partition=s).with_columns(pl.lit(s).alias("shard")))
+        sides.append(
+            storage.read_parquet(d / "candidates.parquet", asset, partition=s).with_columns(pl.lit(s).alias("shard"))
+        )
         parts.append(storage.load_tensors(d / "features.safetensors", asset, partition=s))
         metas.append(storage.read_json(d / "meta.json", asset, partition=s))
     tensors = {k: np.concatenate([p[k] for p in parts]) for k in parts[0]}
@@ -144,16 +222,32 @@ def _load_method_features(storage: StorageResource, shards: list[str], method: s
 
 def random_scores(candidate_ids: list[str], seed: int) -> np.ndarray:
     """A seeded uniform number per candidate, from its id: the top-n is a seeded uniform sample."""
-    return np.array([int(hashlib.sha256(f"{seed}:{cid}".encode()).hexdigest()[:13], 16) / 16 ** 13
-                     for cid in candidate_ids])
+    return np.array(
+        [int(hashlib.sha256(f"{seed}:{cid}".encode()).hexdigest()[:13], 16) / 16**13 for cid in candidate_ids]
+    )
 
 
-@dg.asset(group_name="baselines",
-          deps=[candidate_features, less_candidate_features, representation_features, target_gradients, target_sets,
-                warmup_checkpoint],
-          code_version="2", pool=DUCKDB_POOL, kinds={"duckdb", "parquet"})
-def baseline_scores(context: dg.AssetExecutionContext, config: BaselineScoresConfig, storage: StorageResource,
-                    compute: ComputeResource, score_store: ScoreStore) -> dg.MaterializeResult:
+@dg.asset(
+    group_name="baselines",
+    deps=[
+        candidate_features,
+        less_candidate_features,
+        representation_features,
+        target_gradients,
+        target_sets,
+        warmup_checkpoint,
+    ],
+    code_version="2",
+    pool=DUCKDB_POOL,
+    kinds={"duckdb", "parquet"},
+)
+def baseline_scores(
+    context: dg.AssetExecutionContext,
+    config: BaselineScoresConfig,
+    storage: StorageResource,
+    compute: ComputeResource,
+    score_store: ScoreStore,
+) -> dg.MaterializeResult:
     """Scores of the baselines in the same candidate_scores table (column `method`)."""
     shards = sorted(context.instance.get_dynamic_partitions(candidate_shards.name))
     grads = _grads_manifest(storage)
@@ -164,16 +258,21 @@ def baseline_scores(context: dg.AssetExecutionContext, config: BaselineScoresCon
         side, _, metas = _load_method_features(storage, shards, "gist")
         inputs.append(("random", [m.get("shard_version") for m in metas]))
         score = random_scores(side["candidate_id"].to_list(), config.random_seed)
-        summary += write_method_scores(score_store, "random", [
-            (target, side, score[:, None], ["all"], f"random-seed-{config.random_seed}") for target in targets])
+        summary += write_method_scores(
+            score_store,
+            "random",
+            [(target, side, score[:, None], ["all"], f"random-seed-{config.random_seed}") for target in targets],
+        )
     if "less" in config.methods:
         side, tensors, metas = _load_method_features(storage, shards, "less")
         inputs.append(("less", [m.get("version") for m in metas]))
         projections = {json.dumps(m["projection"], sort_keys=True) for m in metas}
         ckpt_sets = {tuple(m["checkpoints"]) for m in metas}
         if len(projections) != 1 or ckpt_sets != {tuple(c["name"] for c in grads["checkpoints"])}:
-            raise ValueError("less_candidate_features shards were computed with different projections or "
-                             "checkpoints than the current target gradients; re-materialize all its partitions")
+            raise ValueError(
+                "less_candidate_features shards were computed with different projections or "
+                "checkpoints than the current target gradients; re-materialize all its partitions"
+            )
         proj = metas[0]["projection"]
         projector = BlockProjector(_layout(grads), proj["dim"], proj["seed"], proj["kind"])
         ckpts = [c["name"] for c in grads["checkpoints"]]
@@ -183,12 +282,20 @@ def baseline_scores(context: dg.AssetExecutionContext, config: BaselineScoresCon
             per_ckpt, names = [], None
             for ckpt in ckpts:
                 G = storage.open_npy(storage.path("target_gradients", ckpt, f"{target}.npy"), "target_gradients")
-                labels = storage.read_parquet(storage.path("target_gradients", ckpt, f"{target}.parquet"),
-                                              "target_gradients")
+                labels = storage.read_parquet(
+                    storage.path("target_gradients", ckpt, f"{target}.parquet"), "target_gradients"
+                )
                 names, m = mean_cosine_per_subtask(tensors[ckpt], projector.project_rows(G), labels["subtask"])
                 per_ckpt.append(m)
-            per_target.append((target, side, weighted_sum(per_ckpt, weights), names,
-                         f"less-{proj['kind']}-{proj['dim']}-seed-{proj['seed']}"))
+            per_target.append(
+                (
+                    target,
+                    side,
+                    weighted_sum(per_ckpt, weights),
+                    names,
+                    f"less-{proj['kind']}-{proj['dim']}-seed-{proj['seed']}",
+                )
+            )
         summary += write_method_scores(score_store, "less", per_target)
     if "representation" in config.methods:
         side, tensors, metas = _load_method_features(storage, shards, "representation")
@@ -201,30 +308,47 @@ def baseline_scores(context: dg.AssetExecutionContext, config: BaselineScoresCon
         per_target = []
         for target in targets:
             rows = df.filter(pl.col("target") == target).sort("example_id")
-            enc = [encode_prompt_completion(tokenizer, p, c, ref["max_length"], chat_format(ref))
-                   for p, c in zip(rows["prompt"], rows["completion"])]
-            reps = mean_pooled_hidden_states(model, enc, b["device"], b["dtype"], b["max_tokens"],
-                                             b["max_batch_size"], tokenizer.pad_token_id)
+            enc = [
+                encode_prompt_completion(tokenizer, p, c, ref["max_length"], chat_format(ref))
+                for p, c in zip(rows["prompt"], rows["completion"], strict=False)
+            ]
+            reps = mean_pooled_hidden_states(
+                model, enc, b["device"], b["dtype"], b["max_tokens"], b["max_batch_size"], tokenizer.pad_token_id
+            )
             names, directions = subtask_directions(reps, rows["subtask"].to_list())
-            per_target.append((target, side, cosine_to_subtasks(tensors["hidden"], directions), names,
-                         f"representation-{ckpt['name']}"))
+            per_target.append(
+                (
+                    target,
+                    side,
+                    cosine_to_subtasks(tensors["hidden"], directions),
+                    names,
+                    f"representation-{ckpt['name']}",
+                )
+            )
         del model
         summary += write_method_scores(score_store, "representation", per_target)
     for method in config.methods:
         score_store.delete_selections_except(targets, method)
     version = asset_fingerprint(context, inputs, grads["version"], read_targets_version(storage))
     storage.write_json(scores_version_path(storage, "baseline"), {"version": version})
-    return dg.MaterializeResult(data_version=data_version(version),
-                                metadata={"scores": dg.MetadataValue.md(md_table(summary, limit=100))})
+    return dg.MaterializeResult(
+        data_version=data_version(version), metadata={"scores": dg.MetadataValue.md(md_table(summary, limit=100))}
+    )
 
 
 BASELINE_METHODS = ("random", "less", "representation")
 
 
-@dg.asset(group_name="baselines", deps=[baseline_scores, candidate_pool], code_version="2", pool=DUCKDB_POOL,
-          kinds={"duckdb", "parquet"})
-def baseline_selections(context: dg.AssetExecutionContext, config: SelectionConfig, storage: StorageResource,
-                        score_store: ScoreStore) -> dg.MaterializeResult:
+@dg.asset(
+    group_name="baselines",
+    deps=[baseline_scores, candidate_pool],
+    code_version="2",
+    pool=DUCKDB_POOL,
+    kinds={"duckdb", "parquet"},
+)
+def baseline_selections(
+    context: dg.AssetExecutionContext, config: SelectionConfig, storage: StorageResource, score_store: ScoreStore
+) -> dg.MaterializeResult:
     """Per target and scored baseline: a selection of the same size as GIST's (the selected_subset config
     unless this asset has its own), same exports."""
     methods = [m for m in score_store.methods() if m in BASELINE_METHODS]

@@ -1,6 +1,5 @@
 """Asset checks guarding what downstream consumes."""
 
-
 import dagster as dg
 import numpy as np
 import polars as pl
@@ -20,17 +19,23 @@ def basis_columns_orthonormal(storage: StorageResource) -> dg.AssetCheckResult:
     worst = {}
     for target, per in bases["targets"].items():
         for ckpt in per:
-            V = np.asarray(storage.open_npy(storage.path("basis", ckpt, target, "V.npy"), "spectral_basis"),
-                           dtype=np.float64)
+            V = np.asarray(
+                storage.open_npy(storage.path("basis", ckpt, target, "V.npy"), "spectral_basis"), dtype=np.float64
+            )
             worst[f"{ckpt}/{target}"] = float(np.abs(V.T @ V - np.eye(V.shape[1])).max())
     top = max(worst.values())
-    return dg.AssetCheckResult(passed=top < 1e-3, metadata={"max_abs_deviation": top,
-                                                           "per_basis": dg.MetadataValue.json(worst)})
+    return dg.AssetCheckResult(
+        passed=top < 1e-3, metadata={"max_abs_deviation": top, "per_basis": dg.MetadataValue.json(worst)}
+    )
 
 
 def _integrity_metadata(found: dict) -> dict:
-    return {"duplicated_keys": found["duplicated_keys"], "duplicates": dg.MetadataValue.json(found["duplicates"]),
-            "nonfinite_scores": found["nonfinite"], "nonfinite_rows": dg.MetadataValue.json(found["nonfinite_rows"])}
+    return {
+        "duplicated_keys": found["duplicated_keys"],
+        "duplicates": dg.MetadataValue.json(found["duplicates"]),
+        "nonfinite_scores": found["nonfinite"],
+        "nonfinite_rows": dg.MetadataValue.json(found["nonfinite_rows"]),
+    }
 
 
 def _scores_valid(context, storage: StorageResource, score_store: ScoreStore) -> dg.AssetCheckResult:
@@ -41,39 +46,62 @@ def _scores_valid(context, storage: StorageResource, score_store: ScoreStore) ->
         for method, asset in (("gist", "candidate_features"), ("gist_sketch", "candidate_sketches")):
             side = features_dir(storage, shard, method) / "candidates.parquet"
             if side.exists():
-                excluded |= set(storage.read_parquet(side, asset, partition=shard)
-                                .filter(~pl.col("included"))["candidate_id"].to_list())
+                excluded |= set(
+                    storage.read_parquet(side, asset, partition=shard)
+                    .filter(~pl.col("included"))["candidate_id"]
+                    .to_list()
+                )
     wrongly_scored = score_store.scored_among(sorted(excluded))
     ok = bad == 0 and not wrongly_scored and found["duplicated_keys"] == 0 and found["nonfinite"] == 0
-    return dg.AssetCheckResult(passed=ok, metadata={
-        "out_of_range_or_nonfinite": int(bad), "excluded_candidates": len(excluded),
-        "excluded_but_scored": dg.MetadataValue.json(wrongly_scored[:20]), **_integrity_metadata(found)})
+    return dg.AssetCheckResult(
+        passed=ok,
+        metadata={
+            "out_of_range_or_nonfinite": int(bad),
+            "excluded_candidates": len(excluded),
+            "excluded_but_scored": dg.MetadataValue.json(wrongly_scored[:20]),
+            **_integrity_metadata(found),
+        },
+    )
 
 
-@dg.asset_check(asset=candidate_scores, blocking=True,
-                description="Scores are finite and in [-1, 1]; candidates without completion tokens are not scored")
-def scores_valid(context: dg.AssetCheckExecutionContext, storage: StorageResource,
-                 score_store: ScoreStore) -> dg.AssetCheckResult:
+@dg.asset_check(
+    asset=candidate_scores,
+    blocking=True,
+    description="Scores are finite and in [-1, 1]; candidates without completion tokens are not scored",
+)
+def scores_valid(
+    context: dg.AssetCheckExecutionContext, storage: StorageResource, score_store: ScoreStore
+) -> dg.AssetCheckResult:
     return _scores_valid(context, storage, score_store)
 
 
-@dg.asset_check(asset=baseline_scores, blocking=True, name="scores_valid",
-                description="Baseline scores are finite and in [-1, 1]; no candidate without completion tokens")
-def baseline_scores_valid(context: dg.AssetCheckExecutionContext, storage: StorageResource,
-                          score_store: ScoreStore) -> dg.AssetCheckResult:
+@dg.asset_check(
+    asset=baseline_scores,
+    blocking=True,
+    name="scores_valid",
+    description="Baseline scores are finite and in [-1, 1]; no candidate without completion tokens",
+)
+def baseline_scores_valid(
+    context: dg.AssetCheckExecutionContext, storage: StorageResource, score_store: ScoreStore
+) -> dg.AssetCheckResult:
     return _scores_valid(context, storage, score_store)
 
 
-@dg.asset_check(asset=selected_subset, blocking=True,
-                description="The selections table holds each (candidate, target, method) once, with a finite score")
+@dg.asset_check(
+    asset=selected_subset,
+    blocking=True,
+    description="The selections table holds each (candidate, target, method) once, with a finite score",
+)
 def selections_valid(score_store: ScoreStore) -> dg.AssetCheckResult:
     found = score_store.integrity("selections")
-    return dg.AssetCheckResult(passed=found["duplicated_keys"] == 0 and found["nonfinite"] == 0,
-                               metadata=_integrity_metadata(found))
+    return dg.AssetCheckResult(
+        passed=found["duplicated_keys"] == 0 and found["nonfinite"] == 0, metadata=_integrity_metadata(found)
+    )
 
 
-@dg.asset_check(asset=selected_subset, description="Each selection has the configured size at every budget, "
-                "in every output")
+@dg.asset_check(
+    asset=selected_subset, description="Each selection has the configured size at every budget, in every output"
+)
 def selection_size_as_configured(storage: StorageResource, score_store: ScoreStore) -> dg.AssetCheckResult:
     bases = read_basis_manifest(storage)
     report, ok = {}, True
@@ -83,8 +111,9 @@ def selection_size_as_configured(storage: StorageResource, score_store: ScoreSto
             continue
         folder = selection_dir(storage, target, method, label)
         manifest = storage.read_json(folder / "manifest.json", "selected_subset")
-        expected = selection_size(manifest["scored_candidates"], manifest["config"]["percentage"],
-                                  manifest["config"]["n"])
+        expected = selection_size(
+            manifest["scored_candidates"], manifest["config"]["percentage"], manifest["config"]["n"]
+        )
         counts = {}
         for name in ("selection.jsonl", "selection.messages.jsonl"):
             with open(folder / name, encoding="utf-8") as fh:

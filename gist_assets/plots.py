@@ -1,9 +1,8 @@
 """Small PNG plots embedded in Dagster markdown metadata."""
 
-
 import base64
 import io
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
 import dagster as dg
@@ -51,13 +50,17 @@ def budget_plot(summary: list[dict]) -> Figure:
     line per method; base and full_pool, which have no budget, are horizontal lines."""
     targets = sorted({r["target"] for r in summary})
     plt, fig, axes = _figure(max(1, len(targets)))
-    for ax, target in zip(axes, targets):
+    for ax, target in zip(axes, targets, strict=False):
         rows = [r for r in summary if r["target"] == target]
         for method in sorted({r["method"] for r in rows if r["budget"] is not None}):
-            pts = sorted((r["train_examples"], r["mean_loss"], r["std_loss"] or 0.0)
-                         for r in rows if r["method"] == method and r["budget"] is not None)
-            ax.errorbar([p[0] for p in pts], [p[1] for p in pts], yerr=[p[2] for p in pts], marker="o",
-                        capsize=2, label=method)
+            pts = sorted(
+                (r["train_examples"], r["mean_loss"], r["std_loss"] or 0.0)
+                for r in rows
+                if r["method"] == method and r["budget"] is not None
+            )
+            ax.errorbar(
+                [p[0] for p in pts], [p[1] for p in pts], yerr=[p[2] for p in pts], marker="o", capsize=2, label=method
+            )
         for r in rows:
             if r["budget"] is None:
                 ax.axhline(r["mean_loss"], linestyle=":" if r["method"] == "base" else "--", color="gray")
@@ -80,14 +83,14 @@ def line_plot(values: Sequence[float], title: str, xlabel: str, ylabel: str) -> 
     return _to_md(plt, fig, title)
 
 
-def spectrum_plot(spectra: dict[str, Sequence[float]], ks: dict[str, int]) -> dg.MetadataValue:
+def spectrum_plot(spectra: Mapping[str, Sequence[float] | np.ndarray], ks: dict[str, int]) -> dg.MetadataValue:
     """Cumulative energy of the singular values per basis, with the chosen k marked."""
     import numpy as np
 
     plt, fig, ax = _figure()
-    for name, s in spectra.items():
-        s = np.asarray(s)
-        cum = np.cumsum(s ** 2) / max(float(np.sum(s ** 2)), 1e-30)
+    for name, values in spectra.items():
+        s = np.asarray(values)
+        cum = np.cumsum(s**2) / max(float(np.sum(s**2)), 1e-30)
         ax.plot(range(1, len(s) + 1), cum, label=name)
         ax.axvline(ks[name], linestyle=":", color=ax.lines[-1].get_color())
     ax.set_xlabel("rank")
@@ -112,9 +115,11 @@ def md_table(rows: list[dict], limit: int = 20) -> str:
     if not rows:
         return "(none)"
     cols = list(rows[0])
+
     def cell(v):
         text = f"{v:.4f}" if isinstance(v, float) else str(v)
         return text.replace("|", "\\|").replace("\n", " ")[:120]
+
     lines = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
     lines += ["| " + " | ".join(cell(r[c]) for c in cols) + " |" for r in rows[:limit]]
     return "\n".join(lines)

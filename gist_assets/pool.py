@@ -1,15 +1,16 @@
 """candidate_pool and target_sets: the inputs, validated and stored as Parquet."""
 
-
 import json
 import os
 import random
 from collections import Counter
+from typing import cast
 
 import dagster as dg
 import polars as pl
 
-from gist_core import synthetic, targets as target_loaders
+from gist_core import synthetic
+from gist_core import targets as target_loaders
 from gist_core.data import read_candidates
 from gist_resources import StorageResource
 
@@ -46,8 +47,9 @@ def targets_path(storage: StorageResource):
 
 
 @dg.asset(group_name="inputs", code_version="2", kinds={"polars", "parquet"})
-def candidate_pool(context: dg.AssetExecutionContext, config: CandidatePoolConfig,
-                   storage: StorageResource) -> dg.MaterializeResult:
+def candidate_pool(
+    context: dg.AssetExecutionContext, config: CandidatePoolConfig, storage: StorageResource
+) -> dg.MaterializeResult:
     """The candidate pool: validated, deduplicated, stable ids, a source per row, sharded."""
     if config.shard_size < 1:
         raise ValueError(f"shard_size must be at least 1, got {config.shard_size}")
@@ -67,24 +69,29 @@ def candidate_pool(context: dg.AssetExecutionContext, config: CandidatePoolConfi
     for r in rows:
         shards.append(f"{prefixes[r.file]}-{per_file[r.file] // config.shard_size:04d}")
         per_file[r.file] += 1
-    df = pl.DataFrame({
-        "candidate_id": [r.candidate_id for r in rows],
-        "source": [r.source for r in rows],
-        "shard": shards,
-        "file": [r.file for r in rows],
-        "line": [r.line for r in rows],
-        "format": [r.format for r in rows],
-        "messages": [json.dumps(r.messages, ensure_ascii=False) for r in rows],
-        "original": [r.original for r in rows],
-        "n_chars": [sum(len(m["content"]) for m in r.messages) for r in rows],
-    })
+    df = pl.DataFrame(
+        {
+            "candidate_id": [r.candidate_id for r in rows],
+            "source": [r.source for r in rows],
+            "shard": shards,
+            "file": [r.file for r in rows],
+            "line": [r.line for r in rows],
+            "format": [r.format for r in rows],
+            "messages": [json.dumps(r.messages, ensure_ascii=False) for r in rows],
+            "original": [r.original for r in rows],
+            "n_chars": [sum(len(m["content"]) for m in r.messages) for r in rows],
+        }
+    )
     keys = sorted(set(shards))
-    shard_versions = {k: rows_fingerprint(part["candidate_id"], part["source"], part["messages"])
-                      for (k,), part in df.group_by("shard", maintain_order=True)}
+    shard_versions = {
+        k: rows_fingerprint(part["candidate_id"], part["source"], part["messages"])
+        for (k,), part in df.group_by("shard", maintain_order=True)
+    }
     version = fingerprint(sorted(shard_versions.items()))
     storage.write_parquet(pool_path(storage), df)
-    storage.write_json(shards_path(storage), {"version": version, "shards": shard_versions,
-                                              "files": file_signatures(report.files)})
+    storage.write_json(
+        shards_path(storage), {"version": version, "shards": shard_versions, "files": file_signatures(report.files)}
+    )
 
     existing = set(context.instance.get_dynamic_partitions(candidate_shards.name))
     new = [k for k in keys if k not in existing]
@@ -92,28 +99,33 @@ def candidate_pool(context: dg.AssetExecutionContext, config: CandidatePoolConfi
         context.instance.add_dynamic_partitions(candidate_shards.name, new)
     for gone in sorted(existing - set(keys)):
         context.instance.delete_dynamic_partition(candidate_shards.name, gone)
-    context.log.info(f"{df.height} candidates in {len(keys)} shards ({len(new)} new, "
-                     f"{len(existing - set(keys))} removed)")
+    context.log.info(
+        f"{df.height} candidates in {len(keys)} shards ({len(new)} new, {len(existing - set(keys))} removed)"
+    )
 
     per_source = df.group_by("source").agg(pl.len().alias("rows")).sort("source")
     lengths = df["n_chars"]
     sample = df.sample(n=min(5, df.height), seed=config.seed).select("candidate_id", "source", "messages")
-    return dg.MaterializeResult(data_version=data_version(version), metadata={
-        "rows": df.height,
-        "files": len(report.files),
-        "shards": len(keys),
-        "new_shards": len(new),
-        "duplicates_dropped": report.duplicates_dropped,
-        "records_skipped": report.skipped,
-        "skip_reasons": dg.MetadataValue.md("\n".join(f"- {r}" for r in report.skip_reasons) or "(none)"),
-        "ids_rederived": report.ids_rederived,
-        "rows_per_source": dg.MetadataValue.md(md_table(per_source.to_dicts(), limit=100)),
-        "chars_mean": float(lengths.mean()),
-        "chars_p50": float(lengths.median()),
-        "chars_max": int(lengths.max()),
-        "sample": dg.MetadataValue.md(md_table(sample.to_dicts())),
-        "path": dg.MetadataValue.path(str(pool_path(storage))),
-    })
+    return dg.MaterializeResult(
+        data_version=data_version(version),
+        metadata={
+            "rows": df.height,
+            "files": len(report.files),
+            "shards": len(keys),
+            "new_shards": len(new),
+            "duplicates_dropped": report.duplicates_dropped,
+            "records_skipped": report.skipped,
+            "skip_reasons": dg.MetadataValue.md("\n".join(f"- {r}" for r in report.skip_reasons) or "(none)"),
+            "ids_rederived": report.ids_rederived,
+            "rows_per_source": dg.MetadataValue.md(md_table(per_source.to_dicts(), limit=100)),
+            # polars types a Series' aggregates as any Python value; n_chars is an integer column
+            "chars_mean": float(cast(float, lengths.mean())),
+            "chars_p50": float(cast(float, lengths.median())),
+            "chars_max": int(cast(int, lengths.max())),
+            "sample": dg.MetadataValue.md(md_table(sample.to_dicts())),
+            "path": dg.MetadataValue.path(str(pool_path(storage))),
+        },
+    )
 
 
 def split_heldout(examples: list[dict], fraction: float, seed: int) -> list[str]:
@@ -151,21 +163,25 @@ def split_heldout(examples: list[dict], fraction: float, seed: int) -> list[str]
 def check_splits(examples: list[dict], split: list[str], fraction: float, sources: dict[str, str]) -> None:
     """Every target needs a basis example (target_gradients) and, when fraction > 0, a held-out one (evaluation)."""
     for target in sorted({e["target"] for e in examples}):
-        got = Counter(s for e, s in zip(examples, split) if e["target"] == target)
+        got = Counter(s for e, s in zip(examples, split, strict=False) if e["target"] == target)
         n, where = sum(got.values()), sources[target]
         if not got["basis"]:
-            raise ValueError(f"target {target!r} ({where}) has no basis examples ({n} examples, all held out); "
-                             "mark at least one example \"split\": \"basis\"")
+            raise ValueError(
+                f"target {target!r} ({where}) has no basis examples ({n} examples, all held out); "
+                'mark at least one example "split": "basis"'
+            )
         if fraction > 0 and not got["heldout"]:
             raise ValueError(
                 f"target {target!r} ({where}) has no held-out examples ({n} example(s)) while heldout_fraction="
-                f"{fraction}: the evaluation needs at least one. Add examples, mark some \"split\": \"heldout\" "
-                "in a JSONL target file, or set target_sets heldout_fraction: 0")
+                f'{fraction}: the evaluation needs at least one. Add examples, mark some "split": "heldout" '
+                "in a JSONL target file, or set target_sets heldout_fraction: 0"
+            )
 
 
 @dg.asset(group_name="inputs", code_version="2", kinds={"polars", "parquet"})
-def target_sets(context: dg.AssetExecutionContext, config: TargetSetsConfig,
-                storage: StorageResource) -> dg.MaterializeResult:
+def target_sets(
+    context: dg.AssetExecutionContext, config: TargetSetsConfig, storage: StorageResource
+) -> dg.MaterializeResult:
     """Target examples (target, subtask, prompt, completion) with a seeded basis/held-out split."""
     specs = [s.model_dump() for s in config.targets]
     if not specs:
@@ -188,18 +204,30 @@ def target_sets(context: dg.AssetExecutionContext, config: TargetSetsConfig,
     split = split_heldout(examples, config.heldout_fraction, config.seed)
     check_splits(examples, split, config.heldout_fraction, {s["name"]: s["path"] for s in specs})
     df = pl.DataFrame([{k: v for k, v in e.items() if k != "split"} for e in examples]).with_columns(
-        pl.Series("split", split))
+        pl.Series("split", split)
+    )
     storage.write_parquet(targets_path(storage), df)
-    version = rows_fingerprint(df["example_id"], df["target"], df["subtask"], df["prompt"], df["completion"],
-                               df["split"])
+    version = rows_fingerprint(
+        df["example_id"], df["target"], df["subtask"], df["prompt"], df["completion"], df["split"]
+    )
     storage.write_json(storage.path("targets", "version.json"), {"version": version})
-    counts = (df.group_by("target", "subtask", "split").agg(pl.len().alias("n"))
-              .pivot(on="split", index=["target", "subtask"], values="n").fill_null(0).sort("target", "subtask"))
-    return dg.MaterializeResult(data_version=data_version(version), metadata={
-        "targets": dg.MetadataValue.json(names),
-        "examples": df.height,
-        "heldout": int((df["split"] == "heldout").sum()),
-        "counts_per_subtask": dg.MetadataValue.md(md_table(counts.to_dicts(), limit=200)),
-        "sample": dg.MetadataValue.md(md_table(df.head(3).select("target", "subtask", "prompt", "completion").to_dicts())),
-        "path": dg.MetadataValue.path(str(targets_path(storage))),
-    })
+    counts = (
+        df.group_by("target", "subtask", "split")
+        .agg(pl.len().alias("n"))
+        .pivot(on="split", index=["target", "subtask"], values="n")
+        .fill_null(0)
+        .sort("target", "subtask")
+    )
+    return dg.MaterializeResult(
+        data_version=data_version(version),
+        metadata={
+            "targets": dg.MetadataValue.json(names),
+            "examples": df.height,
+            "heldout": int((df["split"] == "heldout").sum()),
+            "counts_per_subtask": dg.MetadataValue.md(md_table(counts.to_dicts(), limit=200)),
+            "sample": dg.MetadataValue.md(
+                md_table(df.head(3).select("target", "subtask", "prompt", "completion").to_dicts())
+            ),
+            "path": dg.MetadataValue.path(str(targets_path(storage))),
+        },
+    )

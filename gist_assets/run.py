@@ -37,6 +37,8 @@ DEFINITIONS_MODULE, DEFINITIONS_ATTR = "gist_assets.definitions", "defs"
 REPO_DIR = str(Path(__file__).resolve().parents[1])
 MAIN_STAGES = ["prepare_job", "features_job", "select_job"]
 COMPARE_STAGES = ["baseline_features_job", "compare_job"]
+
+
 class PipelineError(RuntimeError):
     """A step or a blocking check failed; the message carries the asset's own error."""
 
@@ -58,7 +60,7 @@ def with_storage(run_config: dict, root: str) -> dict:
 class StagePlan:
     job: str
     partition: str | None = None
-    run: list[str] = field(default_factory=list)       # assets to materialize, in graph order
+    run: list[str] = field(default_factory=list)  # assets to materialize, in graph order
     reasons: dict[str, str] = field(default_factory=dict)
     fresh: dict[str, float] = field(default_factory=dict)  # asset -> timestamp of its last materialization
     skipped: dict[str, str] = field(default_factory=dict)  # asset -> why it is not run at all
@@ -66,7 +68,8 @@ class StagePlan:
 
 def _latest(instance: dg.DagsterInstance, key: dg.AssetKey, partition: str | None):
     records = instance.fetch_materializations(
-        dg.AssetRecordsFilter(asset_key=key, asset_partitions=[partition] if partition else None), limit=1).records
+        dg.AssetRecordsFilter(asset_key=key, asset_partitions=[partition] if partition else None), limit=1
+    ).records
     return records[0].event_log_entry if records else None
 
 
@@ -99,8 +102,14 @@ def _stale_reason(resolver, key: dg.AssetKey, partition: str | None) -> str | No
     return "stale: " + "; ".join(parts[:3]) + (f" (+{len(parts) - 3} more)" if len(parts) > 3 else "")
 
 
-def plan_stage(instance: dg.DagsterInstance, job: str, run_config: dict, partition: str | None = None,
-               force: bool = False, changed: frozenset[str] = frozenset()) -> StagePlan:
+def plan_stage(
+    instance: dg.DagsterInstance,
+    job: str,
+    run_config: dict,
+    partition: str | None = None,
+    force: bool = False,
+    changed: frozenset[str] = frozenset(),
+) -> StagePlan:
     """Which of the stage's assets to materialize, and why; the others are up to date.
 
     ``changed``: assets an earlier stage of this invocation gave a new data version. Dagster's own
@@ -132,8 +141,9 @@ def plan_stage(instance: dg.DagsterInstance, job: str, run_config: dict, partiti
             reason = f"upstream {', '.join(moved)} {verb}"
         else:
             prior = instance.get_run_by_id(entry.run_id)
-            reason = (_config_change(name, prior.run_config if prior else {}, run_config)
-                      or _stale_reason(resolver, key, partition))
+            reason = _config_change(name, dict(prior.run_config) if prior else {}, run_config) or _stale_reason(
+                resolver, key, partition
+            )
         if reason:
             plan.run.append(name)
             plan.reasons[name] = reason
@@ -161,8 +171,12 @@ def _remote_origin(job: str):
     )
     from dagster._core.types.loadable_target_origin import LoadableTargetOrigin
 
-    target = LoadableTargetOrigin(executable_path=sys.executable, module_name=DEFINITIONS_MODULE,
-                                  attribute=DEFINITIONS_ATTR, working_directory=REPO_DIR)
+    target = LoadableTargetOrigin(
+        executable_path=sys.executable,
+        module_name=DEFINITIONS_MODULE,
+        attribute=DEFINITIONS_ATTR,
+        working_directory=REPO_DIR,
+    )
     repo = RemoteRepositoryOrigin(ManagedGrpcPythonEnvCodeLocationOrigin(target, LOCATION_NAME), "__repository__")
     return RemoteJobOrigin(repo, job)
 
@@ -179,8 +193,7 @@ def _root_error(result) -> str:
     return failed[0].message if failed else "see the run's logs in the UI"
 
 
-def launch(instance: dg.DagsterInstance, job: str, assets: list[str], run_config: dict,
-           partition: str | None = None):
+def launch(instance: dg.DagsterInstance, job: str, assets: list[str], run_config: dict, partition: str | None = None):
     """One run of ``job`` for ``assets`` (and their checks), executed here, recorded as the UI records its own."""
     from dagster._core.execution.api import execute_run
 
@@ -189,9 +202,13 @@ def launch(instance: dg.DagsterInstance, job: str, assets: list[str], run_config
         run_config = for_assets(run_config, JOB_ASSETS[job])
     tags = {"dagster/partition": partition} if partition else {}
     run = instance.create_run_for_job(
-        job_def=recon.get_definition(), run_config=run_config, tags={**tags, "gist/launched_by": "cli"},
+        job_def=recon.get_definition(),
+        run_config=run_config,
+        tags={**tags, "gist/launched_by": "cli"},
         asset_selection=frozenset(dg.AssetKey(a) for a in assets),
-        remote_job_origin=_remote_origin(job), job_code_origin=recon.get_python_origin())
+        remote_job_origin=_remote_origin(job),
+        job_code_origin=recon.get_python_origin(),
+    )
     result = execute_run(recon, run, instance)
     where = f"{job} ({', '.join(assets)}{', partition ' + partition if partition else ''}, run {run.run_id[:8]})"
     if not result.success:
@@ -202,8 +219,9 @@ def launch(instance: dg.DagsterInstance, job: str, assets: list[str], run_config
     return result
 
 
-def materialize(assets: list[str], run_config: dict, instance: dg.DagsterInstance, root: str,
-                partition: str | None = None):
+def materialize(
+    assets: list[str], run_config: dict, instance: dg.DagsterInstance, root: str, partition: str | None = None
+):
     """Launch ``assets`` through the stage job that holds them (all must be in one job), no staleness check."""
     jobs = [j for j, names in JOB_ASSETS.items() if set(assets) <= set(names)]
     if not jobs:
@@ -226,8 +244,7 @@ def run_stage(instance, job: str, run_config: dict, force: bool, log, changed: s
 
     Adds to ``changed`` the assets whose data version this stage changed.
     """
-    partitions = (sorted(instance.get_dynamic_partitions(candidate_shards.name)) if job in PARTITIONED_JOBS
-                  else [None])
+    partitions = sorted(instance.get_dynamic_partitions(candidate_shards.name)) if job in PARTITIONED_JOBS else [None]
     report = {}
     for partition in partitions:
         plan = plan_stage(instance, job, run_config, partition, force, frozenset(changed))
@@ -250,12 +267,21 @@ def run_stage(instance, job: str, run_config: dict, force: bool, log, changed: s
 
 def quiet_console(run_config: dict) -> dict:
     """Dagster's console logger at INFO (its DEBUG events are one line per engine step), unless configured."""
-    return run_config if run_config.get("loggers") else {**run_config,
-                                                          "loggers": {"console": {"config": {"log_level": "INFO"}}}}
+    return (
+        run_config
+        if run_config.get("loggers")
+        else {**run_config, "loggers": {"console": {"config": {"log_level": "INFO"}}}}
+    )
 
 
-def run_all(run_config: dict | None = None, root: str = "", instance: dg.DagsterInstance | None = None,
-            log=print, compare: bool = False, force: bool = False) -> dict:
+def run_all(
+    run_config: dict | None = None,
+    root: str = "",
+    instance: dg.DagsterInstance | None = None,
+    log=print,
+    compare: bool = False,
+    force: bool = False,
+) -> dict:
     """Materialize what is missing or stale; return the selections, what each asset did, timings, the database."""
     root = str(Path(root or default_storage_root()).resolve())
     run_config = with_storage(run_config or {}, root)
@@ -264,7 +290,9 @@ def run_all(run_config: dict | None = None, root: str = "", instance: dg.Dagster
         ensure_dagster_home(root)
         with dg.DagsterInstance.get() as instance:
             return run_all(run_config, root, instance, log, compare, force)
-    timings, report, changed = {}, {}, set()
+    timings: dict[str, float] = {}
+    report: dict[str, str] = {}
+    changed: set[str] = set()
     for job in MAIN_STAGES + (COMPARE_STAGES if compare else []):
         start = time.perf_counter()
         log(f"{job}:")
@@ -272,15 +300,20 @@ def run_all(run_config: dict | None = None, root: str = "", instance: dg.Dagster
         timings[job] = time.perf_counter() - start
     database = run_config["resources"]["score_store"]["config"]["database"]
     methods = effective_config(run_config, "candidate_scores")["methods"]
-    return {"selections": current_selections(root),
-            "selections_by_method": {m: current_selections(root, m) for m in methods},
-            "report": report, "timings": timings, "database": database,
-            "root": root}
+    return {
+        "selections": current_selections(root),
+        "selections_by_method": {m: current_selections(root, m) for m in methods},
+        "report": report,
+        "timings": timings,
+        "database": database,
+        "root": root,
+    }
 
 
 def summarize(report: dict[str, str]) -> list[str]:
     """One line per asset; a partitioned asset's shards that are up to date or skipped are counted, not listed."""
-    lines, grouped = [], {}
+    lines: list[str] = []
+    grouped: dict[tuple[str, str], list[str]] = {}
     for name, what in report.items():
         base = name.split("[", 1)[0]
         if base != name and what.startswith(("up to date", "skipped")):
@@ -316,6 +349,7 @@ def print_summary(database: str) -> None:
 
 def summary_markdown(rows: list[dict]) -> str:
     """The summary rows as the markdown table docs/evaluation.md shows."""
+
     def interval(r, ref):
         if r[f"diff_vs_{ref}"] is None:
             return ""
@@ -323,14 +357,18 @@ def summary_markdown(rows: list[dict]) -> str:
             return f"{r[f'diff_vs_{ref}']:+.3f}"
         return f"{r[f'diff_vs_{ref}']:+.3f} [{r[f'diff_vs_{ref}_lo']:+.3f}, {r[f'diff_vs_{ref}_hi']:+.3f}]"
 
-    lines = ["| target | budget | method | seeds | train examples | held-out examples | held-out loss "
-             "(mean ± std) | vs random (95% CI) | better than random | vs full pool (95% CI) |",
-             "|---|---|---|---|---|---|---|---|---|---|"]
+    lines = [
+        "| target | budget | method | seeds | train examples | held-out examples | held-out loss "
+        "(mean ± std) | vs random (95% CI) | better than random | vs full pool (95% CI) |",
+        "|---|---|---|---|---|---|---|---|---|---|",
+    ]
     for r in rows:
         std = "" if r["std_loss"] is None else f" ± {r['std_loss']:.3f}"
-        lines.append(f"| {r['target']} | {r['budget'] or ''} | {r['method']} | {r['seeds']} | "
-                     f"{int(r['train_examples'])} | {r['heldout_examples']} | {r['mean_loss']:.3f}{std} | "
-                     f"{interval(r, 'random')} | {r['better_than_random'] or ''} | {interval(r, 'full_pool')} |")
+        lines.append(
+            f"| {r['target']} | {r['budget'] or ''} | {r['method']} | {r['seeds']} | "
+            f"{int(r['train_examples'])} | {r['heldout_examples']} | {r['mean_loss']:.3f}{std} | "
+            f"{interval(r, 'random')} | {r['better_than_random'] or ''} | {interval(r, 'full_pool')} |"
+        )
     return "\n".join(lines)
 
 
@@ -338,16 +376,21 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--config", help="run-config YAML: ops: {asset_name: {config: {...}}}, resources: {...}")
     parser.add_argument("--root", default="", help="storage root (default $GIST_STORAGE_ROOT or ./.gist)")
-    parser.add_argument("--compare", action="store_true", help="also run the baselines (random, less, "
-                        "representation) and fine-tune on every selection to compare held-out loss")
+    parser.add_argument(
+        "--compare",
+        action="store_true",
+        help="also run the baselines (random, less, "
+        "representation) and fine-tune on every selection to compare held-out loss",
+    )
     parser.add_argument("--force", action="store_true", help="recompute every asset, stale or not")
     parser.add_argument("--debug", action="store_true", help="print the full traceback of an error")
     args = parser.parse_args(argv)
     start = time.perf_counter()
     try:
         run_config = load_run_config(args.config)
-        out = run_all(run_config if args.debug else quiet_console(run_config), args.root, compare=args.compare,
-                      force=args.force)
+        out = run_all(
+            run_config if args.debug else quiet_console(run_config), args.root, compare=args.compare, force=args.force
+        )
     except (RunConfigError, PipelineError) as exc:
         if args.debug:
             traceback.print_exc()

@@ -1,8 +1,8 @@
 """candidate_scores (DuckDB) and selected_subset (JSONL + Parquet + manifest)."""
 
-
 import shutil
 import time
+from typing import cast
 
 import dagster as dg
 import numpy as np
@@ -56,7 +56,8 @@ def current_feature_shards(storage: StorageResource, shards: list[str], bases: d
     if missing or stale:
         raise ValueError(
             f"candidate_features is missing for shards {missing} and stale (computed from other shard contents "
-            f"or another basis) for {stale}; materialize those partitions of candidate_features first")
+            f"or another basis) for {stale}; materialize those partitions of candidate_features first"
+        )
     return versions
 
 
@@ -80,16 +81,33 @@ def load_shard_features(storage: StorageResource, shards: list[str], bases: dict
     return side, tensors, versions
 
 
-def add_method_scores(writer: ScoreSetWriter, summary: dict, target: str, scored: pl.DataFrame,
-                      per_subtask: np.ndarray, subtask_names: list[str], fingerprint: str) -> None:
+def add_method_scores(
+    writer: ScoreSetWriter,
+    summary: dict,
+    target: str,
+    scored: pl.DataFrame,
+    per_subtask: np.ndarray,
+    subtask_names: list[str],
+    fingerprint: str,
+) -> None:
     """Rows of ``scored`` for (target, writer's method): max over subtasks and the best one, every subtask's
     score; ``summary[target]`` accumulates what the asset reports.
 
     A candidate with a non-finite score (NaN or infinite in any subtask) is left out of the rows and the
     ranking, and is reported (``nonfinite_excluded``), so exports and the ranking stay strict.
     """
-    s = summary.setdefault(target, {"target": target, "method": writer.method, "scored": 0, "sum": 0.0,
-                                    "max": -np.inf, "min": np.inf, "nonfinite_ids": []})
+    s = summary.setdefault(
+        target,
+        {
+            "target": target,
+            "method": writer.method,
+            "scored": 0,
+            "sum": 0.0,
+            "max": -np.inf,
+            "min": np.inf,
+            "nonfinite_ids": [],
+        },
+    )
     finite = np.isfinite(per_subtask).all(axis=1)
     if not finite.all():
         s["nonfinite_ids"] += scored["candidate_id"].filter(pl.Series(~finite)).to_list()
@@ -100,9 +118,11 @@ def add_method_scores(writer: ScoreSetWriter, summary: dict, target: str, scored
     score = per_subtask.max(axis=1)
     names = pl.Series("best_subtask", subtask_names, dtype=pl.Utf8)
     rows = scored.select("candidate_id", "source", "shard", "n_tokens").with_columns(
-        pl.Series("score", score, dtype=pl.Float64), names.gather(per_subtask.argmax(axis=1)),
+        pl.Series("score", score, dtype=pl.Float64),
+        names.gather(per_subtask.argmax(axis=1)),
         pl.lit(fingerprint).alias("basis_fingerprint"),
-        pl.Series("subtask_scores", per_subtask.astype(np.float64)).cast(pl.List(pl.Float64)))
+        pl.Series("subtask_scores", per_subtask.astype(np.float64)).cast(pl.List(pl.Float64)),
+    )
     writer.add(target, rows, subtask_names)
     s["scored"] += len(score)
     s["sum"] += float(score.sum())
@@ -114,12 +134,23 @@ def score_summary(summary: dict) -> list[dict]:
     out = []
     for target, s in sorted(summary.items()):
         if not s["scored"]:
-            raise ValueError(f"no candidate has a finite {s['method']!r} score for target {target!r} "
-                             f"({len(s['nonfinite_ids'])} non-finite); check the gradients of the target and the "
-                             "candidates")
-        out.append({"target": target, "method": s["method"], "scored": s["scored"], "mean": s["sum"] / s["scored"],
-                    "max": s["max"], "min": s["min"], "nonfinite_excluded": len(s["nonfinite_ids"]),
-                    "nonfinite_ids": ", ".join(s["nonfinite_ids"][:10])})
+            raise ValueError(
+                f"no candidate has a finite {s['method']!r} score for target {target!r} "
+                f"({len(s['nonfinite_ids'])} non-finite); check the gradients of the target and the "
+                "candidates"
+            )
+        out.append(
+            {
+                "target": target,
+                "method": s["method"],
+                "scored": s["scored"],
+                "mean": s["sum"] / s["scored"],
+                "max": s["max"],
+                "min": s["min"],
+                "nonfinite_excluded": len(s["nonfinite_ids"]),
+                "nonfinite_ids": ", ".join(s["nonfinite_ids"][:10]),
+            }
+        )
     return out
 
 
@@ -144,7 +175,7 @@ def target_directions(storage: StorageResource, ckpt: str, target: str) -> tuple
 class ShardCounts:
     """What the scoring asset reports about the candidates, added up shard by shard."""
 
-    def __init__(self):
+    def __init__(self) -> None:
         self.scored = self.excluded = self.truncated = 0
         self.excluded_rows: list[dict] = []
 
@@ -160,20 +191,41 @@ class ShardCounts:
         return scored
 
 
-def score_shard(writer: ScoreSetWriter, summary: dict, scored: pl.DataFrame, coords, directions: dict,
-                ckpts: list[str], weights: np.ndarray, fingerprints: dict[str, str]) -> None:
+def score_shard(
+    writer: ScoreSetWriter,
+    summary: dict,
+    scored: pl.DataFrame,
+    coords,
+    directions: dict,
+    ckpts: list[str],
+    weights: np.ndarray,
+    fingerprints: dict[str, str],
+) -> None:
     """cos(z, t_s) per checkpoint, weighted, max over subtasks, for every target, on one shard's rows;
     ``coords(ckpt, target)`` is their z, ``directions[ckpt, target]`` the (subtask names, t_s)."""
     for target in sorted(fingerprints):
         cosines = [cosine_to_subtasks(coords(ckpt, target), directions[ckpt, target][1]) for ckpt in ckpts]
-        add_method_scores(writer, summary, target, scored, weighted_sum(cosines, weights),
-                          directions[ckpts[0], target][0], fingerprints[target])
+        add_method_scores(
+            writer,
+            summary,
+            target,
+            scored,
+            weighted_sum(cosines, weights),
+            directions[ckpts[0], target][0],
+            fingerprints[target],
+        )
 
 
-@dg.asset(group_name="gist", deps=[candidate_features, candidate_sketches, spectral_basis, candidate_pool],
-          code_version="4", pool=DUCKDB_POOL, kinds={"duckdb", "parquet"})
-def candidate_scores(context: dg.AssetExecutionContext, config: CandidateScoresConfig, storage: StorageResource,
-                     score_store: ScoreStore) -> dg.MaterializeResult:
+@dg.asset(
+    group_name="gist",
+    deps=[candidate_features, candidate_sketches, spectral_basis, candidate_pool],
+    code_version="4",
+    pool=DUCKDB_POOL,
+    kinds={"duckdb", "parquet"},
+)
+def candidate_scores(
+    context: dg.AssetExecutionContext, config: CandidateScoresConfig, storage: StorageResource, score_store: ScoreStore
+) -> dg.MaterializeResult:
     """Per requested method, cosine of each candidate to each subtask direction, checkpoint-weighted, max over
     subtasks: `gist` from candidate_features (exact z), `gist_sketch` from candidate_sketches (z estimated).
     Streamed shard by shard into the score store."""
@@ -196,8 +248,16 @@ def candidate_scores(context: dg.AssetExecutionContext, config: CandidateScoresC
                 inputs[method] = scores_inputs(current_feature_shards(storage, shards, bases), bases["version"])
                 for shard in shards:
                     side, tensors = shard_features(storage, shard)
-                    score_shard(writer, per_target, shard_counts.add(side), lambda c, t, x=tensors: x[f"{c}/{t}"],
-                                directions, ckpts, weights, exact_fps)
+                    score_shard(
+                        writer,
+                        per_target,
+                        shard_counts.add(side),
+                        lambda c, t, x=tensors: x[f"{c}/{t}"],
+                        directions,
+                        ckpts,
+                        weights,
+                        exact_fps,
+                    )
             else:
                 versions, projector = current_sketch_shards(storage, shards, ckpts)
                 inputs[method] = sketch_scores_inputs(versions, bases["version"])
@@ -206,38 +266,52 @@ def candidate_scores(context: dg.AssetExecutionContext, config: CandidateScoresC
                 for shard in shards:
                     side, sketches = shard_sketches(storage, shard, ckpts)
                     z = {c: sketched_coordinates(projected[c], sketches[c]) for c in ckpts}
-                    score_shard(writer, per_target, shard_counts.add(side), lambda c, t, x=z: x[c][t],
-                                directions, ckpts, weights, {t: f"{tag}+{fp}" for t, fp in exact_fps.items()})
+                    score_shard(
+                        writer,
+                        per_target,
+                        shard_counts.add(side),
+                        lambda c, t, x=z: x[c][t],
+                        directions,
+                        ckpts,
+                        weights,
+                        {t: f"{tag}+{fp}" for t, fp in exact_fps.items()},
+                    )
             summary += score_summary(per_target)
         counts = counts or shard_counts
         removed[method] = sorted(set(before) - set(targets))
         seconds[method] = round(time.perf_counter() - start, 3)
+    assert counts is not None  # set by the loop above: config.methods is never empty
     newer = newer_than_warmup(context, storage, score_store, targets[0], config.methods[0], config.warn_new_share)
     version = asset_fingerprint(context, inputs, read_warmup(storage)["version"])
     # "inputs": per method, what its scores are a function of (the refresh sensor compares it); "methods":
     # what selected_subset selects.
-    storage.write_json(scores_version_path(storage, METHOD), {"version": version, "inputs": inputs,
-                                                              "methods": list(config.methods)})
-    return dg.MaterializeResult(data_version=data_version(version), metadata={
-        "methods": dg.MetadataValue.json(list(config.methods)),
-        "rows_per_target": dg.MetadataValue.md(md_table(summary)),
-        "scoring_seconds": dg.MetadataValue.json(seconds),
-        "candidates_scored": counts.scored,
-        "candidates_excluded": counts.excluded,
-        "candidates_truncated": counts.truncated,
-        **newer,
-        "excluded_no_completion": dg.MetadataValue.md(md_table(counts.excluded_rows)),
-        "checkpoint_weights": dg.MetadataValue.json(dict(zip(ckpts, weights.tolist(), strict=True))),
-        "targets_removed": dg.MetadataValue.json(removed),
-        "nonfinite_scores_excluded": sum(s["nonfinite_excluded"] for s in summary),
-        "database": dg.MetadataValue.path(score_store.database),
-        "score_files": dg.MetadataValue.path(str(score_store.score_root)),
-        "shards": len(shards),
-    })
+    storage.write_json(
+        scores_version_path(storage, METHOD), {"version": version, "inputs": inputs, "methods": list(config.methods)}
+    )
+    return dg.MaterializeResult(
+        data_version=data_version(version),
+        metadata={
+            "methods": dg.MetadataValue.json(list(config.methods)),
+            "rows_per_target": dg.MetadataValue.md(md_table(summary)),
+            "scoring_seconds": dg.MetadataValue.json(seconds),
+            "candidates_scored": counts.scored,
+            "candidates_excluded": counts.excluded,
+            "candidates_truncated": counts.truncated,
+            **newer,
+            "excluded_no_completion": dg.MetadataValue.md(md_table(counts.excluded_rows)),
+            "checkpoint_weights": dg.MetadataValue.json(dict(zip(ckpts, weights.tolist(), strict=True))),
+            "targets_removed": dg.MetadataValue.json(removed),
+            "nonfinite_scores_excluded": sum(s["nonfinite_excluded"] for s in summary),
+            "database": dg.MetadataValue.path(score_store.database),
+            "score_files": dg.MetadataValue.path(str(score_store.score_root)),
+            "shards": len(shards),
+        },
+    )
 
 
-def newer_than_warmup(context, storage: StorageResource, score_store: ScoreStore, target: str, method: str,
-                      warn_share: float) -> dict:
+def newer_than_warmup(
+    context, storage: StorageResource, score_store: ScoreStore, target: str, method: str, warn_share: float
+) -> dict:
     """How many scored candidates joined the pool after the warmup was trained; a warning past ``warn_share``."""
     path = warmup_pool_ids_path(storage)
     if not path.exists():
@@ -246,9 +320,11 @@ def newer_than_warmup(context, storage: StorageResource, score_store: ScoreStore
     n_new = score_store.count_absent_from(target, method, str(path))
     share = n_new / max(1, n_scored)
     if share > warn_share:
-        context.log.warning(f"{n_new} of {n_scored} scored candidates ({share:.0%}) joined the pool after "
-                            f"the warmup checkpoint was trained (warn_new_share={warn_share}); re-materialize "
-                            "warmup_checkpoint and what follows it to train on the current pool")
+        context.log.warning(
+            f"{n_new} of {n_scored} scored candidates ({share:.0%}) joined the pool after "
+            f"the warmup checkpoint was trained (warn_new_share={warn_share}); re-materialize "
+            "warmup_checkpoint and what follows it to train on the current pool"
+        )
     return {"candidates_newer_than_warmup": n_new, "share_newer_than_warmup": round(share, 4)}
 
 
@@ -266,8 +342,9 @@ def selection_dir(storage: StorageResource, target: str, method: str = METHOD, b
     return storage.path("selections", target, method, *([budget] if budget else []))
 
 
-def read_selection_rows(score_store: ScoreStore, target: str, method: str,
-                        config: SelectionConfig) -> tuple[pl.DataFrame, int]:
+def read_selection_rows(
+    score_store: ScoreStore, target: str, method: str, config: SelectionConfig
+) -> tuple[pl.DataFrame, int]:
     """The candidate_scores rows ``choose`` needs, best first, and the number scored.
 
     The plain top-n (strategy 'top', no per-source cap) reads only the best n rows (a bounded
@@ -280,8 +357,9 @@ def read_selection_rows(score_store: ScoreStore, target: str, method: str,
     return score_store.read_scores(target, method), n_scored
 
 
-def choose(config: SelectionConfig, scores: pl.DataFrame, subtask_scores: pl.DataFrame | None,
-           n_scored: int | None = None) -> pl.DataFrame:
+def choose(
+    config: SelectionConfig, scores: pl.DataFrame, subtask_scores: pl.DataFrame | None, n_scored: int | None = None
+) -> pl.DataFrame:
     """Apply the configured strategy to one (target, method): the chosen rows, best first.
 
     ``scores`` may be only the best rows (see ``read_selection_rows``); ``n_scored`` is then
@@ -293,14 +371,17 @@ def choose(config: SelectionConfig, scores: pl.DataFrame, subtask_scores: pl.Dat
     if config.strategy == "top":
         picked = capped_top(scores["score"].to_numpy(), ids, size, sources, config.max_per_source)
     elif config.strategy == "round_robin":
+        assert subtask_scores is not None, "round_robin needs the per-subtask scores"
         wide = subtask_scores.pivot(on="subtask", index="candidate_id", values="score")
         wide = scores.select("candidate_id").join(wide, on="candidate_id", how="left")
         picked = round_robin(wide.drop("candidate_id").to_numpy(), ids, size, sources, config.max_per_source)
     else:
         raise ValueError(f"selection strategy must be 'top' or 'round_robin', got {config.strategy!r}")
     if len(picked) < size:
-        raise ValueError(f"only {len(picked)} of {size} candidates can be selected with max_per_source="
-                         f"{config.max_per_source}; raise the cap or lower the selection size")
+        raise ValueError(
+            f"only {len(picked)} of {size} candidates can be selected with max_per_source="
+            f"{config.max_per_source}; raise the cap or lower the selection size"
+        )
     return scores[picked.tolist()].with_columns(pl.Series("selection_rank", np.arange(1, size + 1)))
 
 
@@ -315,8 +396,11 @@ def training_messages_column(messages_json: pl.Series) -> pl.Series:
     """
     turns = messages_json.str.json_decode(pl.List(MESSAGE))
     frame = pl.DataFrame({"m": turns}).with_columns(
-        last=pl.col("m").list.eval(pl.element().struct.field("role") == "assistant")
-        .list.eval(pl.arg_where(pl.element())).list.last())
+        last=pl.col("m")
+        .list.eval(pl.element().struct.field("role") == "assistant")
+        .list.eval(pl.arg_where(pl.element()))
+        .list.last()
+    )
     return frame.select(pl.col("m").list.head(pl.col("last") + 1))["m"].alias("messages")
 
 
@@ -327,8 +411,10 @@ def training_messages(messages_json: str) -> list[dict]:
 
 def selection_budgets(config: SelectionConfig) -> list[tuple[str, SelectionConfig]]:
     """(label, the config with that one budget) for every configured budget."""
-    return [(label, config.model_copy(update={"percentage": p, "n": n}))
-            for label, p, n in budgets(config.percentage, config.n)]
+    return [
+        (label, config.model_copy(update={"percentage": p, "n": n}))
+        for label, p, n in budgets(config.percentage, config.n)
+    ]
 
 
 def remove_unconfigured_exports(storage: StorageResource, targets: list[str], methods: list[str]) -> list[str]:
@@ -344,8 +430,14 @@ def remove_unconfigured_exports(storage: StorageResource, targets: list[str], me
     return removed
 
 
-def write_selections(context, config: SelectionConfig, storage: StorageResource, score_store: ScoreStore,
-                     methods: list[str], version_files: list[str]) -> dg.MaterializeResult:
+def write_selections(
+    context,
+    config: SelectionConfig,
+    storage: StorageResource,
+    score_store: ScoreStore,
+    methods: list[str],
+    version_files: list[str],
+) -> dg.MaterializeResult:
     """Per target, method and budget: the chosen candidates as JSONL in their own format, as chat
     ``messages`` JSONL, Parquet, and a manifest, under ``selections/<target>/<method>/<budget>/``."""
     bases = read_basis_manifest(storage)
@@ -362,20 +454,46 @@ def write_selections(context, config: SelectionConfig, storage: StorageResource,
             chosen_per_budget = [choose_budget(score_store, target, method, one) for _, one in per_budget]
             # Only the chosen records' text is read from the pool.
             ids = pl.concat([c["candidate_id"] for c in chosen_per_budget]).unique()
-            pool = storage.read_parquet(pool_path(storage), "candidate_pool",
-                                        columns=["candidate_id", "original", "messages"], candidate_ids=ids)
+            pool = storage.read_parquet(
+                pool_path(storage),
+                "candidate_pool",
+                columns=["candidate_id", "original", "messages"],
+                candidate_ids=ids,
+            )
             known = known_at_warmup(storage, ids)
             hist = histogram_of(score_store, target, method) if method == METHOD else None
             with storage.atomic_dir(folder) as tmp:
                 for (label, one), chosen in zip(per_budget, chosen_per_budget, strict=True):
                     chosen = chosen.join(pool, on="candidate_id", how="left", maintain_order="left")
-                    rows.append(chosen.select(pl.lit(target).alias("target"), pl.lit(method).alias("method"),
-                                              "candidate_id", pl.col("selection_rank").alias("rank"), "score",
-                                              "source", pl.lit(label).alias("budget")))
-                    manifest = write_budget(storage, tmp / label, folder / label, chosen, one, label, target,
-                                            method, bases, ref, warm, score_store.database, known)
-                    meta.update(budget_metadata(manifest, chosen, pool_mix, label, target, method,
-                                                folder / label, hist))
+                    rows.append(
+                        chosen.select(
+                            pl.lit(target).alias("target"),
+                            pl.lit(method).alias("method"),
+                            "candidate_id",
+                            pl.col("selection_rank").alias("rank"),
+                            "score",
+                            "source",
+                            pl.lit(label).alias("budget"),
+                        )
+                    )
+                    manifest = write_budget(
+                        storage,
+                        tmp / label,
+                        folder / label,
+                        chosen,
+                        one,
+                        label,
+                        target,
+                        method,
+                        bases,
+                        ref,
+                        warm,
+                        score_store.database,
+                        known,
+                    )
+                    meta.update(
+                        budget_metadata(manifest, chosen, pool_mix, label, target, method, folder / label, hist)
+                    )
             score_store.replace_selection(target, method, pl.concat(rows))
     removed = remove_unconfigured_exports(storage, targets, methods)
     for method in methods:
@@ -397,28 +515,56 @@ def choose_budget(score_store: ScoreStore, target: str, method: str, config: Sel
     return choose(config, scores, subtasks, n_scored).with_columns(pl.lit(n_scored).alias("n_scored"))
 
 
-def write_budget(storage: StorageResource, tmp, dest, chosen: pl.DataFrame, config: SelectionConfig, label: str,
-                 target: str, method: str, bases: dict, ref: dict, warm: dict, database: str,
-                 known_at_warmup: set[str] | None) -> dict:
+def write_budget(
+    storage: StorageResource,
+    tmp,
+    dest,
+    chosen: pl.DataFrame,
+    config: SelectionConfig,
+    label: str,
+    target: str,
+    method: str,
+    bases: dict,
+    ref: dict,
+    warm: dict,
+    database: str,
+    known_at_warmup: set[str] | None,
+) -> dict:
     """One budget's exports into ``tmp`` (swapped in at ``dest``); returns its manifest."""
     tmp.mkdir()
     manifest = {
-        "target": target, "method": method, "budget": label, "config": config.model_dump(),
-        "selected": chosen.height, "scored_candidates": int(chosen["n_scored"][0]),
-        "score_cut": float(chosen["score"].min()), "counts_per_source": source_counts(chosen),
+        "target": target,
+        "method": method,
+        "budget": label,
+        "config": config.model_dump(),
+        "selected": chosen.height,
+        "scored_candidates": int(chosen["n_scored"][0]),
+        "score_cut": float(cast(float, chosen["score"].min())),
+        "counts_per_source": source_counts(chosen),
         # Paths relative to the storage root (an external model stays as configured).
         "model": storage.relative(model_path(storage, ref)),
-        "checkpoints": relative_checkpoints(storage, [
-            c for c in warm["checkpoints"] if c["name"] in {x["name"] for x in bases["checkpoints"]}]),
-        "basis": {c: {**v, "dir": storage.relative(storage.path("basis", c, target))}
-                  for c, v in bases["targets"][target].items()} if method == METHOD else None,
-        "artifacts": {"candidate_pool": storage.relative(pool_path(storage)),
-                      "database": storage.relative(database),
-                      **{name: storage.relative(storage.path(name)) for name in
-                         ("warmup", "basis", "target_gradients", "features")}},
-        "files": {"jsonl": storage.relative(dest / "selection.jsonl"),
-                  "messages_jsonl": storage.relative(dest / "selection.messages.jsonl"),
-                  "parquet": storage.relative(dest / "selection.parquet")},
+        "checkpoints": relative_checkpoints(
+            storage, [c for c in warm["checkpoints"] if c["name"] in {x["name"] for x in bases["checkpoints"]}]
+        ),
+        "basis": {
+            c: {**v, "dir": storage.relative(storage.path("basis", c, target))}
+            for c, v in bases["targets"][target].items()
+        }
+        if method == METHOD
+        else None,
+        "artifacts": {
+            "candidate_pool": storage.relative(pool_path(storage)),
+            "database": storage.relative(database),
+            **{
+                name: storage.relative(storage.path(name))
+                for name in ("warmup", "basis", "target_gradients", "features")
+            },
+        },
+        "files": {
+            "jsonl": storage.relative(dest / "selection.jsonl"),
+            "messages_jsonl": storage.relative(dest / "selection.messages.jsonl"),
+            "parquet": storage.relative(dest / "selection.parquet"),
+        },
     }
     if known_at_warmup is not None:
         manifest["selected_newer_than_warmup"] = int((~chosen["candidate_id"].is_in(list(known_at_warmup))).sum())
@@ -426,10 +572,14 @@ def write_budget(storage: StorageResource, tmp, dest, chosen: pl.DataFrame, conf
     with open(tmp / "selection.jsonl", "w", encoding="utf-8") as fh:
         fh.write("".join(line + "\n" for line in chosen["original"]))
     pl.DataFrame([chosen["candidate_id"].alias("id"), chosen["source"], messages]).write_ndjson(
-        tmp / "selection.messages.jsonl")
+        tmp / "selection.messages.jsonl"
+    )
     # Parquet: the chat messages (a list of {role, content} structs) beside the scores.
-    (chosen.drop("messages", "n_scored").with_columns(messages, pl.lit(label).alias("budget"))
-     .write_parquet(tmp / "selection.parquet"))
+    (
+        chosen.drop("messages", "n_scored")
+        .with_columns(messages, pl.lit(label).alias("budget"))
+        .write_parquet(tmp / "selection.parquet")
+    )
     (tmp / "manifest.json").write_text(strict_json(manifest))
     return manifest
 
@@ -444,28 +594,56 @@ def histogram_of(score_store: ScoreStore, target: str, method: str):
     return score_store.score_histogram(target, method)
 
 
-def budget_metadata(manifest: dict, chosen: pl.DataFrame, pool_mix: dict, label: str, target: str, method: str,
-                    dest, hist) -> dict:
+def budget_metadata(
+    manifest: dict,
+    chosen: pl.DataFrame,
+    pool_mix: dict,
+    label: str,
+    target: str,
+    method: str,
+    dest,
+    hist: tuple[np.ndarray, np.ndarray] | None,
+) -> dict:
     """The metadata a person reads for one selection: size, source mix, the top rows, the score histogram."""
     key = (target if method == METHOD else f"{target}/{method}") + f"/{label}"
     size, mix = chosen.height, manifest["counts_per_source"]
-    mix_rows = [{"source": s, "selected": mix.get(s, 0), "selected_share": round(mix.get(s, 0) / size, 3),
-                 "pool_share": round(n / sum(pool_mix.values()), 3)} for s, n in sorted(pool_mix.items())]
-    meta = {f"{key}/selected": size, f"{key}/source_mix": dg.MetadataValue.md(md_table(mix_rows, limit=100)),
-            f"{key}/manifest": dg.MetadataValue.path(str(dest / "manifest.json"))}
+    mix_rows = [
+        {
+            "source": s,
+            "selected": mix.get(s, 0),
+            "selected_share": round(mix.get(s, 0) / size, 3),
+            "pool_share": round(n / sum(pool_mix.values()), 3),
+        }
+        for s, n in sorted(pool_mix.items())
+    ]
+    meta = {
+        f"{key}/selected": size,
+        f"{key}/source_mix": dg.MetadataValue.md(md_table(mix_rows, limit=100)),
+        f"{key}/manifest": dg.MetadataValue.path(str(dest / "manifest.json")),
+    }
     if "selected_newer_than_warmup" in manifest:
         meta[f"{key}/selected_newer_than_warmup"] = manifest["selected_newer_than_warmup"]
     if hist is not None:
-        meta[f"{key}/top"] = dg.MetadataValue.md(md_table(
-            chosen.head(10).select("selection_rank", "candidate_id", "source", "score", "best_subtask").to_dicts()))
+        meta[f"{key}/top"] = dg.MetadataValue.md(
+            md_table(
+                chosen.head(10).select("selection_rank", "candidate_id", "source", "score", "best_subtask").to_dicts()
+            )
+        )
         meta[f"{key}/histogram"] = histogram(*hist, f"{target}: scores", mark=manifest["score_cut"])
     return meta
 
 
-@dg.asset(group_name="gist", deps=[candidate_scores, candidate_pool], code_version="5",
-          pool=DUCKDB_POOL, kinds={"duckdb", "parquet"}, automation_condition=dg.AutomationCondition.eager())
-def selected_subset(context: dg.AssetExecutionContext, config: SelectionConfig, storage: StorageResource,
-                    score_store: ScoreStore) -> dg.MaterializeResult:
+@dg.asset(
+    group_name="gist",
+    deps=[candidate_scores, candidate_pool],
+    code_version="5",
+    pool=DUCKDB_POOL,
+    kinds={"duckdb", "parquet"},
+    automation_condition=dg.AutomationCondition.eager(),
+)
+def selected_subset(
+    context: dg.AssetExecutionContext, config: SelectionConfig, storage: StorageResource, score_store: ScoreStore
+) -> dg.MaterializeResult:
     """Per target, budget and scored GIST method (candidate_scores' methods): the selection as JSONL (own format
     and chat messages), Parquet, and a manifest."""
     methods = storage.read_json(scores_version_path(storage, METHOD), "candidate_scores").get("methods", [METHOD])

@@ -3,7 +3,8 @@
 A candidate's GIST coordinates are z = V_k^T g with V_k = G^T U_k S_k^-1, so they need
 only g's inner products with the target gradients. ``candidate_sketches`` stores, once,
 a seeded random projection s = g P (d numbers per checkpoint, E[P P^T] = I; by default
-a CountSketch, O(D) per example) of each candidate's raw LoRA gradient; it depends on the pool and the warmup, not on any target.
+a CountSketch, O(D) per example) of each candidate's raw LoRA gradient; it depends on the pool
+and the warmup, not on any target.
 For any later target, z ~= s (P^T V_k): exact target gradients and SVD as for `gist`,
 and P^T V_k (d x k) is computed from the basis alone, so no model runs over the pool.
 """
@@ -28,11 +29,22 @@ SKETCH_METHOD = "gist_sketch"
 ASSET = "candidate_sketches"
 
 
-@dg.asset(group_name="gist", deps=[candidate_pool, warmup_checkpoint, base_model], partitions_def=candidate_shards,
-          code_version="1", retry_policy=GRADIENT_RETRY, pool=GPU_POOL, op_tags=GPU_STEP_TAGS,
-          kinds={"pytorch", "safetensors"})
-def candidate_sketches(context: dg.AssetExecutionContext, config: CandidateSketchesConfig, storage: StorageResource,
-                       compute: ComputeResource) -> dg.MaterializeResult:
+@dg.asset(
+    group_name="gist",
+    deps=[candidate_pool, warmup_checkpoint, base_model],
+    partitions_def=candidate_shards,
+    code_version="1",
+    retry_policy=GRADIENT_RETRY,
+    pool=GPU_POOL,
+    op_tags=GPU_STEP_TAGS,
+    kinds={"pytorch", "safetensors"},
+)
+def candidate_sketches(
+    context: dg.AssetExecutionContext,
+    config: CandidateSketchesConfig,
+    storage: StorageResource,
+    compute: ComputeResource,
+) -> dg.MaterializeResult:
     """One shard's target-independent gradient sketches g P (d per warmup checkpoint), for `gist_sketch`."""
     shard = context.partition_key
     ref, warm = read_model_ref(storage), read_warmup(storage)
@@ -43,29 +55,51 @@ def candidate_sketches(context: dg.AssetExecutionContext, config: CandidateSketc
         model = compute.load_model(model_path(storage, ref), checkpoint_dir(storage, ckpt))
         layout, _ = trainable_linears(model)
         projector = sketch_projector(layout, config.dim, config.seed, config.projection, device=compute.torch_device())
-        s, norms, losses, stats = block_features(model, encoded, projector.project_block, config.dim,
-                                                 pad_id=shard_in.tokenizer.pad_token_id,
-                                                 progress=progress_logger(context.log, f"sketch {shard}/{ckpt['name']}"),
-                                                 **compute.batching())
+        s, norms, losses, stats = block_features(
+            model,
+            encoded,
+            projector.project_block,
+            config.dim,
+            pad_id=shard_in.tokenizer.pad_token_id,
+            progress=progress_logger(context.log, f"sketch {shard}/{ckpt['name']}"),
+            **compute.batching(),
+        )
         tensors[ckpt["name"]] = s
         tensors[f"{ckpt['name']}/grad_norm"] = norms
         tensors[f"{ckpt['name']}/loss"] = losses
         timings[ckpt["name"]] = stats.timing()
         del model
+    assert layout is not None  # set by the loop above: a warmup has at least one checkpoint
     projection = {"dim": config.dim, "kind": config.projection, "seed": config.seed}
     version = asset_fingerprint(context, shard_in.version, warm["version"], ref["version"])
-    shard_in.write(storage, shard, SKETCH_METHOD, tensors, {
-        "version": version, "shard_version": shard_in.version, "warmup_version": warm["version"],
-        "projection": projection, "layout": layout.describe(), "checkpoints": [c["name"] for c in warm["checkpoints"]],
-        "timings": timings})
+    shard_in.write(
+        storage,
+        shard,
+        SKETCH_METHOD,
+        tensors,
+        {
+            "version": version,
+            "shard_version": shard_in.version,
+            "warmup_version": warm["version"],
+            "projection": projection,
+            "layout": layout.describe(),
+            "checkpoints": [c["name"] for c in warm["checkpoints"]],
+            "timings": timings,
+        },
+    )
     n_sketch = sum(tensors[c["name"]].nbytes for c in warm["checkpoints"])
-    return dg.MaterializeResult(data_version=data_version(version), metadata={
-        "scored": len(encoded), "projection": dg.MetadataValue.json(projection),
-        "checkpoints": dg.MetadataValue.json([c["name"] for c in warm["checkpoints"]]),
-        "timings": dg.MetadataValue.json(timings),
-        "sketch_bytes_per_candidate": round(n_sketch / max(1, len(encoded)), 1),
-        "device": str(compute.torch_device()),
-        "path": dg.MetadataValue.path(str(features_dir(storage, shard, SKETCH_METHOD)))})
+    return dg.MaterializeResult(
+        data_version=data_version(version),
+        metadata={
+            "scored": len(encoded),
+            "projection": dg.MetadataValue.json(projection),
+            "checkpoints": dg.MetadataValue.json([c["name"] for c in warm["checkpoints"]]),
+            "timings": dg.MetadataValue.json(timings),
+            "sketch_bytes_per_candidate": round(n_sketch / max(1, len(encoded)), 1),
+            "device": str(compute.torch_device()),
+            "path": dg.MetadataValue.path(str(features_dir(storage, shard, SKETCH_METHOD))),
+        },
+    )
 
 
 def stale_sketch_shards(storage: StorageResource, shards: list[str]) -> tuple[list[str], dict[str, str]]:
@@ -102,18 +136,25 @@ def current_sketch_shards(storage: StorageResource, shards: list[str], checkpoin
             missing.append(shard)
             continue
         meta = storage.read_json(d / "meta.json", ASSET, partition=shard)
-        if (meta.get("shard_version") != pool_shards.get(shard) or meta.get("warmup_version") != warm_version
-                or not set(checkpoints) <= set(meta["checkpoints"])):
+        if (
+            meta.get("shard_version") != pool_shards.get(shard)
+            or meta.get("warmup_version") != warm_version
+            or not set(checkpoints) <= set(meta["checkpoints"])
+        ):
             stale.append(shard)
             continue
         metas[shard] = meta
     if missing or stale:
-        raise ValueError(f"{ASSET} is missing for shards {missing} and stale (other shard contents, warmup or "
-                         f"checkpoints) for {stale}; materialize those partitions of {ASSET} first")
+        raise ValueError(
+            f"{ASSET} is missing for shards {missing} and stale (other shard contents, warmup or "
+            f"checkpoints) for {stale}; materialize those partitions of {ASSET} first"
+        )
     kinds = {repr((sorted(m["projection"].items()), m["layout"])) for m in metas.values()}
     if len(kinds) != 1:
-        raise ValueError(f"{ASSET} shards were made with different projections or adapters; "
-                         f"re-materialize every partition of {ASSET} with one config")
+        raise ValueError(
+            f"{ASSET} shards were made with different projections or adapters; "
+            f"re-materialize every partition of {ASSET} with one config"
+        )
     first = metas[shards[0]]
     layout = GradientLayout(tuple(ParamBlock(n, tuple(shape), off) for n, shape, off in first["layout"]["blocks"]))
     proj = first["projection"]
@@ -142,8 +183,10 @@ def sketch_projection(storage: StorageResource, projector, ckpt: str, targets: l
     """(P^T V_k of every target side by side (d x sum k), {target: its columns}) at one checkpoint."""
     V, slices = load_bases(storage, ckpt, targets)
     if V.shape[0] != projector.layout.dim:
-        raise ValueError(f"the bases of {ckpt} have {V.shape[0]} rows but {ASSET} sketched "
-                         f"{projector.layout.dim}-entry gradients (another adapter); re-materialize {ASSET}")
+        raise ValueError(
+            f"the bases of {ckpt} have {V.shape[0]} rows but {ASSET} sketched "
+            f"{projector.layout.dim}-entry gradients (another adapter); re-materialize {ASSET}"
+        )
     return projector.project_columns(V.numpy()).astype(np.float32), slices
 
 

@@ -22,7 +22,7 @@ def fingerprint(*parts) -> str:
 def rows_fingerprint(*columns) -> str:
     """Order-sensitive hash of table rows given as parallel columns."""
     h = hashlib.sha256()
-    for row in zip(*columns):
+    for row in zip(*columns, strict=False):
         h.update(json.dumps(row, default=str).encode())
         h.update(b"\n")
     return h.hexdigest()[:16]

@@ -18,9 +18,10 @@ import os
 import re
 import unicodedata
 import zlib
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterable, Iterator, Sequence
+from typing import Any
 
 IGNORE_INDEX = -100
 ROLES = ("system", "user", "assistant")
@@ -61,7 +62,7 @@ def _check_str(value, what: str) -> str:
     return value
 
 
-def record_to_messages(record: dict) -> tuple[list[dict], str]:
+def record_to_messages(record: object) -> tuple[list[dict], str]:
     """Detect the record's format and return (messages, format name).
 
     Raises ValueError with a short reason when the record is unusable.
@@ -157,7 +158,11 @@ MAX_RECORD_BYTES = 8 << 20
 MAX_DEPTH = 100
 MAX_ID_CHARS = 256
 # Compressed pool files are read as streams, by suffix.
-_STREAMS = {".gz": ("gzip", gzip.open), ".bz2": ("bzip2", bz2.open), ".xz": ("xz", lzma.open)}
+_STREAMS: dict[str, tuple[str, Callable[..., Any]]] = {
+    ".gz": ("gzip", gzip.open),
+    ".bz2": ("bzip2", bz2.open),
+    ".xz": ("xz", lzma.open),
+}
 
 
 class CorruptFileError(ValueError):
@@ -177,8 +182,10 @@ class CorruptFileError(ValueError):
 def _open_stream(path: str):
     suffix = Path(path).suffix.lower()
     if suffix in (".zst", ".zstd"):
-        raise ValueError(f"{path}: zstandard-compressed files are not supported; decompress it "
-                         "(zstd -d) or recompress it with gzip (.jsonl.gz)")
+        raise ValueError(
+            f"{path}: zstandard-compressed files are not supported; decompress it "
+            "(zstd -d) or recompress it with gzip (.jsonl.gz)"
+        )
     kind, opener = _STREAMS.get(suffix, ("plain", None))
     try:
         return kind, (opener(path, "rb") if opener else open(path, "rb"))
@@ -248,14 +255,16 @@ def parse_record(text: str) -> tuple[object, str]:
         original = json.dumps(obj, ensure_ascii=False, allow_nan=False)
         original.encode("utf-8")
     except UnicodeEncodeError as exc:
-        bad = exc.object[exc.start:exc.end].encode("unicode_escape").decode("ascii")
-        raise ValueError(f"a string holds a lone surrogate ({bad}), which is not valid Unicode; "
-                         "remove it or escape it as a pair") from None
+        bad = exc.object[exc.start : exc.end].encode("unicode_escape").decode("ascii")
+        raise ValueError(
+            f"a string holds a lone surrogate ({bad}), which is not valid Unicode; remove it or escape it as a pair"
+        ) from None
     return obj, original
 
 
-def iter_jsonl(path: str, max_record_bytes: int = MAX_RECORD_BYTES
-               ) -> Iterator[tuple[int, tuple[object, str] | BadRecordError]]:
+def iter_jsonl(
+    path: str, max_record_bytes: int = MAX_RECORD_BYTES
+) -> Iterator[tuple[int, tuple[object, str] | BadRecordError]]:
     """Yield (line number, (parsed object, strict JSON text) or BadRecordError); blank lines skipped.
 
     ``.gz``, ``.bz2`` and ``.xz`` files are decompressed as streams. Lines are split on
@@ -267,8 +276,12 @@ def iter_jsonl(path: str, max_record_bytes: int = MAX_RECORD_BYTES
     for lineno, raw in _raw_lines(path, max_record_bytes):
         if raw is None:
             any_record = True
-            yield lineno, BadRecordError(path, lineno, f"record is longer than {max_record_bytes} bytes "
-                                                          "(the limit for one line)")
+            yield (
+                lineno,
+                BadRecordError(
+                    path, lineno, f"record is longer than {max_record_bytes} bytes (the limit for one line)"
+                ),
+            )
             continue
         if lineno == 1 and raw.startswith(b"\xef\xbb\xbf"):
             raw = raw[3:]
@@ -276,8 +289,12 @@ def iter_jsonl(path: str, max_record_bytes: int = MAX_RECORD_BYTES
             text = raw.decode("utf-8")
         except UnicodeDecodeError as exc:
             any_record = True
-            yield lineno, BadRecordError(path, lineno, f"line is not valid UTF-8 (byte {exc.start} of the line); "
-                                                       "re-encode the file as UTF-8")
+            yield (
+                lineno,
+                BadRecordError(
+                    path, lineno, f"line is not valid UTF-8 (byte {exc.start} of the line); re-encode the file as UTF-8"
+                ),
+            )
             continue
         if not text.strip():
             continue
@@ -313,8 +330,9 @@ class CandidateRow:
     original: str  # the record as read (strict JSON), exported unchanged for fine-tuning
 
 
-def read_candidates(patterns: Sequence[str], on_bad_record: str = "error",
-                    max_record_bytes: int = MAX_RECORD_BYTES) -> tuple[list[CandidateRow], ReadReport]:
+def read_candidates(
+    patterns: Sequence[str], on_bad_record: str = "error", max_record_bytes: int = MAX_RECORD_BYTES
+) -> tuple[list[CandidateRow], ReadReport]:
     """Read, validate and deduplicate candidate JSONL files (plain, .gz, .bz2 or .xz).
 
     Ids: a record's own ``id`` is kept when it is unique across the pool;
@@ -347,6 +365,7 @@ def read_candidates(patterns: Sequence[str], on_bad_record: str = "error",
             obj, original = item
             try:
                 messages, fmt = record_to_messages(obj)
+                assert isinstance(obj, dict)  # record_to_messages rejects anything else
                 source = obj.get("dataset") or obj.get("source") or source_from_path(path)
                 _check_str(source, "'dataset'/'source'")
                 rid = _record_id(obj)
@@ -358,8 +377,17 @@ def read_candidates(patterns: Sequence[str], on_bad_record: str = "error",
                 report.duplicates_dropped += 1
                 continue
             seen.add(key)
-            rows.append(CandidateRow(candidate_id=rid, source=source, file=path, line=lineno, format=fmt,
-                                     messages=messages, original=original))
+            rows.append(
+                CandidateRow(
+                    candidate_id=rid,
+                    source=source,
+                    file=path,
+                    line=lineno,
+                    format=fmt,
+                    messages=messages,
+                    original=original,
+                )
+            )
     counts: dict[str, int] = {}
     for r in rows:
         if r.candidate_id:
@@ -377,13 +405,20 @@ def read_candidates(patterns: Sequence[str], on_bad_record: str = "error",
         if first is r:
             unique.append(r)
             continue
-        bad(BadRecordError(r.file, r.line, f"candidate id {r.candidate_id!r} is already the id of "
-                                           f"{first.file}:{first.line} (an own 'id' equal to an id derived from "
-                                           "another record's content); give this record another 'id'"))
+        bad(
+            BadRecordError(
+                r.file,
+                r.line,
+                f"candidate id {r.candidate_id!r} is already the id of "
+                f"{first.file}:{first.line} (an own 'id' equal to an id derived from "
+                "another record's content); give this record another 'id'",
+            )
+        )
     return unique, report
 
 
 # ---------------------------------------------------------------- chat format
+
 
 def tulu_segments(messages: Sequence[dict], eos: str) -> list[tuple[str, bool]]:
     """Split a conversation into (text, is_label) segments in Tulu chat format.
@@ -413,8 +448,7 @@ class Encoded:
         return sum(1 for x in self.labels if x != IGNORE_INDEX)
 
 
-def encode_segments(tokenizer, segments: Sequence[tuple[str, bool]], max_length: int,
-                    add_bos: bool = True) -> Encoded:
+def encode_segments(tokenizer, segments: Sequence[tuple[str, bool]], max_length: int, add_bos: bool = True) -> Encoded:
     """Tokenize segments one by one so label boundaries are exact, then truncate."""
     ids: list[int] = []
     labels: list[int] = []
@@ -441,8 +475,9 @@ def _check_chat_format(tokenizer, chat_format: str) -> None:
     if chat_format not in CHAT_FORMATS:
         raise ValueError(f"chat_format must be one of {list(CHAT_FORMATS)}, got {chat_format!r}")
     if chat_format == "model" and not getattr(tokenizer, "chat_template", None):
-        raise ValueError("chat_format 'model' needs a tokenizer with a chat template, and this one has none; "
-                         "use chat_format 'tulu'")
+        raise ValueError(
+            "chat_format 'model' needs a tokenizer with a chat template, and this one has none; use chat_format 'tulu'"
+        )
 
 
 def _render(tokenizer, messages: Sequence[dict], generation_prompt: bool) -> str:
@@ -464,16 +499,17 @@ def template_segments(tokenizer, messages: Sequence[dict]) -> list[tuple[str, bo
         if m["role"] != "assistant":
             continue
         head = _render(tokenizer, msgs[:i], True)
-        full = _render(tokenizer, msgs[:i + 1], False)
+        full = _render(tokenizer, msgs[: i + 1], False)
         if not head.startswith(done) or not full.startswith(head):
-            raise ValueError(f"the chat template does not render this conversation turn by turn (turn {i}); "
-                             "use chat_format 'tulu'")
-        reply = full[len(head):]
+            raise ValueError(
+                f"the chat template does not render this conversation turn by turn (turn {i}); use chat_format 'tulu'"
+            )
+        reply = full[len(head) :]
         cut = reply.find(eos) if eos else -1
         end = len(reply) if cut < 0 else cut + len(eos)
-        segs.append((head[len(done):], False))
+        segs.append((head[len(done) :], False))
         segs.append((reply[:end], True))
-        done = full[:len(head) + end]
+        done = full[: len(head) + end]
     return segs
 
 
@@ -513,11 +549,11 @@ def encode_messages(tokenizer, messages: Sequence[dict], max_length: int, chat_f
     return encode_segments(tokenizer, tulu_segments(messages, tokenizer.eos_token or ""), max_length)
 
 
-def encode_prompt_completion(tokenizer, prompt: str, completion: str, max_length: int,
-                             chat_format: str = "tulu") -> Encoded:
+def encode_prompt_completion(
+    tokenizer, prompt: str, completion: str, max_length: int, chat_format: str = "tulu"
+) -> Encoded:
     """Target examples: loss on the completion only, no eos (as LESS evaluates)."""
     if chat_format == "model":
         text = chat_prompt(tokenizer, prompt, chat_format)
-        return encode_segments(tokenizer, [(text, False), (completion, True)], max_length,
-                               add_bos=text == prompt)
+        return encode_segments(tokenizer, [(text, False), (completion, True)], max_length, add_bos=text == prompt)
     return encode_segments(tokenizer, [(prompt, False), (completion, True)], max_length)

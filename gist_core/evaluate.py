@@ -19,8 +19,8 @@ depend on the target, so it is trained once.
 from __future__ import annotations
 
 import time
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Callable, Mapping, Sequence
 
 import numpy as np
 import torch
@@ -46,31 +46,32 @@ class FinetuneSpec:
 
 # ------------------------------------------------------------ multiple choice
 
+
 def multiple_choice_options(completions: Sequence[str]) -> list[str] | None:
     """The option letters when every completion, stripped, is one capital letter A-J; else None."""
     stripped = [c.strip() for c in completions]
     if not stripped or not all(len(s) == 1 and s in LETTERS for s in stripped):
         return None
     last = max(LETTERS.index(s) for s in stripped)
-    return list(LETTERS[:max(last + 1, MIN_OPTIONS)])
+    return list(LETTERS[: max(last + 1, MIN_OPTIONS)])
 
 
 def option_completion(completion: str, letter: str) -> str:
     """``completion`` with its answer letter replaced by ``letter``, whitespace kept (" A" -> " B")."""
     core = completion.strip()
     i = completion.index(core)
-    return completion[:i] + letter + completion[i + len(core):]
+    return completion[:i] + letter + completion[i + len(core) :]
 
 
 @dataclass
 class HeldoutSet:
     """A target's held-out examples, encoded once for every model judged on them."""
 
-    encoded: list[Encoded]                               # for the loss (completion tokens only)
-    options: list[str] | None = None                     # multiple-choice letters, or None
+    encoded: list[Encoded]  # for the loss (completion tokens only)
+    options: list[str] | None = None  # multiple-choice letters, or None
     option_encoded: list[list[Encoded]] = field(default_factory=list)  # per example, per option
-    answers: list[int] = field(default_factory=list)     # index of the correct option
-    dropped: int = 0                                     # examples without completion tokens
+    answers: list[int] = field(default_factory=list)  # index of the correct option
+    dropped: int = 0  # examples without completion tokens
 
     @property
     def is_multiple_choice(self) -> bool:
@@ -80,8 +81,14 @@ class HeldoutSet:
         return len(self.encoded)
 
 
-def prepare_heldout(tokenizer, prompts: Sequence[str], completions: Sequence[str], max_length: int,
-                    name: str = "target", chat_format: str = "tulu") -> HeldoutSet:
+def prepare_heldout(
+    tokenizer,
+    prompts: Sequence[str],
+    completions: Sequence[str],
+    max_length: int,
+    name: str = "target",
+    chat_format: str = "tulu",
+) -> HeldoutSet:
     """Encode held-out examples (and, for a multiple-choice target, every option of each).
 
     Examples whose completion is truncated away are dropped (and counted);
@@ -91,28 +98,40 @@ def prepare_heldout(tokenizer, prompts: Sequence[str], completions: Sequence[str
         raise ValueError("prompts and completions differ in length")
     options = multiple_choice_options(completions)
     held = HeldoutSet(encoded=[], options=options)
-    for prompt, completion in zip(prompts, completions):
+    for prompt, completion in zip(prompts, completions, strict=False):
         enc = encode_prompt_completion(tokenizer, prompt, completion, max_length, chat_format)
         if enc.n_label_tokens == 0:
             held.dropped += 1
             continue
         held.encoded.append(enc)
         if options is not None:
-            held.option_encoded.append([
-                encode_prompt_completion(tokenizer, prompt, option_completion(completion, letter), max_length,
-                                         chat_format)
-                for letter in options])
+            held.option_encoded.append(
+                [
+                    encode_prompt_completion(
+                        tokenizer, prompt, option_completion(completion, letter), max_length, chat_format
+                    )
+                    for letter in options
+                ]
+            )
             held.answers.append(options.index(completion.strip()))
     if not held.encoded:
-        raise ValueError(f"{name}: no held-out example has completion tokens (there are {len(prompts)} held-out "
-                         "examples); set target_sets.heldout_fraction > 0 so some examples judge the selections")
+        raise ValueError(
+            f"{name}: no held-out example has completion tokens (there are {len(prompts)} held-out "
+            "examples); set target_sets.heldout_fraction > 0 so some examples judge the selections"
+        )
     return held
 
 
 @torch.no_grad()
-def completion_scores(model: nn.Module, encoded: Sequence[Encoded], device: torch.device,
-                      pad_id: int = 0, dtype: torch.dtype = torch.float32, max_tokens: int = 4096,
-                      max_batch_size: int = 32) -> tuple[np.ndarray, np.ndarray]:
+def completion_scores(
+    model: nn.Module,
+    encoded: Sequence[Encoded],
+    device: torch.device,
+    pad_id: int = 0,
+    dtype: torch.dtype = torch.float32,
+    max_tokens: int = 4096,
+    max_batch_size: int = 32,
+) -> tuple[np.ndarray, np.ndarray]:
     """Per example: (mean completion-token loss, summed completion log-probability).
 
     Examples with no completion tokens get (nan, -inf). Batches are length-sorted
@@ -123,8 +142,7 @@ def completion_scores(model: nn.Module, encoded: Sequence[Encoded], device: torc
     sum_logp = np.full(len(encoded), -np.inf)
     for batch in length_batches(encoded, max_tokens, max_batch_size, pad_id):
         with autocast_for(device, dtype):
-            logits = model(input_ids=batch.input_ids.to(device),
-                           attention_mask=batch.attention_mask.to(device)).logits
+            logits = model(input_ids=batch.input_ids.to(device), attention_mask=batch.attention_mask.to(device)).logits
         labels = batch.labels[:, 1:].to(device)
         mask = labels != IGNORE_INDEX
         rows = mask.nonzero(as_tuple=True)
@@ -141,10 +159,16 @@ def completion_scores(model: nn.Module, encoded: Sequence[Encoded], device: torc
     return mean_loss, sum_logp
 
 
-def option_log_probs(model: nn.Module, held: HeldoutSet, device: torch.device, pad_id: int = 0,
-                     dtype: torch.dtype = torch.float32, max_tokens: int = 4096) -> np.ndarray:
+def option_log_probs(
+    model: nn.Module,
+    held: HeldoutSet,
+    device: torch.device,
+    pad_id: int = 0,
+    dtype: torch.dtype = torch.float32,
+    max_tokens: int = 4096,
+) -> np.ndarray:
     """(examples, options): log P(option completion | prompt), summed over its tokens."""
-    if not held.is_multiple_choice:
+    if held.options is None:  # not held.is_multiple_choice
         raise ValueError("not a multiple-choice held-out set")
     n_opt = len(held.options)
     flat = [e for per in held.option_encoded for e in per]
@@ -158,23 +182,38 @@ def multiple_choice_accuracy(logp: np.ndarray, answers: Sequence[int]) -> float:
     return float(np.mean(predicted == np.asarray(answers)))
 
 
-def evaluate_heldout(model: nn.Module, held: HeldoutSet, device: torch.device, pad_id: int = 0,
-                     dtype: torch.dtype = torch.float32, max_tokens: int = 4096) -> dict:
+def evaluate_heldout(
+    model: nn.Module,
+    held: HeldoutSet,
+    device: torch.device,
+    pad_id: int = 0,
+    dtype: torch.dtype = torch.float32,
+    max_tokens: int = 4096,
+) -> dict:
     """{"heldout_loss", "accuracy" (None unless multiple choice), "heldout_examples"}."""
     mean_loss, _ = completion_scores(model, held.encoded, device, pad_id, dtype, max_tokens)
     accuracy = None
     if held.is_multiple_choice:
-        accuracy = multiple_choice_accuracy(option_log_probs(model, held, device, pad_id, dtype, max_tokens),
-                                            held.answers)
+        accuracy = multiple_choice_accuracy(
+            option_log_probs(model, held, device, pad_id, dtype, max_tokens), held.answers
+        )
     return {"heldout_loss": float(np.mean(mean_loss)), "accuracy": accuracy, "heldout_examples": len(held)}
 
 
 # ------------------------------------------------------------------ fine-tune
 
-def finetune_and_evaluate_many(load_base: Callable[[], nn.Module], train: Sequence[Encoded],
-                               heldouts: Mapping[str, HeldoutSet], spec: FinetuneSpec, device: torch.device,
-                               pad_id: int, dtype: torch.dtype = torch.float32, max_tokens: int = 4096,
-                               log: Callable[[str], None] = lambda _: None) -> dict[str, dict]:
+
+def finetune_and_evaluate_many(
+    load_base: Callable[[], nn.Module],
+    train: Sequence[Encoded],
+    heldouts: Mapping[str, HeldoutSet],
+    spec: FinetuneSpec,
+    device: torch.device,
+    pad_id: int,
+    dtype: torch.dtype = torch.float32,
+    max_tokens: int = 4096,
+    log: Callable[[str], None] = lambda _: None,
+) -> dict[str, dict]:
     """One LoRA fine-tune of a fresh base model on ``train``, judged on every held-out set.
 
     ``load_base`` returns a fresh base model, so every compared selection starts
@@ -186,13 +225,19 @@ def finetune_and_evaluate_many(load_base: Callable[[], nn.Module], train: Sequen
     model = load_base()
     seconds = 0.0
     if train:
-        model = attach_lora(model, spec.lora_r, spec.lora_alpha, spec.lora_dropout, spec.target_modules,
-                            seed=spec.train.seed)
+        model = attach_lora(
+            model, spec.lora_r, spec.lora_alpha, spec.lora_dropout, spec.target_modules, seed=spec.train.seed
+        )
         start = time.perf_counter()
         train_lora(model, list(train), spec.train, device, dtype=dtype, pad_id=pad_id, log=log)
         seconds = time.perf_counter() - start
-    out = {name: {**evaluate_heldout(model, held, device, pad_id, dtype, max_tokens),
-                  "train_examples": len(train), "train_seconds": seconds}
-           for name, held in heldouts.items()}
+    out = {
+        name: {
+            **evaluate_heldout(model, held, device, pad_id, dtype, max_tokens),
+            "train_examples": len(train),
+            "train_seconds": seconds,
+        }
+        for name, held in heldouts.items()
+    }
     del model
     return out

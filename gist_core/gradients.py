@@ -23,9 +23,10 @@ from __future__ import annotations
 import math
 import time
 import weakref
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
-from typing import Callable, Iterator, Sequence
+from typing import TypeGuard
 
 import numpy as np
 import torch
@@ -81,7 +82,7 @@ def trainable_linears(model: nn.Module) -> tuple[GradientLayout, list[nn.Linear]
                 "per-example gradients support LoRA adapters on linear layers only "
                 "(no modules_to_save, no trainable biases or embeddings)"
             )
-        blocks.append(ParamBlock(name, tuple(p.shape), offset))
+        blocks.append(ParamBlock(name, (p.shape[0], p.shape[1]), offset))
         modules.append(mod)
         offset += p.numel()
     if not blocks:
@@ -91,19 +92,22 @@ def trainable_linears(model: nn.Module) -> tuple[GradientLayout, list[nn.Linear]
 
 # ----------------------------------------------------------------- batching
 
+
 @dataclass
 class Batch:
-    indices: list[int]          # positions in the caller's example list
-    input_ids: torch.Tensor     # (B, T), right-padded
+    indices: list[int]  # positions in the caller's example list
+    input_ids: torch.Tensor  # (B, T), right-padded
     attention_mask: torch.Tensor
-    labels: torch.Tensor        # IGNORE_INDEX on prompt and padding
-    n_tokens: int               # real tokens (for throughput)
+    labels: torch.Tensor  # IGNORE_INDEX on prompt and padding
+    n_tokens: int  # real tokens (for throughput)
 
 
 # Per-batch fixed cost, in padded tokens, that the batch split weighs against padding,
 # and the padding share the split keeps under (lowering that cost until it does).
 BATCH_OVERHEAD_TOKENS = 128
 MAX_PADDING_SHARE = 0.05
+
+_CPU = torch.device("cpu")  # reference_gradients' default device
 
 
 def _split(L: np.ndarray, max_tokens: int, max_batch_size: int, overhead: float) -> list[int]:
@@ -125,7 +129,7 @@ def _split(L: np.ndarray, max_tokens: int, max_batch_size: int, overhead: float)
     return ends[::-1]
 
 
-def padding_share(lengths: Sequence[int], ends: Sequence[int]) -> float:
+def padding_share(lengths: Sequence[int] | np.ndarray, ends: Sequence[int]) -> float:
     """Padding tokens / all tokens of the batches ``ends`` cut ascending ``lengths`` into."""
     L = np.asarray(lengths, dtype=np.int64)
     begins = [0, *ends[:-1]]
@@ -133,9 +137,13 @@ def padding_share(lengths: Sequence[int], ends: Sequence[int]) -> float:
     return 1.0 - int(L.sum()) / padded if padded else 0.0
 
 
-def batch_bounds(lengths: Sequence[int], max_tokens: int, max_batch_size: int = 64,
-                 overhead_tokens: float = BATCH_OVERHEAD_TOKENS,
-                 max_padding: float | None = MAX_PADDING_SHARE) -> list[int]:
+def batch_bounds(
+    lengths: Sequence[int],
+    max_tokens: int,
+    max_batch_size: int = 64,
+    overhead_tokens: float = BATCH_OVERHEAD_TOKENS,
+    max_padding: float | None = MAX_PADDING_SHARE,
+) -> list[int]:
     """Split points of ascending ``lengths`` into batches: ends[k] is the end of batch k.
 
     Dynamic programming over contiguous splits: minimizes padded tokens (B x longest)
@@ -154,9 +162,14 @@ def batch_bounds(lengths: Sequence[int], max_tokens: int, max_batch_size: int = 
         overhead = overhead / 2 if overhead >= 2 else 0.0
 
 
-def length_batches(encoded: Sequence[Encoded], max_tokens: int, max_batch_size: int = 64,
-                   pad_id: int = 0, overhead_tokens: float = BATCH_OVERHEAD_TOKENS,
-                   max_padding: float | None = MAX_PADDING_SHARE) -> Iterator[Batch]:
+def length_batches(
+    encoded: Sequence[Encoded],
+    max_tokens: int,
+    max_batch_size: int = 64,
+    pad_id: int = 0,
+    overhead_tokens: float = BATCH_OVERHEAD_TOKENS,
+    max_padding: float | None = MAX_PADDING_SHARE,
+) -> Iterator[Batch]:
     """Group examples of similar length so that B x T stays under a token budget.
 
     Sorted by length, split by ``batch_bounds`` (least padding plus per-batch overhead);
@@ -170,8 +183,9 @@ def length_batches(encoded: Sequence[Encoded], max_tokens: int, max_batch_size: 
         begin = end
 
 
-def greedy_length_batches(encoded: Sequence[Encoded], max_tokens: int, max_batch_size: int = 64,
-                          pad_id: int = 0) -> Iterator[Batch]:
+def greedy_length_batches(
+    encoded: Sequence[Encoded], max_tokens: int, max_batch_size: int = 64, pad_id: int = 0
+) -> Iterator[Batch]:
     """The previous split (fill the budget greedily over the sorted order), kept for comparison."""
     order = sorted(range(len(encoded)), key=lambda i: (len(encoded[i].input_ids), i))
     batch: list[int] = []
@@ -206,8 +220,10 @@ def per_example_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor
     shift_logits = logits[:, :-1].float()
     shift_labels = labels[:, 1:]
     ce = nn.functional.cross_entropy(
-        shift_logits.reshape(-1, shift_logits.size(-1)), shift_labels.reshape(-1),
-        ignore_index=IGNORE_INDEX, reduction="none",
+        shift_logits.reshape(-1, shift_logits.size(-1)),
+        shift_labels.reshape(-1),
+        ignore_index=IGNORE_INDEX,
+        reduction="none",
     ).view(shift_labels.shape)
     counts = (shift_labels != IGNORE_INDEX).sum(dim=1)
     if bool((counts == 0).any()):
@@ -216,6 +232,7 @@ def per_example_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor
 
 
 # ----------------------------------------------------------- the gradient pass
+
 
 class _IOCapture:
     """Keeps each module's (input, output) of the forward pass being recorded.
@@ -233,6 +250,7 @@ class _IOCapture:
         def hook(mod, inputs, output):
             if self.recording:
                 self.store[k].append((inputs[0], output))
+
         return hook
 
     @contextmanager
@@ -248,7 +266,7 @@ class _IOCapture:
             h.remove()
 
 
-def _uniform_list(mod: nn.Module) -> bool:
+def _uniform_list(mod: nn.Module) -> TypeGuard[nn.ModuleList]:
     return isinstance(mod, nn.ModuleList) and len(mod) > 0 and len({type(m) for m in mod}) == 1
 
 
@@ -260,13 +278,14 @@ def repeated_layers(model: nn.Module) -> nn.ModuleList:
         for child in body.children():
             if _uniform_list(child):
                 return child
-    best = None
+    best: nn.ModuleList | None = None
     for mod in model.modules():
         if _uniform_list(mod) and (best is None or len(mod) > len(best)):
             best = mod
     if best is None:
-        raise ValueError(f"{type(model).__name__} has no list of repeated layers to checkpoint; "
-                         "turn gradient_checkpointing off")
+        raise ValueError(
+            f"{type(model).__name__} has no list of repeated layers to checkpoint; turn gradient_checkpointing off"
+        )
     return best
 
 
@@ -281,15 +300,17 @@ def checkpointed_layers(model: nn.Module, enabled: bool = True):
         yield
         return
     layers = list(repeated_layers(model))
-    own = [layer.__dict__.get("forward") for layer in layers]   # e.g. an accelerate hook's wrapper
+    own = [layer.__dict__.get("forward") for layer in layers]  # e.g. an accelerate hook's wrapper
     for layer in layers:
+
         def forward(*args, _inner=layer.forward, **kwargs):
             return torch.utils.checkpoint.checkpoint(_inner, *args, use_reentrant=False, **kwargs)
+
         layer.forward = forward
     try:
         yield
     finally:
-        for layer, previous in zip(layers, own):
+        for layer, previous in zip(layers, own, strict=False):
             if previous is None:
                 del layer.forward
             else:
@@ -304,9 +325,15 @@ class CausalLMParts:
     head: nn.Module
 
 
+def _base_model(model: nn.Module) -> nn.Module:
+    """The model a PEFT wrapper wraps (``get_base_model()``), else the model itself."""
+    get_base_model = getattr(model, "get_base_model", None)
+    return get_base_model() if get_base_model is not None else model
+
+
 def _causal_lm_body(model: nn.Module) -> nn.Module | None:
     """The decoder of a Hugging Face causal LM (PEFT-wrapped or not): ``model.model``, ``model.transformer``."""
-    lm = model.get_base_model() if hasattr(model, "get_base_model") else model
+    lm = _base_model(model)
     prefix = getattr(lm, "base_model_prefix", "")
     body = getattr(lm, prefix, None) if prefix else None
     return body if isinstance(body, nn.Module) and body is not lm else None
@@ -314,9 +341,10 @@ def _causal_lm_body(model: nn.Module) -> nn.Module | None:
 
 def split_causal_lm(model: nn.Module) -> CausalLMParts | None:
     """The decoder and output layer of a Hugging Face causal LM (PEFT-wrapped or not), or None."""
-    lm = model.get_base_model() if hasattr(model, "get_base_model") else model
+    lm = _base_model(model)
     body = _causal_lm_body(model)
-    head = lm.get_output_embeddings() if hasattr(lm, "get_output_embeddings") else None
+    get_output_embeddings = getattr(lm, "get_output_embeddings", None)
+    head = get_output_embeddings() if get_output_embeddings is not None else None
     if body is None or not isinstance(head, nn.Module):
         return None
     if any(p.requires_grad for p in head.parameters()):
@@ -324,8 +352,9 @@ def split_causal_lm(model: nn.Module) -> CausalLMParts | None:
     return CausalLMParts(body, head)
 
 
-def completion_losses(parts: CausalLMParts, input_ids: torch.Tensor, attention_mask: torch.Tensor,
-                      labels: torch.Tensor) -> torch.Tensor:
+def completion_losses(
+    parts: CausalLMParts, input_ids: torch.Tensor, attention_mask: torch.Tensor, labels: torch.Tensor
+) -> torch.Tensor:
     """Per-example mean completion loss, with the output layer run on completion positions only."""
     hidden = parts.body(input_ids=input_ids, attention_mask=attention_mask, use_cache=False)[0]
     target = labels[:, 1:]
@@ -333,16 +362,16 @@ def completion_losses(parts: CausalLMParts, input_ids: torch.Tensor, attention_m
     counts = keep.sum(dim=1)
     if bool((counts == 0).any()):
         raise ValueError("an example has no completion tokens; filter those out before computing gradients")
-    logits = parts.head(hidden[:, :-1][keep])            # (completion tokens, vocab)
+    logits = parts.head(hidden[:, :-1][keep])  # (completion tokens, vocab)
     ce = nn.functional.cross_entropy(logits.float(), target[keep], reduction="none")
     rows = keep.nonzero(as_tuple=True)[0]
     return torch.zeros(len(counts), dtype=ce.dtype, device=ce.device).index_add_(0, rows, ce) / counts
 
 
-_HEAD_CHECKED: "weakref.WeakKeyDictionary[nn.Module, bool]" = weakref.WeakKeyDictionary()
+_HEAD_CHECKED: weakref.WeakKeyDictionary[nn.Module, bool] = weakref.WeakKeyDictionary()
 
 
-def completion_head_matches(model: nn.Module, parts: CausalLMParts, batch: "Batch", device: torch.device) -> bool:
+def completion_head_matches(model: nn.Module, parts: CausalLMParts, batch: Batch, device: torch.device) -> bool:
     """Whether body + head reproduce the model's own logits (no soft-capping, scaling, ...) on one example.
 
     Checked once per model object.
@@ -356,7 +385,7 @@ def completion_head_matches(model: nn.Module, parts: CausalLMParts, batch: "Batc
             full = model(input_ids=ids, use_cache=False).logits.float()
             mine = parts.head(parts.body(input_ids=ids, use_cache=False)[0]).float()
         same = full.shape == mine.shape and torch.allclose(full, mine, rtol=1e-4, atol=1e-4)
-    except Exception:   # a decoder that cannot be called on its own: full logits
+    except Exception:  # a decoder that cannot be called on its own: full logits
         same = False
     _HEAD_CHECKED[model] = same
     return _HEAD_CHECKED[model]
@@ -368,9 +397,14 @@ def autocast_for(device: torch.device, dtype: torch.dtype):
     return nullcontext()
 
 
-def batch_block_gradients(model: nn.Module, capture: _IOCapture, batch: Batch, device: torch.device,
-                          dtype: torch.dtype = torch.float32, parts: CausalLMParts | None = None
-                          ) -> tuple[torch.Tensor, Iterator[tuple[int, torch.Tensor]]]:
+def batch_block_gradients(
+    model: nn.Module,
+    capture: _IOCapture,
+    batch: Batch,
+    device: torch.device,
+    dtype: torch.dtype = torch.float32,
+    parts: CausalLMParts | None = None,
+) -> tuple[torch.Tensor, Iterator[tuple[int, torch.Tensor]]]:
     """Run one forward/backward; return (per-example losses, iterator of (block, grads (B, size))).
 
     Gradients are produced block by block so a caller can project and drop
@@ -389,13 +423,15 @@ def batch_block_gradients(model: nn.Module, capture: _IOCapture, batch: Batch, d
             losses = per_example_loss(model(input_ids=ids, attention_mask=mask, use_cache=False).logits, labels)
     for k, calls in enumerate(store):
         if len(calls) != 1:
-            raise RuntimeError(f"trainable layer {k} ran {len(calls)} times in one forward pass; "
-                               "shared (tied) LoRA layers are not supported")
+            raise RuntimeError(
+                f"trainable layer {k} ran {len(calls)} times in one forward pass; "
+                "shared (tied) LoRA layers are not supported"
+            )
     outputs = [calls[0][1] for calls in store]
     grads_out = torch.autograd.grad(losses.sum(), outputs, allow_unused=True)
 
     def blocks():
-        for k, (calls, gy) in enumerate(zip(store, grads_out)):
+        for k, (calls, gy) in enumerate(zip(store, grads_out, strict=False)):
             x = calls[0][0]
             B = x.shape[0]
             if gy is None:  # layer not on the loss path
@@ -417,7 +453,7 @@ def batch_block_gradients(model: nn.Module, capture: _IOCapture, batch: Batch, d
 class PassStats:
     examples: int = 0
     tokens: int = 0
-    padded_tokens: int = 0      # B x T summed over batches
+    padded_tokens: int = 0  # B x T summed over batches
     batches: int = 0
     seconds: float = 0.0
     completion_only_logits: bool = False
@@ -428,8 +464,13 @@ class PassStats:
 
     def timing(self) -> dict:
         """What the feature assets record per checkpoint (meta.json ``timings``)."""
-        return {"seconds": self.seconds, "examples_per_s": self.examples_per_s, "tokens_per_s": self.tokens_per_s,
-                "batches": self.batches, "padding_share": round(self.padding_share, 4)}
+        return {
+            "seconds": self.seconds,
+            "examples_per_s": self.examples_per_s,
+            "tokens_per_s": self.tokens_per_s,
+            "batches": self.batches,
+            "padding_share": round(self.padding_share, 4),
+        }
 
     @property
     def examples_per_s(self) -> float:
@@ -440,10 +481,18 @@ class PassStats:
         return self.tokens / self.seconds if self.seconds else math.nan
 
 
-def gradient_pass(model: nn.Module, encoded: Sequence[Encoded], consume: Callable[[Batch, torch.Tensor, Iterator], None],
-                  device: torch.device, dtype: torch.dtype = torch.float32, max_tokens: int = 4096,
-                  max_batch_size: int = 64, pad_id: int = 0, gradient_checkpointing: bool = False,
-                  progress: Callable[[int, int, PassStats], None] | None = None) -> PassStats:
+def gradient_pass(
+    model: nn.Module,
+    encoded: Sequence[Encoded],
+    consume: Callable[[Batch, torch.Tensor, Iterator], None],
+    device: torch.device,
+    dtype: torch.dtype = torch.float32,
+    max_tokens: int = 4096,
+    max_batch_size: int = 64,
+    pad_id: int = 0,
+    gradient_checkpointing: bool = False,
+    progress: Callable[[int, int, PassStats], None] | None = None,
+) -> PassStats:
     """Drive the per-example gradient computation over examples in length-sorted batches."""
     model.eval()
     _, modules = trainable_linears(model)
@@ -473,8 +522,9 @@ def gradient_pass(model: nn.Module, encoded: Sequence[Encoded], consume: Callabl
     return stats
 
 
-def full_gradients(model: nn.Module, encoded: Sequence[Encoded], out: np.ndarray | None = None,
-                   **kwargs) -> tuple[np.ndarray, np.ndarray]:
+def full_gradients(
+    model: nn.Module, encoded: Sequence[Encoded], out: np.ndarray | None = None, **kwargs
+) -> tuple[np.ndarray, np.ndarray]:
     """All per-example gradients as an (N, D) float32 array (pass a memmap as ``out`` for big N x D).
 
     Returns (gradients, losses).
@@ -491,16 +541,20 @@ def full_gradients(model: nn.Module, encoded: Sequence[Encoded], out: np.ndarray
         # Block by block: peak memory is B x (largest block), never B x D.
         for k, g in blocks:
             b = layout.blocks[k]
-            out[rows[order], b.offset:b.offset + b.size] = g.cpu().numpy()[order]
+            out[rows[order], b.offset : b.offset + b.size] = g.cpu().numpy()[order]
 
     device = kwargs.pop("device", torch.device("cpu"))
     gradient_pass(model, encoded, consume, device=device, **kwargs)
     return out, losses
 
 
-def block_features(model: nn.Module, encoded: Sequence[Encoded],
-                   project_block: Callable[[int, torch.Tensor], torch.Tensor], out_dim: int,
-                   **kwargs) -> tuple[np.ndarray, np.ndarray, np.ndarray, PassStats]:
+def block_features(
+    model: nn.Module,
+    encoded: Sequence[Encoded],
+    project_block: Callable[[int, torch.Tensor], torch.Tensor],
+    out_dim: int,
+    **kwargs,
+) -> tuple[np.ndarray, np.ndarray, np.ndarray, PassStats]:
     """Per-example features sum_k project_block(k, g_k) built block by block: (z (N, out_dim), |g|, losses, stats)."""
     device = kwargs.pop("device", torch.device("cpu"))
     n = len(encoded)
@@ -523,8 +577,9 @@ def block_features(model: nn.Module, encoded: Sequence[Encoded],
     return z, norms, losses, stats
 
 
-def projected_gradients(model: nn.Module, encoded: Sequence[Encoded], basis: torch.Tensor,
-                        **kwargs) -> tuple[np.ndarray, np.ndarray, np.ndarray, PassStats]:
+def projected_gradients(
+    model: nn.Module, encoded: Sequence[Encoded], basis: torch.Tensor, **kwargs
+) -> tuple[np.ndarray, np.ndarray, np.ndarray, PassStats]:
     """Per-example gradients projected on ``basis`` (D x K): returns (z (N, K), |g| (N,), losses, stats).
 
     ``basis`` may hold the bases of many targets side by side, so one pass
@@ -532,15 +587,17 @@ def projected_gradients(model: nn.Module, encoded: Sequence[Encoded], basis: tor
     """
     layout, _ = trainable_linears(model)
     if basis.shape[0] != layout.dim:
-        raise ValueError(f"basis has {basis.shape[0]} rows but the model's LoRA gradient has "
-                         f"{layout.dim} entries; the basis was built for another adapter")
+        raise ValueError(
+            f"basis has {basis.shape[0]} rows but the model's LoRA gradient has "
+            f"{layout.dim} entries; the basis was built for another adapter"
+        )
     device = kwargs.get("device", torch.device("cpu"))
     basis = basis.to(device=device, dtype=torch.float32)
-    slices = [basis[b.offset:b.offset + b.size] for b in layout.blocks]
+    slices = [basis[b.offset : b.offset + b.size] for b in layout.blocks]
     return block_features(model, encoded, lambda k, g: g @ slices[k], basis.shape[1], **kwargs)
 
 
-def reference_gradients(model: nn.Module, encoded: Sequence[Encoded], device=torch.device("cpu")) -> np.ndarray:
+def reference_gradients(model: nn.Module, encoded: Sequence[Encoded], device: torch.device = _CPU) -> np.ndarray:
     """The obviously-right way: batch size 1, ``loss.backward()``, concatenated ``p.grad``.
 
     Slow; used by tests and benchmarks as the baseline.
@@ -555,6 +612,7 @@ def reference_gradients(model: nn.Module, encoded: Sequence[Encoded], device=tor
         logits = model(input_ids=ids).logits
         loss = per_example_loss(logits, labels)[0]
         loss.backward()
-        rows.append(torch.cat([p.grad.flatten() for p in params]).cpu().numpy())
+        # after backward() every trainable parameter the loss depends on has a .grad
+        rows.append(torch.cat([p.grad.flatten() for p in params]).cpu().numpy())  # type: ignore[union-attr]
     model.zero_grad(set_to_none=True)
     return np.stack(rows).astype(np.float32)

@@ -11,9 +11,10 @@ import json
 import os
 import random
 import time
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Sequence
+from typing import Protocol
 
 import torch
 from torch import nn
@@ -45,8 +46,12 @@ def train_bpe_tokenizer(texts: Sequence[str], vocab_size: int = 2048):
     )
     tok.train_from_iterator(texts, trainer)
     return PreTrainedTokenizerFast(
-        tokenizer_object=tok, bos_token="<s>", eos_token=EOS, pad_token="<pad>",
-        additional_special_tokens=CHAT_TOKENS, model_max_length=4096,
+        tokenizer_object=tok,
+        bos_token="<s>",
+        eos_token=EOS,
+        pad_token="<pad>",
+        additional_special_tokens=CHAT_TOKENS,
+        model_max_length=4096,
     )
 
 
@@ -64,22 +69,34 @@ def tiny_llama(vocab_size: int, spec: TinyLlamaSpec, tokenizer=None, seed: int =
     from transformers import LlamaConfig, LlamaForCausalLM
 
     config = LlamaConfig(
-        vocab_size=vocab_size, hidden_size=spec.hidden_size, intermediate_size=spec.intermediate_size,
-        num_hidden_layers=spec.layers, num_attention_heads=spec.heads, num_key_value_heads=spec.kv_heads,
-        max_position_embeddings=spec.max_positions, tie_word_embeddings=True,
-        bos_token_id=getattr(tokenizer, "bos_token_id", None), eos_token_id=getattr(tokenizer, "eos_token_id", None),
+        vocab_size=vocab_size,
+        hidden_size=spec.hidden_size,
+        intermediate_size=spec.intermediate_size,
+        num_hidden_layers=spec.layers,
+        num_attention_heads=spec.heads,
+        num_key_value_heads=spec.kv_heads,
+        max_position_embeddings=spec.max_positions,
+        tie_word_embeddings=True,
+        bos_token_id=getattr(tokenizer, "bos_token_id", None),
+        eos_token_id=getattr(tokenizer, "eos_token_id", None),
         pad_token_id=getattr(tokenizer, "pad_token_id", None),
     )
     torch.manual_seed(seed)
     return LlamaForCausalLM(config)
 
 
-def causal_lm_batches(encoded: Sequence[Encoded], batch_size: int, rng: random.Random, pad_id: int):
+class Shuffler(Protocol):
+    """What causal_lm_batches needs of its rng (random.Random, or a no-op)."""
+
+    def shuffle(self, x: list[int], /) -> None: ...
+
+
+def causal_lm_batches(encoded: Sequence[Encoded], batch_size: int, rng: Shuffler, pad_id: int):
     """Shuffled, right-padded batches (input_ids, attention_mask, labels)."""
     order = list(range(len(encoded)))
     rng.shuffle(order)
     for start in range(0, len(order), batch_size):
-        idx = order[start:start + batch_size]
+        idx = order[start : start + batch_size]
         T = max(len(encoded[i].input_ids) for i in idx)
         ids = torch.full((len(idx), T), pad_id, dtype=torch.long)
         labels = torch.full((len(idx), T), -100, dtype=torch.long)
@@ -92,8 +109,16 @@ def causal_lm_batches(encoded: Sequence[Encoded], batch_size: int, rng: random.R
         yield ids, mask, labels
 
 
-def pretrain(model: nn.Module, encoded: Sequence[Encoded], steps: int, batch_size: int, lr: float,
-             seed: int, pad_id: int, log: Callable[[str], None] = print) -> list[float]:
+def pretrain(
+    model: nn.Module,
+    encoded: Sequence[Encoded],
+    steps: int,
+    batch_size: int,
+    lr: float,
+    seed: int,
+    pad_id: int,
+    log: Callable[[str], None] = print,
+) -> list[float]:
     """Plain causal-LM training of the base model; bounded by a step count (deterministic)."""
     seed_everything(seed)
     rng = random.Random(seed)
@@ -122,6 +147,7 @@ def pretrain(model: nn.Module, encoded: Sequence[Encoded], steps: int, batch_siz
 
 # ------------------------------------------------------------------ loading
 
+
 def load_tokenizer(path: str, trust_remote_code: bool = False):
     from transformers import AutoTokenizer
 
@@ -136,8 +162,10 @@ def check_model_path(path: str) -> None:
     """A clear error for a model that is neither a local directory nor in the local hub cache."""
     if os.path.isdir(path):
         if not os.path.isfile(os.path.join(path, "config.json")):
-            raise FileNotFoundError(f"model directory {path!r} has no config.json; point model_name_or_path "
-                                    "at a directory written by save_pretrained")
+            raise FileNotFoundError(
+                f"model directory {path!r} has no config.json; point model_name_or_path "
+                "at a directory written by save_pretrained"
+            )
         return
     try:
         from huggingface_hub import try_to_load_from_cache
@@ -157,9 +185,13 @@ def load_causal_lm(path: str, device: torch.device, dtype: torch.dtype, trust_re
 
     check_model_path(path)
     model = AutoModelForCausalLM.from_pretrained(
-        path, local_files_only=True, trust_remote_code=trust_remote_code, dtype=dtype,
+        path,
+        local_files_only=True,
+        trust_remote_code=trust_remote_code,
+        dtype=dtype,
     )
-    return model.to(device).eval()
+    # transformers types the wrapped PreTrainedModel.to as taking the model as its first argument
+    return model.to(device).eval()  # type: ignore[arg-type]
 
 
 def attach_lora(model: nn.Module, r: int, alpha: int, dropout: float, target_modules: Sequence[str], seed: int):
@@ -168,11 +200,19 @@ def attach_lora(model: nn.Module, r: int, alpha: int, dropout: float, target_mod
     names = {n.split(".")[-1] for n, _ in model.named_modules()}
     missing = [t for t in target_modules if t not in names]
     if missing:
-        raise ValueError(f"LoRA target modules {missing} do not exist in {type(model).__name__}; "
-                         f"available linear layers include {sorted(n for n in names if 'proj' in n or 'attn' in n)[:12]}")
+        raise ValueError(
+            f"LoRA target modules {missing} do not exist in {type(model).__name__}; "
+            f"available linear layers include {sorted(n for n in names if 'proj' in n or 'attn' in n)[:12]}"
+        )
     torch.manual_seed(seed)
-    cfg = LoraConfig(r=r, lora_alpha=alpha, lora_dropout=dropout, target_modules=list(target_modules),
-                     bias="none", task_type="CAUSAL_LM")
+    cfg = LoraConfig(
+        r=r,
+        lora_alpha=alpha,
+        lora_dropout=dropout,
+        target_modules=list(target_modules),
+        bias="none",
+        task_type="CAUSAL_LM",
+    )
     return get_peft_model(model, cfg)
 
 
@@ -220,8 +260,10 @@ def load_adapter(model: nn.Module, adapter_dir: str):
     from peft import PeftModel
 
     if not os.path.isfile(os.path.join(adapter_dir, "adapter_config.json")):
-        raise FileNotFoundError(f"{adapter_dir!r} is not a PEFT adapter directory (no adapter_config.json); "
-                                "re-materialize warmup_checkpoint")
+        raise FileNotFoundError(
+            f"{adapter_dir!r} is not a PEFT adapter directory (no adapter_config.json); "
+            "re-materialize warmup_checkpoint"
+        )
     _check_adapter_files(adapter_dir)
     try:
         peft_model = PeftModel.from_pretrained(model, adapter_dir, is_trainable=True)
@@ -234,7 +276,8 @@ def load_adapter(model: nn.Module, adapter_dir: str):
         raise ValueError(
             f"adapter {adapter_dir!r} does not fit the base model {base!r}: it was saved for a model with "
             f"other layer names or sizes. Re-materialize warmup_checkpoint with this base model, or configure "
-            f"the base model the adapter was trained on. ({detail})") from None
+            f"the base model the adapter was trained on. ({detail})"
+        ) from None
     return peft_model.eval()
 
 
@@ -250,5 +293,3 @@ def save_json(path: str | Path, obj) -> None:
     tmp = path.with_suffix(path.suffix + ".tmp")
     tmp.write_text(json.dumps(obj, indent=2, sort_keys=True, default=str))
     os.replace(tmp, path)
-
-

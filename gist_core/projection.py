@@ -21,8 +21,16 @@ SKETCH_KINDS = ("countsketch", *KINDS)
 
 
 class BlockProjector:
-    def __init__(self, layout: GradientLayout, dim: int, seed: int = 0, kind: str = "rademacher",
-                 chunk_rows: int = 4096, cache_bytes: int = 512 << 20, device: torch.device | str = "cpu"):
+    def __init__(
+        self,
+        layout: GradientLayout,
+        dim: int,
+        seed: int = 0,
+        kind: str = "rademacher",
+        chunk_rows: int = 4096,
+        cache_bytes: int = 512 << 20,
+        device: torch.device | str = "cpu",
+    ):
         if kind not in KINDS:
             raise ValueError(f"projection must be one of {KINDS}, got {kind!r}")
         if dim < 1:
@@ -36,7 +44,7 @@ class BlockProjector:
         key = (block, chunk)
         if key in self._cache:
             return self._cache[key]
-        gen = torch.Generator().manual_seed((self.seed * 1_000_003 + block * 10_007 + chunk) % (2 ** 63))
+        gen = torch.Generator().manual_seed((self.seed * 1_000_003 + block * 10_007 + chunk) % (2**63))
         if self.kind == "rademacher":
             m = torch.randint(0, 2, (rows, self.dim), generator=gen, dtype=torch.int8).float().mul_(2).sub_(1)
         else:
@@ -62,9 +70,9 @@ class BlockProjector:
         for r in range(0, G.shape[0], row_chunk):
             acc = torch.zeros(min(row_chunk, G.shape[0] - r), self.dim, device=self.device)
             for k, b in enumerate(self.layout.blocks):
-                g = torch.from_numpy(np.ascontiguousarray(G[r:r + row_chunk, b.offset:b.offset + b.size]))
+                g = torch.from_numpy(np.ascontiguousarray(G[r : r + row_chunk, b.offset : b.offset + b.size]))
                 acc += self.project_block(k, g.to(self.device))
-            out[r:r + acc.shape[0]] = acc.cpu().numpy()
+            out[r : r + acc.shape[0]] = acc.cpu().numpy()
         return out
 
     def project_columns(self, V: np.ndarray) -> np.ndarray:
@@ -79,15 +87,23 @@ class BlockProjector:
         for k, b in enumerate(self.layout.blocks):
             for c, start in enumerate(range(0, b.size, self.chunk_rows)):
                 stop = min(b.size, start + self.chunk_rows)
-                rows = torch.from_numpy(np.asarray(V[b.offset + start:b.offset + stop], dtype=np.float32))
+                rows = torch.from_numpy(np.asarray(V[b.offset + start : b.offset + stop], dtype=np.float32))
                 out += (self._chunk(k, c, stop - start).cpu().T @ rows).double()  # float64 sum over chunks
         return out.numpy()
 
     def dense(self) -> torch.Tensor:
         """The whole D x d matrix (tests only)."""
-        return torch.cat([torch.cat([self._chunk(k, c, min(self.chunk_rows, b.size - s))
-                                     for c, s in enumerate(range(0, b.size, self.chunk_rows))])
-                          for k, b in enumerate(self.layout.blocks)])
+        return torch.cat(
+            [
+                torch.cat(
+                    [
+                        self._chunk(k, c, min(self.chunk_rows, b.size - s))
+                        for c, s in enumerate(range(0, b.size, self.chunk_rows))
+                    ]
+                )
+                for k, b in enumerate(self.layout.blocks)
+            ]
+        )
 
 
 class CountSketch:
@@ -106,7 +122,7 @@ class CountSketch:
         self.layout, self.dim, self.seed, self.device = layout, dim, seed, torch.device(device)
         self.buckets, self.signs = [], []
         for k, b in enumerate(layout.blocks):
-            gen = torch.Generator().manual_seed((seed * 1_000_003 + k * 10_007) % (2 ** 63))
+            gen = torch.Generator().manual_seed((seed * 1_000_003 + k * 10_007) % (2**63))
             self.buckets.append(torch.randint(0, dim, (b.size,), generator=gen).to(self.device))
             self.signs.append(torch.randint(0, 2, (b.size,), generator=gen).float().mul_(2).sub_(1).to(self.device))
 
@@ -121,7 +137,7 @@ class CountSketch:
             raise ValueError(f"V has {V.shape[0]} rows but the gradient layout has {self.layout.dim} entries")
         out = torch.zeros(self.dim, V.shape[1], dtype=torch.float64)
         for k, b in enumerate(self.layout.blocks):
-            rows = torch.from_numpy(np.asarray(V[b.offset:b.offset + b.size], dtype=np.float64))
+            rows = torch.from_numpy(np.asarray(V[b.offset : b.offset + b.size], dtype=np.float64))
             out.index_add_(0, self.buckets[k].cpu(), rows * self.signs[k].cpu().double()[:, None])
         return out.numpy()
 
@@ -140,8 +156,13 @@ def sketch_projector(layout: GradientLayout, dim: int, seed: int, kind: str, dev
     return BlockProjector(layout, dim, seed, kind, device=device)
 
 
-def adam_direction(g: torch.Tensor, exp_avg: torch.Tensor, exp_avg_sq: torch.Tensor,
-                   betas: tuple[float, float] = (0.9, 0.999), eps: float = 1e-8) -> torch.Tensor:
+def adam_direction(
+    g: torch.Tensor,
+    exp_avg: torch.Tensor,
+    exp_avg_sq: torch.Tensor,
+    betas: tuple[float, float] = (0.9, 0.999),
+    eps: float = 1e-8,
+) -> torch.Tensor:
     """The update direction LESS uses: one Adam step's moments from the checkpoint's state, no bias correction.
 
     m' = b1 m + (1 - b1) g;  v' = b2 v + (1 - b2) g^2;  direction = m' / sqrt(v' + eps)

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Sequence
+from collections.abc import Sequence
 
 import numpy as np
 import torch
@@ -12,17 +12,26 @@ from .gradients import autocast_for, length_batches
 
 
 @torch.no_grad()
-def mean_pooled_hidden_states(model, encoded: Sequence[Encoded], device: torch.device,
-                              dtype: torch.dtype = torch.float32, max_tokens: int = 4096,
-                              max_batch_size: int = 64, pad_id: int = 0) -> np.ndarray:
+def mean_pooled_hidden_states(
+    model,
+    encoded: Sequence[Encoded],
+    device: torch.device,
+    dtype: torch.dtype = torch.float32,
+    max_tokens: int = 4096,
+    max_batch_size: int = 64,
+    pad_id: int = 0,
+) -> np.ndarray:
     """(N, hidden) mean of the last hidden layer over each example's real tokens."""
     model.eval()
     out = None
     for batch in length_batches(encoded, max_tokens, max_batch_size, pad_id):
         mask = batch.attention_mask.to(device)
         with autocast_for(device, dtype):
-            hidden = model(input_ids=batch.input_ids.to(device), attention_mask=mask,
-                           output_hidden_states=True).hidden_states[-1].float()
+            hidden = (
+                model(input_ids=batch.input_ids.to(device), attention_mask=mask, output_hidden_states=True)
+                .hidden_states[-1]
+                .float()
+            )
         pooled = (hidden * mask.unsqueeze(-1)).sum(1) / mask.sum(1, keepdim=True)
         if out is None:
             out = np.zeros((len(encoded), pooled.shape[1]), dtype=np.float32)

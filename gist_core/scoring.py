@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from typing import Sequence
+from collections.abc import Sequence
+from typing import cast
 
 import numpy as np
 
@@ -21,7 +22,7 @@ def subtask_directions(Z: np.ndarray, subtasks: Sequence[str]) -> tuple[list[str
     return names, _normalize_rows(means.astype(np.float64))
 
 
-_COSINE_CHUNK_BYTES = 8 << 20   # float64 rows of z converted at a time (bounds the temporaries)
+_COSINE_CHUNK_BYTES = 8 << 20  # float64 rows of z converted at a time (bounds the temporaries)
 
 
 def cosine_to_subtasks(z: np.ndarray, directions: np.ndarray) -> np.ndarray:
@@ -37,9 +38,9 @@ def cosine_to_subtasks(z: np.ndarray, directions: np.ndarray) -> np.ndarray:
     out = np.zeros((z.shape[0], t.shape[0]), dtype=np.float64)
     step = max(1, _COSINE_CHUNK_BYTES // (8 * max(1, z.shape[1])))
     for a in range(0, z.shape[0], step):
-        zc = np.asarray(z[a:a + step], dtype=np.float64)
+        zc = np.asarray(z[a : a + step], dtype=np.float64)
         norms = np.sqrt(np.einsum("ij,ij->i", zc, zc))[:, None]
-        np.divide(zc @ t.T, norms, out=out[a:a + step], where=norms > 0)
+        np.divide(zc @ t.T, norms, out=out[a : a + step], where=norms > 0)
     return out
 
 
@@ -51,11 +52,11 @@ def checkpoint_weights(avg_learning_rates: Sequence[float]) -> np.ndarray:
     return w / w.sum()
 
 
-def weighted_sum(per_checkpoint: Sequence[np.ndarray], weights: Sequence[float]) -> np.ndarray:
+def weighted_sum(per_checkpoint: Sequence[np.ndarray], weights: Sequence[float] | np.ndarray) -> np.ndarray:
     """Weighted sum of per-checkpoint M x S score matrices."""
     if len(per_checkpoint) != len(weights):
         raise ValueError("one weight per checkpoint is required")
-    return sum(w * c for w, c in zip(weights, per_checkpoint))
+    return cast(np.ndarray, sum(w * c for w, c in zip(weights, per_checkpoint, strict=False)))
 
 
 def combine_and_max(cosines: Sequence[np.ndarray], weights: Sequence[float]) -> tuple[np.ndarray, np.ndarray]:
@@ -67,11 +68,14 @@ def combine_and_max(cosines: Sequence[np.ndarray], weights: Sequence[float]) -> 
     return total.max(axis=1), total.argmax(axis=1)
 
 
-def mean_cosine_per_subtask(candidates: np.ndarray, targets: np.ndarray, subtasks: Sequence[str]
-                            ) -> tuple[list[str], np.ndarray]:
+def mean_cosine_per_subtask(
+    candidates: np.ndarray, targets: np.ndarray, subtasks: Sequence[str]
+) -> tuple[list[str], np.ndarray]:
     """LESS: cosine of each candidate to each target example, averaged within each subtask -> M x S."""
     labels = np.asarray(subtasks)
     names = sorted(set(labels.tolist()))
-    cos = _normalize_rows(np.asarray(candidates, dtype=np.float64)) @ _normalize_rows(
-        np.asarray(targets, dtype=np.float64)).T
+    cos = (
+        _normalize_rows(np.asarray(candidates, dtype=np.float64))
+        @ _normalize_rows(np.asarray(targets, dtype=np.float64)).T
+    )
     return names, np.stack([cos[:, labels == name].mean(axis=1) for name in names], axis=1)

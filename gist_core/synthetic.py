@@ -49,9 +49,9 @@ import random
 import re
 import string
 import tempfile
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
 
 __all__ = [
     "SKILLS",
@@ -72,89 +72,327 @@ __all__ = [
 # --------------------------------------------------------------------------- tables
 
 SHORT_WORDS = (
-    "cat", "dog", "sun", "map", "cup", "pen", "box", "hat", "car", "tree",
-    "fish", "bird", "lamp", "door", "milk", "rain", "star", "moon", "ship", "frog",
-    "book", "king", "rose", "sand", "wind", "cake", "desk", "ring", "gold", "leaf",
-    "apple", "bread", "chair", "cloud", "dream", "earth", "flame", "grape", "horse",
-    "house", "juice", "knife", "lemon", "money", "night", "ocean", "paper", "queen",
-    "river", "snake", "stone", "table", "tiger", "train", "water", "whale", "zebra",
-    "plant", "smile", "light",
+    "cat",
+    "dog",
+    "sun",
+    "map",
+    "cup",
+    "pen",
+    "box",
+    "hat",
+    "car",
+    "tree",
+    "fish",
+    "bird",
+    "lamp",
+    "door",
+    "milk",
+    "rain",
+    "star",
+    "moon",
+    "ship",
+    "frog",
+    "book",
+    "king",
+    "rose",
+    "sand",
+    "wind",
+    "cake",
+    "desk",
+    "ring",
+    "gold",
+    "leaf",
+    "apple",
+    "bread",
+    "chair",
+    "cloud",
+    "dream",
+    "earth",
+    "flame",
+    "grape",
+    "horse",
+    "house",
+    "juice",
+    "knife",
+    "lemon",
+    "money",
+    "night",
+    "ocean",
+    "paper",
+    "queen",
+    "river",
+    "snake",
+    "stone",
+    "table",
+    "tiger",
+    "train",
+    "water",
+    "whale",
+    "zebra",
+    "plant",
+    "smile",
+    "light",
 )
 
 LONG_WORDS = (
-    "blanket", "captain", "chicken", "diamond", "dolphin", "elephant", "evening",
-    "factory", "feather", "giraffe", "harvest", "holiday", "kitchen", "library",
-    "monster", "morning", "network", "octopus", "package", "painting", "penguin",
-    "picture", "pumpkin", "rainbow", "sandwich", "scissors", "station", "teacher",
-    "thunder", "treasure", "umbrella", "vacation", "village", "volcano", "weather",
-    "whistle", "airplane", "balloon", "bicycle", "building", "calendar", "chocolate",
-    "computer", "dinosaur", "festival", "football", "hospital", "kangaroo",
-    "mountain", "notebook", "orchestra", "pancake", "question", "sunflower",
-    "squirrel", "triangle", "universe", "waterfall", "yesterday", "lighthouse",
+    "blanket",
+    "captain",
+    "chicken",
+    "diamond",
+    "dolphin",
+    "elephant",
+    "evening",
+    "factory",
+    "feather",
+    "giraffe",
+    "harvest",
+    "holiday",
+    "kitchen",
+    "library",
+    "monster",
+    "morning",
+    "network",
+    "octopus",
+    "package",
+    "painting",
+    "penguin",
+    "picture",
+    "pumpkin",
+    "rainbow",
+    "sandwich",
+    "scissors",
+    "station",
+    "teacher",
+    "thunder",
+    "treasure",
+    "umbrella",
+    "vacation",
+    "village",
+    "volcano",
+    "weather",
+    "whistle",
+    "airplane",
+    "balloon",
+    "bicycle",
+    "building",
+    "calendar",
+    "chocolate",
+    "computer",
+    "dinosaur",
+    "festival",
+    "football",
+    "hospital",
+    "kangaroo",
+    "mountain",
+    "notebook",
+    "orchestra",
+    "pancake",
+    "question",
+    "sunflower",
+    "squirrel",
+    "triangle",
+    "universe",
+    "waterfall",
+    "yesterday",
+    "lighthouse",
 )
 
 PHRASE_WORDS = (
-    "green", "apple", "happy", "little", "red", "house", "blue", "sky", "quick",
-    "brown", "fox", "lazy", "dog", "good", "morning", "sunny", "day", "cold",
-    "winter", "night", "bright", "star", "sweet", "tea", "big", "city", "old",
-    "friend", "new", "book", "warm", "bread", "small", "garden", "fresh", "water",
-    "kind", "heart", "soft", "music", "open", "road", "silver", "moon", "early", "bird",
+    "green",
+    "apple",
+    "happy",
+    "little",
+    "red",
+    "house",
+    "blue",
+    "sky",
+    "quick",
+    "brown",
+    "fox",
+    "lazy",
+    "dog",
+    "good",
+    "morning",
+    "sunny",
+    "day",
+    "cold",
+    "winter",
+    "night",
+    "bright",
+    "star",
+    "sweet",
+    "tea",
+    "big",
+    "city",
+    "old",
+    "friend",
+    "new",
+    "book",
+    "warm",
+    "bread",
+    "small",
+    "garden",
+    "fresh",
+    "water",
+    "kind",
+    "heart",
+    "soft",
+    "music",
+    "open",
+    "road",
+    "silver",
+    "moon",
+    "early",
+    "bird",
 )
 
 # (country, capital, continent); continents become the geography target's subtasks.
 COUNTRIES = (
-    ("France", "Paris", "europe"), ("Germany", "Berlin", "europe"),
-    ("Italy", "Rome", "europe"), ("Spain", "Madrid", "europe"),
-    ("Portugal", "Lisbon", "europe"), ("Greece", "Athens", "europe"),
-    ("Poland", "Warsaw", "europe"), ("Sweden", "Stockholm", "europe"),
-    ("Norway", "Oslo", "europe"), ("Austria", "Vienna", "europe"),
-    ("Japan", "Tokyo", "asia"), ("China", "Beijing", "asia"),
-    ("India", "New Delhi", "asia"), ("Thailand", "Bangkok", "asia"),
-    ("Vietnam", "Hanoi", "asia"), ("Indonesia", "Jakarta", "asia"),
-    ("Iran", "Tehran", "asia"), ("Iraq", "Baghdad", "asia"),
-    ("Nepal", "Kathmandu", "asia"), ("Mongolia", "Ulaanbaatar", "asia"),
-    ("Egypt", "Cairo", "africa"), ("Kenya", "Nairobi", "africa"),
-    ("Nigeria", "Abuja", "africa"), ("Ghana", "Accra", "africa"),
-    ("Ethiopia", "Addis Ababa", "africa"), ("Morocco", "Rabat", "africa"),
-    ("Senegal", "Dakar", "africa"), ("Uganda", "Kampala", "africa"),
-    ("Tanzania", "Dodoma", "africa"), ("Zimbabwe", "Harare", "africa"),
-    ("Canada", "Ottawa", "americas"), ("Mexico", "Mexico City", "americas"),
-    ("Brazil", "Brasilia", "americas"), ("Argentina", "Buenos Aires", "americas"),
-    ("Chile", "Santiago", "americas"), ("Peru", "Lima", "americas"),
-    ("Colombia", "Bogota", "americas"), ("Cuba", "Havana", "americas"),
-    ("Venezuela", "Caracas", "americas"), ("Ecuador", "Quito", "americas"),
+    ("France", "Paris", "europe"),
+    ("Germany", "Berlin", "europe"),
+    ("Italy", "Rome", "europe"),
+    ("Spain", "Madrid", "europe"),
+    ("Portugal", "Lisbon", "europe"),
+    ("Greece", "Athens", "europe"),
+    ("Poland", "Warsaw", "europe"),
+    ("Sweden", "Stockholm", "europe"),
+    ("Norway", "Oslo", "europe"),
+    ("Austria", "Vienna", "europe"),
+    ("Japan", "Tokyo", "asia"),
+    ("China", "Beijing", "asia"),
+    ("India", "New Delhi", "asia"),
+    ("Thailand", "Bangkok", "asia"),
+    ("Vietnam", "Hanoi", "asia"),
+    ("Indonesia", "Jakarta", "asia"),
+    ("Iran", "Tehran", "asia"),
+    ("Iraq", "Baghdad", "asia"),
+    ("Nepal", "Kathmandu", "asia"),
+    ("Mongolia", "Ulaanbaatar", "asia"),
+    ("Egypt", "Cairo", "africa"),
+    ("Kenya", "Nairobi", "africa"),
+    ("Nigeria", "Abuja", "africa"),
+    ("Ghana", "Accra", "africa"),
+    ("Ethiopia", "Addis Ababa", "africa"),
+    ("Morocco", "Rabat", "africa"),
+    ("Senegal", "Dakar", "africa"),
+    ("Uganda", "Kampala", "africa"),
+    ("Tanzania", "Dodoma", "africa"),
+    ("Zimbabwe", "Harare", "africa"),
+    ("Canada", "Ottawa", "americas"),
+    ("Mexico", "Mexico City", "americas"),
+    ("Brazil", "Brasilia", "americas"),
+    ("Argentina", "Buenos Aires", "americas"),
+    ("Chile", "Santiago", "americas"),
+    ("Peru", "Lima", "americas"),
+    ("Colombia", "Bogota", "americas"),
+    ("Cuba", "Havana", "americas"),
+    ("Venezuela", "Caracas", "americas"),
+    ("Ecuador", "Quito", "americas"),
 )
 CAPITAL_OF = {country: capital for country, capital, _ in COUNTRIES}
 CONTINENTS = ("europe", "asia", "africa", "americas")
 
 ANTONYM_PAIRS = (
-    ("hot", "cold"), ("big", "small"), ("fast", "slow"), ("happy", "sad"),
-    ("light", "dark"), ("open", "closed"), ("early", "late"), ("full", "empty"),
-    ("hard", "soft"), ("high", "low"), ("old", "young"), ("rich", "poor"),
-    ("strong", "weak"), ("wet", "dry"), ("loud", "quiet"), ("long", "short"),
-    ("thick", "thin"), ("clean", "dirty"), ("true", "false"), ("good", "bad"),
-    ("win", "lose"), ("push", "pull"), ("begin", "end"), ("up", "down"),
-    ("in", "out"), ("left", "right"), ("day", "night"), ("black", "white"),
-    ("north", "south"), ("east", "west"), ("first", "last"), ("buy", "sell"),
-    ("give", "take"), ("come", "go"), ("inside", "outside"), ("above", "below"),
-    ("before", "after"), ("front", "back"), ("top", "bottom"), ("love", "hate"),
-    ("friend", "enemy"), ("laugh", "cry"), ("sweet", "sour"), ("cheap", "expensive"),
-    ("safe", "dangerous"), ("wide", "narrow"), ("deep", "shallow"), ("near", "far"),
-    ("always", "never"), ("more", "less"), ("accept", "refuse"), ("arrive", "leave"),
-    ("asleep", "awake"), ("ancient", "modern"), ("absent", "present"),
-    ("alive", "dead"), ("rough", "smooth"), ("tight", "loose"), ("sharp", "dull"),
-    ("remember", "forget"), ("rise", "fall"), ("smile", "frown"),
-    ("entrance", "exit"), ("victory", "defeat"), ("teach", "learn"),
+    ("hot", "cold"),
+    ("big", "small"),
+    ("fast", "slow"),
+    ("happy", "sad"),
+    ("light", "dark"),
+    ("open", "closed"),
+    ("early", "late"),
+    ("full", "empty"),
+    ("hard", "soft"),
+    ("high", "low"),
+    ("old", "young"),
+    ("rich", "poor"),
+    ("strong", "weak"),
+    ("wet", "dry"),
+    ("loud", "quiet"),
+    ("long", "short"),
+    ("thick", "thin"),
+    ("clean", "dirty"),
+    ("true", "false"),
+    ("good", "bad"),
+    ("win", "lose"),
+    ("push", "pull"),
+    ("begin", "end"),
+    ("up", "down"),
+    ("in", "out"),
+    ("left", "right"),
+    ("day", "night"),
+    ("black", "white"),
+    ("north", "south"),
+    ("east", "west"),
+    ("first", "last"),
+    ("buy", "sell"),
+    ("give", "take"),
+    ("come", "go"),
+    ("inside", "outside"),
+    ("above", "below"),
+    ("before", "after"),
+    ("front", "back"),
+    ("top", "bottom"),
+    ("love", "hate"),
+    ("friend", "enemy"),
+    ("laugh", "cry"),
+    ("sweet", "sour"),
+    ("cheap", "expensive"),
+    ("safe", "dangerous"),
+    ("wide", "narrow"),
+    ("deep", "shallow"),
+    ("near", "far"),
+    ("always", "never"),
+    ("more", "less"),
+    ("accept", "refuse"),
+    ("arrive", "leave"),
+    ("asleep", "awake"),
+    ("ancient", "modern"),
+    ("absent", "present"),
+    ("alive", "dead"),
+    ("rough", "smooth"),
+    ("tight", "loose"),
+    ("sharp", "dull"),
+    ("remember", "forget"),
+    ("rise", "fall"),
+    ("smile", "frown"),
+    ("entrance", "exit"),
+    ("victory", "defeat"),
+    ("teach", "learn"),
 )
 # Both directions are asked, so each word must belong to exactly one pair.
 ANTONYM_OF = {a: b for a, b in ANTONYM_PAIRS} | {b: a for a, b in ANTONYM_PAIRS}
 ANTONYM_WORDS = tuple(w for pair in ANTONYM_PAIRS for w in pair)  # fixed order
 
 TOPICS = (
-    "music", "the weather", "movies", "cooking", "weekends", "coffee", "dogs", "cats",
-    "gardening", "travel", "the beach", "board games", "rainy days", "summer", "books",
-    "hiking", "pizza", "the ocean", "painting", "birthdays", "trains", "the moon",
-    "football", "ice cream", "old songs", "video games", "picnics", "snow", "tea",
+    "music",
+    "the weather",
+    "movies",
+    "cooking",
+    "weekends",
+    "coffee",
+    "dogs",
+    "cats",
+    "gardening",
+    "travel",
+    "the beach",
+    "board games",
+    "rainy days",
+    "summer",
+    "books",
+    "hiking",
+    "pizza",
+    "the ocean",
+    "painting",
+    "birthdays",
+    "trains",
+    "the moon",
+    "football",
+    "ice cream",
+    "old songs",
+    "video games",
+    "picnics",
+    "snow",
+    "tea",
     "mornings",
 )
 
@@ -176,8 +414,14 @@ OFF_TOPIC_REPLIES = (
 # ------------------------------------------------------------------------ templates
 
 SKILLS: tuple[str, ...] = (
-    "addition", "subtraction", "reverse_word", "uppercase",
-    "capitals", "sort_numbers", "antonyms", "chitchat",
+    "addition",
+    "subtraction",
+    "reverse_word",
+    "uppercase",
+    "capitals",
+    "sort_numbers",
+    "antonyms",
+    "chitchat",
 )
 CLOSE_SKILLS: tuple[str, str] = ("addition", "subtraction")
 
@@ -254,8 +498,7 @@ ANSWER_TEMPLATES: dict[str, tuple[str, ...]] = {
     "subtraction": ("{ans}", "{a} - {b} = {ans}", "The difference is {ans}.", "The answer is {ans}."),
     "reverse_word": ("{ans}", "Reversed: {ans}", "'{word}' backwards is '{ans}'."),
     "uppercase": ("{ans}", "In capitals: {ans}", "Here it is: {ans}"),
-    "capitals": ("{ans}", "The capital of {country} is {ans}.", "It is {ans}.",
-                 "{ans} is the capital of {country}."),
+    "capitals": ("{ans}", "The capital of {country} is {ans}.", "It is {ans}.", "{ans} is the capital of {country}."),
     "sort_numbers": ("{ans}", "Sorted: {ans}", "In ascending order: {ans}"),
     "antonyms": ("{ans}", "The opposite of {word} is {ans}.", "An antonym of {word} is {ans}."),
     # Chitchat has no answer to get right: generic filler, the low-value source.
@@ -270,8 +513,7 @@ ANSWER_TEMPLATES: dict[str, tuple[str, ...]] = {
 
 # Targets: prompt templates with no fixed text in common with USER_TEMPLATES.
 TARGETS: tuple[str, ...] = ("arithmetic_sums", "word_reversal", "geography")
-TARGET_SKILL = {"arithmetic_sums": "addition", "word_reversal": "reverse_word",
-                "geography": "capitals"}
+TARGET_SKILL = {"arithmetic_sums": "addition", "word_reversal": "reverse_word", "geography": "capitals"}
 TARGET_SUBTASKS: dict[str, tuple[str, ...]] = {
     "arithmetic_sums": ("two_digit", "three_digit"),
     "word_reversal": ("short_word", "long_word"),
@@ -296,10 +538,10 @@ TARGET_TEMPLATES: dict[str, tuple[str, ...]] = {
     ),
 }
 
-NOISE_BLOCK = 20          # one noisy example per block of 20 -> exactly 5%
-SYSTEM_RATE = 0.05        # share of conversations with a system turn
-TWO_TURN_RATE = 0.08      # share of two-turn conversations
-_MAX_DUP_TRIES = 500      # consecutive duplicate draws before a skill counts as exhausted
+NOISE_BLOCK = 20  # one noisy example per block of 20 -> exactly 5%
+SYSTEM_RATE = 0.05  # share of conversations with a system turn
+TWO_TURN_RATE = 0.08  # share of two-turn conversations
+_MAX_DUP_TRIES = 500  # consecutive duplicate draws before a skill counts as exhausted
 
 # ------------------------------------------------------------ template helpers
 
@@ -366,7 +608,7 @@ def _is_reserved_pair(a: int, b: int) -> bool:
 
 
 def _operand(rng: random.Random, digits: int) -> int:
-    return rng.randint(10 ** (digits - 1), 10 ** digits - 1)
+    return rng.randint(10 ** (digits - 1), 10**digits - 1)
 
 
 def _sample_pair(rng: random.Random, ordered: bool) -> tuple[int, int]:
@@ -414,9 +656,9 @@ def _wrong_reverse(rng, slots, ans):
         return word  # not reversed at all
     if kind == 1:
         i = rng.randrange(len(ans) - 1)  # two neighbouring letters swapped
-        return ans[:i] + ans[i + 1] + ans[i] + ans[i + 2:]
+        return ans[:i] + ans[i + 1] + ans[i] + ans[i + 2 :]
     i = rng.randrange(len(ans))  # one letter dropped
-    return ans[:i] + ans[i + 1:]
+    return ans[:i] + ans[i + 1 :]
 
 
 def _sample_uppercase(rng):
@@ -426,11 +668,13 @@ def _sample_uppercase(rng):
 def _wrong_uppercase(rng, slots, ans):
     phrase = slots["phrase"]
     words = phrase.split()
-    return rng.choice((
-        phrase,                                           # unchanged
-        " ".join(w.capitalize() for w in words),          # title case
-        " ".join([words[0].upper()] + words[1:]),         # only the first word
-    ))
+    return rng.choice(
+        (
+            phrase,  # unchanged
+            " ".join(w.capitalize() for w in words),  # title case
+            " ".join([words[0].upper()] + words[1:]),  # only the first word
+        )
+    )
 
 
 def _sample_capitals(rng):
@@ -482,17 +726,19 @@ class _Skill:
 
 
 _SKILL_DEFS: dict[str, _Skill] = {
-    "addition": _Skill(_sample_addition, lambda s: str(int(s["a"]) + int(s["b"])),
-                       _wrong_addition, (5, 2, 2, 1)),
-    "subtraction": _Skill(_sample_subtraction, lambda s: str(int(s["a"]) - int(s["b"])),
-                          _wrong_subtraction, (5, 2, 2, 1)),
+    "addition": _Skill(_sample_addition, lambda s: str(int(s["a"]) + int(s["b"])), _wrong_addition, (5, 2, 2, 1)),
+    "subtraction": _Skill(
+        _sample_subtraction, lambda s: str(int(s["a"]) - int(s["b"])), _wrong_subtraction, (5, 2, 2, 1)
+    ),
     "reverse_word": _Skill(_sample_reverse, lambda s: s["word"][::-1], _wrong_reverse, (6, 2, 2)),
     "uppercase": _Skill(_sample_uppercase, lambda s: s["phrase"].upper(), _wrong_uppercase, (6, 2, 2)),
-    "capitals": _Skill(_sample_capitals, lambda s: CAPITAL_OF[s["country"]],
-                       _wrong_capitals, (5, 2, 2, 1)),
-    "sort_numbers": _Skill(_sample_sort,
-                           lambda s: ", ".join(map(str, sorted(int(x) for x in s["nums"].split(", ")))),
-                           _wrong_sort, (6, 2, 2)),
+    "capitals": _Skill(_sample_capitals, lambda s: CAPITAL_OF[s["country"]], _wrong_capitals, (5, 2, 2, 1)),
+    "sort_numbers": _Skill(
+        _sample_sort,
+        lambda s: ", ".join(map(str, sorted(int(x) for x in s["nums"].split(", ")))),
+        _wrong_sort,
+        (6, 2, 2),
+    ),
     "antonyms": _Skill(_sample_antonym, lambda s: ANTONYM_OF[s["word"]], _wrong_antonym, (6, 2, 2)),
     "chitchat": _Skill(_sample_chitchat, lambda s: None, None, (1, 1, 1, 1, 1)),
 }
@@ -569,8 +815,7 @@ class _SkillGenerator:
         bad = None
         if kind == "wrong" and self.defn.wrong is not None:
             wrong = self.defn.wrong(rng, slots, ans)
-            bad = rng.choices(_replies_for(self.skill, slots, wrong),
-                              weights=self.defn.answer_weights)[0]
+            bad = rng.choices(_replies_for(self.skill, slots, wrong), weights=self.defn.answer_weights)[0]
         elif kind == "truncated" and len(reply) >= 2:
             bad = reply[: rng.randint(1, len(reply) // 2)].rstrip()
             if ans is not None and ans in bad:
@@ -621,7 +866,7 @@ def generate_pool(n_examples: int = 4000, seed: int = 0) -> list[dict]:
     gens = [_SkillGenerator(skill, seed, i) for i, skill in enumerate(SKILLS)]
     convs: list[list[list[dict]]] = [[] for _ in SKILLS]
     shortfall = 0
-    for i, (gen, quota) in enumerate(zip(gens, quotas)):
+    for i, (gen, quota) in enumerate(zip(gens, quotas, strict=False)):
         while len(convs[i]) < quota:
             msgs = gen.next()
             if msgs is None:
@@ -641,7 +886,7 @@ def generate_pool(n_examples: int = 4000, seed: int = 0) -> list[dict]:
             raise ValueError(f"cannot generate {n_examples} unique examples")
     return [
         {"id": f"{skill}_{j}", "dataset": skill, "messages": msgs}
-        for skill, skill_convs in zip(SKILLS, convs)
+        for skill, skill_convs in zip(SKILLS, convs, strict=False)
         for j, msgs in enumerate(skill_convs)
     ]
 
@@ -733,8 +978,8 @@ def generate_targets(seed: int = 0, n_per_subtask: int = 24) -> dict[str, list[d
             cap = _target_capacity(target, subtask)
             if cap is not None and n_per_subtask > cap:
                 raise ValueError(
-                    f"{target}/{subtask} has only {cap} distinct prompts; "
-                    f"n_per_subtask={n_per_subtask} is too many")
+                    f"{target}/{subtask} has only {cap} distinct prompts; n_per_subtask={n_per_subtask} is too many"
+                )
             rng = _rng(seed, 10_000 + 100 * t_idx + s_idx)
             seen: set[str] = set()  # membership only
             while len(seen) < n_per_subtask:
@@ -743,9 +988,7 @@ def generate_targets(seed: int = 0, n_per_subtask: int = 24) -> dict[str, list[d
                 if prompt in seen:
                     continue
                 seen.add(prompt)
-                records.append({"prompt": prompt,
-                                "completion": _SKILL_DEFS[skill].solve(slots),
-                                "subtask": subtask})
+                records.append({"prompt": prompt, "completion": _SKILL_DEFS[skill].solve(slots), "subtask": subtask})
         out[target] = records
     return out
 

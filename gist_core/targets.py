@@ -47,8 +47,10 @@ def check_target_name(name) -> str:
     """Target names become file names under the storage root: 1-64 of [A-Za-z0-9_-]."""
     if not isinstance(name, str) or not _NAME.fullmatch(name):
         shown = repr(name) if len(str(name)) <= 80 else f"{str(name)[:80]!r}... ({len(str(name))} characters)"
-        raise TargetFormatError(f"target name {shown} is not valid: use 1 to 64 characters from A-Z, a-z, 0-9, "
-                                "'_' and '-' (it names files under the storage root); rename it in target_sets targets")
+        raise TargetFormatError(
+            f"target name {shown} is not valid: use 1 to 64 characters from A-Z, a-z, 0-9, "
+            "'_' and '-' (it names files under the storage root); rename it in target_sets targets"
+        )
     return name
 
 
@@ -74,9 +76,7 @@ def _load_json(path: Path, layout: str) -> Any:
         with path.open(encoding="utf-8") as f:
             return json.load(f)
     except json.JSONDecodeError as e:
-        raise TargetFormatError(
-            f"{path}: invalid JSON at line {e.lineno} column {e.colno}: {e.msg}"
-        ) from e
+        raise TargetFormatError(f"{path}: invalid JSON at line {e.lineno} column {e.colno}: {e.msg}") from e
 
 
 # --------------------------------------------------------------------------- MMLU
@@ -102,14 +102,10 @@ def load_mmlu(data_dir: str | Path, target: str = "mmlu", k: int = 5) -> list[di
     """
     dev_dir = Path(data_dir) / "eval" / "mmlu" / "dev"
     if not dev_dir.is_dir():
-        raise TargetFormatError(
-            f"{dev_dir}: directory not found; expected LESS layout {_MMLU_LAYOUT}"
-        )
+        raise TargetFormatError(f"{dev_dir}: directory not found; expected LESS layout {_MMLU_LAYOUT}")
     files = sorted(dev_dir.glob("*_dev.csv"))
     if not files:
-        raise TargetFormatError(
-            f"{dev_dir}: no *_dev.csv files; expected LESS layout {_MMLU_LAYOUT}"
-        )
+        raise TargetFormatError(f"{dev_dir}: no *_dev.csv files; expected LESS layout {_MMLU_LAYOUT}")
 
     examples: list[dict] = []
     for path in files:
@@ -117,10 +113,8 @@ def load_mmlu(data_dir: str | Path, target: str = "mmlu", k: int = 5) -> list[di
         with path.open(encoding="utf-8", newline="") as f:
             rows = [r for r in csv.reader(f) if r]  # newline="" keeps quoted newlines
         if not rows:
-            raise TargetFormatError(f"{path}: no rows; expected headerless CSV "
-                                    "rows 'question,A,B,C,D,answer'")
-        header = ("The following are multiple choice questions (with answers) "
-                  f"about {_format_subject(subject)}.\n\n")
+            raise TargetFormatError(f"{path}: no rows; expected headerless CSV rows 'question,A,B,C,D,answer'")
+        header = f"The following are multiple choice questions (with answers) about {_format_subject(subject)}.\n\n"
         for i, row in enumerate(rows[:k]):
             if len(row) != 2 + len(_MMLU_LETTERS):
                 raise TargetFormatError(
@@ -129,12 +123,12 @@ def load_mmlu(data_dir: str | Path, target: str = "mmlu", k: int = 5) -> list[di
                 )
             question, *choices, answer = row
             if answer.strip() not in _MMLU_LETTERS:
-                raise TargetFormatError(
-                    f"{path}: row {i + 1} answer {answer!r} is not one of A/B/C/D"
-                )
-            body = question + "".join(
-                f"\n{letter}. {choice}" for letter, choice in zip(_MMLU_LETTERS, choices)
-            ) + "\nAnswer:"
+                raise TargetFormatError(f"{path}: row {i + 1} answer {answer!r} is not one of A/B/C/D")
+            body = (
+                question
+                + "".join(f"\n{letter}. {choice}" for letter, choice in zip(_MMLU_LETTERS, choices, strict=False))
+                + "\nAnswer:"
+            )
             prompt = "<|user|>\n" + header + body + "\n<|assistant|>\nThe answer is:"
             examples.append(_example(target, subject, i, prompt, " " + answer))
     return examples
@@ -151,18 +145,17 @@ def load_bbh(data_dir: str | Path, target: str = "bbh") -> list[dict]:
     path = Path(data_dir) / "eval" / "bbh" / "bbh-three-shot.json"
     data = _load_json(path, _BBH_LAYOUT)
     if not isinstance(data, dict) or not data:
-        raise TargetFormatError(f"{path}: expected a non-empty JSON object mapping "
-                                "task name -> few-shot prompt string")
+        raise TargetFormatError(f"{path}: expected a non-empty JSON object mapping task name -> few-shot prompt string")
 
     examples: list[dict] = []
     for task, text in data.items():
         if not isinstance(text, str):
-            raise TargetFormatError(f"{path}: task {task!r} value must be a string, "
-                                    f"got {type(text).__name__}")
+            raise TargetFormatError(f"{path}: task {task!r} value must be a string, got {type(text).__name__}")
         parts = text.split("\n\n")
         if len(parts) < 3:
-            raise TargetFormatError(f"{path}: task {task!r} has {len(parts)} blank-line "
-                                    "separated parts, expected instruction + 3 exemplars")
+            raise TargetFormatError(
+                f"{path}: task {task!r} has {len(parts)} blank-line separated parts, expected instruction + 3 exemplars"
+            )
         task_prompt = "\n\n".join(parts[:-3])
         qa = []
         for j, ex in enumerate(parts[-3:]):
@@ -176,8 +169,7 @@ def load_bbh(data_dir: str | Path, target: str = "bbh") -> list[dict]:
 
         for i, (question, answer) in enumerate(qa):
             icl = "".join(q + "\nA:" + a + "\n\n" for j, (q, a) in enumerate(qa) if j != i)
-            prompt = ("<|user|>\n" + task_prompt.strip() + "\n\n" + icl + question
-                      + "\n<|assistant|>\nA:")
+            prompt = "<|user|>\n" + task_prompt.strip() + "\n\n" + icl + question + "\n<|assistant|>\nA:"
             examples.append(_example(target, task, i, prompt, answer))
     return examples
 
@@ -187,31 +179,43 @@ def load_bbh(data_dir: str | Path, target: str = "bbh") -> list[dict]:
 # (instruction, passage label, question label, answer label), the open-instruct
 # eval/tydiqa templates that LESS copies.
 TYDIQA_TEMPLATES: dict[str, tuple[str, str, str, str]] = {
-    "english": ("Answer the following question based on the information in the given passage.",
-                "Passage:", "Question:", "Answer:"),
-    "arabic": ("أجب على السؤال التالي بناءً على المعلومات في المقطع المعطى.",
-               "المقطع:", "السؤال:", "الإجابة:"),
-    "bengali": ("প্রদত্ত অধ্যায়ের তথ্যের উপর ভিত্তি করে নিম্নলিখিত প্রশ্নের উত্তর দিন।",
-                "অধ্যায়:", "প্রশ্ন:", "উত্তর:"),
-    "finnish": ("Vastaa seuraavaan kysymykseen annetun kappaleen tiedon perusteella.",
-                "Kappale:", "Kysymys:", "Vastaus:"),
-    "indonesian": ("Jawab pertanyaan berikut berdasarkan informasi di bagian yang diberikan.",
-                   "Bagian:", "Pertanyaan:", "Jawaban:"),
+    "english": (
+        "Answer the following question based on the information in the given passage.",
+        "Passage:",
+        "Question:",
+        "Answer:",
+    ),
+    "arabic": ("أجب على السؤال التالي بناءً على المعلومات في المقطع المعطى.", "المقطع:", "السؤال:", "الإجابة:"),
+    "bengali": ("প্রদত্ত অধ্যায়ের তথ্যের উপর ভিত্তি করে নিম্নলিখিত প্রশ্নের উত্তর দিন।", "অধ্যায়:", "প্রশ্ন:", "উত্তর:"),
+    "finnish": (
+        "Vastaa seuraavaan kysymykseen annetun kappaleen tiedon perusteella.",
+        "Kappale:",
+        "Kysymys:",
+        "Vastaus:",
+    ),
+    "indonesian": (
+        "Jawab pertanyaan berikut berdasarkan informasi di bagian yang diberikan.",
+        "Bagian:",
+        "Pertanyaan:",
+        "Jawaban:",
+    ),
     "korean": ("주어진 문단의 정보에 기반하여 다음 질문에 답하십시오.", "문단:", "질문:", "답변:"),
-    "russian": ("Ответьте на следующий вопрос на основе информации в данном отрывке.",
-                "Отрывок:", "Вопрос:", "Ответ:"),
-    "swahili": ("Jibu swali lifuatalo kulingana na habari kwenye kifungu kilichotolewa.",
-                "Kifungu:", "Swali:", "Jibu:"),
-    "telugu": ("ఇచ్చిన పేరాలోని సమాచారం ఆధారంగా కింది ప్రశ్నకు సమాధానం ఇవ్వండి.",
-               "పేరా:", "ప్రశ్న:", "సమాధానం:"),
+    "russian": ("Ответьте на следующий вопрос на основе информации в данном отрывке.", "Отрывок:", "Вопрос:", "Ответ:"),
+    "swahili": (
+        "Jibu swali lifuatalo kulingana na habari kwenye kifungu kilichotolewa.",
+        "Kifungu:",
+        "Swali:",
+        "Jibu:",
+    ),
+    "telugu": ("ఇచ్చిన పేరాలోని సమాచారం ఆధారంగా కింది ప్రశ్నకు సమాధానం ఇవ్వండి.", "పేరా:", "ప్రశ్న:", "సమాధానం:"),
 }
 
-_TYDIQA_LAYOUT = ("<data_dir>/eval/tydiqa/tydiqa-one-shot.json "
-                  "({language: [{context, question, answers: [{text}]}]})")
+_TYDIQA_LAYOUT = "<data_dir>/eval/tydiqa/tydiqa-one-shot.json ({language: [{context, question, answers: [{text}]}]})"
 
 
-def load_tydiqa(data_dir: str | Path, target: str = "tydiqa",
-                examples_per_language: int = 1, instruction_sep: str = "") -> list[dict]:
+def load_tydiqa(
+    data_dir: str | Path, target: str = "tydiqa", examples_per_language: int = 1, instruction_sep: str = ""
+) -> list[dict]:
     """First ``examples_per_language`` examples per language (LESS uses 1).
 
     ``instruction_sep`` goes between the instruction and "Passage:". The default
@@ -221,15 +225,12 @@ def load_tydiqa(data_dir: str | Path, target: str = "tydiqa",
     path = Path(data_dir) / "eval" / "tydiqa" / "tydiqa-one-shot.json"
     data = _load_json(path, _TYDIQA_LAYOUT)
     if not isinstance(data, dict) or not data:
-        raise TargetFormatError(f"{path}: expected a non-empty JSON object mapping "
-                                "language -> list of examples")
+        raise TargetFormatError(f"{path}: expected a non-empty JSON object mapping language -> list of examples")
 
     examples: list[dict] = []
     for lang, items in data.items():
         if lang not in TYDIQA_TEMPLATES:
-            raise TargetFormatError(
-                f"{path}: unknown language {lang!r}; supported: {', '.join(TYDIQA_TEMPLATES)}"
-            )
+            raise TargetFormatError(f"{path}: unknown language {lang!r}; supported: {', '.join(TYDIQA_TEMPLATES)}")
         if not isinstance(items, list) or not items:
             raise TargetFormatError(f"{path}: language {lang!r} must map to a non-empty list")
         instruction, p_label, q_label, a_label = TYDIQA_TEMPLATES[lang]
@@ -241,12 +242,25 @@ def load_tydiqa(data_dir: str | Path, target: str = "tydiqa",
                 if not isinstance(ex.get(key), str):
                     raise TargetFormatError(f"{where}: missing or non-string {key!r}")
             answers = ex.get("answers")
-            if (not isinstance(answers, list) or not answers or not isinstance(answers[0], dict)
-                    or not isinstance(answers[0].get("text"), str)):
-                raise TargetFormatError(f"{where}: 'answers' must be a non-empty list of "
-                                        "{'text': str} objects")
-            text = (instruction + instruction_sep + p_label + " " + ex["context"] + "\n"
-                    + q_label + " " + ex["question"] + "\n")
+            if (
+                not isinstance(answers, list)
+                or not answers
+                or not isinstance(answers[0], dict)
+                or not isinstance(answers[0].get("text"), str)
+            ):
+                raise TargetFormatError(f"{where}: 'answers' must be a non-empty list of {{'text': str}} objects")
+            text = (
+                instruction
+                + instruction_sep
+                + p_label
+                + " "
+                + ex["context"]
+                + "\n"
+                + q_label
+                + " "
+                + ex["question"]
+                + "\n"
+            )
             prompt = "<|user|>\n" + text + "<|assistant|>\n" + a_label
             examples.append(_example(target, lang, i, prompt, " " + answers[0]["text"]))
     return examples
@@ -254,8 +268,8 @@ def load_tydiqa(data_dir: str | Path, target: str = "tydiqa",
 
 # --------------------------------------------------------------------------- JSONL
 
-def load_custom_jsonl(path: str | Path, target: str,
-                      apply_chat_format: bool = True) -> list[dict]:
+
+def load_custom_jsonl(path: str | Path, target: str, apply_chat_format: bool = True) -> list[dict]:
     """One ``{"prompt", "completion", "subtask"?, "split"?}`` object a line; blank lines skipped.
 
     ``example_id`` counts per subtask in file order, like the LESS loaders. ``split``
@@ -264,8 +278,10 @@ def load_custom_jsonl(path: str | Path, target: str,
     """
     path = Path(path)
     if not path.is_file():
-        raise TargetFormatError(f"{path}: file not found; expected a JSONL file with one "
-                                '{"prompt", "completion", "subtask"} object per line')
+        raise TargetFormatError(
+            f"{path}: file not found; expected a JSONL file with one "
+            '{"prompt", "completion", "subtask"} object per line'
+        )
     examples: list[dict] = []
     counts: dict[str, int] = {}
     with path.open(encoding="utf-8") as f:
@@ -278,14 +294,12 @@ def load_custom_jsonl(path: str | Path, target: str,
             except json.JSONDecodeError as e:
                 raise TargetFormatError(f"{where}: invalid JSON ({e.msg})") from e
             if not isinstance(obj, dict):
-                raise TargetFormatError(f"{where}: expected a JSON object, "
-                                        f"got {type(obj).__name__}")
+                raise TargetFormatError(f"{where}: expected a JSON object, got {type(obj).__name__}")
             for key in ("prompt", "completion"):
                 if key not in obj:
                     raise TargetFormatError(f"{where}: missing field {key!r}")
                 if not isinstance(obj[key], str):
-                    raise TargetFormatError(f"{where}: field {key!r} must be a string, "
-                                            f"got {type(obj[key]).__name__}")
+                    raise TargetFormatError(f"{where}: field {key!r} must be a string, got {type(obj[key]).__name__}")
             # The completion is the only thing the loss sees; empty means no signal.
             if not obj["completion"]:
                 raise TargetFormatError(f"{where}: field 'completion' is empty")
@@ -298,8 +312,10 @@ def load_custom_jsonl(path: str | Path, target: str,
             if split is not None and split not in SPLITS:
                 raise TargetFormatError(f"{where}: field 'split' must be 'basis' or 'heldout', got {split!r}")
             if examples and (split is None) != ("split" not in examples[0]):
-                raise TargetFormatError(f"{where}: 'split' is given on some lines and not on others; give it "
-                                        "on every line (basis/heldout) or on none (seeded split)")
+                raise TargetFormatError(
+                    f"{where}: 'split' is given on some lines and not on others; give it "
+                    "on every line (basis/heldout) or on none (seeded split)"
+                )
             prompt = tulu_prompt(obj["prompt"]) if apply_chat_format else obj["prompt"]
             i = counts.get(subtask, 0)
             counts[subtask] = i + 1
@@ -328,8 +344,9 @@ def load_target(spec: dict) -> list[dict]:
         raise TargetFormatError(f"target spec must be a mapping, got {type(spec).__name__}")
     missing = [k for k in ("name", "format", "path") if not spec.get(k)]
     if missing:
-        raise TargetFormatError(f"target spec {spec!r} is missing {', '.join(missing)}; "
-                                "expected {'name', 'format', 'path'}")
+        raise TargetFormatError(
+            f"target spec {spec!r} is missing {', '.join(missing)}; expected {{'name', 'format', 'path'}}"
+        )
     name, fmt, path = spec["name"], spec["format"], spec["path"]
     chat = spec.get("apply_chat_format", True)
     if fmt == "jsonl":
@@ -338,8 +355,6 @@ def load_target(spec: dict) -> list[dict]:
         # The LESS formats bake the Tulu template into their prompts; silently
         # ignoring a request to turn it off would be worse than refusing.
         if not chat:
-            raise TargetFormatError(f"target {name!r}: apply_chat_format=false is only "
-                                    "supported for format 'jsonl'")
+            raise TargetFormatError(f"target {name!r}: apply_chat_format=false is only supported for format 'jsonl'")
         return _LESS_LOADERS[fmt](path, target=name)
-    raise TargetFormatError(f"target {name!r}: unknown format {fmt!r}; "
-                            f"expected one of {', '.join(_FORMATS)}")
+    raise TargetFormatError(f"target {name!r}: unknown format {fmt!r}; expected one of {', '.join(_FORMATS)}")

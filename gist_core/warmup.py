@@ -11,9 +11,9 @@ from __future__ import annotations
 import math
 import random
 import time
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Sequence
 
 import torch
 from torch import nn
@@ -37,7 +37,7 @@ class LoraTrainConfig:
 
 @dataclass
 class TrainResult:
-    losses: list[float] = field(default_factory=list)      # one per optimizer step
+    losses: list[float] = field(default_factory=list)  # one per optimizer step
     epoch_avg_lr: list[float] = field(default_factory=list)
     steps: int = 0
     seconds: float = 0.0
@@ -55,10 +55,16 @@ def linear_schedule(total_steps: int, warmup_ratio: float) -> Callable[[int], fl
     return factor
 
 
-def train_lora(model: nn.Module, encoded: Sequence[Encoded], cfg: LoraTrainConfig, device: torch.device,
-               dtype: torch.dtype = torch.float32, pad_id: int = 0,
-               on_epoch_end: Callable[[int, float, torch.optim.Optimizer], None] | None = None,
-               log: Callable[[str], None] = print) -> TrainResult:
+def train_lora(
+    model: nn.Module,
+    encoded: Sequence[Encoded],
+    cfg: LoraTrainConfig,
+    device: torch.device,
+    dtype: torch.dtype = torch.float32,
+    pad_id: int = 0,
+    on_epoch_end: Callable[[int, float, torch.optim.Optimizer], None] | None = None,
+    log: Callable[[str], None] = print,
+) -> TrainResult:
     """Train the trainable (LoRA) parameters; the loss is the token mean over each micro-batch."""
     if not encoded:
         raise ValueError("no training examples")
@@ -95,9 +101,11 @@ def train_lora(model: nn.Module, encoded: Sequence[Encoded], cfg: LoraTrainConfi
                 opt.zero_grad(set_to_none=True)
                 result.steps += 1
         result.epoch_avg_lr.append(sum(lrs) / len(lrs))
-        log(f"epoch {epoch + 1}/{cfg.epochs}: {result.steps}/{total} steps, last loss "
+        log(
+            f"epoch {epoch + 1}/{cfg.epochs}: {result.steps}/{total} steps, last loss "
             f"{result.losses[-1]:.4f}, avg lr {result.epoch_avg_lr[-1]:.3g}, "
-            f"{time.perf_counter() - start:.1f}s")
+            f"{time.perf_counter() - start:.1f}s"
+        )
         if on_epoch_end is not None:
             on_epoch_end(epoch, result.epoch_avg_lr[-1], opt)
     model.eval()
@@ -125,10 +133,16 @@ def save_checkpoint(model, optimizer: torch.optim.Optimizer, out_dir: str | Path
             step = int(state["step"])
     save_file(tensors, str(out_dir / "optimizer_state.safetensors"))
     g = optimizer.param_groups[0]
-    save_json(out_dir / "checkpoint_info.json", {
-        **info, "adam_step": step, "betas": list(g["betas"]), "adam_eps": g["eps"],
-        "weight_decay": g["weight_decay"],
-    })
+    save_json(
+        out_dir / "checkpoint_info.json",
+        {
+            **info,
+            "adam_step": step,
+            "betas": list(g["betas"]),
+            "adam_eps": g["eps"],
+            "weight_decay": g["weight_decay"],
+        },
+    )
 
 
 def load_optimizer_state(ckpt_dir: str | Path) -> dict[str, dict[str, torch.Tensor]]:
@@ -144,15 +158,16 @@ def load_optimizer_state(ckpt_dir: str | Path) -> dict[str, dict[str, torch.Tens
 
 
 @torch.no_grad()
-def mean_completion_loss(model: nn.Module, encoded: Sequence[Encoded], device: torch.device,
-                         batch_size: int = 32, pad_id: int = 0) -> float:
+def mean_completion_loss(
+    model: nn.Module, encoded: Sequence[Encoded], device: torch.device, batch_size: int = 32, pad_id: int = 0
+) -> float:
     """Mean over examples of each example's mean completion-token loss."""
     from .gradients import per_example_loss
 
     model.eval()
     total, count = 0.0, 0
     for start in range(0, len(encoded), batch_size):
-        chunk = encoded[start:start + batch_size]
+        chunk = encoded[start : start + batch_size]
         ids, mask, labels = next(causal_lm_batches(chunk, len(chunk), _NoShuffle(), pad_id))
         logits = model(input_ids=ids.to(device), attention_mask=mask.to(device)).logits
         losses = per_example_loss(logits, labels.to(device))

@@ -5,8 +5,8 @@ from __future__ import annotations
 import warnings
 
 import dagster as dg
-from pydantic import Field
 import torch
+from pydantic import Field
 
 from gist_core import modeling
 
@@ -27,12 +27,16 @@ class ComputeResource(dg.ConfigurableResource):
     dtype: str = Field(default="auto", description="auto, float32 or bfloat16 (autocast on CUDA)")
     max_tokens_per_batch: int = Field(default=4096, description="Token budget (B x T) of a gradient batch")
     max_batch_size: int = Field(default=64)
-    gradient_checkpointing: bool = Field(default=False, description="Recompute each decoder layer in the "
-                                         "backward pass of the gradient passes: less activation memory, "
-                                         "about one more forward pass of time")
+    gradient_checkpointing: bool = Field(
+        default=False,
+        description="Recompute each decoder layer in the "
+        "backward pass of the gradient passes: less activation memory, "
+        "about one more forward pass of time",
+    )
     torch_threads: int = Field(default=0, description="CPU threads for torch; 0 leaves torch's default")
-    trust_remote_code: bool = Field(default=False, description="Run model code shipped with a checkpoint "
-                                       "(only for models you trust)")
+    trust_remote_code: bool = Field(
+        default=False, description="Run model code shipped with a checkpoint (only for models you trust)"
+    )
 
     def torch_device(self) -> torch.device:
         if self.device == "auto":
@@ -43,7 +47,7 @@ class ComputeResource(dg.ConfigurableResource):
             return torch.device("cuda", claim_slot(n)) if n > 1 else torch.device("cuda")
         dev = torch.device(self.device)
         if dev.type == "cuda" and not torch.cuda.is_available():
-            warnings.warn(f"device {self.device!r} requested but CUDA is not available; using CPU")
+            warnings.warn(f"device {self.device!r} requested but CUDA is not available; using CPU", stacklevel=1)
             return torch.device("cpu")
         return dev
 
@@ -59,8 +63,10 @@ class ComputeResource(dg.ConfigurableResource):
     def _warn_remote_code(self, path: str) -> None:
         """Off by default; when a user turns it on, say so in the warnings and the Dagster log."""
         if self.trust_remote_code:
-            msg = (f"trust_remote_code is on (compute.trust_remote_code): Python code shipped with {path!r} "
-                   "will run; only use it for models you trust")
+            msg = (
+                f"trust_remote_code is on (compute.trust_remote_code): Python code shipped with {path!r} "
+                "will run; only use it for models you trust"
+            )
             warnings.warn(msg, UserWarning, stacklevel=3)
             dg.get_dagster_logger().warning(msg)
 
@@ -68,8 +74,13 @@ class ComputeResource(dg.ConfigurableResource):
         self._warn_remote_code(path)
         return modeling.load_tokenizer(path, trust_remote_code=self.trust_remote_code)
 
-    def load_model(self, path: str, adapter_dir: str | None = None, produced_by: str = "warmup_checkpoint",
-                   partition: str | None = None):
+    def load_model(
+        self,
+        path: str,
+        adapter_dir: str | None = None,
+        produced_by: str = "warmup_checkpoint",
+        partition: str | None = None,
+    ):
         """Base model in float32 weights (autocast does the low precision), optionally with an adapter.
 
         A damaged adapter fails naming its file and the asset (``produced_by``) that rebuilds it.
@@ -81,12 +92,17 @@ class ComputeResource(dg.ConfigurableResource):
             try:
                 model = modeling.load_adapter(model, adapter_dir)
             except modeling.CorruptAdapterError as exc:
-                raise ArtifactError(f"the adapter checkpoint {adapter_dir}: {exc}; re-materialize "
-                                    f"{asset_label(produced_by, partition)}") from None
+                raise ArtifactError(
+                    f"the adapter checkpoint {adapter_dir}: {exc}; re-materialize {asset_label(produced_by, partition)}"
+                ) from None
             model = model.to(self.torch_device())
         return model
 
     def batching(self) -> dict:
-        return {"device": self.torch_device(), "dtype": self.autocast_dtype(),
-                "max_tokens": self.max_tokens_per_batch, "max_batch_size": self.max_batch_size,
-                "gradient_checkpointing": self.gradient_checkpointing}
+        return {
+            "device": self.torch_device(),
+            "dtype": self.autocast_dtype(),
+            "max_tokens": self.max_tokens_per_batch,
+            "max_batch_size": self.max_batch_size,
+            "gradient_checkpointing": self.gradient_checkpointing,
+        }

@@ -10,8 +10,9 @@ from __future__ import annotations
 import fcntl
 import os
 import tempfile
+from typing import IO
 
-_held: dict[str, object] = {}  # lock dir -> open file keeping this process's slot
+_held: dict[str, tuple[int, IO[str]]] = {}  # lock dir -> open file keeping this process's slot
 
 
 def claim_slot(n_slots: int, lock_dir: str | None = None) -> int:

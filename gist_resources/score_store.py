@@ -15,6 +15,7 @@ import time
 import uuid
 from contextlib import contextmanager
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import duckdb
 import numpy as np
@@ -22,10 +23,20 @@ import polars as pl
 from dagster_duckdb import DuckDBResource
 from pydantic import Field
 
+if TYPE_CHECKING:
+    from polars._typing import PolarsDataType
+
 # The columns of a score row as the files hold them (target and method are the folder names).
-SCORE_SCHEMA = {"candidate_id": pl.Utf8, "source": pl.Utf8, "score": pl.Float64, "best_subtask": pl.Utf8,
-                "shard": pl.Utf8, "n_tokens": pl.Int64, "basis_fingerprint": pl.Utf8,
-                "subtask_scores": pl.List(pl.Float64)}
+SCORE_SCHEMA: dict[str, PolarsDataType] = {
+    "candidate_id": pl.Utf8,
+    "source": pl.Utf8,
+    "score": pl.Float64,
+    "best_subtask": pl.Utf8,
+    "shard": pl.Utf8,
+    "n_tokens": pl.Int64,
+    "basis_fingerprint": pl.Utf8,
+    "subtask_scores": pl.List(pl.Float64),
+}
 SETS_DDL = """
 CREATE TABLE IF NOT EXISTS score_sets (method VARCHAR PRIMARY KEY, version VARCHAR NOT NULL, rows BIGINT NOT NULL);
 CREATE TABLE IF NOT EXISTS score_subtasks (method VARCHAR NOT NULL, target VARCHAR NOT NULL,
@@ -38,11 +49,13 @@ CREATE TABLE IF NOT EXISTS selections (
 -- A database written before selections had budgets: its rows were one budget, the configured one.
 ALTER TABLE selections ADD COLUMN IF NOT EXISTS budget VARCHAR DEFAULT 'unknown'"""
 # rank: position by score descending, ties by candidate id (gist_core.selection.rank_order's order).
-RANKED = ("row_number() OVER (PARTITION BY target, method ORDER BY score DESC, candidate_id) AS rank")
-_EMPTY_ROWS = ("SELECT NULL::VARCHAR AS candidate_id, NULL::VARCHAR AS source, NULL::DOUBLE AS score, "
-               "NULL::VARCHAR AS best_subtask, NULL::VARCHAR AS shard, NULL::BIGINT AS n_tokens, "
-               "NULL::VARCHAR AS basis_fingerprint, NULL::DOUBLE[] AS subtask_scores, NULL::VARCHAR AS method, "
-               "NULL::VARCHAR AS target WHERE false")
+RANKED = "row_number() OVER (PARTITION BY target, method ORDER BY score DESC, candidate_id) AS rank"
+_EMPTY_ROWS = (
+    "SELECT NULL::VARCHAR AS candidate_id, NULL::VARCHAR AS source, NULL::DOUBLE AS score, "
+    "NULL::VARCHAR AS best_subtask, NULL::VARCHAR AS shard, NULL::BIGINT AS n_tokens, "
+    "NULL::VARCHAR AS basis_fingerprint, NULL::DOUBLE[] AS subtask_scores, NULL::VARCHAR AS method, "
+    "NULL::VARCHAR AS target WHERE false"
+)
 _VERSION = re.compile(r"\d{19}-[0-9a-f]{8}")
 _PARTIAL = re.compile(r"\.partial-(\d+)-(\d{19}-[0-9a-f]{8})")
 
@@ -97,8 +110,9 @@ class ScoreSetWriter:
         """Append rows of ``target`` (the columns of SCORE_SCHEMA; ``subtask_scores`` in ``subtasks``' order)."""
         known = self.subtasks.setdefault(target, list(subtasks))
         if known != list(subtasks):
-            raise ValueError(f"{self.method} scores of target {target!r} came with subtasks {subtasks}, "
-                             f"earlier parts with {known}")
+            raise ValueError(
+                f"{self.method} scores of target {target!r} came with subtasks {subtasks}, earlier parts with {known}"
+            )
         missing = [c for c in SCORE_SCHEMA if c not in rows.columns]
         if missing:
             raise ValueError(f"{self.method} scores of target {target!r} lack the columns {missing}")
@@ -106,14 +120,18 @@ class ScoreSetWriter:
         self.rows[target] = self.rows.get(target, 0) + frame.height
         if not frame.height:
             return
-        nulls = {c: n for c, n in zip(frame.columns, frame.null_count().row(0), strict=True) if n and c in
-                 ("candidate_id", "source", "score", "subtask_scores")}
+        nulls = {
+            c: n
+            for c, n in zip(frame.columns, frame.null_count().row(0), strict=True)
+            if n and c in ("candidate_id", "source", "score", "subtask_scores")
+        }
         if nulls:
             raise ValueError(f"{self.method} scores of target {target!r} have null values {nulls}")
         widths = frame["subtask_scores"].list.len()
         if (widths != len(subtasks)).any():
-            raise ValueError(f"{self.method} scores of target {target!r}: each row needs {len(subtasks)} "
-                             f"subtask scores ({subtasks})")
+            raise ValueError(
+                f"{self.method} scores of target {target!r}: each row needs {len(subtasks)} subtask scores ({subtasks})"
+            )
         folder = self.dir / f"target={target}"
         folder.mkdir(parents=True, exist_ok=True)
         frame.write_parquet(folder / f"part-{self._parts:06d}.parquet", statistics=True)
@@ -130,10 +148,16 @@ class ScoreStore(DuckDBResource):
     ten exponential retries (about 100 s).
     """
 
-    lock_timeout_s: float = Field(default=30.0, description="Seconds to wait for another process's lock on "
-                                  "the database before failing with a message naming it")
-    memory_limit: str = Field(default="1GB", description="DuckDB's memory cap for queries on this store; "
-                              "sorts and joins past it spill to disk (DuckDB's own default is 80% of RAM)")
+    lock_timeout_s: float = Field(
+        default=30.0,
+        description="Seconds to wait for another process's lock on "
+        "the database before failing with a message naming it",
+    )
+    memory_limit: str = Field(
+        default="1GB",
+        description="DuckDB's memory cap for queries on this store; "
+        "sorts and joins past it spill to disk (DuckDB's own default is 80% of RAM)",
+    )
 
     @property
     def score_root(self) -> Path:
@@ -169,16 +193,18 @@ class ScoreStore(DuckDBResource):
                         f"the score database {self.database} is locked: another process holds a write "
                         f"connection to it ({str(exc).strip()}). Close that process (a DuckDB shell, a "
                         f"notebook, another run writing scores) or wait for it to finish, then re-run this "
-                        f"step. Waited {self.lock_timeout_s:g}s (score_store.lock_timeout_s).") from None
+                        f"step. Waited {self.lock_timeout_s:g}s (score_store.lock_timeout_s)."
+                    ) from None
                 time.sleep(min(delay, left))
                 delay = min(delay * 2, 1.0)
 
     def _prepare(self, conn) -> None:
         """Tables, and views pointing at this store's current score sets (rebuilt on every connection, so
         a storage root that was copied or moved reads its own files)."""
-        old = conn.execute("SELECT table_name FROM information_schema.tables WHERE table_schema = 'main' AND "
-                           "table_type = 'BASE TABLE' AND table_name IN ('candidate_scores', 'subtask_scores')"
-                           ).fetchall()
+        old = conn.execute(
+            "SELECT table_name FROM information_schema.tables WHERE table_schema = 'main' AND "
+            "table_type = 'BASE TABLE' AND table_name IN ('candidate_scores', 'subtask_scores')"
+        ).fetchall()
         for (name,) in old:  # a database from before score sets: the scoring assets write them anew
             conn.execute(f"DROP TABLE {name}")
         conn.execute(SETS_DDL)
@@ -188,16 +214,27 @@ class ScoreStore(DuckDBResource):
     def _create_views(self, conn) -> None:
         sets = conn.execute("SELECT method, version FROM score_sets WHERE rows > 0 ORDER BY method").fetchall()
         # A name or version edited into the table by hand never names a folder outside the store.
-        globs = [str(self.method_dir(m) / v / "*" / "*.parquet") for m, v in sets
-                 if _plain_name(m) and _plain_name(v) and (self.method_dir(m) / v).is_dir()]
-        rows = (f"SELECT * FROM read_parquet([{', '.join(_sql_text(g) for g in globs)}], hive_partitioning = true, "
-                "hive_types = {'method': VARCHAR, 'target': VARCHAR})" if globs else _EMPTY_ROWS)
+        globs = [
+            str(self.method_dir(m) / v / "*" / "*.parquet")
+            for m, v in sets
+            if _plain_name(m) and _plain_name(v) and (self.method_dir(m) / v).is_dir()
+        ]
+        rows = (
+            f"SELECT * FROM read_parquet([{', '.join(_sql_text(g) for g in globs)}], hive_partitioning = true, "
+            "hive_types = {'method': VARCHAR, 'target': VARCHAR})"
+            if globs
+            else _EMPTY_ROWS
+        )
         conn.execute(f"CREATE OR REPLACE VIEW score_rows AS {rows}")
-        conn.execute("CREATE OR REPLACE VIEW candidate_scores AS SELECT candidate_id, source, target, method, score, "
-                     f"{RANKED}, best_subtask, shard, n_tokens, basis_fingerprint FROM score_rows")
-        conn.execute("CREATE OR REPLACE VIEW subtask_scores AS SELECT r.candidate_id, r.target, r.method, "
-                     "unnest(n.subtasks) AS subtask, unnest(r.subtask_scores) AS score FROM score_rows r "
-                     "JOIN score_subtasks n ON n.method = r.method AND n.target = r.target")
+        conn.execute(
+            "CREATE OR REPLACE VIEW candidate_scores AS SELECT candidate_id, source, target, method, score, "
+            f"{RANKED}, best_subtask, shard, n_tokens, basis_fingerprint FROM score_rows"
+        )
+        conn.execute(
+            "CREATE OR REPLACE VIEW subtask_scores AS SELECT r.candidate_id, r.target, r.method, "
+            "unnest(n.subtasks) AS subtask, unnest(r.subtask_scores) AS score FROM score_rows r "
+            "JOIN score_subtasks n ON n.method = r.method AND n.target = r.target"
+        )
 
     @contextmanager
     def write_scores(self, method: str):
@@ -223,8 +260,9 @@ class ScoreStore(DuckDBResource):
             try:
                 conn.execute("BEGIN TRANSACTION")
                 conn.execute("DELETE FROM score_sets WHERE method = ?", [method])
-                conn.execute("INSERT INTO score_sets VALUES (?, ?, ?)", [method, writer.version,
-                                                                         sum(writer.rows.values())])
+                conn.execute(
+                    "INSERT INTO score_sets VALUES (?, ?, ?)", [method, writer.version, sum(writer.rows.values())]
+                )
                 conn.execute("DELETE FROM score_subtasks WHERE method = ?", [method])
                 for target, names in sorted(writer.subtasks.items()):
                     if writer.rows[target]:
@@ -234,8 +272,10 @@ class ScoreStore(DuckDBResource):
             except Exception as exc:
                 conn.execute("ROLLBACK")
                 shutil.rmtree(final, ignore_errors=True)
-                raise ScoreStoreWriteError(f"writing the {method} scores to {self.database} failed and was "
-                                           f"rolled back; the previous scores are unchanged: {exc}") from None
+                raise ScoreStoreWriteError(
+                    f"writing the {method} scores to {self.database} failed and was "
+                    f"rolled back; the previous scores are unchanged: {exc}"
+                ) from None
             self._remove_unused_sets(method, writer.version)
 
     def _remove_unused_sets(self, method: str, current: str) -> None:
@@ -243,7 +283,8 @@ class ScoreStore(DuckDBResource):
         for folder in self.method_dir(method).iterdir():
             partial = _PARTIAL.fullmatch(folder.name)
             if (folder.name != current and _VERSION.fullmatch(folder.name)) or (
-                    partial and not _pid_alive(int(partial.group(1)))):
+                partial and not _pid_alive(int(partial.group(1)))
+            ):
                 shutil.rmtree(folder, ignore_errors=True)
 
     def _replace_many(self, items: list[tuple[str, str, pl.DataFrame, dict[str, str]]]) -> None:
@@ -268,10 +309,13 @@ class ScoreStore(DuckDBResource):
                     conn.execute("COMMIT")
                 except Exception as exc:
                     conn.execute("ROLLBACK")
-                    what = "; ".join(f"{t} where {' and '.join(f'{k}={v!r}' for k, v in w.items())}"
-                                     for t, _, _, w in items)
-                    raise ScoreStoreWriteError(f"writing {what} to {self.database} failed and was rolled back; "
-                                               f"the previous rows are unchanged: {exc}") from None
+                    what = "; ".join(
+                        f"{t} where {' and '.join(f'{k}={v!r}' for k, v in w.items())}" for t, _, _, w in items
+                    )
+                    raise ScoreStoreWriteError(
+                        f"writing {what} to {self.database} failed and was rolled back; "
+                        f"the previous rows are unchanged: {exc}"
+                    ) from None
             finally:
                 for i in range(len(items)):
                     conn.unregister(f"incoming_{i}")
@@ -290,8 +334,12 @@ class ScoreStore(DuckDBResource):
 
     def scored_targets(self, method: str) -> list[str]:
         with self.get_connection() as conn:
-            return [r[0] for r in conn.execute("SELECT target FROM score_subtasks WHERE method = ? ORDER BY 1",
-                                               [method]).fetchall()]
+            return [
+                r[0]
+                for r in conn.execute(
+                    "SELECT target FROM score_subtasks WHERE method = ? ORDER BY 1", [method]
+                ).fetchall()
+            ]
 
     def integrity(self, table: str, limit: int = 20) -> dict:
         """Rows of ``table`` (candidate_scores or selections) that break its invariants.
@@ -309,27 +357,38 @@ class ScoreStore(DuckDBResource):
             dups = conn.execute(f"{dup_sql} ORDER BY n DESC, {key} LIMIT ?", [limit]).fetchall()
             bad = f"FROM {source} WHERE NOT isfinite(score)"
             n_bad = conn.execute(f"SELECT count(*) {bad}").fetchone()[0]
-            bad_rows = conn.execute(f"SELECT {key}, CAST(score AS VARCHAR) {bad} ORDER BY {key} LIMIT ?",
-                                    [limit]).fetchall()
+            bad_rows = conn.execute(
+                f"SELECT {key}, CAST(score AS VARCHAR) {bad} ORDER BY {key} LIMIT ?", [limit]
+            ).fetchall()
         names = key.split(", ")
-        return {"duplicated_keys": int(n_dup),
-                "duplicates": [{**dict(zip(names, r[:-1])), "rows": int(r[-1])} for r in dups],
-                "nonfinite": int(n_bad),
-                "nonfinite_rows": [{**dict(zip(names, r[:-1])), "score": r[-1]} for r in bad_rows]}
+        return {
+            "duplicated_keys": int(n_dup),
+            "duplicates": [{**dict(zip(names, r[:-1], strict=False)), "rows": int(r[-1])} for r in dups],
+            "nonfinite": int(n_bad),
+            "nonfinite_rows": [{**dict(zip(names, r[:-1], strict=False)), "score": r[-1]} for r in bad_rows],
+        }
 
     def out_of_range_scores(self, low: float, high: float) -> int:
         with self.get_connection() as conn:
-            return int(conn.execute("SELECT count(*) FROM score_rows WHERE NOT isfinite(score) OR score < ? "
-                                    "OR score > ?", [low, high]).fetchone()[0])
+            return int(
+                conn.execute(
+                    "SELECT count(*) FROM score_rows WHERE NOT isfinite(score) OR score < ? OR score > ?", [low, high]
+                ).fetchone()[0]
+            )
 
     def scored_among(self, candidate_ids: list[str]) -> list[str]:
         """Those of ``candidate_ids`` that have a score of any method."""
         with self.get_connection() as conn:
-            conn.register("asked", pl.DataFrame({"candidate_id": candidate_ids}, schema={"candidate_id": pl.Utf8})
-                          .to_arrow())
+            conn.register(
+                "asked", pl.DataFrame({"candidate_id": candidate_ids}, schema={"candidate_id": pl.Utf8}).to_arrow()
+            )
             try:
-                return sorted(r[0] for r in conn.execute(
-                    "SELECT DISTINCT candidate_id FROM score_rows SEMI JOIN asked USING (candidate_id)").fetchall())
+                return sorted(
+                    r[0]
+                    for r in conn.execute(
+                        "SELECT DISTINCT candidate_id FROM score_rows SEMI JOIN asked USING (candidate_id)"
+                    ).fetchall()
+                )
             finally:
                 conn.unregister("asked")
 
@@ -340,27 +399,36 @@ class ScoreStore(DuckDBResource):
 
     def count_scores(self, target: str, method: str) -> int:
         with self.get_connection() as conn:
-            return int(conn.execute("SELECT count(*) FROM score_rows WHERE target = ? AND method = ?",
-                                    [target, method]).fetchone()[0])
+            return int(
+                conn.execute(
+                    "SELECT count(*) FROM score_rows WHERE target = ? AND method = ?", [target, method]
+                ).fetchone()[0]
+            )
 
     def top_scores(self, target: str, method: str, n: int) -> pl.DataFrame:
         """The best ``n`` rows of (target, method) in rank order (a bounded top-n: no sort of every row)."""
         with self.get_connection() as conn:
-            rows = conn.sql("SELECT candidate_id, source, target, method, score, best_subtask, shard, n_tokens, "
-                            "basis_fingerprint FROM score_rows WHERE target = ? AND method = ? "
-                            "ORDER BY score DESC, candidate_id LIMIT ?", params=[target, method, n]).pl()
+            rows = conn.sql(
+                "SELECT candidate_id, source, target, method, score, best_subtask, shard, n_tokens, "
+                "basis_fingerprint FROM score_rows WHERE target = ? AND method = ? "
+                "ORDER BY score DESC, candidate_id LIMIT ?",
+                params=[target, method, n],
+            ).pl()
         return rows.insert_column(5, pl.Series("rank", np.arange(1, rows.height + 1, dtype=np.int64)))
 
     def read_scores(self, target: str, method: str) -> pl.DataFrame:
         """Every row of (target, method) in rank order."""
         with self.get_connection() as conn:
-            return conn.sql("SELECT * FROM candidate_scores WHERE target = ? AND method = ? ORDER BY rank",
-                            params=[target, method]).pl()
+            return conn.sql(
+                "SELECT * FROM candidate_scores WHERE target = ? AND method = ? ORDER BY rank", params=[target, method]
+            ).pl()
 
     def read_subtask_scores(self, target: str, method: str) -> pl.DataFrame:
         with self.get_connection() as conn:
-            return conn.sql("SELECT candidate_id, subtask, score FROM subtask_scores WHERE target = ? AND method = ?",
-                            params=[target, method]).pl()
+            return conn.sql(
+                "SELECT candidate_id, subtask, score FROM subtask_scores WHERE target = ? AND method = ?",
+                params=[target, method],
+            ).pl()
 
     def score_histogram(self, target: str, method: str, bins: int = 40) -> tuple[np.ndarray, np.ndarray]:
         """(bin edges, counts) of the scores of (target, method), computed in DuckDB."""
@@ -370,30 +438,42 @@ class ScoreStore(DuckDBResource):
             if lo is None:
                 return np.zeros(0), np.zeros(0, dtype=np.int64)
             width = (hi - lo) / bins or 1.0
-            counts = dict(conn.execute(
-                f"SELECT least(CAST(floor((score - ?) / ?) AS BIGINT), ?) AS b, count(*) FROM score_rows {where} "
-                "GROUP BY b", [lo, width, bins - 1, *params]).fetchall())
+            counts = dict(
+                conn.execute(
+                    f"SELECT least(CAST(floor((score - ?) / ?) AS BIGINT), ?) AS b, count(*) FROM score_rows {where} "
+                    "GROUP BY b",
+                    [lo, width, bins - 1, *params],
+                ).fetchall()
+            )
         return lo + width * np.arange(bins + 1), np.array([counts.get(b, 0) for b in range(bins)], dtype=np.int64)
 
     def count_absent_from(self, target: str, method: str, ids_file: str) -> int:
         """Scored rows of (target, method) whose candidate is not in the Parquet file ``ids_file``."""
         with self.get_connection() as conn:
-            return int(conn.execute(
-                "SELECT count(*) FROM score_rows r WHERE target = ? AND method = ? AND NOT EXISTS "
-                "(SELECT 1 FROM read_parquet(?) p WHERE p.candidate_id = r.candidate_id)",
-                [target, method, ids_file]).fetchone()[0])
+            return int(
+                conn.execute(
+                    "SELECT count(*) FROM score_rows r WHERE target = ? AND method = ? AND NOT EXISTS "
+                    "(SELECT 1 FROM read_parquet(?) p WHERE p.candidate_id = r.candidate_id)",
+                    [target, method, ids_file],
+                ).fetchone()[0]
+            )
 
     def selection_sizes(self) -> dict[tuple[str, str, str], int]:
         """{(method, target, budget): rows} of the selections table."""
         with self.get_connection() as conn:
-            return {(m, t, b): int(n) for m, t, b, n in conn.execute(
-                "SELECT method, target, budget, count(*) FROM selections GROUP BY ALL ORDER BY 1, 2, 3").fetchall()}
+            return {
+                (m, t, b): int(n)
+                for m, t, b, n in conn.execute(
+                    "SELECT method, target, budget, count(*) FROM selections GROUP BY ALL ORDER BY 1, 2, 3"
+                ).fetchall()
+            }
 
     def read_selections(self) -> pl.DataFrame | None:
         """(target, method, budget, candidate_id) of every selection, in rank order; None when none was made."""
         with self.get_connection() as conn:
-            df = conn.sql("SELECT target, method, budget, candidate_id FROM selections "
-                          "ORDER BY target, method, budget, rank").pl()
+            df = conn.sql(
+                "SELECT target, method, budget, candidate_id FROM selections ORDER BY target, method, budget, rank"
+            ).pl()
         return df if df.height else None
 
     def read_evaluation_summary(self) -> pl.DataFrame:
@@ -401,8 +481,9 @@ class ScoreStore(DuckDBResource):
         with self.get_connection() as conn:
             conn.execute(EVALUATIONS_DDL)
             conn.execute(SUMMARY_VIEW)
-            return conn.sql("SELECT * FROM evaluation_summary ORDER BY target, budget NULLS FIRST, mean_loss, "
-                            "method").pl()
+            return conn.sql(
+                "SELECT * FROM evaluation_summary ORDER BY target, budget NULLS FIRST, mean_loss, method"
+            ).pl()
 
     def replace_evaluations(self, df: pl.DataFrame) -> None:
         """Replace the whole ``evaluations`` table (fine-tune results) in one transaction; its view too."""
@@ -420,10 +501,13 @@ class ScoreStore(DuckDBResource):
                 conn.execute("COMMIT")
             except Exception as exc:
                 conn.execute("ROLLBACK")
-                raise ScoreStoreWriteError(f"writing evaluations to {self.database} failed and was rolled "
-                                           f"back; the previous rows are unchanged: {exc}") from None
+                raise ScoreStoreWriteError(
+                    f"writing evaluations to {self.database} failed and was rolled "
+                    f"back; the previous rows are unchanged: {exc}"
+                ) from None
             finally:
                 conn.unregister("incoming_evaluations")
+
 
 EVALUATIONS_DDL = """
 CREATE TABLE IF NOT EXISTS evaluations (
@@ -432,8 +516,38 @@ CREATE TABLE IF NOT EXISTS evaluations (
     bytes_per_candidate DOUBLE, feature_pass_seconds DOUBLE
 )"""
 # Student t quantiles t(0.975, df) for df = 1..30 (two-sided 95%); beyond 30 seeds the normal 1.96.
-T975 = (12.706, 4.303, 3.182, 2.776, 2.571, 2.447, 2.365, 2.306, 2.262, 2.228, 2.201, 2.179, 2.160, 2.145, 2.131,
-        2.120, 2.110, 2.101, 2.093, 2.086, 2.080, 2.074, 2.069, 2.064, 2.060, 2.056, 2.052, 2.048, 2.045, 2.042)
+T975 = (
+    12.706,
+    4.303,
+    3.182,
+    2.776,
+    2.571,
+    2.447,
+    2.365,
+    2.306,
+    2.262,
+    2.228,
+    2.201,
+    2.179,
+    2.160,
+    2.145,
+    2.131,
+    2.120,
+    2.110,
+    2.101,
+    2.093,
+    2.086,
+    2.080,
+    2.074,
+    2.069,
+    2.064,
+    2.060,
+    2.056,
+    2.052,
+    2.048,
+    2.045,
+    2.042,
+)
 # Per (target, method, budget): mean and standard deviation of held-out loss over seeds, and the paired
 # difference (same seed) to random at the same budget and to the full pool, with a 95% t interval over
 # seeds and a verdict: 'yes' (interval below 0: lower loss), 'no' (above 0), "can't tell" (it holds 0,

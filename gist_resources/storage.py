@@ -9,13 +9,13 @@ import shutil
 import socket
 import time
 import uuid
+from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Iterator
 
 import dagster as dg
-from pydantic import Field
 import numpy as np
+from pydantic import Field
 
 ROOT_ENV = "GIST_STORAGE_ROOT"
 
@@ -90,7 +90,7 @@ def clean_stale_scratch(dest: Path) -> list[Path]:
     for p in dest.parent.iterdir():
         if not p.name.startswith(prefix):
             continue
-        m = _SCRATCH.fullmatch(p.name[len(prefix):])
+        m = _SCRATCH.fullmatch(p.name[len(prefix) :])
         if m is None or not _is_stale(p, m):
             continue
         if p.is_dir() and not p.is_symlink():
@@ -127,8 +127,11 @@ class StorageResource(dg.ConfigurableResource):
     shard keys); a part that would leave the root is refused.
     """
 
-    root: str = Field(default="", description="Directory holding every artifact (models, tensors, "
-                      "Parquet, DuckDB); empty means $GIST_STORAGE_ROOT or ./.gist")
+    root: str = Field(
+        default="",
+        description="Directory holding every artifact (models, tensors, "
+        "Parquet, DuckDB); empty means $GIST_STORAGE_ROOT or ./.gist",
+    )
 
     @property
     def root_path(self) -> Path:
@@ -138,8 +141,10 @@ class StorageResource(dg.ConfigurableResource):
         root = self.root_path
         for part in parts:
             if not part or part in (".", "..") or "/" in part or "\\" in part or "\x00" in part:
-                raise ValueError(f"invalid path component {part!r}: names in config must be plain file "
-                                 "names (no '/', '..'), so outputs stay under the storage root")
+                raise ValueError(
+                    f"invalid path component {part!r}: names in config must be plain file "
+                    "names (no '/', '..'), so outputs stay under the storage root"
+                )
         p = root.joinpath(*parts)
         if root not in p.resolve().parents and p.resolve() != root:
             raise ValueError(f"{p} is outside the storage root {root}")
@@ -214,16 +219,23 @@ class StorageResource(dg.ConfigurableResource):
         try:
             return json.loads(src.read_text(encoding="utf-8"))
         except (ValueError, OSError) as exc:
-            raise ArtifactError(f"{src} is not readable JSON ({exc}); re-materialize "
-                             f"{_asset(produced_by, partition)}") from None
+            raise ArtifactError(
+                f"{src} is not readable JSON ({exc}); re-materialize {_asset(produced_by, partition)}"
+            ) from None
 
     def write_parquet(self, dest: Path, df) -> Path:
         with self.atomic_file(dest) as tmp:
             df.write_parquet(tmp)
         return dest
 
-    def read_parquet(self, src: Path, produced_by: str, partition: str | None = None,
-                     columns: list[str] | None = None, candidate_ids=None):
+    def read_parquet(
+        self,
+        src: Path,
+        produced_by: str,
+        partition: str | None = None,
+        columns: list[str] | None = None,
+        candidate_ids=None,
+    ):
         """A Parquet file as a polars frame; only ``columns``, and only the rows whose ``candidate_id`` is in
         ``candidate_ids``, when given (the other columns are decoded for those rows only)."""
         import polars as pl
@@ -238,8 +250,9 @@ class StorageResource(dg.ConfigurableResource):
                 frame = frame.filter(pl.col("candidate_id").is_in(pl.Series(candidate_ids, dtype=pl.Utf8).implode()))
             return (frame.select(columns) if columns is not None else frame).collect()
         except Exception as exc:  # polars raises ComputeError / OSError / its own errors for a damaged file
-            raise ArtifactError(f"{src} is not a readable Parquet file ({exc}); re-materialize "
-                             f"{_asset(produced_by, partition)}") from None
+            raise ArtifactError(
+                f"{src} is not a readable Parquet file ({exc}); re-materialize {_asset(produced_by, partition)}"
+            ) from None
 
     def count_parquet_values(self, src: Path, produced_by: str, column: str) -> dict:
         """{value: rows} of one column of a Parquet file, streamed (the file is not loaded whole)."""
@@ -250,8 +263,9 @@ class StorageResource(dg.ConfigurableResource):
         try:
             counts = pl.scan_parquet(src).group_by(column).len().collect()
         except Exception as exc:
-            raise ArtifactError(f"{src} is not a readable Parquet file ({exc}); re-materialize "
-                             f"{_asset(produced_by)}") from None
+            raise ArtifactError(
+                f"{src} is not a readable Parquet file ({exc}); re-materialize {_asset(produced_by)}"
+            ) from None
         return dict(zip(counts[column].to_list(), counts["len"].to_list(), strict=True))
 
     def write_npy(self, dest: Path, array: np.ndarray) -> Path:
@@ -266,8 +280,10 @@ class StorageResource(dg.ConfigurableResource):
         try:
             return np.load(src, mmap_mode="r" if mmap else None, allow_pickle=False)
         except (ValueError, OSError, EOFError) as exc:
-            raise ArtifactError(f"{src} is not a readable .npy tensor file ({exc}); delete it and "
-                             f"re-materialize {_asset(produced_by, partition)}") from None
+            raise ArtifactError(
+                f"{src} is not a readable .npy tensor file ({exc}); delete it and "
+                f"re-materialize {_asset(produced_by, partition)}"
+            ) from None
 
     def load_tensors(self, src: Path, produced_by: str, partition: str | None = None) -> dict[str, np.ndarray]:
         """A safetensors file as numpy arrays (no pickle)."""
@@ -278,8 +294,9 @@ class StorageResource(dg.ConfigurableResource):
         try:
             return load_file(str(src))
         except Exception as exc:  # SafetensorError, OSError, ValueError
-            raise ArtifactError(f"{src} is not a readable safetensors file ({exc}); re-materialize "
-                             f"{_asset(produced_by, partition)}") from None
+            raise ArtifactError(
+                f"{src} is not a readable safetensors file ({exc}); re-materialize {_asset(produced_by, partition)}"
+            ) from None
 
 
 def asset_label(name: str, partition: str | None = None) -> str:

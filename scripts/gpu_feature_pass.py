@@ -48,19 +48,30 @@ import statistics
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(REPO / "benchmarks"))
-from _common import (lora_model, machine_line, orthonormal_basis, synthetic_candidates, table,  # noqa: E402
-                     with_lora)
+from _common import lora_model, machine_line, orthonormal_basis, synthetic_candidates, table, with_lora  # noqa: E402
 
 # Dense (no sparsity) bf16 tensor-core peak, TFLOP/s, from the vendors' datasheets; first match
 # of the name (lower case) wins, so the more specific names come first.
 PEAK_BF16_TFLOPS = [
-    ("gh200", 989.0), ("h200", 989.0), ("h100 pcie", 756.0), ("h100 nvl", 835.0), ("h100", 989.0),
-    ("h800", 989.0), ("b200", 2250.0), ("a100", 312.0), ("a800", 312.0), ("l40s", 362.0), ("l40", 181.0),
-    ("l4", 121.0), ("a10", 125.0), ("mi300x", 1307.0),
+    ("gh200", 989.0),
+    ("h200", 989.0),
+    ("h100 pcie", 756.0),
+    ("h100 nvl", 835.0),
+    ("h100", 989.0),
+    ("h800", 989.0),
+    ("b200", 2250.0),
+    ("a100", 312.0),
+    ("a800", 312.0),
+    ("l40s", 362.0),
+    ("l40", 181.0),
+    ("l4", 121.0),
+    ("a10", 125.0),
+    ("mi300x", 1307.0),
 ]
 
 
@@ -86,24 +97,75 @@ def guess_targets(model) -> list[str]:
             return choice
     raise SystemExit(f"cannot guess LoRA target modules for {type(model).__name__}; give --targets")
 
-ARCHS = {
+
+ARCHS: dict[str, tuple[str, dict[str, Any]]] = {
     # Llama-2-7B: 32 layers, hidden 4096, MHA, vocab 32000
-    "llama2-7b": ("llama", dict(vocab_size=32000, hidden_size=4096, intermediate_size=11008, num_hidden_layers=32,
-                                num_attention_heads=32, num_key_value_heads=32, max_position_embeddings=4096)),
+    "llama2-7b": (
+        "llama",
+        dict(
+            vocab_size=32000,
+            hidden_size=4096,
+            intermediate_size=11008,
+            num_hidden_layers=32,
+            num_attention_heads=32,
+            num_key_value_heads=32,
+            max_position_embeddings=4096,
+        ),
+    ),
     # Llama-3-8B: grouped-query attention (8 KV heads), vocab 128256
-    "llama3-8b": ("llama", dict(vocab_size=128256, hidden_size=4096, intermediate_size=14336, num_hidden_layers=32,
-                                num_attention_heads=32, num_key_value_heads=8, max_position_embeddings=8192,
-                                rope_theta=500000.0)),
+    "llama3-8b": (
+        "llama",
+        dict(
+            vocab_size=128256,
+            hidden_size=4096,
+            intermediate_size=14336,
+            num_hidden_layers=32,
+            num_attention_heads=32,
+            num_key_value_heads=8,
+            max_position_embeddings=8192,
+            rope_theta=500000.0,
+        ),
+    ),
     # Mistral-7B-v0.1: GQA, vocab 32000
-    "mistral-7b": ("mistral", dict(vocab_size=32000, hidden_size=4096, intermediate_size=14336,
-                                   num_hidden_layers=32, num_attention_heads=32, num_key_value_heads=8,
-                                   max_position_embeddings=32768, sliding_window=None)),
+    "mistral-7b": (
+        "mistral",
+        dict(
+            vocab_size=32000,
+            hidden_size=4096,
+            intermediate_size=14336,
+            num_hidden_layers=32,
+            num_attention_heads=32,
+            num_key_value_heads=8,
+            max_position_embeddings=32768,
+            sliding_window=None,
+        ),
+    ),
     # Llama-2-13B
-    "llama2-13b": ("llama", dict(vocab_size=32000, hidden_size=5120, intermediate_size=13824, num_hidden_layers=40,
-                                 num_attention_heads=40, num_key_value_heads=40, max_position_embeddings=4096)),
+    "llama2-13b": (
+        "llama",
+        dict(
+            vocab_size=32000,
+            hidden_size=5120,
+            intermediate_size=13824,
+            num_hidden_layers=40,
+            num_attention_heads=40,
+            num_key_value_heads=40,
+            max_position_embeddings=4096,
+        ),
+    ),
     # Tiny (for --tiny smoke tests)
-    "tiny": ("llama", dict(vocab_size=512, hidden_size=64, intermediate_size=176, num_hidden_layers=2,
-                           num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512)),
+    "tiny": (
+        "llama",
+        dict(
+            vocab_size=512,
+            hidden_size=64,
+            intermediate_size=176,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            max_position_embeddings=512,
+        ),
+    ),
 }
 
 
@@ -119,27 +181,50 @@ def make_config(arch: str, layers: int):
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--model", default=None, metavar="PATH_OR_HUB_ID",
-                   help="a Hugging Face causal LM: a local directory or a hub id in the local cache (no download)")
-    p.add_argument("--weights-dtype", choices=["float32", "bfloat16"], default="float32",
-                   help="dtype of the loaded weights (float32 as the pipeline loads them)")
+    p.add_argument(
+        "--model",
+        default=None,
+        metavar="PATH_OR_HUB_ID",
+        help="a Hugging Face causal LM: a local directory or a hub id in the local cache (no download)",
+    )
+    p.add_argument(
+        "--weights-dtype",
+        choices=["float32", "bfloat16"],
+        default="float32",
+        help="dtype of the loaded weights (float32 as the pipeline loads them)",
+    )
     p.add_argument("--targets", default=None, help="LoRA target modules, comma-separated (default q/k/v/o or a guess)")
-    p.add_argument("--peak-tflops", type=float, default=None,
-                   help="the device's dense bf16 peak in TFLOP/s for MFU (default: looked up from the device name)")
+    p.add_argument(
+        "--peak-tflops",
+        type=float,
+        default=None,
+        help="the device's dense bf16 peak in TFLOP/s for MFU (default: looked up from the device name)",
+    )
     p.add_argument("--arch", choices=sorted(ARCHS), default="llama2-7b")
     p.add_argument("--layers", type=int, default=0, help="override the number of layers (0: the architecture's)")
-    p.add_argument("--tiny", action="store_true",
-                   help="smoke test: tiny arch, r=8, 64 candidates of 16-64 tokens, subset 6, 1 repeat")
+    p.add_argument(
+        "--tiny",
+        action="store_true",
+        help="smoke test: tiny arch, r=8, 64 candidates of 16-64 tokens, subset 6, 1 repeat",
+    )
     p.add_argument("--device", default="cuda", help="cuda, cuda:N or cpu")
-    p.add_argument("--dtype", choices=["bfloat16", "float32"], default=None,
-                   help="autocast dtype (default bfloat16 on CUDA, float32 on CPU)")
+    p.add_argument(
+        "--dtype",
+        choices=["bfloat16", "float32"],
+        default=None,
+        help="autocast dtype (default bfloat16 on CUDA, float32 on CPU)",
+    )
     p.add_argument("--r", type=int, default=128)
     p.add_argument("--alpha", type=int, default=512)
     p.add_argument("--candidates", type=int, default=2000)
     p.add_argument("--min-len", type=int, default=64)
     p.add_argument("--max-len", type=int, default=512)
-    p.add_argument("--max-tokens", type=int, default=4096,
-                   help="token budget per batch (B x T); a 7B model needs roughly 7 MB of activations per token (estimate)")
+    p.add_argument(
+        "--max-tokens",
+        type=int,
+        default=4096,
+        help="token budget per batch (B x T); a 7B model needs roughly 7 MB of activations per token (estimate)",
+    )
     p.add_argument("--max-batch-size", type=int, default=64)
     p.add_argument("--subset", type=int, default=32, help="candidates for the bs=1 reference")
     p.add_argument("--repeats", type=int, default=2)
@@ -153,8 +238,14 @@ def main(argv=None) -> int:
     import numpy as np
     import torch
 
-    from gist_core.gradients import (completion_losses, length_batches, projected_gradients, reference_gradients,
-                                     split_causal_lm, trainable_linears)
+    from gist_core.gradients import (
+        completion_losses,
+        length_batches,
+        projected_gradients,
+        reference_gradients,
+        split_causal_lm,
+        trainable_linears,
+    )
 
     device = torch.device(args.device)
     cuda = device.type == "cuda"
@@ -164,15 +255,21 @@ def main(argv=None) -> int:
     if not cuda:
         torch.set_num_threads(min(2, torch.get_num_threads()))
     sync = torch.cuda.synchronize if cuda else (lambda: None)
-    autocast = (lambda: torch.autocast("cuda", dtype=dtype)) if cuda and dtype != torch.float32 \
-        else contextlib.nullcontext
+    autocast = (
+        (lambda: torch.autocast("cuda", dtype=dtype)) if cuda and dtype != torch.float32 else contextlib.nullcontext
+    )
 
     where = torch.cuda.get_device_name(device) if cuda else machine_line()
     peak_tf = args.peak_tflops or (peak_tflops(where) if cuda else None)
     what = f"model {args.model}" if args.model else f"arch {args.arch} (layers {args.layers or 'as configured'})"
-    print(f"# gpu_feature_pass: {where}; torch {torch.__version__}; {what}; autocast {dtype}; bf16 peak "
-          + (f"{peak_tf:g} TFLOP/s" + (" (--peak-tflops)" if args.peak_tflops else " (looked up)") if peak_tf
-             else "unknown (no MFU; give --peak-tflops)"))
+    print(
+        f"# gpu_feature_pass: {where}; torch {torch.__version__}; {what}; autocast {dtype}; bf16 peak "
+        + (
+            f"{peak_tf:g} TFLOP/s" + (" (--peak-tflops)" if args.peak_tflops else " (looked up)")
+            if peak_tf
+            else "unknown (no MFU; give --peak-tflops)"
+        )
+    )
     t0 = time.perf_counter()
     if args.model:
         from gist_core.modeling import load_causal_lm
@@ -189,10 +286,12 @@ def main(argv=None) -> int:
     D = layout.dim
     n_flop = flop_params(model)
     sync()
-    print(f"model: {n_base:,} parameters ({n_flop:,} in the per-token matmuls; {cfg.num_hidden_layers} layers, "
-          f"hidden {cfg.hidden_size}, vocab {cfg.vocab_size}), LoRA r={args.r} alpha={args.alpha} on "
-          f"{'/'.join(targets)}: D={D:,} in {len(layout.blocks)} blocks; built in {time.perf_counter() - t0:.1f}s",
-          flush=True)
+    print(
+        f"model: {n_base:,} parameters ({n_flop:,} in the per-token matmuls; {cfg.num_hidden_layers} layers, "
+        f"hidden {cfg.hidden_size}, vocab {cfg.vocab_size}), LoRA r={args.r} alpha={args.alpha} on "
+        f"{'/'.join(targets)}: D={D:,} in {len(layout.blocks)} blocks; built in {time.perf_counter() - t0:.1f}s",
+        flush=True,
+    )
     cands = synthetic_candidates(args.candidates, cfg.vocab_size, args.min_len, args.max_len, seed=args.seed)
     bases = [orthonormal_basis(D, 16, seed=args.seed + 10 + t, device=device) for t in range(3)]
     one, three = bases[0], torch.cat(bases, dim=1).contiguous()
@@ -206,8 +305,11 @@ def main(argv=None) -> int:
         for b in length_batches(exs, args.max_tokens, args.max_batch_size):
             model.zero_grad(set_to_none=True)
             with autocast():
-                loss = model(input_ids=b.input_ids.to(device), attention_mask=b.attention_mask.to(device),
-                             labels=b.labels.to(device)).loss
+                loss = model(
+                    input_ids=b.input_ids.to(device),
+                    attention_mask=b.attention_mask.to(device),
+                    labels=b.labels.to(device),
+                ).loss
             loss.backward()
         sync()
         dt = time.perf_counter() - t
@@ -223,8 +325,9 @@ def main(argv=None) -> int:
         for b in length_batches(exs, args.max_tokens, args.max_batch_size):
             model.zero_grad(set_to_none=True)
             with autocast():
-                loss = completion_losses(parts, b.input_ids.to(device), b.attention_mask.to(device),
-                                         b.labels.to(device)).mean()
+                loss = completion_losses(
+                    parts, b.input_ids.to(device), b.attention_mask.to(device), b.labels.to(device)
+                ).mean()
             loss.backward()
         sync()
         dt = time.perf_counter() - t
@@ -268,8 +371,11 @@ def main(argv=None) -> int:
     units = [[cands[i] for i in b.indices] for b in batches]
     tokens = sum(b.n_tokens for b in batches)
     padded = sum(b.input_ids.numel() for b in batches)
-    print(f"{len(cands)} candidates of {args.min_len}-{args.max_len} tokens: {tokens:,} tokens in {len(batches)} "
-          f"batches of <= {args.max_tokens} tokens, padding share {1 - tokens / padded:.1%}", flush=True)
+    print(
+        f"{len(cands)} candidates of {args.min_len}-{args.max_len} tokens: {tokens:,} tokens in {len(batches)} "
+        f"batches of <= {args.max_tokens} tokens, padding share {1 - tokens / padded:.1%}",
+        flush=True,
+    )
     model.eval()
     # Warm-up (kernels, allocator) on the longest batch, then reset the peak-memory counter.
     feat_on(units[-1], three)
@@ -280,14 +386,18 @@ def main(argv=None) -> int:
     if cuda:
         torch.cuda.reset_peak_memory_stats(device)
 
-    fns = {"train step": train_on, "train step, completion logits": train_completion_on,
-           "feature k=16": lambda u: feat_on(u, one), "feature k=48": lambda u: feat_on(u, three),
-           "feature k=16 checkpointed": lambda u: feat_on(u, one, checkpointing=True)}
+    fns = {
+        "train step": train_on,
+        "train step, completion logits": train_completion_on,
+        "feature k=16": lambda u: feat_on(u, one),
+        "feature k=48": lambda u: feat_on(u, three),
+        "feature k=16 checkpointed": lambda u: feat_on(u, one, checkpointing=True),
+    }
     if parts is None:  # no separable output layer: the fair step is the plain one
         del fns["train step, completion logits"]
     names = list(fns)
-    peak = {}
-    totals = {v: [] for v in names}
+    peak: dict[str, int] = {}
+    totals: dict[str, list[float]] = {v: [] for v in names}
     for rep in range(args.repeats):
         acc = dict.fromkeys(names, 0.0)
         for j, u in enumerate(units):
@@ -306,7 +416,7 @@ def main(argv=None) -> int:
     sub_batches = list(length_batches(subset, args.max_tokens, args.max_batch_size))
     sub_units = [[subset[i] for i in b.indices] for b in sub_batches]
     sub_tokens = sum(b.n_tokens for b in sub_batches)
-    ref_totals = {"reference bs=1": [], "feature k=16": []}
+    ref_totals: dict[str, list[float]] = {"reference bs=1": [], "feature k=16": []}
     for rep in range(args.repeats):
         acc = dict.fromkeys(ref_totals, 0.0)
         for j, u in enumerate(sub_units):
@@ -319,8 +429,7 @@ def main(argv=None) -> int:
                     peak[v] = max(peak.get(v, 0), torch.cuda.max_memory_allocated(device))
         for v in acc:
             ref_totals[v].append(acc[v])
-        print(f"  reference rep {rep + 1}/{args.repeats}: " + ", ".join(f"{v} {acc[v]:.2f}s" for v in acc),
-              flush=True)
+        print(f"  reference rep {rep + 1}/{args.repeats}: " + ", ".join(f"{v} {acc[v]:.2f}s" for v in acc), flush=True)
 
     # Sanity (not timing): ours vs the reference on two short examples, same autocast.
     check = sorted(subset, key=lambda e: len(e.input_ids))[:2]
@@ -333,16 +442,34 @@ def main(argv=None) -> int:
 
     med = {v: statistics.median(xs) for v, xs in totals.items()}
     rmed = {v: statistics.median(xs) for v, xs in ref_totals.items()}
-    rows = [{"variant": v, "seconds": f"{med[v]:.2f}", "examples/s": f"{len(cands) / med[v]:,.1f}",
-             "tokens/s": f"{tokens / med[v]:,.0f}", "MFU 6N": mfu(tokens, med[v], 6), "MFU 4N": mfu(tokens, med[v], 4),
-             "peak GPU memory GiB": f"{peak[v] / 2**30:.1f}" if v in peak else "-"} for v in names]
-    rows += [{"variant": f"{v} (subset of {len(subset)})", "seconds": f"{rmed[v]:.2f}",
-              "examples/s": f"{len(subset) / rmed[v]:,.1f}", "tokens/s": f"{sub_tokens / rmed[v]:,.0f}",
-              "MFU 6N": mfu(sub_tokens, rmed[v], 6), "MFU 4N": mfu(sub_tokens, rmed[v], 4),
-              "peak GPU memory GiB": f"{peak[v] / 2**30:.1f}" if v in peak and v.startswith("ref") else "-"}
-             for v in ref_totals]
-    print(f"\nThroughput (median of {args.repeats} interleaved repeats; MFU = k * N * tokens / s / peak, "
-          f"N = {n_flop:,}, peak {peak_tf or '?'} TFLOP/s bf16 dense)")
+    rows = [
+        {
+            "variant": v,
+            "seconds": f"{med[v]:.2f}",
+            "examples/s": f"{len(cands) / med[v]:,.1f}",
+            "tokens/s": f"{tokens / med[v]:,.0f}",
+            "MFU 6N": mfu(tokens, med[v], 6),
+            "MFU 4N": mfu(tokens, med[v], 4),
+            "peak GPU memory GiB": f"{peak[v] / 2**30:.1f}" if v in peak else "-",
+        }
+        for v in names
+    ]
+    rows += [
+        {
+            "variant": f"{v} (subset of {len(subset)})",
+            "seconds": f"{rmed[v]:.2f}",
+            "examples/s": f"{len(subset) / rmed[v]:,.1f}",
+            "tokens/s": f"{sub_tokens / rmed[v]:,.0f}",
+            "MFU 6N": mfu(sub_tokens, rmed[v], 6),
+            "MFU 4N": mfu(sub_tokens, rmed[v], 4),
+            "peak GPU memory GiB": f"{peak[v] / 2**30:.1f}" if v in peak and v.startswith("ref") else "-",
+        }
+        for v in ref_totals
+    ]
+    print(
+        f"\nThroughput (median of {args.repeats} interleaved repeats; MFU = k * N * tokens / s / peak, "
+        f"N = {n_flop:,}, peak {peak_tf or '?'} TFLOP/s bf16 dense)"
+    )
     print(table(rows))
     fair = "train step, completion logits" if "train step, completion logits" in med else "train step"
     a = med[fair] / med["feature k=16"]
@@ -351,25 +478,65 @@ def main(argv=None) -> int:
     b_same = rmed["reference bs=1"] / rmed["feature k=16"]
     c = med["feature k=48"] / med["feature k=16"]
     print("\nRATIOS")
-    print(table([
-        {"ratio": "a. feature / train-step tokens/s", "baseline": f"{fair}, same batches", "value": f"{a:.3f}",
-         "goal (CPU bench)": ">= 0.95"},
-        {"ratio": "   (extra) feature / train-step tokens/s", "baseline": "train step, logits everywhere",
-         "value": f"{a_plain:.3f}", "goal (CPU bench)": "-"},
-        {"ratio": "b. speedup over the bs=1 reference", "baseline": f"bs=1 reference, same {len(subset)} examples",
-         "value": f"{b_same:.2f}x", "goal (CPU bench)": ">= 1.9x"},
-        {"ratio": "   (extra) speedup per example", "baseline": f"reference on {len(subset)} vs all {len(cands)}",
-         "value": f"{b:.2f}x", "goal (CPU bench)": "-"},
-        {"ratio": "c. time k=48 / k=16", "baseline": "feature k=16", "value": f"{c:.3f}",
-         "goal (CPU bench)": "<= 1.15"},
-        {"ratio": "gradient checkpointing: time / without", "baseline": "feature k=16", "value":
-         f"{med['feature k=16 checkpointed'] / med['feature k=16']:.3f}", "goal (CPU bench)": "-"},
-    ] + ([{"ratio": "gradient checkpointing: peak GPU memory / without", "baseline": "feature k=16", "value":
-           f"{peak['feature k=16 checkpointed'] / peak['feature k=16']:.3f}", "goal (CPU bench)": "-"}]
-         if cuda else [])))
-    print(f"check: projected_gradients vs the bs=1 reference @ basis, relative max error {err:.1e} "
-          f"({'bf16 autocast' if dtype == torch.bfloat16 else 'float32'}; output layer on "
-          f"{'completion positions only' if check_stats.completion_only_logits else 'all positions'})")
+    print(
+        table(
+            [
+                {
+                    "ratio": "a. feature / train-step tokens/s",
+                    "baseline": f"{fair}, same batches",
+                    "value": f"{a:.3f}",
+                    "goal (CPU bench)": ">= 0.95",
+                },
+                {
+                    "ratio": "   (extra) feature / train-step tokens/s",
+                    "baseline": "train step, logits everywhere",
+                    "value": f"{a_plain:.3f}",
+                    "goal (CPU bench)": "-",
+                },
+                {
+                    "ratio": "b. speedup over the bs=1 reference",
+                    "baseline": f"bs=1 reference, same {len(subset)} examples",
+                    "value": f"{b_same:.2f}x",
+                    "goal (CPU bench)": ">= 1.9x",
+                },
+                {
+                    "ratio": "   (extra) speedup per example",
+                    "baseline": f"reference on {len(subset)} vs all {len(cands)}",
+                    "value": f"{b:.2f}x",
+                    "goal (CPU bench)": "-",
+                },
+                {
+                    "ratio": "c. time k=48 / k=16",
+                    "baseline": "feature k=16",
+                    "value": f"{c:.3f}",
+                    "goal (CPU bench)": "<= 1.15",
+                },
+                {
+                    "ratio": "gradient checkpointing: time / without",
+                    "baseline": "feature k=16",
+                    "value": f"{med['feature k=16 checkpointed'] / med['feature k=16']:.3f}",
+                    "goal (CPU bench)": "-",
+                },
+            ]
+            + (
+                [
+                    {
+                        "ratio": "gradient checkpointing: peak GPU memory / without",
+                        "baseline": "feature k=16",
+                        "value": f"{peak['feature k=16 checkpointed'] / peak['feature k=16']:.3f}",
+                        "goal (CPU bench)": "-",
+                    }
+                ]
+                if cuda
+                else []
+            )
+        )
+    )
+    print(
+        f"check: projected_gradients vs the bs=1 reference @ basis, relative max error {err:.1e} "
+        f"({'bf16 autocast' if dtype == torch.bfloat16 else 'float32'}; output layer on "
+        f"{'completion positions only' if check_stats.completion_only_logits else 'all positions'})"
+    )
     return 0
 
 

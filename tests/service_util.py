@@ -56,8 +56,15 @@ def stop_group(proc: subprocess.Popen, grace_s: float = 30) -> None:
 
 def run_cli(env: dict, *args: str, timeout: float = 600) -> subprocess.CompletedProcess:
     """``python -m gist_assets.run ARGS`` as a user runs it."""
-    return subprocess.run([PYTHON, "-m", "gist_assets.run", *args], cwd=REPO, env=env, capture_output=True,
-                          text=True, timeout=timeout, stdin=subprocess.DEVNULL)
+    return subprocess.run(
+        [PYTHON, "-m", "gist_assets.run", *args],
+        cwd=REPO,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        stdin=subprocess.DEVNULL,
+    )
 
 
 @contextmanager
@@ -65,9 +72,15 @@ def make_ui(env: dict, log_dir: Path, startup_timeout_s: float = 180):
     """`make ui` (dagster dev: webserver and daemon) on a free port; yields the base URL and a log reader."""
     port = free_port()
     out = open(log_dir / "make_ui.log", "wb")
-    proc = subprocess.Popen(["make", "--no-print-directory", "ui", f"PORT={port}", f"PYTHON={PYTHON}"], cwd=REPO,
-                            env=env, stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                            start_new_session=True)
+    proc = subprocess.Popen(
+        ["make", "--no-print-directory", "ui", f"PORT={port}", f"PYTHON={PYTHON}"],
+        cwd=REPO,
+        env=env,
+        stdout=out,
+        stderr=subprocess.STDOUT,
+        stdin=subprocess.DEVNULL,
+        start_new_session=True,
+    )
 
     def logs() -> str:
         out.flush()
@@ -128,13 +141,32 @@ def postgres_server():
         shutil.chown(sock, "postgres")
     port = free_port()
     try:
-        subprocess.run([*as_user, initdb, "-D", str(data), "-U", "postgres", "--auth=trust", "-E", "UTF8"],
-                       check=True, capture_output=True, timeout=120)
-        subprocess.run([*as_user, pg_ctl, "-D", str(data), "-l", str(base / "server.log"), "-w", "-t", "60",
-                        "-o", f"-p {port} -k {sock} -h {HOST}", "start"], check=True, capture_output=True,
-                       timeout=90)
+        subprocess.run(
+            [*as_user, initdb, "-D", str(data), "-U", "postgres", "--auth=trust", "-E", "UTF8"],
+            check=True,
+            capture_output=True,
+            timeout=120,
+        )
+        subprocess.run(
+            [
+                *as_user,
+                pg_ctl,
+                "-D",
+                str(data),
+                "-l",
+                str(base / "server.log"),
+                "-w",
+                "-t",
+                "60",
+                "-o",
+                f"-p {port} -k {sock} -h {HOST}",
+                "start",
+            ],
+            check=True,
+            capture_output=True,
+            timeout=90,
+        )
         yield f"postgresql+psycopg2://postgres@{HOST}:{port}/postgres"
     finally:
-        subprocess.run([*as_user, pg_ctl, "-D", str(data), "-m", "immediate", "stop"], capture_output=True,
-                       timeout=60)
+        subprocess.run([*as_user, pg_ctl, "-D", str(data), "-m", "immediate", "stop"], capture_output=True, timeout=60)
         shutil.rmtree(base, ignore_errors=True)

@@ -24,8 +24,10 @@ from gist_core.modeling import attach_lora
 def _lognormal_pool(n, seed=0, median=80, sigma=0.9, cap=2048):
     rng = np.random.default_rng(seed)
     lengths = np.clip(rng.lognormal(np.log(median), sigma, n).astype(int), 4, cap)
-    return [Encoded(list(range(3, n + 3)), [IGNORE_INDEX] * (n // 2) + list(range(3, n - n // 2 + 3)), False)
-            for n in lengths]
+    return [
+        Encoded(list(range(3, n + 3)), [IGNORE_INDEX] * (n // 2) + list(range(3, n - n // 2 + 3)), False)
+        for n in lengths
+    ]
 
 
 def _padding(batches):
@@ -66,8 +68,10 @@ def test_split_is_the_cheapest_contiguous_split():
         n, best = len(lengths), None
         for cuts in itertools.product([False, True], repeat=n - 1):
             ends = [i + 1 for i, c in enumerate(cuts) if c] + [n]
-            ok = all(e - b <= max_batch_size and ((e - b) * lengths[e - 1] <= max_tokens or e - b == 1)
-                     for b, e in zip([0, *ends[:-1]], ends, strict=True))
+            ok = all(
+                e - b <= max_batch_size and ((e - b) * lengths[e - 1] <= max_tokens or e - b == 1)
+                for b, e in zip([0, *ends[:-1]], ends, strict=True)
+            )
             if ok and (best is None or cost(ends) < best):
                 best = cost(ends)
         assert cost(batch_bounds(lengths, max_tokens, max_batch_size, overhead, None)) == best
@@ -86,8 +90,15 @@ def test_padding_under_5_percent_on_the_embedded_and_a_long_tailed_pool():
 
 
 def test_exact_against_batch_size_one_on_long_tailed_lengths():
-    cfg = LlamaConfig(vocab_size=97, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
-                      num_attention_heads=4, num_key_value_heads=4, max_position_embeddings=128)
+    cfg = LlamaConfig(
+        vocab_size=97,
+        hidden_size=32,
+        intermediate_size=48,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=4,
+        max_position_embeddings=128,
+    )
     torch.manual_seed(0)
     model = attach_lora(LlamaForCausalLM(cfg), r=4, alpha=16, dropout=0.0, target_modules=["q_proj", "v_proj"], seed=0)
     with torch.no_grad():
@@ -99,7 +110,7 @@ def test_exact_against_batch_size_one_on_long_tailed_lengths():
     for e in _lognormal_pool(24, seed=1, median=12, sigma=0.8, cap=120):
         n = len(e.input_ids)
         ids = torch.randint(3, 97, (n,), generator=g).tolist()
-        examples.append(Encoded(ids, [IGNORE_INDEX] * (n // 2) + ids[n // 2:], False))
+        examples.append(Encoded(ids, [IGNORE_INDEX] * (n // 2) + ids[n // 2 :], False))
     ref = reference_gradients(model, examples)
     basis = torch.randn(ref.shape[1], 4, generator=torch.Generator().manual_seed(3))
     z, norms, _, stats = projected_gradients(model, examples, basis, max_tokens=200, max_batch_size=8)

@@ -35,12 +35,27 @@ def test_gpu_script_loads_a_saved_model_and_reports_mfu(tmp_path):
     import torch
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    cfg = LlamaConfig(vocab_size=300, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128)
+    cfg = LlamaConfig(
+        vocab_size=300,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=128,
+    )
     torch.manual_seed(0)
     LlamaForCausalLM(cfg).save_pretrained(tmp_path / "tiny")
-    out = _run("scripts/gpu_feature_pass.py", "--device", "cpu", "--tiny", "--model", str(tmp_path / "tiny"),
-               "--peak-tflops", "1")
+    out = _run(
+        "scripts/gpu_feature_pass.py",
+        "--device",
+        "cpu",
+        "--tiny",
+        "--model",
+        str(tmp_path / "tiny"),
+        "--peak-tflops",
+        "1",
+    )
     assert f"model {tmp_path / 'tiny'}" in out and "vocab 300" in out
     check = [line for line in out.splitlines() if line.startswith("check:")][0]
     assert float(check.split("relative max error ")[1].split()[0]) < 1e-4

@@ -18,8 +18,8 @@ from gist_core.data import (
     record_to_messages,
 )
 
-
 # ----------------------------------------------------------------- helpers
+
 
 def conv(user: str, assistant: str, **extra) -> dict:
     return {"messages": [{"role": "user", "content": user}, {"role": "assistant", "content": assistant}], **extra}
@@ -35,9 +35,11 @@ def write_lines(path: Path, lines: list) -> Path:
 
 # ------------------------------------------------------- record_to_messages
 
+
 def test_less_messages_layout_with_system():
     rec = {
-        "dataset": "flan_v2", "id": "flan_v2_0",
+        "dataset": "flan_v2",
+        "id": "flan_v2_0",
         "messages": [
             {"role": "system", "content": "Be brief."},
             {"role": "user", "content": "Capital of France?"},
@@ -68,23 +70,32 @@ def test_alpaca_layout_without_input(extra):
     assert msgs == [{"role": "user", "content": "Say hi."}, {"role": "assistant", "content": "Hi"}]
 
 
-@pytest.mark.parametrize("record, reason", [
-    ([1, 2], "expected a JSON object, got list"),
-    ({"messages": "hi"}, "must be a list"),
-    ({"messages": []}, "'messages' is empty"),
-    ({"messages": [{"role": "user"}]}, "must be an object with 'role' and 'content'"),
-    ({"messages": [{"role": "user", "content": 5}, {"role": "assistant", "content": "x"}]}, "must be a string, got int"),
-    ({"messages": [{"role": "user", "content": "hi"}]}, "no non-empty assistant turn"),
-    ({"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "  "}]}, "no non-empty assistant turn"),
-    ({"messages": [{"role": "bot", "content": "hi"}]}, "unknown role 'bot'"),
-    ({"prompt": "Q"}, "no 'completion' field"),
-    ({"completion": "A"}, "no 'prompt' field"),
-    ({"prompt": "Q", "completion": " \n"}, "'completion' is empty"),
-    ({"instruction": "Do it."}, "no 'output' field"),
-    ({"instruction": "Do it.", "output": ""}, "'output' is empty"),
-    ({"instruction": "Do it.", "input": 3, "output": "ok"}, "'input' must be a string"),
-    ({"text": "hello"}, "unrecognized record layout"),
-])
+@pytest.mark.parametrize(
+    "record, reason",
+    [
+        ([1, 2], "expected a JSON object, got list"),
+        ({"messages": "hi"}, "must be a list"),
+        ({"messages": []}, "'messages' is empty"),
+        ({"messages": [{"role": "user"}]}, "must be an object with 'role' and 'content'"),
+        (
+            {"messages": [{"role": "user", "content": 5}, {"role": "assistant", "content": "x"}]},
+            "must be a string, got int",
+        ),
+        ({"messages": [{"role": "user", "content": "hi"}]}, "no non-empty assistant turn"),
+        (
+            {"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "  "}]},
+            "no non-empty assistant turn",
+        ),
+        ({"messages": [{"role": "bot", "content": "hi"}]}, "unknown role 'bot'"),
+        ({"prompt": "Q"}, "no 'completion' field"),
+        ({"completion": "A"}, "no 'prompt' field"),
+        ({"prompt": "Q", "completion": " \n"}, "'completion' is empty"),
+        ({"instruction": "Do it."}, "no 'output' field"),
+        ({"instruction": "Do it.", "output": ""}, "'output' is empty"),
+        ({"instruction": "Do it.", "input": 3, "output": "ok"}, "'input' must be a string"),
+        ({"text": "hello"}, "unrecognized record layout"),
+    ],
+)
 def test_record_to_messages_rejects(record, reason):
     with pytest.raises(ValueError, match=re.escape(reason)):
         record_to_messages(record)
@@ -92,14 +103,18 @@ def test_record_to_messages_rejects(record, reason):
 
 # ------------------------------------------------------------ read_candidates
 
+
 def test_ids_kept_when_unique_and_rederived_when_shared(tmp_path):
-    path = write_lines(tmp_path / "pool.jsonl", [
-        conv("one", "1", id="x1"),
-        conv("two", "2", id="dup"),
-        conv("three", "3", id="dup"),
-        conv("four", "4"),                      # no id at all
-        conv("five", "5", id=7),                # integer ids are kept as strings
-    ])
+    path = write_lines(
+        tmp_path / "pool.jsonl",
+        [
+            conv("one", "1", id="x1"),
+            conv("two", "2", id="dup"),
+            conv("three", "3", id="dup"),
+            conv("four", "4"),  # no id at all
+            conv("five", "5", id=7),  # integer ids are kept as strings
+        ],
+    )
     rows, report = read_candidates([str(path)])
     ids = [r.candidate_id for r in rows]
     assert ids[0] == "x1"
@@ -108,7 +123,7 @@ def test_ids_kept_when_unique_and_rederived_when_shared(tmp_path):
         assert re.fullmatch(r"pool-[0-9a-f]{16}", ids[i]), ids[i]
         assert ids[i] == f"pool-{content_hash('pool', rows[i].messages)}"
     assert len(set(ids)) == len(ids)
-    assert report.ids_rederived == 2              # the two shared "dup" ids; the missing one is not counted
+    assert report.ids_rederived == 2  # the two shared "dup" ids; the missing one is not counted
     again, _ = read_candidates([str(path)])
     assert [r.candidate_id for r in again] == ids
 
@@ -122,11 +137,14 @@ def test_duplicate_id_with_same_content_is_a_duplicate_not_a_rederivation(tmp_pa
 
 
 def test_source_from_field_or_file_name(tmp_path):
-    less = write_lines(tmp_path / "flan_v2" / "flan_v2_data.jsonl", [
-        conv("a", "1"),
-        conv("b", "2", dataset="cot"),
-        conv("c", "3", source="dolly"),
-    ])
+    less = write_lines(
+        tmp_path / "flan_v2" / "flan_v2_data.jsonl",
+        [
+            conv("a", "1"),
+            conv("b", "2", dataset="cot"),
+            conv("c", "3", source="dolly"),
+        ],
+    )
     plain = write_lines(tmp_path / "my_pool.jsonl", [{"prompt": "d", "completion": "4"}])
     rows, report = read_candidates([str(less), str(plain)])
     by_user = {r.messages[0]["content"]: r for r in rows}
@@ -140,12 +158,15 @@ def test_source_from_field_or_file_name(tmp_path):
 
 
 def test_exact_duplicates_dropped_and_counted(tmp_path):
-    a = write_lines(tmp_path / "a.jsonl", [
-        conv("What is  2+2?\n", "4"),
-        conv("What is 2+2?", " 4 "),          # whitespace-only difference: duplicate
-        conv("What is 2+3?", "5"),
-        {"prompt": "What is 2+3?", "completion": "5"},   # same conversation, other layout: duplicate
-    ])
+    a = write_lines(
+        tmp_path / "a.jsonl",
+        [
+            conv("What is  2+2?\n", "4"),
+            conv("What is 2+2?", " 4 "),  # whitespace-only difference: duplicate
+            conv("What is 2+3?", "5"),
+            {"prompt": "What is 2+3?", "completion": "5"},  # same conversation, other layout: duplicate
+        ],
+    )
     b = write_lines(tmp_path / "b.jsonl", [conv("What is 2+2?", "4", id="b1"), conv("What is 2+2?", "four")])
     rows, report = read_candidates([str(a), str(b)])
     assert report.records_read == 6
@@ -187,29 +208,73 @@ GOOD = json.dumps(conv("fine", "ok"))
 BAD_CASES = [
     ("malformed_json", (GOOD + "\n\n" + '{"prompt": "a", "completion": ' + "\n").encode(), 3, "malformed JSON"),
     ("json_array", (GOOD + "\n" + "[1, 2, 3]\n").encode(), 2, "expected a JSON object, got list"),
-    ("content_number", (GOOD + "\n" + json.dumps(
-        {"messages": [{"role": "user", "content": 42}, {"role": "assistant", "content": "x"}]}) + "\n").encode(),
-     2, "messages[0].content must be a string, got int"),
+    (
+        "content_number",
+        (
+            GOOD
+            + "\n"
+            + json.dumps({"messages": [{"role": "user", "content": 42}, {"role": "assistant", "content": "x"}]})
+            + "\n"
+        ).encode(),
+        2,
+        "messages[0].content must be a string, got int",
+    ),
     ("empty_messages", (GOOD + "\n" + json.dumps({"messages": []}) + "\n").encode(), 2, "'messages' is empty"),
-    ("no_assistant", (GOOD + "\n" + json.dumps(
-        {"messages": [{"role": "system", "content": "s"}, {"role": "user", "content": "u"}]}) + "\n").encode(),
-     2, "no non-empty assistant turn"),
-    ("unknown_role", (GOOD + "\n" + json.dumps(
-        {"messages": [{"role": "tool", "content": "t"}, {"role": "assistant", "content": "a"}]}) + "\n").encode(),
-     2, "unknown role 'tool'"),
-    ("prompt_without_completion", (GOOD + "\n" + json.dumps({"prompt": "p"}) + "\n").encode(),
-     2, "no 'completion' field"),
-    ("empty_completion", (GOOD + "\n" + json.dumps({"prompt": "p", "completion": ""}) + "\n").encode(),
-     2, "'completion' is empty"),
-    ("source_not_a_string", (GOOD + "\n" + json.dumps(conv("u", "a", dataset=5)) + "\n").encode(),
-     2, "'dataset'/'source' must be a string"),
-    ("unrecognized_layout", (GOOD + "\n" + json.dumps({"text": "hello"}) + "\n").encode(),
-     2, "unrecognized record layout"),
+    (
+        "no_assistant",
+        (
+            GOOD
+            + "\n"
+            + json.dumps({"messages": [{"role": "system", "content": "s"}, {"role": "user", "content": "u"}]})
+            + "\n"
+        ).encode(),
+        2,
+        "no non-empty assistant turn",
+    ),
+    (
+        "unknown_role",
+        (
+            GOOD
+            + "\n"
+            + json.dumps({"messages": [{"role": "tool", "content": "t"}, {"role": "assistant", "content": "a"}]})
+            + "\n"
+        ).encode(),
+        2,
+        "unknown role 'tool'",
+    ),
+    (
+        "prompt_without_completion",
+        (GOOD + "\n" + json.dumps({"prompt": "p"}) + "\n").encode(),
+        2,
+        "no 'completion' field",
+    ),
+    (
+        "empty_completion",
+        (GOOD + "\n" + json.dumps({"prompt": "p", "completion": ""}) + "\n").encode(),
+        2,
+        "'completion' is empty",
+    ),
+    (
+        "source_not_a_string",
+        (GOOD + "\n" + json.dumps(conv("u", "a", dataset=5)) + "\n").encode(),
+        2,
+        "'dataset'/'source' must be a string",
+    ),
+    (
+        "unrecognized_layout",
+        (GOOD + "\n" + json.dumps({"text": "hello"}) + "\n").encode(),
+        2,
+        "unrecognized record layout",
+    ),
     ("empty_file", b"", 0, "file is empty"),
     ("blank_file", b"\n  \n", 0, "file is empty"),
     ("not_utf8_first_line", b"\xff\xfe{\x00}\x00\n", 1, "not valid UTF-8"),
-    ("not_utf8_later_line", (GOOD + "\n" + GOOD.replace("fine", "other") + "\n").encode() + b"\xff\xfe oops\n",
-     3, "not valid UTF-8"),
+    (
+        "not_utf8_later_line",
+        (GOOD + "\n" + GOOD.replace("fine", "other") + "\n").encode() + b"\xff\xfe oops\n",
+        3,
+        "not valid UTF-8",
+    ),
 ]
 # Only an empty file is skipped whole; a bad byte costs its own line.
 FILE_LEVEL = {"empty_file", "blank_file", "not_utf8_first_line"}
@@ -242,11 +307,11 @@ def test_bad_record_skipped_and_counted(tmp_path, name, raw, line, reason):
     users = [r.messages[0]["content"] for r in rows]
     assert "another" in users
     if name in FILE_LEVEL:
-        assert all(r.file == str(good.resolve()) for r in rows)   # nothing usable in the bad file
+        assert all(r.file == str(good.resolve()) for r in rows)  # nothing usable in the bad file
     elif name == "not_utf8_later_line":
-        assert users == ["fine", "other", "another"]             # the lines before the bad byte survive
+        assert users == ["fine", "other", "another"]  # the lines before the bad byte survive
     else:
-        assert users == ["fine", "another"]                      # good lines of the bad file survive
+        assert users == ["fine", "another"]  # good lines of the bad file survive
 
 
 def test_skip_reasons_are_capped_but_all_counted(tmp_path):
@@ -279,13 +344,16 @@ def test_invalid_on_bad_record_value(tmp_path):
 
 # ------------------------------------------------------- tokenization / labels
 
+
 @pytest.fixture(scope="module")
 def tok():
     from gist_core.modeling import train_bpe_tokenizer
 
     texts = [
-        "The capital of France is Paris.", "The capital of Germany is Berlin.",
-        "Be brief and answer the question.", "What is two plus two? Four.",
+        "The capital of France is Paris.",
+        "The capital of Germany is Berlin.",
+        "Be brief and answer the question.",
+        "What is two plus two? Four.",
         "Hello world, how are you today?",
     ] * 4
     return train_bpe_tokenizer(texts, vocab_size=300)
@@ -294,7 +362,7 @@ def tok():
 def label_runs(enc):
     """Contiguous runs of labelled positions as lists of ids."""
     runs, cur = [], []
-    for tid, lab in zip(enc.input_ids, enc.labels):
+    for tid, lab in zip(enc.input_ids, enc.labels, strict=False):
         if lab == IGNORE_INDEX:
             if cur:
                 runs.append(cur)
@@ -322,7 +390,10 @@ def test_single_turn_labels_only_assistant_content_eos_newline(tok):
     assert enc.labels[n_prompt:] == enc.input_ids[n_prompt:]
     assert enc.n_label_tokens == len(enc.input_ids) - n_prompt
     assert enc.input_ids[0] == tok.bos_token_id
-    assert tok.decode(enc.input_ids[:n_prompt]) == "<s><|system|>\nBe brief.\n<|user|>\nCapital of France?\n<|assistant|>\n"
+    assert (
+        tok.decode(enc.input_ids[:n_prompt])
+        == "<s><|system|>\nBe brief.\n<|user|>\nCapital of France?\n<|assistant|>\n"
+    )
     assert tok.decode(enc.input_ids[n_prompt:]) == "Paris</s>\n"
     assert tok.eos_token_id in enc.input_ids[n_prompt:]
 
@@ -337,8 +408,10 @@ def test_two_turn_conversation_labels_both_assistant_turns(tok):
     enc = encode_messages(tok, msgs, max_length=512)
     runs = label_runs(enc)
     assert [tok.decode(r) for r in runs] == ["Paris</s>\n", "Berlin</s>\n"]
-    masked = [t for t, lab in zip(enc.input_ids, enc.labels) if lab == IGNORE_INDEX]
-    assert tok.decode(masked) == "<s><|user|>\nCapital of France?\n<|assistant|>\n<|user|>\nAnd Germany?\n<|assistant|>\n"
+    masked = [t for t, lab in zip(enc.input_ids, enc.labels, strict=False) if lab == IGNORE_INDEX]
+    assert (
+        tok.decode(masked) == "<s><|user|>\nCapital of France?\n<|assistant|>\n<|user|>\nAnd Germany?\n<|assistant|>\n"
+    )
 
 
 def test_prompt_completion_labels_completion_only_without_eos(tok):
@@ -347,14 +420,16 @@ def test_prompt_completion_labels_completion_only_without_eos(tok):
     runs = label_runs(enc)
     assert len(runs) == 1 and tok.decode(runs[0]) == "Paris"
     assert tok.eos_token_id not in enc.input_ids
-    masked = [t for t, lab in zip(enc.input_ids, enc.labels) if lab == IGNORE_INDEX]
+    masked = [t for t, lab in zip(enc.input_ids, enc.labels, strict=False) if lab == IGNORE_INDEX]
     assert tok.decode(masked) == "<s>" + prompt
-    assert enc.labels[-enc.n_label_tokens:] == enc.input_ids[-enc.n_label_tokens:]
+    assert enc.labels[-enc.n_label_tokens :] == enc.input_ids[-enc.n_label_tokens :]
 
 
 def test_truncation(tok):
-    msgs = [{"role": "user", "content": "Capital of France?"},
-            {"role": "assistant", "content": "The capital of France is Paris."}]
+    msgs = [
+        {"role": "user", "content": "Capital of France?"},
+        {"role": "assistant", "content": "The capital of France is Paris."},
+    ]
     full = encode_messages(tok, msgs, max_length=10_000)
     n = len(full.input_ids)
     n_prompt = n - full.n_label_tokens

@@ -8,8 +8,15 @@ import torch
 
 from gist_core import modeling
 from gist_core.data import IGNORE_INDEX, encode_prompt_completion
-from gist_core.evaluate import (FinetuneSpec, evaluate_heldout, finetune_and_evaluate_many,
-                                multiple_choice_options, option_completion, option_log_probs, prepare_heldout)
+from gist_core.evaluate import (
+    FinetuneSpec,
+    evaluate_heldout,
+    finetune_and_evaluate_many,
+    multiple_choice_options,
+    option_completion,
+    option_log_probs,
+    prepare_heldout,
+)
 from gist_core.warmup import LoraTrainConfig, mean_completion_loss
 
 CPU = torch.device("cpu")
@@ -22,8 +29,10 @@ def _mc_examples(n, seed, letters="ABCD"):
     for i in range(n):
         subject = rng.choice(SUBJECTS)
         choices = " ".join(f"{c}. {rng.choice(SUBJECTS)}{rng.randint(0, 99)}" for c in letters)
-        prompt = (f"<|user|>\nThe following is a question about {subject}.\nQuestion {i}: which one? "
-                  f"{choices}\n<|assistant|>\nThe answer is:")
+        prompt = (
+            f"<|user|>\nThe following is a question about {subject}.\nQuestion {i}: which one? "
+            f"{choices}\n<|assistant|>\nThe answer is:"
+        )
         out.append((prompt, " " + rng.choice(letters)))
     return out
 
@@ -91,16 +100,18 @@ def test_accuracy_matches_explicit_per_option_loop(tiny):
     assert held.options == list("ABCDE") and len(held) == 23
     # A small token budget forces several padded, length-sorted batches.
     got = option_log_probs(model, held, CPU, pad_id=tok.pad_token_id, max_tokens=200)
-    expected = np.array([[_explicit_option_logp(model, tok, p, c, letter, 128) for letter in held.options]
-                         for p, c in examples])
+    expected = np.array(
+        [[_explicit_option_logp(model, tok, p, c, letter, 128) for letter in held.options] for p, c in examples]
+    )
     np.testing.assert_allclose(got, expected, rtol=1e-4, atol=1e-4)
     answers = ["ABCDE".index(c.strip()) for _, c in examples]
-    explicit_accuracy = float(np.mean([int(np.argmax(row)) == a for row, a in zip(expected, answers)]))
+    explicit_accuracy = float(np.mean([int(np.argmax(row)) == a for row, a in zip(expected, answers, strict=False)]))
     result = evaluate_heldout(model, held, CPU, pad_id=tok.pad_token_id, max_tokens=200)
     assert result["accuracy"] == pytest.approx(explicit_accuracy)
     # The loss is the same mean-over-examples of mean completion-token loss as before.
     assert result["heldout_loss"] == pytest.approx(
-        mean_completion_loss(model, held.encoded, CPU, pad_id=tok.pad_token_id), rel=1e-5)
+        mean_completion_loss(model, held.encoded, CPU, pad_id=tok.pad_token_id), rel=1e-5
+    )
     assert result["heldout_examples"] == 23
 
 
@@ -124,12 +135,16 @@ def test_always_b_model_scores_share_of_b(tiny):
     examples = _mc_examples(20, seed=3)
     held_mc = prepare_heldout(tok, [p for p, _ in examples], [c for _, c in examples], 128)
     held_text = prepare_heldout(tok, ["<|user|>\n12 + 30 =\n<|assistant|>\n"], ["42"], 128)
-    spec = FinetuneSpec(lora_r=8, lora_alpha=32, lora_dropout=0.0,
-                        train=LoraTrainConfig(epochs=6, learning_rate=1e-2, effective_batch_size=16,
-                                              micro_batch_size=16, seed=0))
+    spec = FinetuneSpec(
+        lora_r=8,
+        lora_alpha=32,
+        lora_dropout=0.0,
+        train=LoraTrainConfig(epochs=6, learning_rate=1e-2, effective_batch_size=16, micro_batch_size=16, seed=0),
+    )
     # One fine-tune, judged on two held-out sets at once.
-    out = finetune_and_evaluate_many(load_base, train, {"mc": held_mc, "text": held_text}, spec, CPU,
-                                     pad_id=tok.pad_token_id)
+    out = finetune_and_evaluate_many(
+        load_base, train, {"mc": held_mc, "text": held_text}, spec, CPU, pad_id=tok.pad_token_id
+    )
     share_b = sum(c.strip() == "B" for _, c in examples) / len(examples)
     assert 0 < share_b < 1
     assert out["mc"]["accuracy"] == pytest.approx(share_b)

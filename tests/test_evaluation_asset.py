@@ -14,7 +14,6 @@ from gist_assets.definitions import make_resources
 from gist_assets.evaluation import heldout_sets, selection_evaluation
 from gist_core.modeling import train_bpe_tokenizer
 
-
 EXTRA = "random_sample"  # a second method, added straight to DuckDB, the same for every target
 
 
@@ -37,8 +36,9 @@ def test_selection_evaluation(small_run, tmp_path, one_thread):
     root = tmp_path / "copy"
     shutil.copytree(small_run["root"], root)
     resources = make_resources(str(root))
-    run_config = {"ops": {"selection_evaluation": {"config": {"epochs": 1, "include_full_pool": True,
-                                                              "seeds": [0, 1]}}}}
+    run_config = {
+        "ops": {"selection_evaluation": {"config": {"epochs": 1, "include_full_pool": True, "seeds": [0, 1]}}}
+    }
     with dg.instance_for_test() as instance:
         store = resources["score_store"]
         with store.get_connection() as conn:
@@ -46,24 +46,39 @@ def test_selection_evaluation(small_run, tmp_path, one_thread):
         # Another method, as a baseline would write it: the evaluation reads methods, never hard-codes them.
         pool_ids = sorted(pl.read_parquet(root / "pool" / "candidate_pool.parquet")["candidate_id"].to_list())
         budget = "p0.05"
-        picked = random.Random(0).sample(pool_ids, sel.filter((pl.col("target") == sel["target"][0])
-                                                              & (pl.col("budget") == budget)).height)
+        picked = random.Random(0).sample(
+            pool_ids, sel.filter((pl.col("target") == sel["target"][0]) & (pl.col("budget") == budget)).height
+        )
         for target in sorted(sel["target"].unique().to_list()):
-            store.replace_selection(target, EXTRA, pl.DataFrame({
-                "target": target, "method": EXTRA, "candidate_id": picked, "rank": range(1, len(picked) + 1),
-                "score": 0.0, "source": "?", "budget": budget}))
+            store.replace_selection(
+                target,
+                EXTRA,
+                pl.DataFrame(
+                    {
+                        "target": target,
+                        "method": EXTRA,
+                        "candidate_id": picked,
+                        "rank": range(1, len(picked) + 1),
+                        "score": 0.0,
+                        "source": "?",
+                        "budget": budget,
+                    }
+                ),
+            )
         with store.get_connection() as conn:
             cells = set(conn.execute("SELECT DISTINCT target, method, budget FROM selections").fetchall())
         targets = sorted({t for t, _, _ in cells})
         seeds = run_config["ops"]["selection_evaluation"]["config"]["seeds"]
 
-        result = dg.materialize([selection_evaluation], instance=instance, resources=resources,
-                                run_config=run_config)
+        result = dg.materialize([selection_evaluation], instance=instance, resources=resources, run_config=run_config)
         assert result.success
         first = _evaluations(root)
-        expected = ({(t, m, b, s) for t, m, b in cells for s in seeds} | {(t, "full_pool", None, s) for t in targets
-                    for s in seeds} | {(t, "base", None, None) for t in targets})
-        assert set(zip(first["target"], first["method"], first["budget"], first["seed"])) == expected
+        expected = (
+            {(t, m, b, s) for t, m, b in cells for s in seeds}
+            | {(t, "full_pool", None, s) for t in targets for s in seeds}
+            | {(t, "base", None, None) for t in targets}
+        )
+        assert set(zip(first["target"], first["method"], first["budget"], first["seed"], strict=False)) == expected
         assert first.height == len(expected)  # one row each
         assert all(math.isfinite(x) for x in first["heldout_loss"])
         assert first["accuracy"].null_count() == first.height  # embedded targets are not multiple choice
@@ -91,14 +106,18 @@ def test_selection_evaluation(small_run, tmp_path, one_thread):
         # target), EXTRA, the full pool.
         n_budgets = len({b for _, _, b in cells})
         with duckdb.connect(str(root / "gist.duckdb"), read_only=True) as db:
-            sets = db.execute("SELECT target, method, budget, list(candidate_id ORDER BY candidate_id) FROM selections "
-                              "WHERE method NOT IN ('random', ?) GROUP BY 1, 2, 3", [EXTRA]).fetchall()
+            sets = db.execute(
+                "SELECT target, method, budget, list(candidate_id ORDER BY candidate_id) FROM selections "
+                "WHERE method NOT IN ('random', ?) GROUP BY 1, 2, 3",
+                [EXTRA],
+            ).fetchall()
         per_seed = len({tuple(ids) for *_, ids in sets}) + n_budgets + 1 + 1
         assert mat.metadata["fine_tunes"].value == per_seed * len(seeds)
 
         # Again: the table is replaced, not appended to; same seed, same numbers.
-        assert dg.materialize([selection_evaluation], instance=instance, resources=resources,
-                              run_config=run_config).success
+        assert dg.materialize(
+            [selection_evaluation], instance=instance, resources=resources, run_config=run_config
+        ).success
         second = _evaluations(root)
         assert second.height == first.height
         key = ["target", "method", "budget", "seed"]
@@ -107,7 +126,14 @@ def test_selection_evaluation(small_run, tmp_path, one_thread):
 
 def test_no_heldout_examples_is_a_clear_error():
     tok = train_bpe_tokenizer(["<|user|>\nhello\n<|assistant|>\nworld"], vocab_size=300)
-    targets = pl.DataFrame({"target": ["a", "a"], "subtask": ["x", "x"], "prompt": ["p", "q"],
-                            "completion": ["c", "d"], "split": ["basis", "basis"]})
+    targets = pl.DataFrame(
+        {
+            "target": ["a", "a"],
+            "subtask": ["x", "x"],
+            "prompt": ["p", "q"],
+            "completion": ["c", "d"],
+            "split": ["basis", "basis"],
+        }
+    )
     with pytest.raises(ValueError, match=r"\['a'\].*heldout_fraction > 0"):
         heldout_sets(targets, tok, 64)

@@ -6,7 +6,7 @@ import numpy as np
 import polars as pl
 import pytest
 
-from gist_assets.config import SelectionConfig, TargetGradientsConfig, check_run_config, RunConfigError
+from gist_assets.config import RunConfigError, SelectionConfig, TargetGradientsConfig, check_run_config
 from gist_assets.evaluation import SCHEMA, plan_finetunes
 from gist_assets.gradients import recipe_epochs
 from gist_assets.run import summary_markdown
@@ -19,23 +19,36 @@ T975_DF2 = 4.302652729911275  # Student t, 97.5% quantile, 2 degrees of freedom 
 
 
 def _row(target, method, budget, seed, loss, heldout=7, train=20):
-    return {"target": target, "method": method, "budget": budget, "seed": seed, "train_examples": train,
-            "heldout_examples": heldout, "heldout_loss": loss, "accuracy": None, "bytes_per_candidate": None,
-            "feature_pass_seconds": None}
+    return {
+        "target": target,
+        "method": method,
+        "budget": budget,
+        "seed": seed,
+        "train_examples": train,
+        "heldout_examples": heldout,
+        "heldout_loss": loss,
+        "accuracy": None,
+        "bytes_per_candidate": None,
+        "feature_pass_seconds": None,
+    }
 
 
 def test_summary_view_matches_plain_computation(tmp_path):
-    gist = [4.0, 4.2, 4.1]          # clearly below random on every seed
+    gist = [4.0, 4.2, 4.1]  # clearly below random on every seed
     random = [5.0, 5.1, 5.3]
-    less = [5.2, 4.9, 5.6]          # differences of mixed sign: can't tell
-    worse = [6.0, 6.3, 6.1]         # clearly above random
+    less = [5.2, 4.9, 5.6]  # differences of mixed sign: can't tell
+    worse = [6.0, 6.3, 6.1]  # clearly above random
     full = [4.5, 4.6, 4.4]
     rows = [_row("t", "base", None, None, 6.5, train=0)]
     for s in range(3):
-        rows += [_row("t", "gist", "p0.05", s, gist[s]), _row("t", "random", "p0.05", s, random[s]),
-                 _row("t", "less", "p0.05", s, less[s]), _row("t", "worse", "p0.05", s, worse[s]),
-                 _row("t", "full_pool", None, s, full[s], train=400),
-                 _row("u", "gist", "p0.05", s, 1.0 + s)]  # another target: no random there, no cross-talk
+        rows += [
+            _row("t", "gist", "p0.05", s, gist[s]),
+            _row("t", "random", "p0.05", s, random[s]),
+            _row("t", "less", "p0.05", s, less[s]),
+            _row("t", "worse", "p0.05", s, worse[s]),
+            _row("t", "full_pool", None, s, full[s], train=400),
+            _row("u", "gist", "p0.05", s, 1.0 + s),
+        ]  # another target: no random there, no cross-talk
     store = ScoreStore(database=str(tmp_path / "db.duckdb"))
     store.replace_evaluations(pl.DataFrame(rows, schema=SCHEMA))
     summary = {(r["target"], r["method"], r["budget"]): r for r in store.read_evaluation_summary().to_dicts()}
@@ -52,11 +65,13 @@ def test_summary_view_matches_plain_computation(tmp_path):
         assert r["std_loss"] == pytest.approx(np.std(losses, ddof=1))
         mean, lo, hi = paired(losses, random)
         assert (r["diff_vs_random"], r["diff_vs_random_lo"], r["diff_vs_random_hi"]) == pytest.approx(
-            (mean, lo, hi), abs=1e-3)  # the view's quantile has 3 decimals
+            (mean, lo, hi), abs=1e-3
+        )  # the view's quantile has 3 decimals
         assert r["better_than_random"] == verdict
         mean, lo, hi = paired(losses, full)
         assert (r["diff_vs_full_pool"], r["diff_vs_full_pool_lo"], r["diff_vs_full_pool_hi"]) == pytest.approx(
-            (mean, lo, hi), abs=1e-3)
+            (mean, lo, hi), abs=1e-3
+        )
     assert summary[("t", "gist", "p0.05")]["better_than_full_pool"] == "yes"
     base = summary[("t", "base", None)]
     assert base["seeds"] == 1 and base["mean_loss"] == 6.5 and base["std_loss"] is None
@@ -69,8 +84,9 @@ def test_summary_view_matches_plain_computation(tmp_path):
 
 def test_one_seed_cannot_tell(tmp_path):
     store = ScoreStore(database=str(tmp_path / "db.duckdb"))
-    store.replace_evaluations(pl.DataFrame([_row("t", "gist", "p0.05", 0, 1.0), _row("t", "random", "p0.05", 0, 9.0)],
-                                           schema=SCHEMA))
+    store.replace_evaluations(
+        pl.DataFrame([_row("t", "gist", "p0.05", 0, 1.0), _row("t", "random", "p0.05", 0, 9.0)], schema=SCHEMA)
+    )
     r = [r for r in store.read_evaluation_summary().to_dicts() if r["method"] == "gist"][0]
     assert r["diff_vs_random"] == -8.0 and r["diff_vs_random_lo"] is None and r["better_than_random"] == "can't tell"
 
@@ -103,9 +119,14 @@ def test_recipes_decide_the_checkpoints():
 
 
 def test_plan_one_finetune_per_seed_and_set():
-    sel = pl.DataFrame({"target": ["a", "a", "b", "b", "a", "b"], "method": ["gist", "gist", "gist", "gist",
-                                                                             "random", "random"],
-                        "budget": ["p0.1"] * 6, "candidate_id": ["x", "y", "x", "y", "z", "z"]})
+    sel = pl.DataFrame(
+        {
+            "target": ["a", "a", "b", "b", "a", "b"],
+            "method": ["gist", "gist", "gist", "gist", "random", "random"],
+            "budget": ["p0.1"] * 6,
+            "candidate_id": ["x", "y", "x", "y", "z", "z"],
+        }
+    )
     drawn = []
 
     def draw(target, budget, size, seed):
@@ -120,15 +141,24 @@ def test_plan_one_finetune_per_seed_and_set():
     assert len(plan) == 2 * 3
 
 
-@pytest.mark.parametrize("record", [
-    {"messages": [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi"},
-                  {"role": "assistant", "content": "Hello."}, {"role": "user", "content": "Bye"}]},
-    {"prompt": "Hi", "completion": "Hello."},
-    {"instruction": "Greet", "input": "Hi", "output": "Hello."},
-])
+@pytest.mark.parametrize(
+    "record",
+    [
+        {
+            "messages": [
+                {"role": "system", "content": "Be brief."},
+                {"role": "user", "content": "Hi"},
+                {"role": "assistant", "content": "Hello."},
+                {"role": "user", "content": "Bye"},
+            ]
+        },
+        {"prompt": "Hi", "completion": "Hello."},
+        {"instruction": "Greet", "input": "Hi", "output": "Hello."},
+    ],
+)
 def test_training_messages_are_trl_conversations(record):
     messages, _ = record_to_messages(record)
     out = training_messages(json.dumps(messages))
     assert out[-1]["role"] == "assistant" and out[-1]["content"] == "Hello."
     assert all(set(m) == {"role", "content"} and m["role"] in ("system", "user", "assistant") for m in out)
-    assert out == [m for m in messages[:len(out)]]  # a prefix of the conversation, nothing rewritten
+    assert out == [m for m in messages[: len(out)]]  # a prefix of the conversation, nothing rewritten

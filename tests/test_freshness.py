@@ -50,8 +50,12 @@ def _watched_pool(tmp_path, monkeypatch):
     """160 embedded candidates in a watched folder, the run config pointing at it, the sensor's environment."""
     root, watch = tmp_path / "root", tmp_path / "watch"
     synthetic.write_pool(watch, n_examples=160, seed=0)
-    run_config = {"ops": {**SMALL["ops"], "candidate_pool": {"config": {"paths": [str(watch / "**" / "*.jsonl")],
-                                                                       "shard_size": 40}}}}
+    run_config = {
+        "ops": {
+            **SMALL["ops"],
+            "candidate_pool": {"config": {"paths": [str(watch / "**" / "*.jsonl")], "shard_size": 40}},
+        }
+    }
     config_file = tmp_path / "run.yaml"
     config_file.write_text(yaml.safe_dump(run_config))
     monkeypatch.setenv("GIST_WATCH_DIR", str(watch))
@@ -71,11 +75,19 @@ def test_sensor_adds_changes_and_removes_only_what_changed(tmp_path, monkeypatch
 
         # 1. A new file: only its shard computes features and sketches; the scores then cover it.
         new = watch / "new_task.jsonl"
-        new.write_text("".join(json.dumps({"prompt": f"Add {i} and {i + 7} together. Result:",
-                                           "completion": str(2 * i + 7)}) + "\n" for i in range(25)))
+        new.write_text(
+            "".join(
+                json.dumps({"prompt": f"Add {i} and {i + 7} together. Result:", "completion": str(2 * i + 7)}) + "\n"
+                for i in range(25)
+            )
+        )
         ran = _drive(instance, resources, run_config)
-        assert ran == [(("candidate_pool",), None), (("candidate_features",), "new_task-0000"),
-                       (("candidate_sketches",), "new_task-0000"), (("candidate_scores", "selected_subset"), None)]
+        assert ran == [
+            (("candidate_pool",), None),
+            (("candidate_features",), "new_task-0000"),
+            (("candidate_sketches",), "new_task-0000"),
+            (("candidate_scores", "selected_subset"), None),
+        ]
         after = _scored_ids(root)
         assert _scored_ids(root, "gist_sketch") == after
         for target, ids in after.items():
@@ -85,11 +97,25 @@ def test_sensor_adds_changes_and_removes_only_what_changed(tmp_path, monkeypatch
         # 2. A changed file: only that file's shard recomputes.
         changed = next(watch.rglob("antonyms_data.jsonl"))
         with open(changed, "a", encoding="utf-8") as fh:
-            fh.write(json.dumps({"dataset": "antonyms", "messages": [
-                {"role": "user", "content": "Opposite of 'early'?"}, {"role": "assistant", "content": "late"}]}) + "\n")
+            fh.write(
+                json.dumps(
+                    {
+                        "dataset": "antonyms",
+                        "messages": [
+                            {"role": "user", "content": "Opposite of 'early'?"},
+                            {"role": "assistant", "content": "late"},
+                        ],
+                    }
+                )
+                + "\n"
+            )
         ran = _drive(instance, resources, run_config)
-        assert ran == [(("candidate_pool",), None), (("candidate_features",), "antonyms_data-0000"),
-                       (("candidate_sketches",), "antonyms_data-0000"), (("candidate_scores", "selected_subset"), None)]
+        assert ran == [
+            (("candidate_pool",), None),
+            (("candidate_features",), "antonyms_data-0000"),
+            (("candidate_sketches",), "antonyms_data-0000"),
+            (("candidate_scores", "selected_subset"), None),
+        ]
         assert all(len(ids) == len(after[t]) + 1 for t, ids in _scored_ids(root).items())
 
         # 3. A removed file: its shard leaves the partitions and its candidates leave scores and selections.
@@ -101,8 +127,10 @@ def test_sensor_adds_changes_and_removes_only_what_changed(tmp_path, monkeypatch
         assert all(not any(cid.startswith("new_task") for cid in ids) for ids in final.values())
         assert all(len(ids) == len(before[t]) + 1 for t, ids in final.items())
         with duckdb.connect(str(root / "gist.duckdb"), read_only=True) as db:
-            leftover = db.execute("SELECT count(*) FROM selections s LEFT JOIN candidate_scores c USING "
-                                  "(candidate_id, target, method) WHERE c.candidate_id IS NULL").fetchone()[0]
+            leftover = db.execute(
+                "SELECT count(*) FROM selections s LEFT JOIN candidate_scores c USING "
+                "(candidate_id, target, method) WHERE c.candidate_id IS NULL"
+            ).fetchone()[0]
         assert leftover == 0
 
 

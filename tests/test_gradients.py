@@ -5,16 +5,22 @@ import pytest
 import torch
 from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM
 
-from gist_core.data import Encoded, IGNORE_INDEX
-from gist_core.gradients import (full_gradients, length_batches, projected_gradients, reference_gradients,
-                                 repeated_layers, trainable_linears)
+from gist_core.data import IGNORE_INDEX, Encoded
+from gist_core.gradients import (
+    full_gradients,
+    length_batches,
+    projected_gradients,
+    reference_gradients,
+    repeated_layers,
+    trainable_linears,
+)
 from gist_core.modeling import attach_lora
 
 
 def _examples(n, vocab, seed=0):
     g = torch.Generator().manual_seed(seed)
     out = []
-    for i in range(n):
+    for _ in range(n):
         length = int(torch.randint(6, 24, (1,), generator=g))
         ids = torch.randint(3, vocab, (length,), generator=g).tolist()
         prompt = int(torch.randint(2, length - 2, (1,), generator=g))
@@ -23,18 +29,30 @@ def _examples(n, vocab, seed=0):
 
 
 def _llama(kv_heads):
-    cfg = LlamaConfig(vocab_size=97, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
-                      num_attention_heads=4, num_key_value_heads=kv_heads, max_position_embeddings=64)
+    cfg = LlamaConfig(
+        vocab_size=97,
+        hidden_size=32,
+        intermediate_size=48,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=kv_heads,
+        max_position_embeddings=64,
+    )
     torch.manual_seed(0)
-    return attach_lora(LlamaForCausalLM(cfg), r=4, alpha=16, dropout=0.1,
-                       target_modules=["q_proj", "k_proj", "v_proj", "o_proj"], seed=0)
+    return attach_lora(
+        LlamaForCausalLM(cfg),
+        r=4,
+        alpha=16,
+        dropout=0.1,
+        target_modules=["q_proj", "k_proj", "v_proj", "o_proj"],
+        seed=0,
+    )
 
 
 def _gpt2():
     cfg = GPT2Config(vocab_size=97, n_embd=32, n_layer=2, n_head=4, n_positions=64)
     torch.manual_seed(0)
-    return attach_lora(GPT2LMHeadModel(cfg), r=4, alpha=16, dropout=0.1,
-                       target_modules=["c_attn", "c_proj"], seed=0)
+    return attach_lora(GPT2LMHeadModel(cfg), r=4, alpha=16, dropout=0.1, target_modules=["c_attn", "c_proj"], seed=0)
 
 
 def _perturb_lora(model):
@@ -46,8 +64,9 @@ def _perturb_lora(model):
                 p.add_(torch.randn_like(p) * 0.05)
 
 
-@pytest.mark.parametrize("make", [lambda: _llama(4), lambda: _llama(2), _gpt2],
-                         ids=["llama", "llama-gqa", "gpt2-c_attn"])
+@pytest.mark.parametrize(
+    "make", [lambda: _llama(4), lambda: _llama(2), _gpt2], ids=["llama", "llama-gqa", "gpt2-c_attn"]
+)
 def test_batched_equals_batch_size_one(make):
     model = make()
     _perturb_lora(model)
@@ -92,11 +111,19 @@ class _ScaledLogitsLlama(LlamaForCausalLM):
 
 
 def test_model_that_post_processes_logits_gets_full_logits():
-    cfg = LlamaConfig(vocab_size=97, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
-                      num_attention_heads=4, num_key_value_heads=4, max_position_embeddings=64)
+    cfg = LlamaConfig(
+        vocab_size=97,
+        hidden_size=32,
+        intermediate_size=48,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=4,
+        max_position_embeddings=64,
+    )
     torch.manual_seed(0)
-    model = attach_lora(_ScaledLogitsLlama(cfg), r=4, alpha=16, dropout=0.0,
-                        target_modules=["q_proj", "v_proj"], seed=0)
+    model = attach_lora(
+        _ScaledLogitsLlama(cfg), r=4, alpha=16, dropout=0.0, target_modules=["q_proj", "v_proj"], seed=0
+    )
     _perturb_lora(model)
     examples = _examples(5, 97)
     ref = reference_gradients(model, examples)

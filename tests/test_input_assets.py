@@ -24,8 +24,13 @@ def instance():
 
 
 def _materialize(assets, root, instance, ops: dict, **kw):
-    return dg.materialize(assets, instance=instance, resources=make_resources(str(root)),
-                          run_config={"ops": {name: {"config": cfg} for name, cfg in ops.items()}}, **kw)
+    return dg.materialize(
+        assets,
+        instance=instance,
+        resources=make_resources(str(root)),
+        run_config={"ops": {name: {"config": cfg} for name, cfg in ops.items()}},
+        **kw,
+    )
 
 
 def _meta(result, node: str) -> dict:
@@ -62,26 +67,36 @@ def _conv(user: str, assistant: str) -> dict:
 
 # ------------------------------------------------------------------ candidate_pool
 
+
 @pytest.fixture
 def candidate_files(tmp_path):
     data = tmp_path / "data"
     data.mkdir()
     files = {
-        "alpha": _write_jsonl(data / "alpha.jsonl", [
-            _conv("Capital of France?", "Paris"),
-            _conv("2 + 2?", "4"),
-            {**_conv("Say hi.", "Hi!"), "id": "alpha-own-id"},
-        ]),
-        "beta": _write_jsonl(data / "beta.jsonl", [
-            {"prompt": "  Capital of   France?", "completion": "Paris "},  # duplicate of alpha line 1
-            {"prompt": "Largest planet?", "completion": "Jupiter"},
-            '{"prompt": "broken',  # line 3: malformed JSON
-            {"prompt": "Color of the sky?", "completion": "Blue"},
-        ]),
-        "gamma": _write_jsonl(data / "gamma.jsonl", [
-            {"instruction": "Translate to English.", "input": "Bonjour", "output": "Hello"},
-            {"instruction": "Name a prime.", "output": "7"},
-        ]),
+        "alpha": _write_jsonl(
+            data / "alpha.jsonl",
+            [
+                _conv("Capital of France?", "Paris"),
+                _conv("2 + 2?", "4"),
+                {**_conv("Say hi.", "Hi!"), "id": "alpha-own-id"},
+            ],
+        ),
+        "beta": _write_jsonl(
+            data / "beta.jsonl",
+            [
+                {"prompt": "  Capital of   France?", "completion": "Paris "},  # duplicate of alpha line 1
+                {"prompt": "Largest planet?", "completion": "Jupiter"},
+                '{"prompt": "broken',  # line 3: malformed JSON
+                {"prompt": "Color of the sky?", "completion": "Blue"},
+            ],
+        ),
+        "gamma": _write_jsonl(
+            data / "gamma.jsonl",
+            [
+                {"instruction": "Translate to English.", "input": "Bonjour", "output": "Hello"},
+                {"instruction": "Name a prime.", "output": "7"},
+            ],
+        ),
     }
     return {"glob": str(data / "*.jsonl"), "files": files}
 
@@ -113,8 +128,9 @@ def test_candidate_pool_from_user_files(tmp_path, instance, candidate_files):
     assert sorted(pool.filter(pl.col("source") == "beta")["line"].to_list()) == [2, 4]
     # `original` is the record as read, for export unchanged.
     gamma_lines = candidate_files["files"]["gamma"].read_text().splitlines()
-    assert [json.loads(o) for o in pool.filter(pl.col("source") == "gamma").sort("line")["original"]] == \
-        [json.loads(x) for x in gamma_lines]
+    assert [json.loads(o) for o in pool.filter(pl.col("source") == "gamma").sort("line")["original"]] == [
+        json.loads(x) for x in gamma_lines
+    ]
     shards = dict(pool.group_by("shard").agg(pl.len()).iter_rows())
     assert shards == {"alpha-0000": 2, "alpha-0001": 1, "beta-0000": 2, "gamma-0000": 2}
     assert sorted(instance.get_dynamic_partitions("candidate_shards")) == sorted(pool["shard"].unique())
@@ -128,15 +144,22 @@ def test_candidate_pool_from_user_files(tmp_path, instance, candidate_files):
     after = pl.read_parquet(pool_file)
     assert sorted(instance.get_dynamic_partitions("candidate_shards")) == ["alpha-0000", "alpha-0001", "beta-0000"]
     cols = ["candidate_id", "shard", "source", "messages"]
-    assert after.select(cols).sort("candidate_id").equals(
-        pool.filter(pl.col("source") != "gamma").select(cols).sort("candidate_id"))
+    assert (
+        after.select(cols)
+        .sort("candidate_id")
+        .equals(pool.filter(pl.col("source") != "gamma").select(cols).sort("candidate_id"))
+    )
 
 
 def test_candidate_pool_bad_record_fails_naming_file_and_line(tmp_path, instance, candidate_files):
     root = tmp_path / "root"
-    result = _materialize([candidate_pool], root, instance,
-                          {"candidate_pool": {"paths": [candidate_files["glob"]], "shard_size": 2}},
-                          raise_on_error=False)
+    result = _materialize(
+        [candidate_pool],
+        root,
+        instance,
+        {"candidate_pool": {"paths": [candidate_files["glob"]], "shard_size": 2}},
+        raise_on_error=False,
+    )
     text = _failure_text(result)
     assert f"{candidate_files['files']['beta']}:3" in text, text
     assert "on_bad_record" in text  # says how to get past it
@@ -153,10 +176,14 @@ TARGETS = [
     {"name": "custom", "format": "jsonl", "path": str(CUSTOM_TARGET)},
 ]
 EXPECTED_COUNTS = {
-    ("mmlu", "abstract_algebra"): 5, ("mmlu", "high_school_biology"): 5,
-    ("bbh", "boolean_expressions"): 3, ("bbh", "date_understanding"): 3,
-    ("tydiqa", "english"): 1, ("tydiqa", "finnish"): 1,
-    ("custom", "arithmetic"): 2, ("custom", "default"): 1,
+    ("mmlu", "abstract_algebra"): 5,
+    ("mmlu", "high_school_biology"): 5,
+    ("bbh", "boolean_expressions"): 3,
+    ("bbh", "date_understanding"): 3,
+    ("tydiqa", "english"): 1,
+    ("tydiqa", "finnish"): 1,
+    ("custom", "arithmetic"): 2,
+    ("custom", "default"): 1,
 }
 
 
@@ -183,7 +210,8 @@ def test_target_sets_less_and_jsonl(tmp_path, instance):
     # Every subtask of >= 2 examples keeps a basis example; tydiqa (one example per language) holds out
     # one language whole, so that every target has a held-out example.
     assert basis == set(EXPECTED_COUNTS) - {("tydiqa", "english")} or basis == set(EXPECTED_COUNTS) - {
-        ("tydiqa", "finnish")}
+        ("tydiqa", "finnish")
+    }
     per_target = df.group_by("target", "split").agg(pl.len()).pivot(on="split", index="target", values="len")
     assert per_target.filter((pl.col("basis") < 1) | (pl.col("heldout") < 1)).height == 0, per_target
     assert int(df.filter((pl.col("target") == "tydiqa") & (pl.col("split") == "heldout")).height) == 1
@@ -210,9 +238,14 @@ def test_target_name_escaping_the_root_is_refused(tmp_path, instance):
 
 # ------------------------------------------------------------------ base_model
 
+
 def _train_embedded(root: Path, instance) -> dg.ExecuteInProcessResult:
-    result = _materialize([candidate_pool, base_model], root, instance,
-                          {"candidate_pool": {"embedded_pool_size": 200}, "base_model": TINY_MODEL})
+    result = _materialize(
+        [candidate_pool, base_model],
+        root,
+        instance,
+        {"candidate_pool": {"embedded_pool_size": 200}, "base_model": TINY_MODEL},
+    )
     assert result.success
     return result
 
@@ -247,8 +280,9 @@ def test_base_model_embedded_and_configured(tmp_path, instance):
         a, b = load_file(str(model_dir / name)), load_file(str(second / "models" / "base_model" / name))
         assert a.keys() == b.keys()
         assert all(a[k].equal(b[k]) for k in a)
-    assert (model_dir / "tokenizer.json").read_bytes() == \
-        (second / "models" / "base_model" / "tokenizer.json").read_bytes()
+    assert (model_dir / "tokenizer.json").read_bytes() == (
+        second / "models" / "base_model" / "tokenizer.json"
+    ).read_bytes()
 
     # A configured model: only a pointer is written, nothing is trained.
     third = tmp_path / "third"
@@ -264,7 +298,8 @@ def test_base_model_embedded_and_configured(tmp_path, instance):
     # A model path that does not exist fails, naming it.
     missing = tmp_path / "no_such_model"
     fourth = tmp_path / "fourth"
-    result = _materialize([base_model], fourth, instance, {"base_model": {"model_name_or_path": str(missing)}},
-                          raise_on_error=False)
+    result = _materialize(
+        [base_model], fourth, instance, {"base_model": {"model_name_or_path": str(missing)}}, raise_on_error=False
+    )
     assert str(missing) in _failure_text(result)
     assert not (fourth / "models" / "model_ref.json").exists()

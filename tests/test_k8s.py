@@ -7,8 +7,14 @@ import yaml
 from dagster._core.instance.config import dagster_instance_config
 
 REPO = Path(__file__).resolve().parents[1]
-GPU_STEPS = {"warmup_checkpoint", "target_gradients", "candidate_features", "less_candidate_features",
-             "representation_features", "selection_evaluation"}
+GPU_STEPS = {
+    "warmup_checkpoint",
+    "target_gradients",
+    "candidate_features",
+    "less_candidate_features",
+    "representation_features",
+    "selection_evaluation",
+}
 DUCKDB_WRITERS = {"candidate_scores", "baseline_scores", "selected_subset", "selection_evaluation"}
 
 
@@ -17,7 +23,6 @@ def test_definitions_load_with_the_kubernetes_executor_and_gpu_requests():
 
     for job in ["prepare_job", "features_job", "select_job", "compare_job", "refresh_job"]:
         assert defs.resolve_job_def(job).executor_def.name == "k8s"
-
 
     for name in GPU_STEPS:
         tags = defs.resolve_assets_def(name).op.tags

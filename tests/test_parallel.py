@@ -8,7 +8,6 @@ import duckdb
 import polars as pl
 import pytest
 
-from gist_assets.definitions import make_resources
 from gist_assets.run import materialize, run_all
 from gist_resources.devices import claim_slot
 from small_config import SMALL
@@ -49,8 +48,11 @@ def test_multiprocess_fan_out_scores_every_candidate_once(tmp_path, monkeypatch)
         job = dg.build_reconstructable_job("gist_assets.parallel", "parallel_features_job_def")
         result = dg.execute_job(job, instance=instance, run_config={"execution": {"config": {"max_concurrent": 2}}})
         assert result.success
-        logs = [e for e in instance.all_logs(result.run_id) if e.dagster_event is not None
-                and (e.dagster_event.step_key or "").startswith("shard_features[")]
+        logs = [
+            e
+            for e in instance.all_logs(result.run_id)
+            if e.dagster_event is not None and (e.dagster_event.step_key or "").startswith("shard_features[")
+        ]
         starts = sorted(e.timestamp for e in logs if e.dagster_event.event_type_value == "STEP_START")
         ends = sorted(e.timestamp for e in logs if e.dagster_event.event_type_value == "STEP_SUCCESS")
         assert len(starts) == len(ends) == len(redo)  # only the stale shards ran
@@ -60,6 +62,8 @@ def test_multiprocess_fan_out_scores_every_candidate_once(tmp_path, monkeypatch)
         materialize(["candidate_scores"], TINY, instance, str(root))
     pool = pl.read_parquet(root / "pool" / "candidate_pool.parquet")
     with duckdb.connect(str(root / "gist.duckdb"), read_only=True) as db:
-        rows = db.execute("SELECT target, count(*), count(DISTINCT candidate_id) FROM candidate_scores "
-                          "WHERE method = 'gist' GROUP BY 1").fetchall()
+        rows = db.execute(
+            "SELECT target, count(*), count(DISTINCT candidate_id) FROM candidate_scores "
+            "WHERE method = 'gist' GROUP BY 1"
+        ).fetchall()
     assert rows and all(n == distinct == pool.height for _, n, distinct in rows)

@@ -7,16 +7,14 @@ import dagster as dg
 import duckdb
 import numpy as np
 import polars as pl
-import pytest
-from dagster import AssetCheckKey, AssetKey
 import torch
+from dagster import AssetCheckKey, AssetKey
 
 from gist_assets.run import run_all
 from gist_core.data import encode_messages, encode_prompt_completion
 from gist_core.gradients import reference_gradients
 from gist_core.selection import selection_size
 from gist_resources import ComputeResource
-
 from small_config import SMALL
 
 
@@ -32,13 +30,17 @@ def test_graph_outputs(small_run):
     targets = sorted(out["selections"])
     assert targets == ["arithmetic_sums", "geography", "word_reversal"]
     with _db(root) as db:
-        rows = db.execute("SELECT target, method, count(*), count(DISTINCT candidate_id) FROM candidate_scores "
-                          "WHERE method = 'gist' GROUP BY 1, 2 ORDER BY 1").fetchall()
+        rows = db.execute(
+            "SELECT target, method, count(*), count(DISTINCT candidate_id) FROM candidate_scores "
+            "WHERE method = 'gist' GROUP BY 1, 2 ORDER BY 1"
+        ).fetchall()
         n_scored = rows[0][2]
         assert [r[0] for r in rows] == targets
         assert all(r[1] == "gist" and r[2] == r[3] == n_scored for r in rows)  # one row per candidate
-        ranks = db.execute("SELECT target, method, min(rank), max(rank), count(DISTINCT rank), count(*) "
-                           "FROM candidate_scores GROUP BY 1, 2").fetchall()
+        ranks = db.execute(
+            "SELECT target, method, min(rank), max(rank), count(DISTINCT rank), count(*) "
+            "FROM candidate_scores GROUP BY 1, 2"
+        ).fetchall()
         assert len(ranks) == 3 * 5  # targets x (gist, gist_sketch, random, less, representation)
         assert all(r[2] == 1 and r[3] == r[4] == r[5] == n_scored for r in ranks)
         sel_counts = db.execute("SELECT target, method, budget, count(*) FROM selections GROUP BY 1, 2, 3").fetchall()
@@ -48,10 +50,12 @@ def test_graph_outputs(small_run):
     methods = ("gist", "gist_sketch", "random", "less", "representation")
     assert sorted(evaluations, key=str) == sorted(
         [(t, m, b, s) for t in targets for m in methods for b in expected for s in (0, 1)]
-        + [(t, "full_pool", None, s) for t in targets for s in (0, 1)] + [(t, "base", None, None) for t in targets],
-        key=str)
+        + [(t, "full_pool", None, s) for t in targets for s in (0, 1)]
+        + [(t, "base", None, None) for t in targets],
+        key=str,
+    )
     originals = set(pool["original"].to_list())
-    for target, per_budget in out["selections"].items():
+    for per_budget in out["selections"].values():
         assert sorted(per_budget) == sorted(expected)
         for budget, manifest in per_budget.items():
             assert not Path(manifest["files"]["jsonl"]).is_absolute()  # relative to the storage root
@@ -85,11 +89,13 @@ def test_scores_match_plain_computation(small_run):
     with _db(root) as db:
         for target in ["arithmetic_sums", "geography", "word_reversal"]:
             rows = targets.filter(pl.col("target") == target).sort("example_id")
-            t_enc = [encode_prompt_completion(tok, p, c, ref["max_length"])
-                     for p, c in zip(rows["prompt"], rows["completion"])]
+            t_enc = [
+                encode_prompt_completion(tok, p, c, ref["max_length"])
+                for p, c in zip(rows["prompt"], rows["completion"], strict=False)
+            ]
             subtasks = np.array(rows["subtask"].to_list())
             total = 0.0
-            for w, ckpt in zip(weights, warm["checkpoints"]):
+            for w, ckpt in zip(weights, warm["checkpoints"], strict=False):
                 model = compute.load_model(str(root / ref["path"]), str(root / ckpt["dir"]))
                 G = torch.from_numpy(reference_gradients(model, t_enc)).double()
                 g = torch.from_numpy(reference_gradients(model, [cand_enc[i] for i in keep])).double()
@@ -101,36 +107,47 @@ def test_scores_match_plain_computation(small_run):
                 dirs = dirs / dirs.norm(dim=1, keepdim=True)
                 total = total + w * ((z / z.norm(dim=1, keepdim=True)) @ dirs.T)
             expected = total.max(dim=1).values.numpy()
-            got = dict(db.execute("SELECT candidate_id, score FROM candidate_scores WHERE target = ? "
-                                  "AND method = 'gist'", [target]).fetchall())
+            got = dict(
+                db.execute(
+                    "SELECT candidate_id, score FROM candidate_scores WHERE target = ? AND method = 'gist'", [target]
+                ).fetchall()
+            )
             np.testing.assert_allclose([got[i] for i in ids], expected, atol=1e-4)
             order = sorted(range(len(ids)), key=lambda j: (-expected[j], ids[j]))
             n_sel = selection_size(len(ids), percentage=0.1)
-            chosen = [r[0] for r in db.execute("SELECT candidate_id FROM selections WHERE target = ? "
-                                               "AND method = 'gist' AND budget = 'p0.1' ORDER BY rank",
-                                               [target]).fetchall()]
+            chosen = [
+                r[0]
+                for r in db.execute(
+                    "SELECT candidate_id FROM selections WHERE target = ? "
+                    "AND method = 'gist' AND budget = 'p0.1' ORDER BY rank",
+                    [target],
+                ).fetchall()
+            ]
             assert chosen == [ids[j] for j in order[:n_sel]]
 
 
 def test_sketch_scores_match_plain_computation(small_run):
     """gist_sketch: bs=1 gradients times a dense P are the stored sketches; SVD of the bs=1 target gradients,
     z = s (P^T V_k), cosine, checkpoint weights and max give the stored scores."""
+    from safetensors.numpy import load_file
+
     from gist_core.gradients import trainable_linears
     from gist_core.projection import sketch_projector
-    from safetensors.numpy import load_file
 
     root = small_run["root"]
     ref = json.loads((root / "models" / "model_ref.json").read_text())
     warm = json.loads((root / "warmup" / "manifest.json").read_text())
     compute = ComputeResource()
-    model_dir = str(root / "models" / "base_model")   # manifests hold paths relative to the root
+    model_dir = str(root / "models" / "base_model")  # manifests hold paths relative to the root
     tok = compute.load_tokenizer(model_dir)
     shards = sorted(small_run["shards"])
     folders = [root / "features_gist_sketch" / s for s in shards]
     meta = json.loads((folders[0] / "meta.json").read_text())
     proj = meta["projection"]
     sketches = [load_file(str(f / "features.safetensors")) for f in folders]
-    ids = pl.concat([pl.read_parquet(f / "candidates.parquet").filter(pl.col("included")) for f in folders])["candidate_id"]
+    ids = pl.concat([pl.read_parquet(f / "candidates.parquet").filter(pl.col("included")) for f in folders])[
+        "candidate_id"
+    ]
     pool = pl.read_parquet(root / "pool" / "candidate_pool.parquet").filter(pl.col("shard") == shards[0])
     first = [encode_messages(tok, json.loads(m), ref["max_length"]) for m in pool["messages"]]
     targets = pl.read_parquet(root / "targets" / "target_sets.parquet").filter(pl.col("split") == "basis")
@@ -138,7 +155,7 @@ def test_sketch_scores_match_plain_computation(small_run):
     weights = weights / weights.sum()
     k = SMALL["ops"]["spectral_basis"]["config"]["k"]
     totals = {}
-    for w, ckpt in zip(weights, warm["checkpoints"]):
+    for w, ckpt in zip(weights, warm["checkpoints"], strict=False):
         model = compute.load_model(model_dir, str(root / ckpt["dir"]))
         P = sketch_projector(trainable_linears(model)[0], proj["dim"], proj["seed"], proj["kind"]).dense().double()
         g = torch.from_numpy(reference_gradients(model, first)).double()
@@ -146,27 +163,38 @@ def test_sketch_scores_match_plain_computation(small_run):
         s = torch.from_numpy(np.concatenate([x[ckpt["name"]] for x in sketches])).double()
         for target in ["arithmetic_sums", "geography", "word_reversal"]:
             rows = targets.filter(pl.col("target") == target).sort("example_id")
-            t_enc = [encode_prompt_completion(tok, p, c, ref["max_length"])
-                     for p, c in zip(rows["prompt"], rows["completion"])]
+            t_enc = [
+                encode_prompt_completion(tok, p, c, ref["max_length"])
+                for p, c in zip(rows["prompt"], rows["completion"], strict=False)
+            ]
             subtasks = np.array(rows["subtask"].to_list())
-            U, S, Vh = torch.linalg.svd(torch.from_numpy(reference_gradients(model, t_enc)).double(),
-                                        full_matrices=False)
+            U, S, Vh = torch.linalg.svd(
+                torch.from_numpy(reference_gradients(model, t_enc)).double(), full_matrices=False
+            )
             Z, z = U[:, :k] * S[:k], s @ (P.T @ Vh[:k].T)
             dirs = torch.stack([Z[torch.from_numpy(subtasks == t)].mean(0) for t in sorted(set(subtasks))])
             dirs = dirs / dirs.norm(dim=1, keepdim=True)
             totals[target] = totals.get(target, 0) + w * ((z / z.norm(dim=1, keepdim=True)) @ dirs.T)
     with _db(root) as db:
         for target, total in totals.items():
-            got = dict(db.execute("SELECT candidate_id, score FROM candidate_scores WHERE target = ? "
-                                  "AND method = 'gist_sketch'", [target]).fetchall())
+            got = dict(
+                db.execute(
+                    "SELECT candidate_id, score FROM candidate_scores WHERE target = ? AND method = 'gist_sketch'",
+                    [target],
+                ).fetchall()
+            )
             assert len(got) == len(ids)
             np.testing.assert_allclose([got[i] for i in ids], total.max(dim=1).values.numpy(), atol=1e-4)
 
 
 def test_checks_passed(small_run):
     instance = small_run["instance"]
-    for asset, check in [("spectral_basis", "basis_columns_orthonormal"), ("candidate_scores", "scores_valid"),
-                         ("baseline_scores", "scores_valid"), ("selected_subset", "selection_size_as_configured")]:
+    for asset, check in [
+        ("spectral_basis", "basis_columns_orthonormal"),
+        ("candidate_scores", "scores_valid"),
+        ("baseline_scores", "scores_valid"),
+        ("selected_subset", "selection_size_as_configured"),
+    ]:
         key = AssetCheckKey(AssetKey(asset), check)
         summary = instance.event_log_storage.get_latest_asset_check_execution_by_key([key])[key]
         assert summary.status.value == "SUCCEEDED", (asset, check, summary.status)
@@ -177,8 +205,9 @@ def test_rematerialize_same_seed_is_identical(small_run, tmp_path):
     first = small_run["root"]
     with dg.instance_for_test() as instance:
         run_all(SMALL, str(tmp_path), instance=instance, log=lambda _: None, compare=True)
-    query = ("SELECT candidate_id, target, method, score, rank FROM candidate_scores "
-             "ORDER BY target, method, candidate_id")
+    query = (
+        "SELECT candidate_id, target, method, score, rank FROM candidate_scores ORDER BY target, method, candidate_id"
+    )
     with _db(first) as a, _db(tmp_path) as b:
         assert a.execute(query).fetchall() == b.execute(query).fetchall()
         sel = "SELECT * FROM selections ORDER BY target, method, budget, rank"
@@ -191,10 +220,11 @@ def test_rematerialize_same_seed_is_identical(small_run, tmp_path):
 
 def test_less_features_match_plain_computation(small_run):
     """LESS candidate features: bs=1 gradients, Adam direction from the saved state, dense projection."""
+    from safetensors.numpy import load_file
+
     from gist_core.gradients import trainable_linears
     from gist_core.projection import BlockProjector
     from gist_core.warmup import load_optimizer_state
-    from safetensors.numpy import load_file
 
     root = small_run["root"]
     ref = json.loads((root / "models" / "model_ref.json").read_text())
@@ -219,7 +249,7 @@ def test_less_features_match_plain_computation(small_run):
         m = torch.cat([state[n]["exp_avg"].flatten() for n in names]).double()
         v = torch.cat([state[n]["exp_avg_sq"].flatten() for n in names]).double()
         b1, b2 = info["betas"]
-        direction = (b1 * m + (1 - b1) * g) / torch.sqrt(b2 * v + (1 - b2) * g ** 2 + info["adam_eps"])
+        direction = (b1 * m + (1 - b1) * g) / torch.sqrt(b2 * v + (1 - b2) * g**2 + info["adam_eps"])
         layout, _ = trainable_linears(model)
         P = BlockProjector(layout, proj["dim"], proj["seed"], proj["kind"]).dense().double()
         np.testing.assert_allclose(features[ckpt], (direction @ P).numpy(), rtol=1e-3, atol=1e-4)
@@ -232,7 +262,7 @@ def test_exports_load_as_trl_conversations(small_run):
 
     root = small_run["root"]
     pool = pl.read_parquet(root / "pool" / "candidate_pool.parquet")
-    pool_messages = dict(zip(pool["candidate_id"], pool["messages"]))
+    pool_messages = dict(zip(pool["candidate_id"], pool["messages"], strict=False))
     files = sorted(root.glob("selections/*/*/*/selection.messages.jsonl"))
     assert len(files) == 3 * 5 * 2  # targets x methods (gist, gist_sketch, random, less, representation) x budgets
     for path in files:
@@ -242,9 +272,8 @@ def test_exports_load_as_trl_conversations(small_run):
         assert {"messages", "score", "selection_rank", "source", "budget"} <= set(parquet.columns)
         assert parquet["budget"].unique().to_list() == [path.parent.name]
         assert rows["id"] == parquet["candidate_id"].to_list()  # same order: best first
-        for row, msgs in zip(rows, parquet["messages"].to_list()):
+        for row, msgs in zip(rows, parquet["messages"].to_list(), strict=False):
             messages = row["messages"]
             assert isinstance(messages, list) and messages[-1]["role"] == "assistant"
-            assert all(m["role"] in ("system", "user", "assistant") and isinstance(m["content"], str)
-                       for m in messages)
-            assert messages == msgs == json.loads(pool_messages[row["id"]])[:len(messages)]
+            assert all(m["role"] in ("system", "user", "assistant") and isinstance(m["content"], str) for m in messages)
+            assert messages == msgs == json.loads(pool_messages[row["id"]])[: len(messages)]

@@ -22,8 +22,12 @@ from gist_resources import ScoreStore
 from gist_resources.score_store import T975
 
 # The evaluation's own defaults (3 seeds, the 5% budget of selected_subset); only random as a baseline.
-EVAL = {"ops": {"baseline_scores": {"config": {"methods": ["random"]}},
-                "selection_evaluation": {"config": {"include_full_pool": False}}}}
+EVAL = {
+    "ops": {
+        "baseline_scores": {"config": {"methods": ["random"]}},
+        "selection_evaluation": {"config": {"include_full_pool": False}},
+    }
+}
 
 
 @pytest.mark.slow
@@ -31,14 +35,21 @@ def test_gist_selection_beats_random_on_heldout_loss(tmp_path):
     root = str(tmp_path)
     with dg.instance_for_test() as instance:
         # The embedded default, as `make demo`, less the sketch pass this test does not judge (suite time).
-        run_all({"ops": {"candidate_scores": {"config": {"methods": ["gist"]}}}}, root, instance=instance,
-                log=lambda _: None)
+        run_all(
+            {"ops": {"candidate_scores": {"config": {"methods": ["gist"]}}}},
+            root,
+            instance=instance,
+            log=lambda _: None,
+        )
         materialize(["baseline_scores", "baseline_selections", "selection_evaluation"], EVAL, instance, root)
     rows = ScoreStore(database=str(tmp_path / "gist.duckdb")).read_evaluation_summary().to_dicts()
     with duckdb.connect(str(tmp_path / "gist.duckdb"), read_only=True) as db:
-        share = {target: db.execute("SELECT avg((source = ?)::INT) FROM selections WHERE target = ? AND "
-                                    "method = 'gist'", [skill, target]).fetchone()[0]
-                 for target, skill in TARGET_SKILL.items()}
+        share = {
+            target: db.execute(
+                "SELECT avg((source = ?)::INT) FROM selections WHERE target = ? AND method = 'gist'", [skill, target]
+            ).fetchone()[0]
+            for target, skill in TARGET_SKILL.items()
+        }
     print("\n" + summary_markdown(rows))
     print("matching-source share of the GIST selections:", share)
     by = {(r["target"], r["method"]): r for r in rows}
@@ -51,12 +62,20 @@ def test_gist_selection_beats_random_on_heldout_loss(tmp_path):
         assert gist["mean_loss"] < by[(target, "base")]["mean_loss"], rows
     # Pooled over targets and seeds: the paired (same target, same seed) difference GIST - random.
     with duckdb.connect(str(tmp_path / "gist.duckdb"), read_only=True) as db:
-        diffs = np.array([d for (d,) in db.execute(
-            "SELECT g.heldout_loss - r.heldout_loss FROM evaluations g JOIN evaluations r "
-            "USING (target, budget, seed) WHERE g.method = 'gist' AND r.method = 'random' AND g.budget = 'p0.05'"
-        ).fetchall()])
+        diffs = np.array(
+            [
+                d
+                for (d,) in db.execute(
+                    "SELECT g.heldout_loss - r.heldout_loss FROM evaluations g JOIN evaluations r "
+                    "USING (target, budget, seed) "
+                    "WHERE g.method = 'gist' AND r.method = 'random' AND g.budget = 'p0.05'"
+                ).fetchall()
+            ]
+        )
     assert len(diffs) == 3 * len(TARGET_SKILL)
     half = T975[len(diffs) - 2] * diffs.std(ddof=1) / np.sqrt(len(diffs))
-    print(f"pooled GIST - random: {diffs.mean():+.3f} (95% interval {diffs.mean() - half:+.3f}, "
-          f"{diffs.mean() + half:+.3f})")
+    print(
+        f"pooled GIST - random: {diffs.mean():+.3f} (95% interval {diffs.mean() - half:+.3f}, "
+        f"{diffs.mean() + half:+.3f})"
+    )
     assert diffs.mean() + half < 0, diffs

@@ -2,31 +2,39 @@
 
 import dagster as dg
 import pytest
-from small_config import SMALL
 
 from gist_assets.config import ASSET_CONFIGS, RunConfigError, check_run_config, effective_config, load_run_config
 from gist_assets.definitions import ASSETS, JOB_ASSETS, PARTITIONED_JOBS, defs
 from gist_assets.run import main, plan_stage, with_storage
+from small_config import SMALL
 
 
 def test_every_configurable_asset_is_in_the_shape():
     """ASSET_CONFIGS is the file's shape: it must name exactly the assets that take config."""
-    takes_config = {a.key.to_user_string() for a in ASSETS
-                    if getattr(a.op.config_schema.as_field().config_type, "fields", None)}
+    takes_config = {
+        a.key.to_user_string() for a in ASSETS if getattr(a.op.config_schema.as_field().config_type, "fields", None)
+    }
     assert takes_config == set(ASSET_CONFIGS)
 
 
-@pytest.mark.parametrize("text, message", [
-    ("ops: [1, 2", "not valid YAML"),
-    ("ops:\n  spectral_basis:\n    config:\n      kk: 3\n",
-     "ops.spectral_basis.config: unknown keys ['kk']; valid: ['energy', 'eps', 'k', 'memory_budget_mb']"),
-    ("ops:\n  selected_subst: {config: {n: 3}}\n", "ops: unknown asset names ['selected_subst']"),
-    ("ops:\n  warmup_checkpoint: {config: {fraction: 1.5}}\n",
-     "ops.warmup_checkpoint.config.fraction: Input should be less than or equal to 1 (got 1.5)"),
-    ("ops:\n  selected_subset: {config: {strategy: best}}\n", "ops.selected_subset.config.strategy"),
-    ("opps: {}\n", "unknown top-level keys ['opps']"),
-    ("- a\n- b\n", "a run config is a mapping"),
-])
+@pytest.mark.parametrize(
+    "text, message",
+    [
+        ("ops: [1, 2", "not valid YAML"),
+        (
+            "ops:\n  spectral_basis:\n    config:\n      kk: 3\n",
+            "ops.spectral_basis.config: unknown keys ['kk']; valid: ['energy', 'eps', 'k', 'memory_budget_mb']",
+        ),
+        ("ops:\n  selected_subst: {config: {n: 3}}\n", "ops: unknown asset names ['selected_subst']"),
+        (
+            "ops:\n  warmup_checkpoint: {config: {fraction: 1.5}}\n",
+            "ops.warmup_checkpoint.config.fraction: Input should be less than or equal to 1 (got 1.5)",
+        ),
+        ("ops:\n  selected_subset: {config: {strategy: best}}\n", "ops.selected_subset.config.strategy"),
+        ("opps: {}\n", "unknown top-level keys ['opps']"),
+        ("- a\n- b\n", "a run config is a mapping"),
+    ],
+)
 def test_bad_config_files_are_refused_naming_the_file_and_key(tmp_path, text, message):
     path = tmp_path / "run.yaml"
     path.write_text(text)
@@ -71,8 +79,7 @@ def test_fallback_config_and_defaults_are_filled_in():
 
 def test_resources_from_the_file_are_kept_and_the_storage_root_added(tmp_path):
     cfg = with_storage({"resources": {"score_store": {"config": {"lock_timeout_s": 5}}}}, str(tmp_path))
-    assert cfg["resources"]["score_store"]["config"] == {"lock_timeout_s": 5,
-                                                         "database": str(tmp_path / "gist.duckdb")}
+    assert cfg["resources"]["score_store"]["config"] == {"lock_timeout_s": 5, "database": str(tmp_path / "gist.duckdb")}
     assert cfg["resources"]["storage"]["config"]["root"] == str(tmp_path)
 
 

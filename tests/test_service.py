@@ -9,10 +9,10 @@ from pathlib import Path
 import duckdb
 import pytest
 import yaml
-from service_util import LOCATION, REPO, graphql, make_ui, postgres_bin, postgres_server, run_cli, wait_run
-from small_config import SMALL
 
 from gist_core import synthetic
+from service_util import LOCATION, REPO, graphql, make_ui, postgres_bin, postgres_server, run_cli, wait_run
+from small_config import SMALL
 
 # The small embedded default, smaller still: the whole graph in well under a minute.
 TINY = {"ops": {**SMALL["ops"], "candidate_pool": {"config": {"embedded_pool_size": 160, "shard_size": 40}}}}
@@ -54,8 +54,14 @@ query($key: [String!]!, $partitions: [String!]) {
 
 def _env(tmp_path: Path, **extra) -> dict:
     env = {k: v for k, v in os.environ.items() if not k.startswith(("DAGSTER_", "GIST_"))}
-    return {**env, "DAGSTER_HOME": str(tmp_path / "home"), "GIST_STORAGE_ROOT": str(tmp_path / "root"),
-            "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", **extra}
+    return {
+        **env,
+        "DAGSTER_HOME": str(tmp_path / "home"),
+        "GIST_STORAGE_ROOT": str(tmp_path / "root"),
+        "HF_HUB_OFFLINE": "1",
+        "TRANSFORMERS_OFFLINE": "1",
+        **extra,
+    }
 
 
 def _assets_lines(stdout: str) -> dict[str, str]:
@@ -146,13 +152,23 @@ def test_refresh_fires_through_the_daemon_on_postgres(tmp_path):
         pytest.skip("PostgreSQL server not installed (apt-get install postgresql)")
     watch = tmp_path / "watch"
     synthetic.write_pool(watch, n_examples=160, seed=0)
-    cfg = {"ops": {**TINY["ops"], "candidate_pool": {"config": {"paths": [str(watch / "**" / "*.jsonl")],
-                                                                "shard_size": 40}}}}
+    cfg = {
+        "ops": {
+            **TINY["ops"],
+            "candidate_pool": {"config": {"paths": [str(watch / "**" / "*.jsonl")], "shard_size": 40}},
+        }
+    }
     config = tmp_path / "run.yaml"
     config.write_text(yaml.safe_dump(cfg))
     with postgres_server() as url:
-        env = _env(tmp_path, DAGSTER_PG_URL=url, GIST_WATCH_DIR=str(watch), GIST_RUN_CONFIG=str(config),
-                   GIST_SENSOR_INTERVAL_S="3", INSTANCE=str(REPO / "deploy" / "postgres" / "dagster.yaml"))
+        env = _env(
+            tmp_path,
+            DAGSTER_PG_URL=url,
+            GIST_WATCH_DIR=str(watch),
+            GIST_RUN_CONFIG=str(config),
+            GIST_SENSOR_INTERVAL_S="3",
+            INSTANCE=str(REPO / "deploy" / "postgres" / "dagster.yaml"),
+        )
         with make_ui(env, tmp_path) as ui:  # it installs the PostgreSQL dagster.yaml in DAGSTER_HOME
             base, logs = ui["base"], ui["logs"]
             first = run_cli(env, "--config", str(config))
@@ -174,13 +190,18 @@ def test_refresh_fires_through_the_daemon_on_postgres(tmp_path):
                 time.sleep(2)
             elapsed = time.time() - dropped
             # Only the new shard's features were computed; every old shard has its one materialization.
-            new_shard = [m["partition"] for m in _materializations(base, "candidate_features")
-                         if m["partition"] not in old_shards]
+            new_shard = [
+                m["partition"]
+                for m in _materializations(base, "candidate_features")
+                if m["partition"] not in old_shards
+            ]
             assert new_shard == ["fresh_data-0000"], new_shard
             for shard in old_shards:
                 assert len(_materializations(base, "candidate_features", [shard])) == 1, shard
     print(f"refresh through the daemon: {elapsed:.1f}s from the new file to the refreshed selection")
     with duckdb.connect(str(tmp_path / "root" / "gist.duckdb"), read_only=True) as db:
-        scored = {r[0] for r in db.execute("SELECT DISTINCT candidate_id FROM candidate_scores WHERE method = 'gist'")
-                  .fetchall()}
+        scored = {
+            r[0]
+            for r in db.execute("SELECT DISTINCT candidate_id FROM candidate_scores WHERE method = 'gist'").fetchall()
+        }
     assert set(fresh_ids) <= scored

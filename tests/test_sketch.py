@@ -4,7 +4,6 @@ import dagster as dg
 import duckdb
 import numpy as np
 import pytest
-import torch
 
 from gist_assets.config import RunConfigError, check_run_config
 from gist_assets.run import run_all
@@ -30,7 +29,7 @@ def test_sketched_coordinates_converge_to_exact_as_d_grows(kind):
     # The sketch pass (the candidate_sketches asset's call) gives g P.
     projector = sketch_projector(layout, 64, 0, kind)
     if kind == "rademacher":
-        projector = BlockProjector(layout, 64, seed=0, chunk_rows=300)   # chunks that split blocks, too
+        projector = BlockProjector(layout, 64, seed=0, chunk_rows=300)  # chunks that split blocks, too
     s, _, _, _ = block_features(model, candidates, projector.project_block, 64)
     np.testing.assert_allclose(s, g @ projector.dense().double().numpy(), rtol=1e-4, atol=1e-5)
     errors = {}
@@ -41,7 +40,7 @@ def test_sketched_coordinates_converge_to_exact_as_d_grows(kind):
             P = projector.dense().double().numpy()
             s = g @ P
             PV = projector.project_columns(V)
-            np.testing.assert_allclose(PV, P.T @ V, rtol=1e-4, atol=1e-6)       # P^T V, block by block
+            np.testing.assert_allclose(PV, P.T @ V, rtol=1e-4, atol=1e-6)  # P^T V, block by block
             per_seed.append(np.linalg.norm(s @ PV - exact) / np.linalg.norm(exact))
         errors[d] = float(np.mean(per_seed))
     assert errors[16] > errors[256] > errors[2048], errors
@@ -66,9 +65,13 @@ def test_new_target_gets_sketch_scores_without_a_pass_over_the_pool(tmp_path):
     spec = lambda name: {"name": name, "format": "jsonl", "path": str(paths[name])}  # noqa: E731
     ops = {**SMALL["ops"], "candidate_pool": {"config": {"embedded_pool_size": 160, "shard_size": 40}}}
     first = {"ops": {**ops, "target_sets": {"config": {"targets": [spec("arithmetic_sums"), spec("word_reversal")]}}}}
-    second = {"ops": {**ops, "target_sets": {"config": {"targets": [spec("arithmetic_sums"), spec("word_reversal"),
-                                                                    spec("geography")]}},
-                      "candidate_scores": {"config": {"methods": ["gist_sketch"]}}}}
+    second = {
+        "ops": {
+            **ops,
+            "target_sets": {"config": {"targets": [spec("arithmetic_sums"), spec("word_reversal"), spec("geography")]}},
+            "candidate_scores": {"config": {"methods": ["gist_sketch"]}},
+        }
+    }
     root = str(tmp_path / "root")
     with dg.instance_for_test() as instance:
         run_all(first, root, instance=instance, log=lambda _: None)
@@ -88,9 +91,15 @@ def test_new_target_gets_sketch_scores_without_a_pass_over_the_pool(tmp_path):
         assert _materializations(instance, "candidate_sketches") == n_sketches
         assert set(out["selections_by_method"]["gist_sketch"]) == {"arithmetic_sums", "geography", "word_reversal"}
     with duckdb.connect(str(tmp_path / "root" / "gist.duckdb"), read_only=True) as db:
-        counts = dict(db.execute("SELECT method || '/' || target, count(*) FROM candidate_scores GROUP BY 1").fetchall())
+        counts = dict(
+            db.execute("SELECT method || '/' || target, count(*) FROM candidate_scores GROUP BY 1").fetchall()
+        )
         n = counts["gist_sketch/arithmetic_sums"]
         assert n > 100 and counts["gist_sketch/geography"] == counts["gist_sketch/word_reversal"] == n
         assert "gist/geography" not in counts  # exact GIST was not asked for the new target
-        assert db.execute("SELECT count(*) FROM selections WHERE target = 'geography' AND method = 'gist_sketch'"
-                          ).fetchone()[0] > 0
+        assert (
+            db.execute(
+                "SELECT count(*) FROM selections WHERE target = 'geography' AND method = 'gist_sketch'"
+            ).fetchone()[0]
+            > 0
+        )

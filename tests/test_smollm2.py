@@ -59,7 +59,8 @@ def smollm2_tokenizers(smollm2_packages, tmp_path_factory):
 
 def label_runs(enc) -> list[list[int]]:
     """The labelled stretches of an encoding, each a list of token ids (labels equal the ids there)."""
-    runs, cur = [], []
+    runs: list[list[int]] = []
+    cur: list[int] = []
     for tid, lab in zip(enc.input_ids, enc.labels, strict=True):
         if lab == IGNORE_INDEX:
             if cur:
@@ -78,27 +79,33 @@ def test_pyproject_extra_pins_the_gguf_the_installer_installs():
 
 def test_tulu_prompts_parse_back_into_messages():
     mmlu = "<|user|>\nThe following are questions.\n\nQ: 1+1?\nA. 2\nB. 3\n<|assistant|>\nThe answer is:"
-    assert parse_tulu_prompt(mmlu) == ([{"role": "user", "content": "The following are questions.\n\nQ: 1+1?\n"
-                                         "A. 2\nB. 3"}], "The answer is:")
+    assert parse_tulu_prompt(mmlu) == (
+        [{"role": "user", "content": "The following are questions.\n\nQ: 1+1?\nA. 2\nB. 3"}],
+        "The answer is:",
+    )
     tydiqa = "<|user|>\nAnswer.\n\nPassage: x\nQuestion: y\n<|assistant|>\nAnswer:"
-    assert parse_tulu_prompt(tydiqa) == ([{"role": "user", "content": "Answer.\n\nPassage: x\nQuestion: y"}],
-                                         "Answer:")
+    assert parse_tulu_prompt(tydiqa) == ([{"role": "user", "content": "Answer.\n\nPassage: x\nQuestion: y"}], "Answer:")
     two = "<|system|>\nBe brief.\n<|user|>\nHi\n<|assistant|>\n"
-    assert parse_tulu_prompt(two) == ([{"role": "system", "content": "Be brief."},
-                                       {"role": "user", "content": "Hi"}], "")
+    assert parse_tulu_prompt(two) == (
+        [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi"}],
+        "",
+    )
     for raw in ("What is 7 * 6?", "<|user|>\nno assistant header\n", "x <|user|>\nHi\n<|assistant|>\n"):
         assert parse_tulu_prompt(raw) is None
 
 
 def test_template_labels_on_a_small_tokenizer_with_a_chat_template():
     """No package needed: the embedded BPE tokenizer given SmolLM2's template."""
-    tok = train_bpe_tokenizer(["<|im_start|>user\nCapital of France?<|im_end|>\nParis Berlin Germany"] * 4,
-                              vocab_size=400)
+    tok = train_bpe_tokenizer(
+        ["<|im_start|>user\nCapital of France?<|im_end|>\nParis Berlin Germany"] * 4, vocab_size=400
+    )
     tok.add_special_tokens({"additional_special_tokens": ["<|im_start|>", "<|im_end|>"]})
     tok.eos_token = "<|im_end|>"
-    tok.chat_template = ("{% for m in messages %}{{ '<|im_start|>' + m['role'] + '\n' + m['content'] + "
-                         "'<|im_end|>' + '\n' }}{% endfor %}{% if add_generation_prompt %}"
-                         "{{ '<|im_start|>assistant\n' }}{% endif %}")
+    tok.chat_template = (
+        "{% for m in messages %}{{ '<|im_start|>' + m['role'] + '\n' + m['content'] + "
+        "'<|im_end|>' + '\n' }}{% endfor %}{% if add_generation_prompt %}"
+        "{{ '<|im_start|>assistant\n' }}{% endif %}"
+    )
     enc = encode_messages(tok, CONVERSATION, 512, chat_format="model")
     assert [tok.decode(r) for r in label_runs(enc)] == ["Paris.<|im_end|>", "Berlin, since 1990.<|im_end|>"]
     assert enc.input_ids[0] != tok.bos_token_id  # the template writes its own start, no BOS added
@@ -131,15 +138,20 @@ def test_labels_cover_exactly_the_assistant_replies(smollm2_tokenizers, chat_for
     masked = tok.decode([t for t, lab in zip(enc.input_ids, enc.labels, strict=True) if lab == IGNORE_INDEX])
     if chat_format == "tulu":
         assert enc.input_ids[0] != smollm2.BOS_ID
-        assert masked == ("<|system|>\nBe brief.\n<|user|>\nCapital of France?\n<|assistant|>\n"
-                          "<|user|>\nAnd of Germany?\n<|assistant|>\n")
+        assert masked == (
+            "<|system|>\nBe brief.\n<|user|>\nCapital of France?\n<|assistant|>\n"
+            "<|user|>\nAnd of Germany?\n<|assistant|>\n"
+        )
     else:
         rendered = tok.apply_chat_template(
-            [{**m, "content": m["content"].strip()} for m in CONVERSATION], tokenize=False)
+            [{**m, "content": m["content"].strip()} for m in CONVERSATION], tokenize=False
+        )
         assert rendered == tok.decode(enc.input_ids) + "\n"  # the template's text, token for token
-        assert masked == ("<|im_start|>system\nBe brief.<|im_end|>\n<|im_start|>user\nCapital of France?<|im_end|>\n"
-                          "<|im_start|>assistant\n\n<|im_start|>user\nAnd of Germany?<|im_end|>\n"
-                          "<|im_start|>assistant\n")
+        assert masked == (
+            "<|im_start|>system\nBe brief.<|im_end|>\n<|im_start|>user\nCapital of France?<|im_end|>\n"
+            "<|im_start|>assistant\n\n<|im_start|>user\nAnd of Germany?<|im_end|>\n"
+            "<|im_start|>assistant\n"
+        )
 
 
 @pytest.mark.parametrize("chat_format", ["tulu", "model"])
@@ -149,9 +161,16 @@ def test_target_labels_are_the_completion_only(smollm2_tokenizers, chat_format):
     enc = encode_prompt_completion(tok, prompt, " Oslo.", 256, chat_format=chat_format)
     assert [tok.decode(r) for r in label_runs(enc)] == [" Oslo."]
     n_prompt = enc.labels.index(next(x for x in enc.labels if x != IGNORE_INDEX))
-    expected = prompt if chat_format == "tulu" else tok.apply_chat_template(
-        [{"role": "user", "content": "Name the capital city of Norway."}], tokenize=False,
-        add_generation_prompt=True) + "The answer is:"
+    expected = (
+        prompt
+        if chat_format == "tulu"
+        else tok.apply_chat_template(
+            [{"role": "user", "content": "Name the capital city of Norway."}],
+            tokenize=False,
+            add_generation_prompt=True,
+        )
+        + "The answer is:"
+    )
     assert tok.decode(enc.input_ids[:n_prompt]) == expected == chat_prompt(tok, prompt, chat_format)
     raw = encode_prompt_completion(tok, "Norway's capital:", " Oslo", 64, chat_format=chat_format)
     assert tok.decode(raw.input_ids) == "Norway's capital: Oslo"  # a raw prompt is used as given
@@ -167,18 +186,33 @@ def _config(root: Path) -> dict:
     lines = (REPO / "examples" / "data" / "realtext_pool_160.jsonl").read_text().splitlines()[:N_CANDIDATES]
     pool.write_text("\n".join(lines) + "\n")
     data = REPO / "benchmarks" / "data" / "realtext"
-    return {"ops": {
-        "candidate_pool": {"config": {"paths": [str(pool)], "shard_size": 50}},
-        "target_sets": {"config": {"targets": [
-            {"name": "capitals", "format": "jsonl", "path": str(data / "target_capitals.jsonl")},
-            {"name": "past_tense", "format": "jsonl", "path": str(data / "target_past_tense.jsonl")}]}},
-        "base_model": {"config": {"model_name_or_path": "preset:smollm2", "max_length": 128}},
-        "warmup_checkpoint": {"config": {"fraction": 0.2, "epochs": 1, "lora_r": 8, "lora_alpha": 32,
-                                         "learning_rate": 1e-4, "effective_batch_size": 8}},
-        "spectral_basis": {"config": {"k": 8}},
-        "candidate_scores": {"config": {"methods": ["gist"]}},
-        "selected_subset": {"config": {"percentage": 0.1}},
-    }}
+    return {
+        "ops": {
+            "candidate_pool": {"config": {"paths": [str(pool)], "shard_size": 50}},
+            "target_sets": {
+                "config": {
+                    "targets": [
+                        {"name": "capitals", "format": "jsonl", "path": str(data / "target_capitals.jsonl")},
+                        {"name": "past_tense", "format": "jsonl", "path": str(data / "target_past_tense.jsonl")},
+                    ]
+                }
+            },
+            "base_model": {"config": {"model_name_or_path": "preset:smollm2", "max_length": 128}},
+            "warmup_checkpoint": {
+                "config": {
+                    "fraction": 0.2,
+                    "epochs": 1,
+                    "lora_r": 8,
+                    "lora_alpha": 32,
+                    "learning_rate": 1e-4,
+                    "effective_batch_size": 8,
+                }
+            },
+            "spectral_basis": {"config": {"k": 8}},
+            "candidate_scores": {"config": {"methods": ["gist"]}},
+            "selected_subset": {"config": {"percentage": 0.1}},
+        }
+    }
 
 
 @pytest.mark.slow
@@ -203,9 +237,11 @@ def test_smollm2_through_the_graph_matches_plain_computation(smollm2_packages, t
         out = run_all(config, str(root), instance=instance, log=lambda _: None)
         base = instance.get_latest_materialization_event(dg.AssetKey("base_model")).asset_materialization.metadata
         warm_meta = instance.get_latest_materialization_event(
-            dg.AssetKey("warmup_checkpoint")).asset_materialization.metadata
+            dg.AssetKey("warmup_checkpoint")
+        ).asset_materialization.metadata
         grad_meta = instance.get_latest_materialization_event(
-            dg.AssetKey("target_gradients")).asset_materialization.metadata
+            dg.AssetKey("target_gradients")
+        ).asset_materialization.metadata
     ran = time.perf_counter() - start - converted
     print(f"\nconversion {converted:.0f}s, graph {ran:.0f}s")
 
@@ -238,8 +274,10 @@ def test_smollm2_through_the_graph_matches_plain_computation(smollm2_packages, t
     db = duckdb.connect(str(root / "gist.duckdb"), read_only=True)
     for target in ("capitals", "past_tense"):
         rows = targets.filter(pl.col("target") == target).sort("example_id")
-        t_enc = [encode_prompt_completion(tok, p, c, ref["max_length"])
-                 for p, c in zip(rows["prompt"], rows["completion"], strict=True)]
+        t_enc = [
+            encode_prompt_completion(tok, p, c, ref["max_length"])
+            for p, c in zip(rows["prompt"], rows["completion"], strict=True)
+        ]
         G = torch.from_numpy(reference_gradients(model, t_enc)).double()
         assert G.shape == (rows.height, D)
         U, S, Vh = torch.linalg.svd(G, full_matrices=False)
@@ -249,14 +287,21 @@ def test_smollm2_through_the_graph_matches_plain_computation(smollm2_packages, t
         dirs = torch.stack([Z[torch.from_numpy(subtasks == s)].mean(0) for s in sorted(set(subtasks))])
         dirs = dirs / dirs.norm(dim=1, keepdim=True)
         expected = ((z / z.norm(dim=1, keepdim=True)) @ dirs.T).max(dim=1).values.numpy()
-        got = dict(db.execute("SELECT candidate_id, score FROM candidate_scores WHERE target = ? AND method = 'gist'",
-                              [target]).fetchall())
+        got = dict(
+            db.execute(
+                "SELECT candidate_id, score FROM candidate_scores WHERE target = ? AND method = 'gist'", [target]
+            ).fetchall()
+        )
         assert len(got) == N_CANDIDATES
         np.testing.assert_allclose([got[i] for i in sample["candidate_id"]], expected, atol=2e-4)
         # The selection is the top 10% of the stored scores, ties by id.
-        order = sorted(got, key=lambda i: (-got[i], i))[:selection_size(len(got), percentage=0.1)]
-        chosen = [r[0] for r in db.execute("SELECT candidate_id FROM selections WHERE target = ? AND method = "
-                                           "'gist' ORDER BY rank", [target]).fetchall()]
+        order = sorted(got, key=lambda i: (-got[i], i))[: selection_size(len(got), percentage=0.1)]
+        chosen = [
+            r[0]
+            for r in db.execute(
+                "SELECT candidate_id FROM selections WHERE target = ? AND method = 'gist' ORDER BY rank", [target]
+            ).fetchall()
+        ]
         assert chosen == order
         assert out["selections"][target]["p0.1"]["selected"] == len(order)
     db.close()

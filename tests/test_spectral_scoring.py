@@ -25,6 +25,7 @@ def align_signs(V: np.ndarray, ref: np.ndarray) -> np.ndarray:
 
 # ------------------------------------------------------------------ spectral
 
+
 def test_build_basis_matches_numpy_and_torch_svd(G):
     basis, notes = build_basis(G, k=5)
     assert notes == []
@@ -46,7 +47,7 @@ def test_build_basis_matches_numpy_and_torch_svd(G):
     np.testing.assert_allclose(basis.Z * signs, U_np[:, :5] * s_np[:5], atol=1e-8)
     # projecting the target rows onto the basis reproduces the target coordinates
     np.testing.assert_allclose(G @ V, basis.Z, atol=1e-4)
-    assert basis.energy_kept == pytest.approx(np.sum(s_np[:5] ** 2) / np.sum(s_np ** 2))
+    assert basis.energy_kept == pytest.approx(np.sum(s_np[:5] ** 2) / np.sum(s_np**2))
 
 
 def test_full_rank_basis_reconstructs_G(G):
@@ -60,7 +61,7 @@ def test_chunked_equals_single_chunk(G):
     assert width == 7 and len(starts) == 43
     assert column_chunks(300, 12 * 8, budget_bytes=1 << 62)[1] == 300
     one, _ = build_basis(G, k=4)
-    many, _ = build_basis(G, k=4, budget_bytes=1)   # one column per chunk: 300 chunks
+    many, _ = build_basis(G, k=4, budget_bytes=1)  # one column per chunk: 300 chunks
     odd, _ = build_basis(G, k=4, budget_bytes=12 * 8 * 7)
     np.testing.assert_allclose(gram_matrix(G, budget_bytes=1), G @ G.T, rtol=1e-10, atol=1e-10)
     for other in (many, odd):
@@ -88,11 +89,11 @@ def test_memmap_read_by_positioned_reads_and_V_streamed_to_a_file(G, tmp_path):
     np.save(tmp_path / "G.npy", G.astype(np.float32))
     mm = np.load(tmp_path / "G.npy", mmap_mode="r")
     with ColumnReader(mm) as reader:
-        assert reader._fd is not None          # not read through the mapping
+        assert reader._fd is not None  # not read through the mapping
         chunk = np.empty((12, 5))
         reader.read(295, chunk)
         np.testing.assert_array_equal(chunk, G.astype(np.float32)[:, 295:])
-    assert ColumnReader(mm[:, 10:])._fd is None   # a view has no file layout of its own: copied
+    assert ColumnReader(mm[:, 10:])._fd is None  # a view has no file layout of its own: copied
     ref, _ = build_basis(G.astype(np.float32), k=3)
     basis, _ = build_basis(mm, k=3, budget_bytes=(12 * 8 + 12 * 3) * 16, out=tmp_path / "V.npy")
     assert isinstance(basis.V, np.memmap) and basis.V.shape == (300, 3)
@@ -135,7 +136,7 @@ def test_choose_rank_fixed_k_and_clamp():
 
 def test_rank_deficient_G():
     rng = np.random.default_rng(1)
-    G = rng.standard_normal((12, 4)) @ rng.standard_normal((4, 300))   # rank 4
+    G = rng.standard_normal((12, 4)) @ rng.standard_normal((4, 300))  # rank 4
     basis, notes = build_basis(G, k=8)
     assert basis.k == 4 and notes and "using k=4" in notes[0]
     assert np.all(basis.s[4:] < basis.s[0] * 1e-6)
@@ -153,16 +154,19 @@ def test_all_zero_G_errors():
         build_basis(np.zeros((5, 40)), energy=0.9)
 
 
-@pytest.mark.parametrize("kwargs, match", [
-    ({}, "exactly one"),
-    ({"k": 2, "energy": 0.9}, "exactly one"),
-    ({"k": 0}, "at least 1"),
-    ({"k": -3}, "at least 1"),
-    ({"energy": 0.0}, r"\(0, 1\]"),
-    ({"energy": 1.5}, r"\(0, 1\]"),
-    ({"energy": -0.1}, r"\(0, 1\]"),
-    ({"energy": float("nan")}, r"\(0, 1\]"),
-])
+@pytest.mark.parametrize(
+    "kwargs, match",
+    [
+        ({}, "exactly one"),
+        ({"k": 2, "energy": 0.9}, "exactly one"),
+        ({"k": 0}, "at least 1"),
+        ({"k": -3}, "at least 1"),
+        ({"energy": 0.0}, r"\(0, 1\]"),
+        ({"energy": 1.5}, r"\(0, 1\]"),
+        ({"energy": -0.1}, r"\(0, 1\]"),
+        ({"energy": float("nan")}, r"\(0, 1\]"),
+    ],
+)
 def test_choose_rank_invalid_arguments(kwargs, match):
     with pytest.raises(ValueError, match=match):
         choose_rank(np.array([3.0, 2.0, 1.0]), **kwargs)
@@ -170,12 +174,13 @@ def test_choose_rank_invalid_arguments(kwargs, match):
 
 # ------------------------------------------------------------------- scoring
 
+
 def test_subtask_directions_by_hand():
     Z = np.array([[1.0, 0.0], [3.0, 0.0], [0.0, 2.0], [1.0, 1.0], [-1.0, 1.0]])
     names, D = subtask_directions(Z, ["math", "math", "zulu", "bio", "zulu"])
     assert names == ["bio", "math", "zulu"]
     expected = []
-    for name, rows in (("bio", [3]), ("math", [0, 1]), ("zulu", [2, 4])):
+    for _name, rows in (("bio", [3]), ("math", [0, 1]), ("zulu", [2, 4])):
         m = Z[rows].mean(axis=0)
         expected.append(m / np.linalg.norm(m))
     np.testing.assert_allclose(D, np.array(expected))
@@ -241,9 +246,19 @@ def test_checkpoint_weights():
 
 # ----------------------------------------------------------------- selection
 
-@pytest.mark.parametrize("pool, pct, expected", [
-    (100, 0.05, 5), (10, 0.05, 1), (3, 0.01, 1), (10, 0.3, 3), (100, 0.29, 29), (7, 0.5, 3), (10, 1.0, 10),
-])
+
+@pytest.mark.parametrize(
+    "pool, pct, expected",
+    [
+        (100, 0.05, 5),
+        (10, 0.05, 1),
+        (3, 0.01, 1),
+        (10, 0.3, 3),
+        (100, 0.29, 29),
+        (7, 0.5, 3),
+        (10, 1.0, 10),
+    ],
+)
 def test_selection_size_percentage(pool, pct, expected):
     assert selection_size(pool, percentage=pct) == expected
 
@@ -283,7 +298,7 @@ def test_top_selection_order_and_tie_breaking():
 def test_top_selection_is_independent_of_input_order():
     rng = np.random.default_rng(3)
     ids = [f"cand-{i:03d}" for i in range(50)]
-    scores = np.round(rng.random(50), 1)   # many ties
+    scores = np.round(rng.random(50), 1)  # many ties
     chosen = {ids[i] for i in top_selection(scores, ids, percentage=0.2)}
     perm = rng.permutation(50)
     chosen_perm = {ids[i] for i in perm[top_selection(scores[perm], [ids[i] for i in perm], percentage=0.2)]}
@@ -291,6 +306,7 @@ def test_top_selection_is_independent_of_input_order():
 
 
 # ------------------------------------------------- scale paths (same results as before)
+
 
 def _old_cosine_to_subtasks(z, directions):
     """The previous implementation: normalize float64 rows, then one matmul."""
@@ -310,11 +326,11 @@ def test_cosine_to_subtasks_float32_zero_rows_and_chunks_match_old(monkeypatch, 
 
     rng = np.random.default_rng(5)
     z = rng.standard_normal((1001, 16)).astype(dtype)
-    z[[0, 500, 1000]] = 0.0                    # zero rows, also at chunk edges
-    z[7] *= 1e-30                              # tiny but non-zero row still gets its cosine
+    z[[0, 500, 1000]] = 0.0  # zero rows, also at chunk edges
+    z[7] *= 1e-30  # tiny but non-zero row still gets its cosine
     _, D = subtask_directions(rng.standard_normal((12, 16)), list("aaaabbbbcccc"))
     old = _old_cosine_to_subtasks(z, D)
-    for chunk_bytes in (scoring._COSINE_CHUNK_BYTES, 8 * 16 * 64, 8 * 16 * 1, 1):   # one chunk ... one row a chunk
+    for chunk_bytes in (scoring._COSINE_CHUNK_BYTES, 8 * 16 * 64, 8 * 16 * 1, 1):  # one chunk ... one row a chunk
         monkeypatch.setattr(scoring, "_COSINE_CHUNK_BYTES", chunk_bytes)
         C = cosine_to_subtasks(z, D)
         assert C.dtype == np.float64 and C.shape == (1001, 3)
@@ -337,11 +353,11 @@ def test_rank_order_matches_lexsort_with_many_ties():
 
     rng = np.random.default_rng(11)
     m = 5000
-    ids = [f"c{i}" for i in rng.permutation(m)]          # string order differs from numeric: "c10" < "c9"
-    ids[10] = ids[11]                                    # a duplicated id keeps input order
-    scores = np.round(rng.random(m), 2)                  # ~100 distinct values: long runs of ties
-    scores[rng.choice(m, 50, replace=False)] = np.nan    # NaN ranks last, ties by id there too
-    scores[rng.choice(m, 50, replace=False)] = -0.0      # ties with 0.0
+    ids = [f"c{i}" for i in rng.permutation(m)]  # string order differs from numeric: "c10" < "c9"
+    ids[10] = ids[11]  # a duplicated id keeps input order
+    scores = np.round(rng.random(m), 2)  # ~100 distinct values: long runs of ties
+    scores[rng.choice(m, 50, replace=False)] = np.nan  # NaN ranks last, ties by id there too
+    scores[rng.choice(m, 50, replace=False)] = -0.0  # ties with 0.0
     scores[rng.choice(m, 50, replace=False)] = 0.0
     scores[:3] = [np.inf, -np.inf, np.inf]
     expected = _old_rank_order(scores, ids)
@@ -349,7 +365,7 @@ def test_rank_order_matches_lexsort_with_many_ties():
         got = rank_order(scores, given)
         assert got.dtype == np.int64
         np.testing.assert_array_equal(got, expected)
-    continuous = rng.standard_normal(m)                  # (almost) no ties: the argsort-only path
+    continuous = rng.standard_normal(m)  # (almost) no ties: the argsort-only path
     np.testing.assert_array_equal(rank_order(continuous, ids), _old_rank_order(continuous, ids))
     np.testing.assert_array_equal(rank_order(np.zeros(m), ids), _old_rank_order(np.zeros(m), ids))
 
@@ -359,14 +375,14 @@ def test_rank_order_nan_last_string_ids_and_edges():
     scores = np.array([0.5, 0.5, np.nan, np.nan, 0.7])
     assert [ids[i] for i in rank_order(scores, ids)] == ["a", "c10", "c9", "b", "c2"]
     nums = [10, 9, 100]
-    assert [nums[i] for i in rank_order([1, 1, 1], nums)] == [10, 100, 9]   # non-str ids compare as str
+    assert [nums[i] for i in rank_order([1, 1, 1], nums)] == [10, 100, 9]  # non-str ids compare as str
     assert rank_order(np.array([]), []).dtype == np.int64 and len(rank_order(np.array([]), [])) == 0
     np.testing.assert_array_equal(rank_order(np.array([0.3]), ["x"]), [0])
     with pytest.raises(ValueError, match="2 scores but 3 candidate ids"):
         rank_order(np.array([0.1, 0.2]), ["a", "b", "c"])
 
 
-def test_method_scores_and_top_rows_read_back_as_before(tmp_path):
+def test_method_scores_and_top_rows_read_back_as_before(tmp_path) -> None:
     """write_method_scores' columns as the old list code built them; the bounded top-n picks the same rows
     as choosing on every row; capped/round-robin still see every row; a set streamed in shards is the
     same as one written at once; the DuckDB histogram counts what numpy counts."""
@@ -379,9 +395,15 @@ def test_method_scores_and_top_rows_read_back_as_before(tmp_path):
     rng = np.random.default_rng(4)
     m, names = 400, ["algebra", "geometry", "logic"]
     ids = [f"c{i}" for i in rng.permutation(m)]
-    scored = pl.DataFrame({"candidate_id": ids, "source": [f"s{i % 3}" for i in range(m)],
-                           "shard": ["x-0000"] * m, "n_tokens": list(range(m))})
-    per_subtask = np.round(rng.random((m, 3)), 2)        # many tied scores
+    scored = pl.DataFrame(
+        {
+            "candidate_id": ids,
+            "source": [f"s{i % 3}" for i in range(m)],
+            "shard": ["x-0000"] * m,
+            "n_tokens": list(range(m)),
+        }
+    )
+    per_subtask = np.round(rng.random((m, 3)), 2)  # many tied scores
     store = ScoreStore(database=str(tmp_path / "scores.duckdb"))
     write_method_scores(store, "gist", [("t", scored, per_subtask, names, "fp")])
     full = store.read_scores("t", "gist")
@@ -391,18 +413,27 @@ def test_method_scores_and_top_rows_read_back_as_before(tmp_path):
     want = pl.DataFrame({"candidate_id": ids, "rank": rank, "best_subtask": [names[i] for i in best]}).sort("rank")
     assert full.select("candidate_id", "rank", "best_subtask").equals(want)
     long = store.read_subtask_scores("t", "gist").sort("candidate_id", "subtask")
-    want_long = pl.DataFrame({"candidate_id": np.repeat(np.asarray(ids, dtype=object), 3).tolist(),
-                              "subtask": names * m, "score": per_subtask.reshape(-1)}).sort("candidate_id", "subtask")
+    want_long = pl.DataFrame(
+        {
+            "candidate_id": np.repeat(np.asarray(ids, dtype=object), 3).tolist(),
+            "subtask": names * m,
+            "score": per_subtask.reshape(-1),
+        }
+    ).sort("candidate_id", "subtask")
     assert long.equals(want_long)
 
-    for cfg in (SelectionConfig(percentage=0.1), SelectionConfig(percentage=None, n=37),
-                SelectionConfig(percentage=0.1, max_per_source=15),
-                SelectionConfig(percentage=0.1, strategy="round_robin")):
+    for cfg in (
+        SelectionConfig(percentage=0.1),
+        SelectionConfig(percentage=None, n=37),
+        SelectionConfig(percentage=0.1, max_per_source=15),
+        SelectionConfig(percentage=0.1, strategy="round_robin"),
+    ):
         rows, n_scored = read_selection_rows(store, "t", "gist", cfg)
         assert n_scored == m
         subtasks = store.read_subtask_scores("t", "gist") if cfg.strategy == "round_robin" else None
-        assert rows.height == (cfg.n or int(cfg.percentage * m) if cfg.strategy == "top" and
-                               cfg.max_per_source is None else m)
+        assert rows.height == (
+            cfg.n or int(cfg.percentage * m) if cfg.strategy == "top" and cfg.max_per_source is None else m
+        )
         assert choose(cfg, rows, subtasks, n_scored).equals(choose(cfg, full, subtasks))
 
     edges, counts = store.score_histogram("t", "gist", bins=7)

@@ -5,7 +5,7 @@ import pytest
 from dagster._core.definitions.data_version import StaleStatus
 from dagster._utils.test.data_versions import get_stale_status_resolver
 
-from gist_assets.definitions import ASSETS, make_resources
+from gist_assets.definitions import ASSETS
 from gist_assets.run import materialize, run_all
 from small_config import SMALL
 
@@ -28,14 +28,22 @@ def _status(instance, shards):
 @pytest.mark.slow
 def test_changing_k_and_warmup_marks_exactly_what_depends_on_them(tmp_path):
     root = str(tmp_path)
-    resources = make_resources(root)
     with dg.instance_for_test() as instance:
         run_all(TINY, root, instance=instance, log=lambda _: None)
         shards = instance.get_dynamic_partitions("candidate_shards")
         fresh = {StaleStatus.FRESH}
         status = _status(instance, shards)
-        for name in ["candidate_pool", "target_sets", "base_model", "warmup_checkpoint", "target_gradients",
-                     "spectral_basis", "candidate_features", "candidate_scores", "selected_subset"]:
+        for name in [
+            "candidate_pool",
+            "target_sets",
+            "base_model",
+            "warmup_checkpoint",
+            "target_gradients",
+            "spectral_basis",
+            "candidate_features",
+            "candidate_scores",
+            "selected_subset",
+        ]:
             assert status[name] == fresh, (name, status[name])
 
         # Same config again: same data version, nothing downstream turns stale.
@@ -60,8 +68,12 @@ def test_changing_k_and_warmup_marks_exactly_what_depends_on_them(tmp_path):
         assert status["selected_subset"] == {StaleStatus.STALE}
 
         # A new warmup: the target gradients (and the basis after them) are stale, the pool is not.
-        materialize(["warmup_checkpoint"], {"ops": {"warmup_checkpoint": {"config": {"fraction": 0.1, "epochs": 1}}}},
-                     instance, root)
+        materialize(
+            ["warmup_checkpoint"],
+            {"ops": {"warmup_checkpoint": {"config": {"fraction": 0.1, "epochs": 1}}}},
+            instance,
+            root,
+        )
         status = _status(instance, shards)
         assert status["candidate_pool"] == fresh and status["base_model"] == fresh
         assert status["target_gradients"] == {StaleStatus.STALE}

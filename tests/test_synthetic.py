@@ -26,12 +26,11 @@ def targets():
 def _turns(record):
     """(user, assistant) content pairs of a record, system turn skipped."""
     msgs = [m for m in record["messages"] if m["role"] != "system"]
-    return [(u["content"], a["content"]) for u, a in zip(msgs[::2], msgs[1::2])]
+    return [(u["content"], a["content"]) for u, a in zip(msgs[::2], msgs[1::2], strict=False)]
 
 
 def _is_noisy(record):
-    return any(reply not in syn._clean_replies(record["dataset"], user)
-               for user, reply in _turns(record))
+    return any(reply not in syn._clean_replies(record["dataset"], user) for user, reply in _turns(record))
 
 
 # ------------------------------------------------------------------ determinism
@@ -46,7 +45,7 @@ def test_write_pool_is_byte_identical(tmp_path):
     a = syn.write_pool(tmp_path / "a", n_examples=800, seed=5)
     b = syn.write_pool(tmp_path / "b", n_examples=800, seed=5)
     assert [p.relative_to(tmp_path / "a") for p in a] == [p.relative_to(tmp_path / "b") for p in b]
-    for pa, pb in zip(a, b):
+    for pa, pb in zip(a, b, strict=False):
         assert pa.read_bytes() == pb.read_bytes()
 
 
@@ -152,14 +151,19 @@ def test_clean_answers_are_correct(pool):
                 assert _ints(reply)[-1] == expected, (user, reply)
                 assert expected >= 0
             elif skill == "reverse_word":
-                m = (re.search(r"'([a-z]+)'", user) or re.search(r": ([a-z]+)$", user)
-                     or re.match(r"([a-z]+) reversed", user))
+                m = (
+                    re.search(r"'([a-z]+)'", user)
+                    or re.search(r": ([a-z]+)$", user)
+                    or re.match(r"([a-z]+) reversed", user)
+                )
                 word = m.group(1)
                 assert word[::-1] in reply, (user, reply)
             elif skill == "uppercase":
-                phrase = " ".join(w for w in re.findall(r"\b[a-z]+\b", user.split(":")[-1]
-                                                        if ":" in user else user)
-                                  if w not in {"to", "uppercase", "using", "only", "letters"})
+                phrase = " ".join(
+                    w
+                    for w in re.findall(r"\b[a-z]+\b", user.split(":")[-1] if ":" in user else user)
+                    if w not in {"to", "uppercase", "using", "only", "letters"}
+                )
                 assert phrase.upper() in reply, (user, reply)
             elif skill == "capitals":
                 country = next(c for c, _cap, _k in syn.COUNTRIES if c in user)
@@ -221,7 +225,7 @@ def test_write_pool_layout(tmp_path):
     paths = syn.write_pool(tmp_path, n_examples=400, seed=0)
     assert [p.parent.name for p in paths] == list(syn.SKILLS)
     total = 0
-    for skill, path in zip(syn.SKILLS, paths):
+    for skill, path in zip(syn.SKILLS, paths, strict=False):
         assert path == tmp_path / "train" / "processed" / skill / f"{skill}_data.jsonl"
         lines = path.read_text(encoding="utf-8").splitlines()
         records = [json.loads(line) for line in lines]
@@ -298,7 +302,7 @@ def test_targets_disjoint_from_pool(seed, targets):
         for t in ts
         for part in syn.template_fixed_parts(t)
     ).lower()
-    for target, templates in syn.TARGET_TEMPLATES.items():
+    for templates in syn.TARGET_TEMPLATES.values():
         for template in templates:
             parts = [p for p in map(_significant, syn.template_fixed_parts(template)) if p]
             assert parts, template  # each target template has distinctive text

@@ -42,6 +42,7 @@ def test_tulu_prompt():
 
 # ------------------------------------------------------------------ MMLU
 
+
 def test_mmlu_counts_and_format():
     exs = load_mmlu(LESS_ROOT)
     _check_common(exs, "mmlu")
@@ -94,6 +95,7 @@ def test_mmlu_bad_row(tmp_path):
 
 # ------------------------------------------------------------------ BBH
 
+
 def test_bbh_counts_and_format():
     exs = load_bbh(LESS_ROOT)
     _check_common(exs, "bbh")
@@ -141,8 +143,7 @@ def test_bbh_bad_exemplar(tmp_path):
     d.mkdir(parents=True)
     bad = "Instr.\n\nQ: a\nA: 1\n\nQ: b (no answer)\n\nQ: c\nA: 3"
     (d / "bbh-three-shot.json").write_text(json.dumps({"t": bad}))
-    with pytest.raises(TargetFormatError,
-                       match=r"bbh-three-shot\.json: task 't' exemplar 1 contains 0"):
+    with pytest.raises(TargetFormatError, match=r"bbh-three-shot\.json: task 't' exemplar 1 contains 0"):
         load_bbh(tmp_path)
 
 
@@ -157,6 +158,7 @@ def test_bbh_missing_and_invalid(tmp_path):
 
 
 # ------------------------------------------------------------------ TyDiQA
+
 
 def test_tydiqa_counts_and_format():
     exs = load_tydiqa(LESS_ROOT, instruction_sep="\n\n")
@@ -192,8 +194,9 @@ def test_tydiqa_counts_and_format():
 def test_tydiqa_less_exact_separator():
     # The LESS script glues the instruction straight onto "Passage:".
     en = load_tydiqa(LESS_ROOT)[0]
-    assert en["prompt"].startswith("<|user|>\nAnswer the following question based on the "
-                                   "information in the given passage.Passage: Quantum")
+    assert en["prompt"].startswith(
+        "<|user|>\nAnswer the following question based on the information in the given passage.Passage: Quantum"
+    )
 
 
 def test_tydiqa_unknown_language(tmp_path):
@@ -201,13 +204,16 @@ def test_tydiqa_unknown_language(tmp_path):
     d.mkdir(parents=True)
     ex = {"context": "c", "question": "q", "answers": [{"text": "a"}]}
     (d / "tydiqa-one-shot.json").write_text(json.dumps({"klingon": [ex]}))
-    with pytest.raises(TargetFormatError,
-                       match=r"tydiqa-one-shot\.json: unknown language 'klingon'; "
-                             r"supported: english, arabic, .*telugu"):
+    with pytest.raises(
+        TargetFormatError,
+        match=r"tydiqa-one-shot\.json: unknown language 'klingon'; "
+        r"supported: english, arabic, .*telugu",
+    ):
         load_tydiqa(tmp_path)
 
 
 # ------------------------------------------------------------------ custom JSONL
+
 
 def test_custom_jsonl():
     exs = load_custom_jsonl(CUSTOM, target="mine")
@@ -252,13 +258,13 @@ def test_custom_jsonl_missing_file(tmp_path):
 
 # ------------------------------------------------------------------ dispatch
 
+
 def test_load_target_dispatch():
     assert len(load_target({"name": "mmlu", "format": "mmlu", "path": str(LESS_ROOT)})) == 10
     assert len(load_target({"name": "bbh", "format": "bbh", "path": str(LESS_ROOT)})) == 6
     ty = load_target({"name": "tq", "format": "tydiqa", "path": str(LESS_ROOT)})
     assert [e["example_id"] for e in ty] == ["tq/english/0", "tq/finnish/0"]
-    raw = load_target({"name": "c", "format": "jsonl", "path": str(CUSTOM),
-                       "apply_chat_format": False})
+    raw = load_target({"name": "c", "format": "jsonl", "path": str(CUSTOM), "apply_chat_format": False})
     assert raw[0]["prompt"] == "What is 2 + 3?"
 
 
@@ -268,5 +274,4 @@ def test_load_target_errors():
     with pytest.raises(TargetFormatError, match=r"missing path"):
         load_target({"name": "x", "format": "jsonl"})
     with pytest.raises(TargetFormatError, match=r"apply_chat_format=false"):
-        load_target({"name": "x", "format": "mmlu", "path": str(LESS_ROOT),
-                     "apply_chat_format": False})
+        load_target({"name": "x", "format": "mmlu", "path": str(LESS_ROOT), "apply_chat_format": False})

@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pytest
 import requests
+
 from service_util import free_port, graphql, stop_group
 
 REPO = Path(__file__).resolve().parents[1]
@@ -16,12 +17,29 @@ WEBSERVER = Path(sys.executable).parent / "dagster-webserver"
 HOST = "127.0.0.1"
 STARTUP_TIMEOUT_S = 120
 
-EXPECTED_ASSETS = {"candidate_pool", "target_sets", "base_model", "warmup_checkpoint", "target_gradients",
-                   "spectral_basis", "candidate_features", "candidate_sketches", "candidate_scores", "selected_subset",
-                   "less_candidate_features", "representation_features", "baseline_scores", "baseline_selections",
-                   "selection_evaluation"}
-EXPECTED_CHECKS = {"spectral_basis": {"basis_columns_orthonormal"}, "candidate_scores": {"scores_valid"},
-                   "baseline_scores": {"scores_valid"}, "selected_subset": {"selection_size_as_configured", "selections_valid"}}
+EXPECTED_ASSETS = {
+    "candidate_pool",
+    "target_sets",
+    "base_model",
+    "warmup_checkpoint",
+    "target_gradients",
+    "spectral_basis",
+    "candidate_features",
+    "candidate_sketches",
+    "candidate_scores",
+    "selected_subset",
+    "less_candidate_features",
+    "representation_features",
+    "baseline_scores",
+    "baseline_selections",
+    "selection_evaluation",
+}
+EXPECTED_CHECKS = {
+    "spectral_basis": {"basis_columns_orthonormal"},
+    "candidate_scores": {"scores_valid"},
+    "baseline_scores": {"scores_valid"},
+    "selected_subset": {"selection_size_as_configured", "selections_valid"},
+}
 PARTITIONED = ["candidate_features", "candidate_sketches", "less_candidate_features", "representation_features"]
 
 LOCATIONS_QUERY = """
@@ -74,13 +92,22 @@ def _listen_addresses(port: int) -> set[str] | None:
 @pytest.fixture
 def webserver(tmp_path):
     port = free_port()
-    env = {**os.environ, "DAGSTER_HOME": str(tmp_path / "dagster_home"),
-           "GIST_STORAGE_ROOT": str(tmp_path / "gist_root")}
+    env = {
+        **os.environ,
+        "DAGSTER_HOME": str(tmp_path / "dagster_home"),
+        "GIST_STORAGE_ROOT": str(tmp_path / "gist_root"),
+    }
     Path(env["DAGSTER_HOME"]).mkdir()
     stdout, stderr = open(tmp_path / "stdout.log", "wb"), open(tmp_path / "stderr.log", "wb")
-    proc = subprocess.Popen([str(WEBSERVER), "-h", HOST, "-p", str(port), "-w", "workspace.yaml"],
-                            cwd=REPO, env=env, stdout=stdout, stderr=stderr, stdin=subprocess.DEVNULL,
-                            start_new_session=True)
+    proc = subprocess.Popen(
+        [str(WEBSERVER), "-h", HOST, "-p", str(port), "-w", "workspace.yaml"],
+        cwd=REPO,
+        env=env,
+        stdout=stdout,
+        stderr=stderr,
+        stdin=subprocess.DEVNULL,
+        start_new_session=True,
+    )
 
     def logs() -> str:
         stderr.flush()
@@ -128,7 +155,8 @@ def test_webserver_serves_the_code_location(webserver):
     loc = entries[0]["locationOrLoadError"]
     assert loc is not None and loc["__typename"] == "RepositoryLocation", (
         f"code location failed to load: {loc.get('message') if loc else None}\n{loc.get('stack') if loc else ''}"
-        f"\n{webserver['logs']()}")
+        f"\n{webserver['logs']()}"
+    )
     assert entries[0]["loadStatus"] == "LOADED"
     jobs = {j["name"] for repo in loc["repositories"] for j in repo["jobs"]}
     assert {"prepare_job", "features_job", "select_job"} <= jobs, jobs
@@ -148,10 +176,13 @@ def test_webserver_serves_the_code_location(webserver):
             checks[key] = names
         assert node["hasAssetChecks"] == bool(names)
     assert checks == EXPECTED_CHECKS
-    blocking = {c["name"]: c["blocking"] for n in by_key.values()
-                for c in n["assetChecksOrError"]["checks"]}
-    assert blocking == {"basis_columns_orthonormal": True, "scores_valid": True,
-                        "selection_size_as_configured": False, "selections_valid": True}
+    blocking = {c["name"]: c["blocking"] for n in by_key.values() for c in n["assetChecksOrError"]["checks"]}
+    assert blocking == {
+        "basis_columns_orthonormal": True,
+        "scores_valid": True,
+        "selection_size_as_configured": False,
+        "selections_valid": True,
+    }
 
     feats = by_key["candidate_features"]
     assert feats["isPartitioned"] is True

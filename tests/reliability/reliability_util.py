@@ -12,8 +12,15 @@ import dagster as dg
 from gist_assets.definitions import ASSETS, CHECKS, make_resources
 
 
-def materialize(names: list[str], root: Path, instance, ops: dict | None = None, partition_key: str | None = None,
-                resources: dict | None = None, checks: bool = True) -> dg.ExecuteInProcessResult:
+def materialize(
+    names: list[str],
+    root: Path,
+    instance,
+    ops: dict | None = None,
+    partition_key: str | None = None,
+    resources: dict | None = None,
+    checks: bool = True,
+) -> dg.ExecuteInProcessResult:
     """Materialize the named assets (and their checks) into ``root``; never raises on a failed step."""
     known = {a.key.to_user_string(): a for a in ASSETS}
     selection = [known[n] for n in names]
@@ -24,8 +31,14 @@ def materialize(names: list[str], root: Path, instance, ops: dict | None = None,
     # These tests are about the exact path's inputs and outputs; gist_sketch has its own (tests/test_sketch.py).
     ops = {"candidate_scores": {"methods": ["gist"]}, **(ops or {})}
     run_config = {"ops": {name: {"config": cfg} for name, cfg in ops.items() if name in names}}
-    return dg.materialize(selection, instance=instance, resources=res, run_config=run_config,
-                          partition_key=partition_key, raise_on_error=False)
+    return dg.materialize(
+        selection,
+        instance=instance,
+        resources=res,
+        run_config=run_config,
+        partition_key=partition_key,
+        raise_on_error=False,
+    )
 
 
 def user_error(result: dg.ExecuteInProcessResult) -> str:
@@ -52,8 +65,11 @@ def check_results(result: dg.ExecuteInProcessResult) -> dict[str, object]:
 def warnings_logged(instance, result: dg.ExecuteInProcessResult) -> list[str]:
     import logging
 
-    return [e.user_message for e in instance.all_logs(result.run_id)
-            if e.dagster_event is None and e.level >= logging.WARNING]
+    return [
+        e.user_message
+        for e in instance.all_logs(result.run_id)
+        if e.dagster_event is None and e.level >= logging.WARNING
+    ]
 
 
 @contextlib.contextmanager

@@ -17,8 +17,17 @@ import polars as pl
 import pytest
 
 from gist_resources import ScoreStore
-from reliability_util import (check_results, conv, fresh_instance, materialize, metadata, truncate_file,
-                              user_error, warnings_logged, write_jsonl)
+from reliability_util import (
+    check_results,
+    conv,
+    fresh_instance,
+    materialize,
+    metadata,
+    truncate_file,
+    user_error,
+    warnings_logged,
+    write_jsonl,
+)
 
 GOOD = conv("What is the capital of France?", "Paris.")
 
@@ -27,13 +36,18 @@ GOOD = conv("What is the capital of France?", "Paris.")
 BAD_RECORDS = {
     "malformed_json": ([GOOD, '{"messages": [{"role": "user"'], 2, "malformed JSON"),
     "wrong_shape": ([GOOD, "[1, 2, 3]"], 2, "expected a JSON object, got list"),
-    "wrong_type": ([GOOD, {"messages": [{"role": "user", "content": 5}, {"role": "assistant", "content": "x"}]}],
-                   2, "messages[0].content must be a string, got int"),
+    "wrong_type": (
+        [GOOD, {"messages": [{"role": "user", "content": 5}, {"role": "assistant", "content": "x"}]}],
+        2,
+        "messages[0].content must be a string, got int",
+    ),
     "empty_messages": ([GOOD, {"messages": []}], 2, "'messages' is empty"),
-    "no_assistant_turn": ([GOOD, {"messages": [{"role": "user", "content": "Hi"}]}], 2,
-                          "no non-empty assistant turn"),
-    "unknown_role": ([GOOD, {"messages": [{"role": "bot", "content": "Hi"},
-                                          {"role": "assistant", "content": "x"}]}], 2, "unknown role 'bot'"),
+    "no_assistant_turn": ([GOOD, {"messages": [{"role": "user", "content": "Hi"}]}], 2, "no non-empty assistant turn"),
+    "unknown_role": (
+        [GOOD, {"messages": [{"role": "bot", "content": "Hi"}, {"role": "assistant", "content": "x"}]}],
+        2,
+        "unknown role 'bot'",
+    ),
     "missing_completion": ([GOOD, {"prompt": "What is 1 + 1?"}], 2, "no 'completion' field"),
     "missing_prompt": ([GOOD, {"completion": "2"}], 2, "no 'prompt' field"),
     "empty_file": ([], 0, "file is empty"),
@@ -56,8 +70,9 @@ def _bad_file(folder, name):
 def test_bad_record_stops_with_file_line_and_fix(tmp_path, name):
     path, line, reason = _bad_file(tmp_path / "data", name)
     with fresh_instance() as instance:
-        result = materialize(["candidate_pool"], tmp_path / "root", instance,
-                             {"candidate_pool": {"paths": [str(path)]}})
+        result = materialize(
+            ["candidate_pool"], tmp_path / "root", instance, {"candidate_pool": {"paths": [str(path)]}}
+        )
     msg = user_error(result)
     assert msg.startswith(f"gist_core.data.BadRecordError: {path}:{line}: "), msg
     assert reason in msg, msg
@@ -70,8 +85,12 @@ def test_bad_records_skipped_and_counted_with_skip_policy(tmp_path):
     bad = {name: _bad_file(data, name) for name in BAD_RECORDS}
     write_jsonl(data / "good.jsonl", [conv("Name a prime.", "7."), conv("Name a planet.", "Mars.")])
     with fresh_instance() as instance:
-        result = materialize(["candidate_pool"], tmp_path / "root", instance,
-                             {"candidate_pool": {"paths": [str(data / "*.jsonl")], "on_bad_record": "skip"}})
+        result = materialize(
+            ["candidate_pool"],
+            tmp_path / "root",
+            instance,
+            {"candidate_pool": {"paths": [str(data / "*.jsonl")], "on_bad_record": "skip"}},
+        )
     assert result.success, user_error(result)
     meta = metadata(result, "candidate_pool")
     assert meta["records_skipped"] == len(BAD_RECORDS)
@@ -94,8 +113,9 @@ def test_very_long_record_is_truncated_and_counted(custom_graph):
     scores_meta = metadata(custom_graph["select"], "candidate_scores")
     assert scores_meta["candidates_truncated"] == 2
     with duckdb.connect(str(custom_graph["root"] / "gist.duckdb"), read_only=True) as db:
-        n = db.execute("SELECT count(*) FROM candidate_scores WHERE candidate_id = ?",
-                       [long_reply["candidate_id"][0]]).fetchone()[0]
+        n = db.execute(
+            "SELECT count(*) FROM candidate_scores WHERE candidate_id = ?", [long_reply["candidate_id"][0]]
+        ).fetchone()[0]
     assert n == 2  # scored for both targets
 
 
@@ -107,8 +127,10 @@ def test_completion_cut_off_by_truncation_is_excluded_with_reason(custom_graph):
     cut_id = excluded["candidate_id"][0]
     with duckdb.connect(str(custom_graph["root"] / "gist.duckdb"), read_only=True) as db:
         assert db.execute("SELECT count(*) FROM candidate_scores WHERE candidate_id = ?", [cut_id]).fetchone()[0] == 0
-        assert db.execute("SELECT count(*) FROM candidate_scores WHERE isnan(score) OR NOT isfinite(score)"
-                          ).fetchone()[0] == 0
+        assert (
+            db.execute("SELECT count(*) FROM candidate_scores WHERE isnan(score) OR NOT isfinite(score)").fetchone()[0]
+            == 0
+        )
         per_target = db.execute("SELECT target, count(*) FROM candidate_scores GROUP BY 1").fetchall()
     assert dict(per_target) == {"single": side.height - 1, "mixed": side.height - 1}
     meta = metadata(custom_graph["select"], "candidate_scores")
@@ -144,8 +166,10 @@ def test_single_example_target_and_single_example_subtask_stay_in_the_basis(cust
         assert abs(float(V[:, 0] @ V[:, 0]) - 1) < 1e-4  # a unit vector: the N=1 basis is well defined
     assert check_results(custom_graph["prepare"])["spectral_basis:basis_columns_orthonormal"].passed
     with duckdb.connect(str(root / "gist.duckdb"), read_only=True) as db:
-        rows = db.execute("SELECT target, min(score), max(score), count(DISTINCT best_subtask) "
-                          "FROM candidate_scores GROUP BY 1 ORDER BY 1").fetchall()
+        rows = db.execute(
+            "SELECT target, min(score), max(score), count(DISTINCT best_subtask) "
+            "FROM candidate_scores GROUP BY 1 ORDER BY 1"
+        ).fetchall()
         selected = db.execute("SELECT target, count(*) FROM selections GROUP BY 1 ORDER BY 1").fetchall()
     assert [r[0] for r in rows] == ["mixed", "single"]
     assert all(-1 - 1e-6 <= r[1] <= r[2] <= 1 + 1e-6 for r in rows)
@@ -158,19 +182,23 @@ def test_k_larger_than_target_examples_is_clamped_with_a_warning(custom_graph):
     meta = metadata(result, "spectral_basis")
     assert meta["k"] == {"epoch_1/mixed": 3, "epoch_2/mixed": 3, "epoch_1/single": 1, "epoch_2/single": 1}
     logged = warnings_logged(custom_graph["instance"], result)
-    assert any("epoch_1/single: k=8 exceeds the 1 non-zero singular values" in m and "using k=1" in m
-               for m in logged), logged
+    assert any(
+        "epoch_1/single: k=8 exceeds the 1 non-zero singular values" in m and "using k=1" in m for m in logged
+    ), logged
     assert any("epoch_1/mixed: k=8 exceeds" in m and "using k=3" in m for m in logged), logged
     notes = json.loads((custom_graph["root"] / "basis" / "epoch_1" / "single" / "meta.json").read_text())["notes"]
     assert notes and "using k=1" in notes[0]
 
 
-@pytest.mark.parametrize("config, shown", [
-    ({"percentage": 0.0}, "percentage=0.0 must be in (0, 1]"),
-    ({"percentage": 1.5}, "percentage=1.5 must be in (0, 1]"),
-    ({"percentage": None, "n": 1000}, "n=1000 must be between 1 and the number of scored candidates (10)"),
-    ({"percentage": 0.1, "n": 3}, "set exactly one of percentage"),
-])
+@pytest.mark.parametrize(
+    "config, shown",
+    [
+        ({"percentage": 0.0}, "percentage=0.0 must be in (0, 1]"),
+        ({"percentage": 1.5}, "percentage=1.5 must be in (0, 1]"),
+        ({"percentage": None, "n": 1000}, "n=1000 must be between 1 and the number of scored candidates (10)"),
+        ({"percentage": 0.1, "n": 3}, "set exactly one of percentage"),
+    ],
+)
 def test_selection_size_out_of_range_names_value_and_range(custom_graph, config, shown):
     root = custom_graph["root"]
     before = {p: p.stat().st_mtime_ns for p in (root / "selections").rglob("*")}
@@ -186,8 +214,9 @@ def test_model_path_that_does_not_exist(tmp_path, kind):
     if kind == "no_config_json":
         model.mkdir(parents=True)
     with fresh_instance() as instance:
-        result = materialize(["base_model"], tmp_path / "root", instance,
-                             {"base_model": {"model_name_or_path": str(model)}})
+        result = materialize(
+            ["base_model"], tmp_path / "root", instance, {"base_model": {"model_name_or_path": str(model)}}
+        )
     msg = user_error(result)
     assert str(model) in msg, msg
     assert ("download it first" in msg) if kind == "missing" else ("has no config.json" in msg), msg
@@ -218,20 +247,37 @@ def test_adapter_for_another_model_names_the_adapter_dir(tmp_path):
 CORRUPTED = {
     "basis_V": ("basis/epoch_1/mixed/V.npy", "candidate_features", "re-materialize the `spectral_basis` asset"),
     "basis_Z": ("basis/epoch_2/single/Z.npy", "candidate_scores", "re-materialize the `spectral_basis` asset"),
-    "features": ("features/mypool-0000/features.safetensors", "candidate_scores",
-                 "re-materialize the `candidate_features` asset for partition 'mypool-0000'"),
-    "target_gradients": ("target_gradients/epoch_1/single.npy", "spectral_basis",
-                         "re-materialize the `target_gradients` asset"),
-    "target_gradient_labels": ("target_gradients/epoch_1/mixed.parquet", "spectral_basis",
-                               "re-materialize the `target_gradients` asset"),
-    "adapter_weights": ("warmup/epoch_1/adapter_model.safetensors", "target_gradients",
-                        "is damaged or truncated"),
-    "adapter_weights_of_a_shard": ("warmup/epoch_2/adapter_model.safetensors", "candidate_features",
-                                   "re-materialize the `warmup_checkpoint` asset"),
-    "feature_sidecar": ("features/mypool-0000/candidates.parquet", "candidate_scores",
-                        "re-materialize the `candidate_features` asset for partition 'mypool-0000'"),
-    "feature_meta": ("features/mypool-0000/meta.json", "candidate_scores",
-                     "re-materialize the `candidate_features` asset for partition 'mypool-0000'"),
+    "features": (
+        "features/mypool-0000/features.safetensors",
+        "candidate_scores",
+        "re-materialize the `candidate_features` asset for partition 'mypool-0000'",
+    ),
+    "target_gradients": (
+        "target_gradients/epoch_1/single.npy",
+        "spectral_basis",
+        "re-materialize the `target_gradients` asset",
+    ),
+    "target_gradient_labels": (
+        "target_gradients/epoch_1/mixed.parquet",
+        "spectral_basis",
+        "re-materialize the `target_gradients` asset",
+    ),
+    "adapter_weights": ("warmup/epoch_1/adapter_model.safetensors", "target_gradients", "is damaged or truncated"),
+    "adapter_weights_of_a_shard": (
+        "warmup/epoch_2/adapter_model.safetensors",
+        "candidate_features",
+        "re-materialize the `warmup_checkpoint` asset",
+    ),
+    "feature_sidecar": (
+        "features/mypool-0000/candidates.parquet",
+        "candidate_scores",
+        "re-materialize the `candidate_features` asset for partition 'mypool-0000'",
+    ),
+    "feature_meta": (
+        "features/mypool-0000/meta.json",
+        "candidate_scores",
+        "re-materialize the `candidate_features` asset for partition 'mypool-0000'",
+    ),
     "basis_manifest": ("basis/manifest.json", "candidate_scores", "re-materialize the `spectral_basis` asset"),
     "pool": ("pool/candidate_pool.parquet", "selected_subset", "re-materialize the `candidate_pool` asset"),
 }
@@ -247,8 +293,14 @@ def test_corrupted_tensor_file_names_file_and_asset_to_rematerialize(custom_grap
     truncate_file(root / rel)
     shard = custom_graph["shards"][0]
     with fresh_instance(custom_graph["shards"]) as instance:
-        result = materialize([asset], root, instance, custom_graph["ops"],
-                             partition_key=shard if asset == "candidate_features" else None, checks=False)
+        result = materialize(
+            [asset],
+            root,
+            instance,
+            custom_graph["ops"],
+            partition_key=shard if asset == "candidate_features" else None,
+            checks=False,
+        )
     msg = user_error(result)
     assert str(root / rel) in msg and fix in msg, msg
     # Re-running cannot fix a damaged file: no retries even on the gradient steps (which have a retry policy).
@@ -259,10 +311,18 @@ def test_corrupted_tensor_file_names_file_and_asset_to_rematerialize(custom_grap
 def _database_held(database, seconds: float):
     """Another process holding a write connection to ``database`` for ``seconds``."""
     holder = subprocess.Popen(
-        [sys.executable, "-c", "import duckdb, sys, time; c = duckdb.connect(sys.argv[1]); "
-         f"print('holding', flush=True); time.sleep({seconds})", str(database)],
-        stdout=subprocess.PIPE, text=True)
+        [
+            sys.executable,
+            "-c",
+            "import duckdb, sys, time; c = duckdb.connect(sys.argv[1]); "
+            f"print('holding', flush=True); time.sleep({seconds})",
+            str(database),
+        ],
+        stdout=subprocess.PIPE,
+        text=True,
+    )
     try:
+        assert holder.stdout is not None
         assert holder.stdout.readline().strip() == "holding"
         yield holder
     finally:
@@ -280,8 +340,7 @@ def test_score_database_held_by_another_process(custom_graph, tmp_path):
         store = ScoreStore(database=str(database), lock_timeout_s=1.0)
         with fresh_instance(custom_graph["shards"]) as instance:
             start = time.monotonic()
-            result = materialize(["candidate_scores"], root, instance, resources={"score_store": store},
-                                 checks=False)
+            result = materialize(["candidate_scores"], root, instance, resources={"score_store": store}, checks=False)
             waited = time.monotonic() - start
     msg = user_error(result)
     assert f"the score database {database} is locked: another process holds a write connection" in msg, msg

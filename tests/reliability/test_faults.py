@@ -60,9 +60,14 @@ def test_sigkill_mid_shard_then_rerun_scores_every_candidate_once(small_run, tmp
     (home / "dagster.yaml").write_text("telemetry:\n  enabled: false\n")
     monkeypatch.setenv("DAGSTER_HOME", str(home))
 
-    proc = subprocess.Popen([sys.executable, "-c", KILLABLE_SHARD, str(root), shard, ",".join(shards)],
-                            cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                            env={**os.environ, "DAGSTER_HOME": str(home)})
+    proc = subprocess.Popen(
+        [sys.executable, "-c", KILLABLE_SHARD, str(root), shard, ",".join(shards)],
+        cwd=REPO,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        env={**os.environ, "DAGSTER_HOME": str(home)},
+    )
     watchdog = threading.Timer(240, proc.kill)
     watchdog.start()
     seen = []
@@ -98,10 +103,13 @@ def test_sigkill_mid_shard_then_rerun_scores_every_candidate_once(small_run, tmp
 
     included = _included(root, shards)
     with duckdb.connect(str(root / "gist.duckdb"), read_only=True) as db:
-        rows = db.execute("SELECT target, method, count(*), count(DISTINCT candidate_id) FROM candidate_scores "
-                          "GROUP BY 1, 2").fetchall()
-        gist_ids = {r[0] for r in db.execute("SELECT DISTINCT candidate_id FROM candidate_scores "
-                                             "WHERE method = 'gist'").fetchall()}
+        rows = db.execute(
+            "SELECT target, method, count(*), count(DISTINCT candidate_id) FROM candidate_scores GROUP BY 1, 2"
+        ).fetchall()
+        gist_ids = {
+            r[0]
+            for r in db.execute("SELECT DISTINCT candidate_id FROM candidate_scores WHERE method = 'gist'").fetchall()
+        }
     assert {r[1] for r in rows} == {"gist", "gist_sketch", "random", "less", "representation"}
     assert all(r[2] == r[3] == len(included) for r in rows), rows  # exactly one row per candidate
     assert gist_ids == included
@@ -139,9 +147,18 @@ def test_stale_scratch_is_removed_live_and_foreign_scratch_is_kept(tmp_path):
 
 def _rows(n: int, shift: float = 0.0) -> pl.DataFrame:
     score = [i / n - shift for i in range(n)]
-    return pl.DataFrame({"candidate_id": [f"c{i:04d}" for i in range(n)], "source": ["s"] * n, "score": score,
-                         "best_subtask": ["a"] * n, "shard": ["x-0000"] * n, "n_tokens": [10] * n,
-                         "basis_fingerprint": ["f"] * n, "subtask_scores": [[v] for v in score]})
+    return pl.DataFrame(
+        {
+            "candidate_id": [f"c{i:04d}" for i in range(n)],
+            "source": ["s"] * n,
+            "score": score,
+            "best_subtask": ["a"] * n,
+            "shard": ["x-0000"] * n,
+            "n_tokens": [10] * n,
+            "basis_fingerprint": ["f"] * n,
+            "subtask_scores": [[v] for v in score],
+        }
+    )
 
 
 def _write(store: ScoreStore, sets: dict[str, pl.DataFrame], fail_after: int | None = None) -> None:
@@ -163,8 +180,9 @@ def test_failed_score_write_leaves_previous_rows_intact(tmp_path, broken, monkey
         with pytest.raises(KeyboardInterrupt):
             _write(store, new, fail_after=1)
     elif broken == "null_score":
-        new["v"] = new["v"].with_columns(pl.when(pl.arange(0, 10) == 5).then(None).otherwise(pl.col("score"))
-                                         .alias("score"))
+        new["v"] = new["v"].with_columns(
+            pl.when(pl.arange(0, 10) == 5).then(None).otherwise(pl.col("score")).alias("score")
+        )
         with pytest.raises(ValueError, match="target 'v' have null values {'score': 1}"):
             _write(store, new)
     else:  # the DuckDB transaction that swaps the set in fails
@@ -173,6 +191,7 @@ def test_failed_score_write_leaves_previous_rows_intact(tmp_path, broken, monkey
         def fail_in_commit(self, conn):  # the first call is the connection's own setup
             calls.append(1)
             create_views(self, conn) if len(calls) == 1 else conn.execute("SELECT no_such_column")
+
         monkeypatch.setattr(ScoreStore, "_create_views", fail_in_commit)
         with pytest.raises(ScoreStoreWriteError, match="rolled back; the previous scores are unchanged") as err:
             _write(store, new)
@@ -194,23 +213,30 @@ class FlakyCompute(ComputeResource):
 
     fail_marker: str
 
-    def load_model(self, path: str, adapter_dir: str | None = None):
+    def load_model(
+        self,
+        path: str,
+        adapter_dir: str | None = None,
+        produced_by: str = "warmup_checkpoint",
+        partition: str | None = None,
+    ):
         marker = Path(self.fail_marker)
         if not marker.exists():
             marker.write_text("failed once")
             raise RuntimeError("simulated transient failure: CUDA out of memory")
-        return super().load_model(path, adapter_dir)
+        return super().load_model(path, adapter_dir, produced_by, partition)
 
 
 def test_transient_gradient_failure_is_retried_without_duplicate_output(small_run, tmp_path):
     root = copy_root(small_run["root"], tmp_path / "root")
     shard = sorted(small_run["shards"])[1]
-    original = {n: (small_run["root"] / "features" / shard / n).read_bytes()
-                for n in ("features.safetensors", "candidates.parquet")}
+    original = {
+        n: (small_run["root"] / "features" / shard / n).read_bytes()
+        for n in ("features.safetensors", "candidates.parquet")
+    }
     flaky = FlakyCompute(fail_marker=str(tmp_path / "failed_once"))
     with fresh_instance(small_run["shards"]) as instance:
-        result = materialize(["candidate_features"], root, instance, partition_key=shard,
-                             resources={"compute": flaky})
+        result = materialize(["candidate_features"], root, instance, partition_key=shard, resources={"compute": flaky})
     assert result.success, user_error(result)
     kinds = [e.event_type_value for e in result.all_events]
     assert kinds.count("STEP_UP_FOR_RETRY") == 1 and kinds.count("STEP_RESTARTED") == 1, kinds
@@ -236,9 +262,15 @@ def test_same_inputs_same_seed_same_bytes_per_asset(small_run, tmp_path):
             result = materialize(["candidate_pool", "target_sets"], inputs, instance, ops)
             assert result.success, user_error(result)
         shards = json.loads((inputs / "pool" / "shards.json").read_text())
-        outputs.append({**{rel: (inputs / rel).read_bytes() for rel in
-                           ("pool/candidate_pool.parquet", "targets/target_sets.parquet")},
-                        "versions": (shards["version"], shards["shards"])})  # ("files" holds mtimes)
+        outputs.append(
+            {
+                **{
+                    rel: (inputs / rel).read_bytes()
+                    for rel in ("pool/candidate_pool.parquet", "targets/target_sets.parquet")
+                },
+                "versions": (shards["version"], shards["shards"]),
+            }
+        )  # ("files" holds mtimes)
     assert outputs[0] == outputs[1]
 
     # Basis, one feature shard and the scores, re-materialized over a copy of the small run: the same bytes
@@ -247,16 +279,23 @@ def test_same_inputs_same_seed_same_bytes_per_asset(small_run, tmp_path):
     root = copy_root(src, tmp_path / "again")
     shard = sorted(small_run["shards"])[2]
     with fresh_instance(small_run["shards"]) as instance:
-        for names, partition in ((["spectral_basis"], None), (["candidate_features"], shard),
-                                 (["candidate_scores"], None)):
+        for names, partition in (
+            (["spectral_basis"], None),
+            (["candidate_features"], shard),
+            (["candidate_scores"], None),
+        ):
             result = materialize(names, root, instance, {"spectral_basis": {"k": 8}}, partition_key=partition)
             assert result.success, user_error(result)
     basis_files = sorted(p.relative_to(src) for p in (src / "basis").rglob("*") if p.is_file())
     assert basis_files and all((src / p).read_bytes() == (root / p).read_bytes() for p in basis_files)
     for name in ("features.safetensors", "candidates.parquet"):
         assert (src / "features" / shard / name).read_bytes() == (root / "features" / shard / name).read_bytes()
-    query = "SELECT candidate_id, target, score, rank, best_subtask FROM candidate_scores WHERE method = 'gist' " \
-            "ORDER BY target, candidate_id"
-    with duckdb.connect(str(src / "gist.duckdb"), read_only=True) as a, \
-            duckdb.connect(str(root / "gist.duckdb"), read_only=True) as b:
+    query = (
+        "SELECT candidate_id, target, score, rank, best_subtask FROM candidate_scores WHERE method = 'gist' "
+        "ORDER BY target, candidate_id"
+    )
+    with (
+        duckdb.connect(str(src / "gist.duckdb"), read_only=True) as a,
+        duckdb.connect(str(root / "gist.duckdb"), read_only=True) as b,
+    ):
         assert a.execute(query).fetchall() == b.execute(query).fetchall()

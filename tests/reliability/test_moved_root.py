@@ -12,10 +12,14 @@ from small_config import SMALL
 @pytest.mark.slow
 def test_copied_root_reruns_downstream_assets_from_the_new_place(custom_graph, tmp_path):
     old, new = tmp_path / "old", tmp_path / "new"
-    ops = {**custom_graph["ops"], "base_model": SMALL["ops"]["base_model"]["config"],
-           "warmup_checkpoint": {**SMALL["ops"]["warmup_checkpoint"]["config"], "fraction": 0.5}}
+    ops = {
+        **custom_graph["ops"],
+        "base_model": SMALL["ops"]["base_model"]["config"],
+        "warmup_checkpoint": {**SMALL["ops"]["warmup_checkpoint"]["config"], "fraction": 0.5},
+    }
     downstream = ["target_gradients", "spectral_basis", "candidate_scores", "selected_subset"]
     with fresh_instance() as instance:
+
         def run(root):
             first = materialize(["target_gradients", "spectral_basis"], root, instance, ops)
             assert first.success, user_error(first)

@@ -20,6 +20,7 @@ BIG_INT = "1" * 5000
 def _strict_loads(text: str):
     def no_constant(name):
         raise ValueError(name)
+
     return json.loads(text, parse_constant=no_constant)
 
 
@@ -29,22 +30,31 @@ BAD_LINES = {
     "utf8_encoded_surrogate": (b'{"prompt": "a\xed\xa0\x80", "completion": "ok"}', "not valid UTF-8"),
     "lone_surrogate_escape": (rb'{"prompt": "a\ud800b", "completion": "ok"}', "lone surrogate (\\ud800)"),
     "lone_surrogate_in_key": (rb'{"prompt": "a", "completion": "ok", "\udfff": 1}', "lone surrogate"),
-    "recursion_depth": (b'{"prompt": "a", "completion": "ok", "x": ' + b"[" * 100_000 + b"]" * 100_000 + b"}",
-                        "nested too deeply"),
-    "depth_over_limit": (b'{"prompt": "a", "completion": "ok", "x": ' + b"[" * 150 + b"]" * 150 + b"}",
-                         "nested too deeply"),
-    "int_5000_digits_id": (b'{"id": ' + BIG_INT.encode() + b', "prompt": "a", "completion": "ok"}',
-                           "more digits than Python allows"),
-    "int_300_digits_id": (b'{"id": ' + b"9" * 300 + b', "prompt": "a", "completion": "ok"}',
-                          "'id' is 300 characters long"),
+    "recursion_depth": (
+        b'{"prompt": "a", "completion": "ok", "x": ' + b"[" * 100_000 + b"]" * 100_000 + b"}",
+        "nested too deeply",
+    ),
+    "depth_over_limit": (
+        b'{"prompt": "a", "completion": "ok", "x": ' + b"[" * 150 + b"]" * 150 + b"}",
+        "nested too deeply",
+    ),
+    "int_5000_digits_id": (
+        b'{"id": ' + BIG_INT.encode() + b', "prompt": "a", "completion": "ok"}',
+        "more digits than Python allows",
+    ),
+    "int_300_digits_id": (
+        b'{"id": ' + b"9" * 300 + b', "prompt": "a", "completion": "ok"}',
+        "'id' is 300 characters long",
+    ),
     "float_id": (b'{"id": 1.5, "prompt": "a", "completion": "ok"}', "'id' must be a string or an integer, got float"),
     "list_id": (b'{"id": [1], "prompt": "a", "completion": "ok"}', "'id' must be a string or an integer, got list"),
     "nan_constant": (b'{"prompt": "a", "completion": "ok", "w": NaN}', "NaN is not valid JSON"),
     "infinity_constant": (b'{"prompt": "a", "completion": "ok", "w": -Infinity}', "-Infinity is not valid JSON"),
     "float_overflow": (b'{"prompt": "a", "completion": "ok", "w": 1e999}', "out of the range of a float"),
-    "content_int": (json.dumps({"messages": [{"role": "user", "content": 5},
-                                             {"role": "assistant", "content": "x"}]}).encode(),
-                    "messages[0].content must be a string, got int"),
+    "content_int": (
+        json.dumps({"messages": [{"role": "user", "content": 5}, {"role": "assistant", "content": "x"}]}).encode(),
+        "messages[0].content must be a string, got int",
+    ),
     "messages_not_list": (b'{"messages": "hello"}', "'messages' must be a list"),
     "message_not_object": (b'{"messages": ["hi"]}', "messages[0] must be an object"),
     "missing_completion": (b'{"prompt": "a"}', "no 'completion' field"),
@@ -95,8 +105,9 @@ def test_gzip_pool_reads_like_the_plain_file(tmp_path):
     lines = [json.dumps(conv(f"q{i}", f"a{i}", id=f"r{i}")).encode() for i in range(5)]
     plain, _ = read_candidates([str(_write(tmp_path / "p.jsonl", lines))])
     packed, _ = read_candidates([str(_write(tmp_path / "p.jsonl.gz", lines))])
-    assert [(r.candidate_id, r.messages, r.line) for r in plain] == [(r.candidate_id, r.messages, r.line)
-                                                                    for r in packed]
+    assert [(r.candidate_id, r.messages, r.line) for r in plain] == [
+        (r.candidate_id, r.messages, r.line) for r in packed
+    ]
     assert packed[0].source == "p"
 
 
@@ -135,8 +146,10 @@ def test_own_id_equal_to_a_derived_id_is_refused_naming_both_lines(tmp_path):
 
 def test_own_id_equal_to_a_derived_id_skips_the_later_line(tmp_path):
     first, second, derived = _colliding_pair()
-    path = _write(tmp_path / "pool.jsonl", [json.dumps(first).encode(), json.dumps(second).encode(),
-                                            json.dumps(conv("Name a planet.", "Mars.")).encode()])
+    path = _write(
+        tmp_path / "pool.jsonl",
+        [json.dumps(first).encode(), json.dumps(second).encode(), json.dumps(conv("Name a planet.", "Mars.")).encode()],
+    )
     rows, report = read_candidates([str(path)], on_bad_record="skip")
     assert [(r.line, r.candidate_id) for r in rows][:1] == [(1, derived)]
     assert [r.line for r in rows] == [1, 3]
@@ -145,12 +158,23 @@ def test_own_id_equal_to_a_derived_id_skips_the_later_line(tmp_path):
 
 def test_gzip_pool_with_bad_records_materializes_under_skip(tmp_path):
     """Through the asset: a .jsonl.gz pool with a surrogate and a deep record is read, skipped, counted, written."""
-    path = _write(tmp_path / "data" / "pool.jsonl.gz", [
-        GOOD.encode(), BAD_LINES["lone_surrogate_escape"][0], BAD_LINES["recursion_depth"][0],
-        BAD_LINES["int_5000_digits_id"][0], json.dumps(conv("Name a prime.", "7.")).encode()])
+    path = _write(
+        tmp_path / "data" / "pool.jsonl.gz",
+        [
+            GOOD.encode(),
+            BAD_LINES["lone_surrogate_escape"][0],
+            BAD_LINES["recursion_depth"][0],
+            BAD_LINES["int_5000_digits_id"][0],
+            json.dumps(conv("Name a prime.", "7.")).encode(),
+        ],
+    )
     with fresh_instance() as instance:
-        result = materialize(["candidate_pool"], tmp_path / "root", instance,
-                             {"candidate_pool": {"paths": [str(path)], "on_bad_record": "skip"}})
+        result = materialize(
+            ["candidate_pool"],
+            tmp_path / "root",
+            instance,
+            {"candidate_pool": {"paths": [str(path)], "on_bad_record": "skip"}},
+        )
     assert result.success, user_error(result)
     meta = metadata(result, "candidate_pool")
     assert meta["rows"] == 2 and meta["records_skipped"] == 3
@@ -161,6 +185,7 @@ def test_gzip_pool_with_bad_records_materializes_under_skip(tmp_path):
 
 
 # ---------------------------------------------------------------- fuzz
+
 
 def _valid_corpus(rng: random.Random) -> bytes:
     recs = []
@@ -177,8 +202,24 @@ def _valid_corpus(rng: random.Random) -> bytes:
     return ("\n".join(recs) + "\n").encode()
 
 
-NASTY = [b"\xff", b"\xed\xa0\x80", rb"\ud800", b"[" * 300, b"9" * 5000, b"NaN", b"1e999", b"\n", b"\x00",
-         b'"', b"{", b"}", b",", b"\xef\xbb\xbf", b"\r\n", b"\xe2\x80\xa8"]
+NASTY = [
+    b"\xff",
+    b"\xed\xa0\x80",
+    rb"\ud800",
+    b"[" * 300,
+    b"9" * 5000,
+    b"NaN",
+    b"1e999",
+    b"\n",
+    b"\x00",
+    b'"',
+    b"{",
+    b"}",
+    b",",
+    b"\xef\xbb\xbf",
+    b"\r\n",
+    b"\xe2\x80\xa8",
+]
 
 
 def _corrupt(rng: random.Random, data: bytes) -> bytes:
@@ -190,10 +231,10 @@ def _corrupt(rng: random.Random, data: bytes) -> bytes:
         elif op == 1:
             b[at:at] = rng.choice(NASTY)
         elif op == 2:
-            del b[at:at + rng.randint(1, 20)]
+            del b[at : at + rng.randint(1, 20)]
         elif op == 3:  # duplicate a slice (often a whole line: an exact duplicate or an id clash)
             n = rng.randint(1, 200)
-            b[at:at] = b[at:at + n]
+            b[at:at] = b[at : at + n]
         else:
             del b[at:]
     return bytes(b)
@@ -226,8 +267,11 @@ def test_fuzzed_pool_files_are_read_or_rejected_by_file_and_line(tmp_path):
         compressed = i % 2 == 1
         if compressed:
             # Half corrupt the text before compressing (bad records), half the compressed bytes (bad stream).
-            raw = (gzip.compress(_corrupt(rng, valid), mtime=0) if rng.random() < 0.5
-                   else _corrupt(rng, gzip.compress(valid, mtime=0)))
+            raw = (
+                gzip.compress(_corrupt(rng, valid), mtime=0)
+                if rng.random() < 0.5
+                else _corrupt(rng, gzip.compress(valid, mtime=0))
+            )
         else:
             raw = _corrupt(rng, valid)
         path = tmp_path / f"f{i}.jsonl{'.gz' if compressed else ''}"

@@ -67,14 +67,18 @@ def unsafe_deserialization(source: str, filename: str = "<source>") -> list[str]
 
 
 def test_scanner_catches_the_unsafe_patterns():
-    bad = ("import pickle\nimport torch, numpy as np\nfrom transformers import AutoModel\n"
-           "torch.load('x')\ntorch.load('x', weights_only=False)\nnp.load('x.npy')\n"
-           "np.load('x.npy', allow_pickle=True)\nAutoModel.from_pretrained('m')\n")
+    bad = (
+        "import pickle\nimport torch, numpy as np\nfrom transformers import AutoModel\n"
+        "torch.load('x')\ntorch.load('x', weights_only=False)\nnp.load('x.npy')\n"
+        "np.load('x.npy', allow_pickle=True)\nAutoModel.from_pretrained('m')\n"
+    )
     found = unsafe_deserialization(bad)
     assert len(found) == 7, found
-    good = ("import torch, numpy as np\ntorch.load('x', weights_only=True)\nnp.load('x', allow_pickle=False)\n"
-            "np.save('x', a, allow_pickle=False)\n"
-            "AutoModel.from_pretrained('m', local_files_only=True, trust_remote_code=flag)\n")
+    good = (
+        "import torch, numpy as np\ntorch.load('x', weights_only=True)\nnp.load('x', allow_pickle=False)\n"
+        "np.save('x', a, allow_pickle=False)\n"
+        "AutoModel.from_pretrained('m', local_files_only=True, trust_remote_code=flag)\n"
+    )
     assert unsafe_deserialization(good) == []
 
 
@@ -103,11 +107,13 @@ def fake_loaders(tmp_path, monkeypatch):
         def from_pretrained(path, **kwargs):
             calls.append((kind, path, kwargs))
             return result()
+
         return from_pretrained
 
     monkeypatch.setattr(transformers.AutoTokenizer, "from_pretrained", fake("tokenizer", Tok))
-    monkeypatch.setattr(transformers.AutoModelForCausalLM, "from_pretrained",
-                        fake("model", lambda: torch.nn.Linear(1, 1)))
+    monkeypatch.setattr(
+        transformers.AutoModelForCausalLM, "from_pretrained", fake("model", lambda: torch.nn.Linear(1, 1))
+    )
     model = tmp_path / "model"
     model.mkdir()
     (model / "config.json").write_text("{}")
@@ -138,9 +144,13 @@ def test_trust_remote_code_on_is_passed_through_with_a_warning(fake_loaders):
 def test_trust_remote_code_on_is_in_the_run_log(small_run, tmp_path):
     model = str(small_run["root"] / "models" / "base_model")
     with fresh_instance() as instance, pytest.warns(UserWarning, match="trust_remote_code is on"):
-        result = materialize(["base_model"], tmp_path / "root", instance,
-                             {"base_model": {"model_name_or_path": model}},
-                             resources={"compute": ComputeResource(trust_remote_code=True)})
+        result = materialize(
+            ["base_model"],
+            tmp_path / "root",
+            instance,
+            {"base_model": {"model_name_or_path": model}},
+            resources={"compute": ComputeResource(trust_remote_code=True)},
+        )
         assert result.success, user_error(result)
         logged = warnings_logged(instance, result)
     assert any("trust_remote_code is on" in m and model in m for m in logged), logged
@@ -162,8 +172,12 @@ ESCAPING = ["../evil", "..", ".", "", "/etc/passwd", "a/b", "a\\b", "nul\x00byte
 @pytest.mark.parametrize("name", ESCAPING)
 def test_storage_refuses_names_that_leave_the_root(tmp_path, name):
     storage = StorageResource(root=str(tmp_path / "root"))
-    builders = [lambda: storage.path("targets", name), lambda: features_dir(storage, name),
-                lambda: selection_dir(storage, name, "gist"), lambda: selection_dir(storage, "target", name)]
+    builders = [
+        lambda: storage.path("targets", name),
+        lambda: features_dir(storage, name),
+        lambda: selection_dir(storage, name, "gist"),
+        lambda: selection_dir(storage, "target", name),
+    ]
     if any(c in name for c in "/\\\x00"):  # a method name becomes part of `features_<method>`
         builders.append(lambda: features_dir(storage, "shard", name))
     for build in builders:
@@ -189,8 +203,12 @@ def test_target_names_cannot_escape_the_root(tmp_path, name):
     target_file.write_text('{"prompt": "p", "completion": "c", "subtask": "s"}\n')
     before = files_under(tmp_path)
     with fresh_instance() as instance:
-        result = materialize(["target_sets"], tmp_path / "root", instance,
-                             {"target_sets": {"targets": [{"name": name, "format": "jsonl", "path": str(target_file)}]}})
+        result = materialize(
+            ["target_sets"],
+            tmp_path / "root",
+            instance,
+            {"target_sets": {"targets": [{"name": name, "format": "jsonl", "path": str(target_file)}]}},
+        )
     msg = user_error(result)
     assert repr(name) in msg and "storage root" in msg, msg
     written = files_under(tmp_path) - before
@@ -220,5 +238,8 @@ def test_a_whole_run_writes_only_under_the_storage_root(custom_graph):
     """The custom graph ran with an empty working directory beside its root: both are as they were."""
     assert list(custom_graph["cwd"].iterdir()) == []
     assert sorted(p.name for p in custom_graph["base"].iterdir()) == ["cwd", "data", "root"]
-    assert sorted(p.name for p in (custom_graph["base"] / "data").iterdir()) == \
-        ["mixed.jsonl", "mypool.jsonl", "single.jsonl"]
+    assert sorted(p.name for p in (custom_graph["base"] / "data").iterdir()) == [
+        "mixed.jsonl",
+        "mypool.jsonl",
+        "single.jsonl",
+    ]

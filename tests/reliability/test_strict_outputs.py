@@ -20,15 +20,20 @@ from reliability_util import fresh_instance, materialize, metadata, user_error
 def _strict_loads(text: str):
     def no_constant(name):
         raise ValueError(f"non-strict JSON constant {name}")
+
     return json.loads(text, parse_constant=no_constant)
 
 
 def _run_checks(root, shards):
     """Only the two integrity checks, on what is in the database now."""
     with fresh_instance(shards) as instance:
-        result = dg.materialize([candidate_scores, selected_subset, scores_valid, selections_valid],
-                                instance=instance, resources=make_resources(str(root)), raise_on_error=False,
-                                selection=dg.AssetSelection.checks(scores_valid, selections_valid))
+        result = dg.materialize(
+            [candidate_scores, selected_subset, scores_valid, selections_valid],
+            instance=instance,
+            resources=make_resources(str(root)),
+            raise_on_error=False,
+            selection=dg.AssetSelection.checks(scores_valid, selections_valid),
+        )
     return {ev.asset_key.to_user_string(): ev for ev in result.get_asset_check_evaluations()}
 
 
@@ -40,13 +45,23 @@ def _damage_score_file(root, change):
 
 DAMAGE = {
     "duplicate_score_row": ("candidate_scores", lambda df: pl.concat([df, df.head(1)]), "duplicated_keys"),
-    "nan_score": ("candidate_scores", lambda df: df.with_columns(
-        pl.when(pl.int_range(pl.len()) == 1).then(float("nan")).otherwise(pl.col("score")).alias("score")),
-        "nonfinite_scores"),
-    "duplicate_selection_row": ("selected_subset", "INSERT INTO selections SELECT * FROM selections "
-                                                   "WHERE rank = 1 AND target = 'single'", "duplicated_keys"),
-    "infinite_selection_score": ("selected_subset", "UPDATE selections SET score = 'Infinity'::DOUBLE "
-                                                    "WHERE rank = 1 AND target = 'single'", "nonfinite_scores"),
+    "nan_score": (
+        "candidate_scores",
+        lambda df: df.with_columns(
+            pl.when(pl.int_range(pl.len()) == 1).then(float("nan")).otherwise(pl.col("score")).alias("score")
+        ),
+        "nonfinite_scores",
+    ),
+    "duplicate_selection_row": (
+        "selected_subset",
+        "INSERT INTO selections SELECT * FROM selections WHERE rank = 1 AND target = 'single'",
+        "duplicated_keys",
+    ),
+    "infinite_selection_score": (
+        "selected_subset",
+        "UPDATE selections SET score = 'Infinity'::DOUBLE WHERE rank = 1 AND target = 'single'",
+        "nonfinite_scores",
+    ),
 }
 
 
@@ -87,10 +102,12 @@ def test_nonfinite_score_is_excluded_from_ranking_and_exports_stay_strict(custom
     meta = metadata(result, "candidate_scores")
     assert meta["nonfinite_scores_excluded"] == 1 and nan_id in meta["rows_per_target"]
     with duckdb.connect(str(root / "gist.duckdb"), read_only=True) as db:
-        mixed = db.execute("SELECT candidate_id, rank FROM candidate_scores WHERE target = 'mixed' AND method = 'gist' "
-                           "ORDER BY rank").fetchall()
-        single = db.execute("SELECT count(*) FROM candidate_scores WHERE target = 'single' AND method = 'gist'"
-                            ).fetchone()[0]
+        mixed = db.execute(
+            "SELECT candidate_id, rank FROM candidate_scores WHERE target = 'mixed' AND method = 'gist' ORDER BY rank"
+        ).fetchall()
+        single = db.execute(
+            "SELECT count(*) FROM candidate_scores WHERE target = 'single' AND method = 'gist'"
+        ).fetchone()[0]
     assert nan_id not in [c for c, _ in mixed] and [r for _, r in mixed] == list(range(1, side.height))
     assert single == side.height  # the other target is untouched
     folder = root / "selections" / "mixed" / "gist" / "p1"
