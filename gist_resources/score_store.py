@@ -352,14 +352,21 @@ class ScoreStore(DuckDBResource):
         # A candidate is in a selection once per budget.
         key = "candidate_id, target, method" + (", budget" if table == "selections" else "")
         with self.get_connection() as conn:
-            dup_sql = f"SELECT {key}, count(*) AS n FROM {source} GROUP BY {key} HAVING count(*) > 1"
-            n_dup = conn.execute(f"SELECT count(*) FROM ({dup_sql})").fetchone()[0]
-            dups = conn.execute(f"{dup_sql} ORDER BY n DESC, {key} LIMIT ?", [limit]).fetchall()
+            # One grouping pass (the costly part at 10M+ rows), kept for both the count and the examples.
+            conn.execute(
+                f"CREATE TEMP TABLE duplicated AS SELECT {key}, count(*) AS n FROM {source} "
+                f"GROUP BY {key} HAVING count(*) > 1"
+            )
+            n_dup = conn.execute("SELECT count(*) FROM duplicated").fetchone()[0]
+            dups = conn.execute(f"SELECT * FROM duplicated ORDER BY n DESC, {key} LIMIT ?", [limit]).fetchall()
+            conn.execute("DROP TABLE duplicated")
             bad = f"FROM {source} WHERE NOT isfinite(score)"
             n_bad = conn.execute(f"SELECT count(*) {bad}").fetchone()[0]
-            bad_rows = conn.execute(
-                f"SELECT {key}, CAST(score AS VARCHAR) {bad} ORDER BY {key} LIMIT ?", [limit]
-            ).fetchall()
+            bad_rows = (
+                conn.execute(f"SELECT {key}, CAST(score AS VARCHAR) {bad} ORDER BY {key} LIMIT ?", [limit]).fetchall()
+                if n_bad
+                else []
+            )
         names = key.split(", ")
         return {
             "duplicated_keys": int(n_dup),
