@@ -414,12 +414,19 @@ class ScoreStore(DuckDBResource):
 
     def top_scores(self, target: str, method: str, n: int) -> pl.DataFrame:
         """The best ``n`` rows of (target, method) in rank order (a bounded top-n: no sort of every row)."""
+        where, params = "WHERE target = ? AND method = ?", [target, method]
         with self.get_connection() as conn:
+            # The n-th best score first (a top-n over one float column), so that the full rows are read and
+            # ordered only for the candidates at or above it.
+            cut = conn.execute(
+                f"SELECT score FROM score_rows {where} ORDER BY score DESC LIMIT 1 OFFSET ?", [*params, max(0, n - 1)]
+            ).fetchall()
+            if cut:
+                where, params = where + " AND score >= ?", [*params, cut[0][0]]
             rows = conn.sql(
                 "SELECT candidate_id, source, target, method, score, best_subtask, shard, n_tokens, "
-                "basis_fingerprint FROM score_rows WHERE target = ? AND method = ? "
-                "ORDER BY score DESC, candidate_id LIMIT ?",
-                params=[target, method, n],
+                f"basis_fingerprint FROM score_rows {where} ORDER BY score DESC, candidate_id LIMIT ?",
+                params=[*params, n],
             ).pl()
         return rows.insert_column(5, pl.Series("rank", np.arange(1, rows.height + 1, dtype=np.int64)))
 

@@ -412,6 +412,10 @@ def test_method_scores_and_top_rows_read_back_as_before(tmp_path) -> None:
     rank[_old_rank_order(score, ids)] = np.arange(1, m + 1)
     want = pl.DataFrame({"candidate_id": ids, "rank": rank, "best_subtask": [names[i] for i in best]}).sort("rank")
     assert full.select("candidate_id", "rank", "best_subtask").equals(want)
+    for n in (1, 37, 40, 399, 400, 500):  # cuts through tied scores, and past the last row
+        top = store.top_scores("t", "gist", n)
+        assert top["candidate_id"].to_list() == want["candidate_id"].to_list()[:n]
+        assert top["rank"].to_list() == list(range(1, min(n, m) + 1))
     long = store.read_subtask_scores("t", "gist").sort("candidate_id", "subtask")
     want_long = pl.DataFrame(
         {
