@@ -243,25 +243,20 @@ def main(argv=None) -> int:
                     )
             db.close()
 
-            evals = []
             eval_ops: dict[str, Any] = {
                 **later,
                 "selection_evaluation": {
                     "config": {"include_full_pool": False, **({"epochs": 1} if args.quick else {})}
                 },
             }
-            for seed in range(args.seeds):
-                eval_ops["selection_evaluation"]["config"]["seed"] = seed
-                _, secs = run_timed(
-                    f"5. selection_evaluation seed {seed}",
-                    lambda: materialize(["selection_evaluation"], {"ops": eval_ops}, instance, root),
-                    log,
-                )
-                with duckdb.connect(str(Path(root) / "gist.duckdb"), read_only=True) as db:
-                    evals += [
-                        (seed, *r)
-                        for r in db.execute("SELECT target, method, heldout_loss FROM evaluations").fetchall()
-                    ]
+            eval_ops["selection_evaluation"]["config"]["seeds"] = list(range(args.seeds))
+            run_timed(
+                f"5. selection_evaluation, seeds 0-{args.seeds - 1}",
+                lambda: materialize(["selection_evaluation"], {"ops": eval_ops}, instance, root),
+                log,
+            )
+            with duckdb.connect(str(Path(root) / "gist.duckdb"), read_only=True) as db:
+                evals = db.execute("SELECT seed, target, method, heldout_loss FROM evaluations").fetchall()
 
         n_scored, n_ckpt = len(ids), len(ckpts)
         sketch_bytes = sum(sketches[c][:1].nbytes for c in ckpts)

@@ -31,6 +31,33 @@ def test_basis_memory_benchmark_quick_bases_agree():
 
 
 @pytest.mark.slow
+def test_scoring_scale_benchmark_runs_the_asset_path_and_agrees(tmp_path):
+    out = _run(
+        "benchmarks/bench_scoring_scale.py",
+        "--sizes",
+        "20000",
+        "40000",
+        "--shard-size",
+        "10000",
+        "--repeats",
+        "1",
+        "--dir",
+        str(tmp_path),
+    )
+    assert "check: every target's selection (size and top 5 ids) equals the plain computation's" in out
+    assert "asset path (select_job)" in out
+
+
+@pytest.mark.slow
+def test_sketch_benchmark_quick_runs_through_the_evaluation():
+    out = _run(
+        "benchmarks/bench_sketch.py", "--quick", "--dim", "1024", "--curve", "256,1024", "--seeds", "2", timeout=600
+    )
+    assert "Agreement of gist_sketch with exact gist" in out and "Held-out loss after fine-tuning" in out
+    assert "sketch - exact (per seed)" in out
+
+
+@pytest.mark.slow
 def test_gpu_script_loads_a_saved_model_and_reports_mfu(tmp_path):
     import torch
     from transformers import LlamaConfig, LlamaForCausalLM
