@@ -29,7 +29,7 @@ DATA = REPO / "benchmarks" / "data" / "realtext"
 TARGETS = ("capitals", "past_tense", "antonyms")
 
 
-def run_config(pool: Path, targets: list[str], seeds: list[int], budget: float) -> dict:
+def run_config(pool: Path, targets: list[str], seeds: list[int], budget: float, full_pool: bool = True) -> dict:
     config = yaml.safe_load((REPO / "examples" / "smollm2.yaml").read_text())
     ops = config["ops"]
     ops["candidate_pool"]["config"].update({"paths": [str(pool)], "shard_size": 100})
@@ -40,7 +40,14 @@ def run_config(pool: Path, targets: list[str], seeds: list[int], budget: float) 
     ops["selected_subset"]["config"]["percentage"] = budget
     # Fine-tunes of a few dozen examples: a rate and batch that make a dozen steps move the adapter.
     ops["selection_evaluation"] = {
-        "config": {"seeds": seeds, "epochs": 3, "learning_rate": 2e-4, "effective_batch_size": 4, "micro_batch_size": 4}
+        "config": {
+            "seeds": seeds,
+            "epochs": 3,
+            "learning_rate": 2e-4,
+            "effective_batch_size": 4,
+            "micro_batch_size": 4,
+            "include_full_pool": full_pool,
+        }
     }
     return config
 
@@ -51,6 +58,9 @@ def main(argv=None) -> int:
     p.add_argument("--targets", default=",".join(TARGETS))
     p.add_argument("--seeds", default="0,1")
     p.add_argument("--budget", type=float, default=0.1)
+    p.add_argument(
+        "--no-full-pool", action="store_true", help="skip the full-pool fine-tunes (most of the time on a CPU)"
+    )
     p.add_argument("--dir", default=None, help="parent of the temporary storage root")
     args = p.parse_args(argv)
 
@@ -69,7 +79,8 @@ def main(argv=None) -> int:
         pool = Path(tmp) / "pool.jsonl"
         lines = (DATA / "pool.jsonl").read_text().splitlines()[: args.pool]
         pool.write_text("\n".join(lines) + "\n")
-        config = run_config(pool, args.targets.split(","), [int(s) for s in args.seeds.split(",")], args.budget)
+        seeds = [int(s) for s in args.seeds.split(",")]
+        config = run_config(pool, args.targets.split(","), seeds, args.budget, full_pool=not args.no_full_pool)
         print("run config:", json.dumps(config["ops"], sort_keys=True), flush=True)
         t0 = time.perf_counter()
         subprocess.run(
