@@ -1,8 +1,13 @@
 """candidate_scores (DuckDB) and selected_subset (JSONL + Parquet + manifest)."""
 
+import os
 import shutil
 import time
-from typing import cast
+from collections import deque
+from collections.abc import Callable, Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
+from functools import partial
+from typing import NamedTuple, TypeVar, cast
 
 import dagster as dg
 import numpy as np
@@ -32,6 +37,8 @@ from .sketch import (
 from .versions import asset_fingerprint, data_version, fingerprint
 
 METHOD = "gist"
+T = TypeVar("T")
+R = TypeVar("R")
 # DuckDB allows one writing process: every asset that writes the database is in this
 # pool, with a limit of 1 (deploy/k8s/dagster.yaml), so even concurrent runs never contend.
 DUCKDB_POOL = "duckdb_writer"
@@ -81,21 +88,41 @@ def load_shard_features(storage: StorageResource, shards: list[str], bases: dict
     return side, tensors, versions
 
 
-def add_method_scores(
-    writer: ScoreSetWriter,
-    summary: dict,
-    target: str,
-    scored: pl.DataFrame,
-    per_subtask: np.ndarray,
-    subtask_names: list[str],
-    fingerprint: str,
-) -> None:
-    """Rows of ``scored`` for (target, writer's method): max over subtasks and the best one, every subtask's
-    score; ``summary[target]`` accumulates what the asset reports.
+class ScoredRows(NamedTuple):
+    """One target's score rows for a batch of candidates (SCORE_SCHEMA columns, finite scores only)."""
+
+    rows: pl.DataFrame
+    subtasks: list[str]
+    nonfinite_ids: list[str]
+
+
+def scored_rows(
+    scored: pl.DataFrame, per_subtask: np.ndarray, subtask_names: list[str], fingerprint: str
+) -> ScoredRows:
+    """Rows of ``scored``: max over subtasks and the best one, every subtask's score.
 
     A candidate with a non-finite score (NaN or infinite in any subtask) is left out of the rows and the
     ranking, and is reported (``nonfinite_excluded``), so exports and the ranking stay strict.
     """
+    finite = np.isfinite(per_subtask).all(axis=1)
+    nonfinite: list[str] = []
+    if not finite.all():
+        nonfinite = scored["candidate_id"].filter(pl.Series(~finite)).to_list()
+        scored, per_subtask = scored.filter(pl.Series(finite)), per_subtask[finite]
+    if not len(per_subtask):
+        return ScoredRows(pl.DataFrame(schema=SCORE_SCHEMA), subtask_names, nonfinite)
+    names = pl.Series("best_subtask", subtask_names, dtype=pl.Utf8)
+    rows = scored.select("candidate_id", "source", "shard", "n_tokens").with_columns(
+        pl.Series("score", per_subtask.max(axis=1), dtype=pl.Float64),
+        names.gather(per_subtask.argmax(axis=1)),
+        pl.lit(fingerprint).alias("basis_fingerprint"),
+        pl.Series("subtask_scores", per_subtask.astype(np.float64)).cast(pl.List(pl.Float64)),
+    )
+    return ScoredRows(rows, subtask_names, nonfinite)
+
+
+def add_scored_rows(writer: ScoreSetWriter, summary: dict, target: str, part: ScoredRows) -> None:
+    """Append ``part`` to (target, writer's method); ``summary[target]`` accumulates what the asset reports."""
     s = summary.setdefault(
         target,
         {
@@ -108,25 +135,26 @@ def add_method_scores(
             "nonfinite_ids": [],
         },
     )
-    finite = np.isfinite(per_subtask).all(axis=1)
-    if not finite.all():
-        s["nonfinite_ids"] += scored["candidate_id"].filter(pl.Series(~finite)).to_list()
-        scored, per_subtask = scored.filter(pl.Series(finite)), per_subtask[finite]
-    if not len(per_subtask):
-        writer.add(target, pl.DataFrame(schema=SCORE_SCHEMA), subtask_names)
-        return
-    score = per_subtask.max(axis=1)
-    names = pl.Series("best_subtask", subtask_names, dtype=pl.Utf8)
-    rows = scored.select("candidate_id", "source", "shard", "n_tokens").with_columns(
-        pl.Series("score", score, dtype=pl.Float64),
-        names.gather(per_subtask.argmax(axis=1)),
-        pl.lit(fingerprint).alias("basis_fingerprint"),
-        pl.Series("subtask_scores", per_subtask.astype(np.float64)).cast(pl.List(pl.Float64)),
-    )
-    writer.add(target, rows, subtask_names)
-    s["scored"] += len(score)
-    s["sum"] += float(score.sum())
-    s["max"], s["min"] = max(s["max"], float(score.max())), min(s["min"], float(score.min()))
+    s["nonfinite_ids"] += part.nonfinite_ids
+    writer.add(target, part.rows, part.subtasks)
+    if part.rows.height:
+        score = part.rows["score"].to_numpy()
+        s["scored"] += len(score)
+        s["sum"] += float(score.sum())
+        s["max"], s["min"] = max(s["max"], float(score.max())), min(s["min"], float(score.min()))
+
+
+def add_method_scores(
+    writer: ScoreSetWriter,
+    summary: dict,
+    target: str,
+    scored: pl.DataFrame,
+    per_subtask: np.ndarray,
+    subtask_names: list[str],
+    fingerprint: str,
+) -> None:
+    """``scored_rows`` appended by ``add_scored_rows``."""
+    add_scored_rows(writer, summary, target, scored_rows(scored, per_subtask, subtask_names, fingerprint))
 
 
 def score_summary(summary: dict) -> list[dict]:
@@ -179,41 +207,79 @@ class ShardCounts:
         self.scored = self.excluded = self.truncated = 0
         self.excluded_rows: list[dict] = []
 
-    def add(self, side: pl.DataFrame) -> pl.DataFrame:
-        """Count one shard's sidecar; returns its scored (included) rows."""
+    def add(self, side: pl.DataFrame) -> None:
+        """Count one shard's sidecar."""
         excluded = side.filter(~pl.col("included"))
         self.excluded += excluded.height
         self.truncated += int(side["truncated"].sum())
         if len(self.excluded_rows) < 20:
             self.excluded_rows += excluded.select("candidate_id", "source", "exclude_reason").head(20).to_dicts()
-        scored = side.filter(pl.col("included"))
-        self.scored += scored.height
-        return scored
+        self.scored += side.height - excluded.height
 
 
-def score_shard(
-    writer: ScoreSetWriter,
-    summary: dict,
-    scored: pl.DataFrame,
-    coords,
+def shard_scores(
+    side: pl.DataFrame,
+    coords: dict[tuple[str, str], np.ndarray],
     directions: dict,
     ckpts: list[str],
     weights: np.ndarray,
     fingerprints: dict[str, str],
-) -> None:
-    """cos(z, t_s) per checkpoint, weighted, max over subtasks, for every target, on one shard's rows;
-    ``coords(ckpt, target)`` is their z, ``directions[ckpt, target]`` the (subtask names, t_s)."""
+) -> list[tuple[str, ScoredRows]]:
+    """cos(z, t_s) per checkpoint, weighted, max over subtasks, for every target, on one shard's included rows;
+    ``coords[ckpt, target]`` is their z, ``directions[ckpt, target]`` the (subtask names, t_s)."""
+    scored = side.filter(pl.col("included"))
+    out = []
     for target in sorted(fingerprints):
-        cosines = [cosine_to_subtasks(coords(ckpt, target), directions[ckpt, target][1]) for ckpt in ckpts]
-        add_method_scores(
-            writer,
-            summary,
-            target,
-            scored,
-            weighted_sum(cosines, weights),
-            directions[ckpts[0], target][0],
-            fingerprints[target],
+        cosines = [cosine_to_subtasks(coords[ckpt, target], directions[ckpt, target][1]) for ckpt in ckpts]
+        part = scored_rows(
+            scored, weighted_sum(cosines, weights), directions[ckpts[0], target][0], fingerprints[target]
         )
+        out.append((target, part))
+    return out
+
+
+def exact_shard(shard: str, storage: StorageResource, directions: dict, ckpts: list[str], weights, fingerprints: dict):
+    """One shard's sidecar and its ``shard_scores`` from candidate_features (exact z)."""
+    side, tensors = shard_features(storage, shard)
+    coords = {(c, t): tensors[f"{c}/{t}"] for c in ckpts for t in fingerprints}
+    return side, shard_scores(side, coords, directions, ckpts, weights, fingerprints)
+
+
+def sketched_shard(
+    shard: str,
+    storage: StorageResource,
+    projected: dict,
+    directions: dict,
+    ckpts: list[str],
+    weights,
+    fingerprints: dict,
+):
+    """One shard's sidecar and its ``shard_scores`` from candidate_sketches (z estimated)."""
+    side, sketches = shard_sketches(storage, shard, ckpts)
+    z = {c: sketched_coordinates(projected[c], sketches[c]) for c in ckpts}
+    coords = {(c, t): z[c][t] for c in ckpts for t in fingerprints}
+    return side, shard_scores(side, coords, directions, ckpts, weights, fingerprints)
+
+
+# Shards read and scored at once: numpy, safetensors and polars release the GIL, so threads overlap the
+# reads and the arithmetic of neighbouring shards; two in flight per thread bound the memory.
+SCORING_THREADS = max(1, min(4, os.cpu_count() or 1))
+
+
+def in_order(work: Callable[[T], R], items: list[T], threads: int | None = None) -> Iterator[R]:
+    """``work(item)`` for every item on ``threads`` (default SCORING_THREADS) threads, in the items' order."""
+    threads = SCORING_THREADS if threads is None else threads
+    if threads <= 1 or len(items) <= 1:
+        yield from map(work, items)
+        return
+    with ThreadPoolExecutor(threads) as pool:
+        pending: deque[Future[R]] = deque()
+        for item in items:
+            pending.append(pool.submit(work, item))
+            if len(pending) >= 2 * threads:
+                yield pending.popleft().result()
+        while pending:
+            yield pending.popleft().result()
 
 
 @dg.asset(
@@ -246,36 +312,27 @@ def candidate_scores(
         with score_store.write_scores(method) as writer:
             if method == METHOD:
                 inputs[method] = scores_inputs(current_feature_shards(storage, shards, bases), bases["version"])
-                for shard in shards:
-                    side, tensors = shard_features(storage, shard)
-                    score_shard(
-                        writer,
-                        per_target,
-                        shard_counts.add(side),
-                        lambda c, t, x=tensors: x[f"{c}/{t}"],
-                        directions,
-                        ckpts,
-                        weights,
-                        exact_fps,
-                    )
+                work = partial(exact_shard, storage=storage, directions=directions, ckpts=ckpts, weights=weights)
+                fps = exact_fps
             else:
                 versions, projector = current_sketch_shards(storage, shards, ckpts)
                 inputs[method] = sketch_scores_inputs(versions, bases["version"])
                 projected = {c: sketch_projection(storage, projector, c, targets) for c in ckpts}
                 tag = f"sketch-{projector.kind}-{projector.dim}-seed-{projector.seed}"
-                for shard in shards:
-                    side, sketches = shard_sketches(storage, shard, ckpts)
-                    z = {c: sketched_coordinates(projected[c], sketches[c]) for c in ckpts}
-                    score_shard(
-                        writer,
-                        per_target,
-                        shard_counts.add(side),
-                        lambda c, t, x=z: x[c][t],
-                        directions,
-                        ckpts,
-                        weights,
-                        {t: f"{tag}+{fp}" for t, fp in exact_fps.items()},
-                    )
+                fps = {t: f"{tag}+{fp}" for t, fp in exact_fps.items()}
+                work = partial(
+                    sketched_shard,
+                    storage=storage,
+                    projected=projected,
+                    directions=directions,
+                    ckpts=ckpts,
+                    weights=weights,
+                )
+            # The main thread appends in shard order: the parts and the report do not depend on the threads.
+            for side, parts in in_order(partial(work, fingerprints=fps), shards):
+                shard_counts.add(side)
+                for target, part in parts:
+                    add_scored_rows(writer, per_target, target, part)
             summary += score_summary(per_target)
         counts = counts or shard_counts
         removed[method] = sorted(set(before) - set(targets))

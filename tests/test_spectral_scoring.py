@@ -453,3 +453,42 @@ def test_method_scores_and_top_rows_read_back_as_before(tmp_path) -> None:
     assert [r["scored"] for r in score_summary(summary)] == [m, m]
     assert store.read_scores("u", "gist").drop("target").equals(full.drop("target"))
     assert store.read_scores("t", "gist").equals(full)
+
+
+def test_shards_scored_on_threads_come_back_in_order_and_bounded() -> None:
+    """in_order: the items' order whatever thread finishes first, at most 2 per thread in flight, and a
+    worker's error reaches the caller."""
+    import threading
+    import time
+
+    from gist_assets.scores import in_order
+
+    running, most, started, lock = 0, 0, 0, threading.Lock()
+
+    def work(i: int) -> int:
+        nonlocal running, most, started
+        with lock:
+            running += 1
+            started += 1
+            most = max(most, running)
+        time.sleep(0.002 * ((7 * i) % 5))  # later items often finish first
+        with lock:
+            running -= 1
+        return i * i
+
+    consumed = []
+    for value in in_order(work, list(range(40)), threads=3):
+        consumed.append(value)
+        assert started - len(consumed) <= 2 * 3  # work started ahead of the consumer stays bounded
+    assert consumed == [i * i for i in range(40)]
+    assert most <= 3
+    assert list(in_order(work, [5], threads=3)) == [25]
+    assert list(in_order(work, list(range(4)), threads=1)) == [0, 1, 4, 9]
+
+    def fails(i: int) -> int:
+        if i == 6:
+            raise ValueError("shard 6 is damaged")
+        return i
+
+    with pytest.raises(ValueError, match="shard 6 is damaged"):
+        list(in_order(fails, list(range(20)), threads=2))
