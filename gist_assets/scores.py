@@ -122,12 +122,18 @@ def scored_rows(
 
 
 def add_scored_rows(writer: ScoreSetWriter, summary: dict, target: str, part: ScoredRows) -> None:
-    """Append ``part`` to (target, writer's method); ``summary[target]`` accumulates what the asset reports."""
+    """Append ``part`` to (target, writer's method) and ``record_scored_rows`` it."""
+    writer.add(target, part.rows, part.subtasks)
+    record_scored_rows(summary, writer.method, target, part)
+
+
+def record_scored_rows(summary: dict, method: str, target: str, part: ScoredRows) -> None:
+    """``summary[target]`` accumulates what the asset reports about rows written."""
     s = summary.setdefault(
         target,
         {
             "target": target,
-            "method": writer.method,
+            "method": method,
             "scored": 0,
             "sum": 0.0,
             "max": -np.inf,
@@ -136,7 +142,6 @@ def add_scored_rows(writer: ScoreSetWriter, summary: dict, target: str, part: Sc
         },
     )
     s["nonfinite_ids"] += part.nonfinite_ids
-    writer.add(target, part.rows, part.subtasks)
     if part.rows.height:
         score = part.rows["score"].to_numpy()
         s["scored"] += len(score)
@@ -238,15 +243,24 @@ def shard_scores(
     return out
 
 
-def exact_shard(shard: str, storage: StorageResource, directions: dict, ckpts: list[str], weights, fingerprints: dict):
-    """One shard's sidecar and its ``shard_scores`` from candidate_features (exact z)."""
+def exact_shard(
+    shard: str,
+    writer: ScoreSetWriter,
+    storage: StorageResource,
+    directions: dict,
+    ckpts: list[str],
+    weights,
+    fingerprints: dict,
+):
+    """One shard's ``shard_scores`` from candidate_features (exact z), written; its sidecar and the parts."""
     side, tensors = shard_features(storage, shard)
     coords = {(c, t): tensors[f"{c}/{t}"] for c in ckpts for t in fingerprints}
-    return side, shard_scores(side, coords, directions, ckpts, weights, fingerprints)
+    return side, write_parts(writer, shard_scores(side, coords, directions, ckpts, weights, fingerprints))
 
 
 def sketched_shard(
     shard: str,
+    writer: ScoreSetWriter,
     storage: StorageResource,
     projected: dict,
     directions: dict,
@@ -254,11 +268,18 @@ def sketched_shard(
     weights,
     fingerprints: dict,
 ):
-    """One shard's sidecar and its ``shard_scores`` from candidate_sketches (z estimated)."""
+    """One shard's ``shard_scores`` from candidate_sketches (z estimated), written; its sidecar and the parts."""
     side, sketches = shard_sketches(storage, shard, ckpts)
     z = {c: sketched_coordinates(projected[c], sketches[c]) for c in ckpts}
     coords = {(c, t): z[c][t] for c in ckpts for t in fingerprints}
-    return side, shard_scores(side, coords, directions, ckpts, weights, fingerprints)
+    return side, write_parts(writer, shard_scores(side, coords, directions, ckpts, weights, fingerprints))
+
+
+def write_parts(writer: ScoreSetWriter, parts: list[tuple[str, ScoredRows]]) -> list[tuple[str, ScoredRows]]:
+    """Each (target, rows) of ``parts`` into the score set (on the shard's thread: Parquet encoding is costly)."""
+    for target, part in parts:
+        writer.add(target, part.rows, part.subtasks)
+    return parts
 
 
 # Shards read and scored at once: numpy, safetensors and polars release the GIL, so threads overlap the
@@ -328,11 +349,11 @@ def candidate_scores(
                     ckpts=ckpts,
                     weights=weights,
                 )
-            # The main thread appends in shard order: the parts and the report do not depend on the threads.
-            for side, parts in in_order(partial(work, fingerprints=fps), shards):
+            # The threads write the parts; the main thread adds up the report in shard order.
+            for side, parts in in_order(partial(work, writer=writer, fingerprints=fps), shards):
                 shard_counts.add(side)
                 for target, part in parts:
-                    add_scored_rows(writer, per_target, target, part)
+                    record_scored_rows(per_target, method, target, part)
             summary += score_summary(per_target)
         counts = counts or shard_counts
         removed[method] = sorted(set(before) - set(targets))

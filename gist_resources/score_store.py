@@ -11,6 +11,7 @@ from __future__ import annotations
 import os
 import re
 import shutil
+import threading
 import time
 import uuid
 from contextlib import contextmanager
@@ -105,10 +106,14 @@ class ScoreSetWriter:
         self.subtasks: dict[str, list[str]] = {}
         self.rows: dict[str, int] = {}
         self._parts = 0
+        self._lock = threading.Lock()  # add may be called from several threads (one shard each)
 
     def add(self, target: str, rows: pl.DataFrame, subtasks: list[str]) -> None:
-        """Append rows of ``target`` (the columns of SCORE_SCHEMA; ``subtask_scores`` in ``subtasks``' order)."""
-        known = self.subtasks.setdefault(target, list(subtasks))
+        """Append rows of ``target`` (the columns of SCORE_SCHEMA; ``subtask_scores`` in ``subtasks``' order).
+
+        Safe to call from several threads; the order of the parts does not matter (readers rank by score)."""
+        with self._lock:
+            known = self.subtasks.setdefault(target, list(subtasks))
         if known != list(subtasks):
             raise ValueError(
                 f"{self.method} scores of target {target!r} came with subtasks {subtasks}, earlier parts with {known}"
@@ -117,7 +122,8 @@ class ScoreSetWriter:
         if missing:
             raise ValueError(f"{self.method} scores of target {target!r} lack the columns {missing}")
         frame = rows.select([pl.col(c).cast(t) for c, t in SCORE_SCHEMA.items()])
-        self.rows[target] = self.rows.get(target, 0) + frame.height
+        with self._lock:
+            self.rows[target] = self.rows.get(target, 0) + frame.height
         if not frame.height:
             return
         nulls = {
@@ -134,9 +140,10 @@ class ScoreSetWriter:
             )
         folder = self.dir / f"target={target}"
         folder.mkdir(parents=True, exist_ok=True)
+        with self._lock:
+            part, self._parts = self._parts, self._parts + 1
         # lz4: half the time of zstd for 20% more bytes; the files are rewritten on every scoring run.
-        frame.write_parquet(folder / f"part-{self._parts:06d}.parquet", compression="lz4", statistics=True)
-        self._parts += 1
+        frame.write_parquet(folder / f"part-{part:06d}.parquet", compression="lz4", statistics=True)
 
 
 class ScoreStore(DuckDBResource):
