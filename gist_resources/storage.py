@@ -12,6 +12,7 @@ import uuid
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
+from typing import Any
 
 import dagster as dg
 import numpy as np
@@ -205,6 +206,16 @@ class StorageResource(dg.ConfigurableResource):
         finally:
             shutil.rmtree(tmp, ignore_errors=True)
 
+    @contextmanager
+    def selection_files(self, folder: Path) -> Iterator[SelectionFiles]:
+        """``SelectionFiles`` in ``folder``, a scratch folder of ``atomic_dir`` (nothing shows until swapped in)."""
+        folder.mkdir(parents=True, exist_ok=True)
+        files = SelectionFiles(folder)
+        try:
+            yield files
+        finally:
+            files.close()
+
     def write_json(self, dest: Path, obj) -> Path:
         with self.atomic_file(dest) as tmp:
             tmp.write_text(strict_json(obj))
@@ -297,6 +308,38 @@ class StorageResource(dg.ConfigurableResource):
             raise ArtifactError(
                 f"{src} is not a readable safetensors file ({exc}); re-materialize {_asset(produced_by, partition)}"
             ) from None
+
+
+class SelectionFiles:
+    """One selection's export files in a folder, appended chunk by chunk (memory holds one chunk):
+    ``selection.jsonl`` (each record as the pool had it), ``selection.messages.jsonl`` (chat messages for
+    SFT trainers) and ``selection.parquet``."""
+
+    def __init__(self, folder: Path):
+        self.folder = folder
+        self._jsonl = open(folder / "selection.jsonl", "wb")  # noqa: SIM115 (closed in close())
+        self._messages = open(folder / "selection.messages.jsonl", "wb")  # noqa: SIM115
+        self._parquet: Any = None  # a pyarrow ParquetWriter, opened with the first chunk's schema
+
+    def append(self, original, messages, table) -> None:
+        """``original``: the records' JSON lines (a polars Series); ``messages``: a frame of (id, source,
+        messages); ``table``: the Parquet rows (a polars frame of one schema for every chunk)."""
+        import polars as pl
+        import pyarrow.parquet as pq
+
+        # Written as they are: a JSON line holds no newline, and quote_style="never" adds nothing.
+        pl.DataFrame([original]).write_csv(self._jsonl, include_header=False, quote_style="never")
+        messages.write_ndjson(self._messages)
+        arrow = table.to_arrow()
+        if self._parquet is None:
+            self._parquet = pq.ParquetWriter(self.folder / "selection.parquet", arrow.schema)
+        self._parquet.write_table(arrow)
+
+    def close(self) -> None:
+        self._jsonl.close()
+        self._messages.close()
+        if self._parquet is not None:
+            self._parquet.close()
 
 
 def asset_label(name: str, partition: str | None = None) -> str:

@@ -492,3 +492,49 @@ def test_shards_scored_on_threads_come_back_in_order_and_bounded() -> None:
 
     with pytest.raises(ValueError, match="shard 6 is damaged"):
         list(in_order(fails, list(range(20)), threads=2))
+
+
+def test_selection_files_written_in_chunks_read_back_whole(tmp_path) -> None:
+    """SelectionFiles: records appended in chunks give the lines as the pool had them (quotes, commas,
+    unicode untouched), one messages line per record, and one Parquet file equal to all the chunks."""
+    import json
+
+    import polars as pl
+
+    from gist_assets.scores import training_messages_column
+    from gist_resources import StorageResource
+
+    records = [
+        {
+            "id": f"c{i}",
+            "messages": [{"role": "user", "content": f'say "{i}", twice'}, {"role": "assistant", "content": "ok, é"}],
+        }
+        for i in range(11)
+    ]
+    rows = pl.DataFrame(
+        {
+            "candidate_id": [r["id"] for r in records],
+            "source": ["s"] * 11,
+            "score": [1.0 - i / 100 for i in range(11)],
+            "original": [json.dumps(r, ensure_ascii=False) for r in records],
+            "messages": [json.dumps(r["messages"], ensure_ascii=False) for r in records],
+        }
+    )
+    storage = StorageResource(root=str(tmp_path))
+    with storage.selection_files(tmp_path / "out") as files:
+        for at in range(0, rows.height, 4):
+            part = rows.slice(at, 4)
+            messages = training_messages_column(part["messages"])
+            files.append(
+                part["original"],
+                pl.DataFrame([part["candidate_id"].alias("id"), part["source"], messages]),
+                part.drop("messages", "original").with_columns(messages),
+            )
+    lines = (tmp_path / "out" / "selection.jsonl").read_text(encoding="utf-8").splitlines()
+    assert lines == rows["original"].to_list()
+    chat = [json.loads(line) for line in (tmp_path / "out" / "selection.messages.jsonl").read_text().splitlines()]
+    assert [c["id"] for c in chat] == rows["candidate_id"].to_list()
+    assert chat[3]["messages"] == records[3]["messages"]
+    back = pl.read_parquet(tmp_path / "out" / "selection.parquet")
+    assert back["candidate_id"].to_list() == rows["candidate_id"].to_list()
+    assert back["messages"].to_list()[10] == records[10]["messages"]
