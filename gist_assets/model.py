@@ -51,15 +51,6 @@ def warmup_pool_ids_path(storage: StorageResource):
     return storage.path("warmup", WARMUP_POOL_IDS)
 
 
-def known_at_warmup(storage: StorageResource, candidate_ids) -> set[str] | None:
-    """Those of ``candidate_ids`` that were in the pool when the warmup was trained (None: not recorded)."""
-    path = warmup_pool_ids_path(storage)
-    if not path.exists():
-        return None
-    known = storage.read_parquet(path, "warmup_checkpoint", candidate_ids=candidate_ids)
-    return set(known["candidate_id"].to_list())
-
-
 def warmup_manifest_path(storage: StorageResource):
     return storage.path("warmup", "manifest.json")
 

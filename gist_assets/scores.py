@@ -21,7 +21,7 @@ from gist_resources.storage import strict_json
 
 from .config import CandidateScoresConfig, SelectionConfig
 from .gradients import candidate_features, features_dir, read_basis_manifest, spectral_basis
-from .model import known_at_warmup, read_model_ref, read_warmup, warmup_pool_ids_path
+from .model import read_model_ref, read_warmup, warmup_pool_ids_path
 from .partitions import candidate_shards
 from .paths import model_path, relative_checkpoints
 from .plots import histogram, md_table
@@ -541,7 +541,8 @@ def write_selections(
                 columns=["candidate_id", "original", "messages"],
                 candidate_ids=ids,
             )
-            known = known_at_warmup(storage, ids)
+            warmup_ids = warmup_pool_ids_path(storage)
+            newer = score_store.ids_absent_from(ids, str(warmup_ids)) if warmup_ids.exists() else None
             hist = histogram_of(score_store, target, method) if method == METHOD else None
             with storage.atomic_dir(folder) as tmp:
                 for (label, one), chosen in zip(per_budget, chosen_per_budget, strict=True):
@@ -570,7 +571,7 @@ def write_selections(
                         ref,
                         warm,
                         score_store.database,
-                        known,
+                        newer,
                     )
                     meta.update(
                         budget_metadata(manifest, chosen, pool_mix, label, target, method, folder / label, hist)
@@ -609,7 +610,7 @@ def write_budget(
     ref: dict,
     warm: dict,
     database: str,
-    known_at_warmup: set[str] | None,
+    newer_than_warmup: set[str] | None,
 ) -> dict:
     """One budget's exports into ``tmp`` (swapped in at ``dest``); returns its manifest."""
     tmp.mkdir()
@@ -647,8 +648,8 @@ def write_budget(
             "parquet": storage.relative(dest / "selection.parquet"),
         },
     }
-    if known_at_warmup is not None:
-        manifest["selected_newer_than_warmup"] = int((~chosen["candidate_id"].is_in(list(known_at_warmup))).sum())
+    if newer_than_warmup is not None:
+        manifest["selected_newer_than_warmup"] = int(chosen["candidate_id"].is_in(list(newer_than_warmup)).sum())
     with storage.selection_files(tmp) as files:
         for at in range(0, max(1, chosen.height), EXPORT_CHUNK_ROWS):  # an empty selection: empty files
             part = chosen.slice(at, EXPORT_CHUNK_ROWS)

@@ -483,6 +483,19 @@ class ScoreStore(DuckDBResource):
                 ).fetchone()[0]
             )
 
+    def ids_absent_from(self, candidate_ids: pl.Series, ids_file: str) -> set[str]:
+        """Those of ``candidate_ids`` that are not in the Parquet file ``ids_file`` (an anti join within the
+        memory cap, not the file's ids in memory)."""
+        with self.get_connection() as conn:
+            conn.register("asked", pl.DataFrame([candidate_ids.alias("candidate_id").cast(pl.Utf8)]).to_arrow())
+            try:
+                rows = conn.execute(
+                    "SELECT candidate_id FROM asked ANTI JOIN read_parquet(?) USING (candidate_id)", [ids_file]
+                ).fetchall()
+            finally:
+                conn.unregister("asked")
+        return {r[0] for r in rows}
+
     def selection_sizes(self) -> dict[tuple[str, str, str], int]:
         """{(method, target, budget): rows} of the selections table."""
         with self.get_connection() as conn:
