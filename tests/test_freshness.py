@@ -160,7 +160,15 @@ def test_new_candidates_from_the_same_generator_score_on_the_same_scale(tmp_path
         _drive(instance, resources, run_config)
         scores = _scores_by_id(root)
         md = instance.get_latest_materialization_event(dg.AssetKey("candidate_scores")).asset_materialization.metadata
+        with duckdb.connect(str(root / "gist.duckdb"), read_only=True) as db:
+            chosen = db.execute("SELECT target, budget, candidate_id FROM selections WHERE method = 'gist'").fetchall()
     assert md["candidates_newer_than_warmup"].value == 80
+    # Each selection's manifest counts its candidates that came after the warmup.
+    for target, budget in {(t, b) for t, b, _ in chosen}:
+        manifest = json.loads((root / "selections" / target / "gist" / budget / "manifest.json").read_text())
+        later = sum(1 for t, b, c in chosen if (t, b) == (target, budget) and c.startswith("later-"))
+        assert manifest["selected_newer_than_warmup"] == later
+    assert any(c.startswith("later-") for _, _, c in chosen)
     for target, by_id in scores.items():
         new = np.array([s for c, s in by_id.items() if c.startswith("later-")])
         before = np.array([s for c, s in by_id.items() if c in old[target]])
