@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import shutil
 import subprocess
 import sys
@@ -316,6 +317,8 @@ def main(argv=None) -> int:
                 f"in {time.perf_counter() - t0:.0f}s (not timed)",
                 flush=True,
             )
+        # The roots were just written: flush them now, or the first timed runs share the disk with writeback.
+        os.sync()
         if args.wait_quiet:
             wait_for_quiet(args.wait_quiet)
         for rep in range(args.repeats):
