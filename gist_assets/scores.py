@@ -121,12 +121,6 @@ def scored_rows(
     return ScoredRows(rows, subtask_names, nonfinite)
 
 
-def add_scored_rows(writer: ScoreSetWriter, summary: dict, target: str, part: ScoredRows) -> None:
-    """Append ``part`` to (target, writer's method) and ``record_scored_rows`` it."""
-    writer.add(target, part.rows, part.subtasks)
-    record_scored_rows(summary, writer.method, target, part)
-
-
 def record_scored_rows(summary: dict, method: str, target: str, part: ScoredRows) -> None:
     """``summary[target]`` accumulates what the asset reports about rows written."""
     s = summary.setdefault(
@@ -158,8 +152,10 @@ def add_method_scores(
     subtask_names: list[str],
     fingerprint: str,
 ) -> None:
-    """``scored_rows`` appended by ``add_scored_rows``."""
-    add_scored_rows(writer, summary, target, scored_rows(scored, per_subtask, subtask_names, fingerprint))
+    """``scored_rows`` of one batch, written to (target, writer's method) and recorded in ``summary``."""
+    part = scored_rows(scored, per_subtask, subtask_names, fingerprint)
+    writer.add(target, part.rows, part.subtasks)
+    record_scored_rows(summary, writer.method, target, part)
 
 
 def score_summary(summary: dict) -> list[dict]:

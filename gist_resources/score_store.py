@@ -393,21 +393,23 @@ class ScoreStore(DuckDBResource):
                 ).fetchone()[0]
             )
 
-    def scored_among(self, candidate_ids: list[str]) -> list[str]:
-        """Those of ``candidate_ids`` that have a score of any method."""
+    def _ids_query(self, candidate_ids, sql: str, params: list | None = None) -> list[str]:
+        """The first column of ``sql``'s rows, with ``candidate_ids`` as the table ``asked(candidate_id)``."""
+        asked = pl.DataFrame([pl.Series("candidate_id", candidate_ids, dtype=pl.Utf8)])
         with self.get_connection() as conn:
-            conn.register(
-                "asked", pl.DataFrame({"candidate_id": candidate_ids}, schema={"candidate_id": pl.Utf8}).to_arrow()
-            )
+            conn.register("asked", asked.to_arrow())
             try:
-                return sorted(
-                    r[0]
-                    for r in conn.execute(
-                        "SELECT DISTINCT candidate_id FROM score_rows SEMI JOIN asked USING (candidate_id)"
-                    ).fetchall()
-                )
+                return [r[0] for r in conn.execute(sql, params or []).fetchall()]
             finally:
                 conn.unregister("asked")
+
+    def scored_among(self, candidate_ids: list[str]) -> list[str]:
+        """Those of ``candidate_ids`` that have a score of any method."""
+        return sorted(
+            self._ids_query(
+                candidate_ids, "SELECT DISTINCT candidate_id FROM score_rows SEMI JOIN asked USING (candidate_id)"
+            )
+        )
 
     def methods(self) -> list[str]:
         with self.get_connection() as conn:
@@ -483,18 +485,16 @@ class ScoreStore(DuckDBResource):
                 ).fetchone()[0]
             )
 
-    def ids_absent_from(self, candidate_ids: pl.Series, ids_file: str) -> set[str]:
+    def ids_absent_from(self, candidate_ids, ids_file: str) -> set[str]:
         """Those of ``candidate_ids`` that are not in the Parquet file ``ids_file`` (an anti join within the
         memory cap, not the file's ids in memory)."""
-        with self.get_connection() as conn:
-            conn.register("asked", pl.DataFrame([candidate_ids.alias("candidate_id").cast(pl.Utf8)]).to_arrow())
-            try:
-                rows = conn.execute(
-                    "SELECT candidate_id FROM asked ANTI JOIN read_parquet(?) USING (candidate_id)", [ids_file]
-                ).fetchall()
-            finally:
-                conn.unregister("asked")
-        return {r[0] for r in rows}
+        return set(
+            self._ids_query(
+                candidate_ids,
+                "SELECT candidate_id FROM asked ANTI JOIN read_parquet(?) USING (candidate_id)",
+                [ids_file],
+            )
+        )
 
     def selection_sizes(self) -> dict[tuple[str, str, str], int]:
         """{(method, target, budget): rows} of the selections table."""

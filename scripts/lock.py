@@ -50,9 +50,9 @@ def closure(project: str = PROJECT, extras: tuple[str, ...] = EXTRAS, missing_ok
                 continue
             raise SystemExit(f"{name} is required but not installed here; run `make install` first") from None
         found[_name(name)] = dist.version
+        envs = [{"extra": e} for e in wanted] or [{"extra": ""}]
         for line in dist.requires or []:
             req = Requirement(line)
-            envs = [{"extra": e} for e in wanted] or [{"extra": ""}]
             if req.marker is not None and not any(req.marker.evaluate(env) for env in envs):
                 continue
             todo.append((req.name, frozenset(req.extras)))
