@@ -190,7 +190,7 @@ def child_asset_path(root: Path) -> dict:
     config = {
         "ops": {
             "candidate_scores": {"config": {"methods": ["gist"]}},
-            "selected_subset": {"config": {"percentage": PERCENT}},
+            "selected_subset": {"config": {"fraction": PERCENT}},
         }
     }
     with dg.DagsterInstance.from_config(str(root / "dagster_home")) as instance:

@@ -37,7 +37,7 @@ def run_config(pool: Path, targets: list[str], seeds: list[int], budget: float, 
         {"name": t, "format": "jsonl", "path": str(DATA / f"target_{t}.jsonl")} for t in targets
     ]
     ops["warmup_checkpoint"]["config"]["fraction"] = 0.1
-    ops["selected_subset"]["config"]["percentage"] = budget
+    ops["selected_subset"]["config"]["fraction"] = budget
     # Fine-tunes of a few dozen examples: a rate and batch that make a dozen steps move the adapter.
     ops["selection_evaluation"] = {
         "config": {

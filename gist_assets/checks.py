@@ -112,7 +112,7 @@ def selection_size_as_configured(storage: StorageResource, score_store: ScoreSto
         folder = selection_dir(storage, target, method, label)
         manifest = storage.read_json(folder / "manifest.json", "selected_subset")
         expected = selection_size(
-            manifest["scored_candidates"], manifest["config"]["percentage"], manifest["config"]["n"]
+            manifest["scored_candidates"], manifest["config"]["fraction"], manifest["config"]["n"]
         )
         counts = {}
         for name in ("selection.jsonl", "selection.messages.jsonl"):

@@ -12,6 +12,7 @@ configured model, smaller ones for the embedded tiny model, see
 ``gist_assets.model``); the values actually used are in each asset's metadata.
 """
 
+import warnings
 from pathlib import Path
 from typing import Any, Literal
 
@@ -19,7 +20,7 @@ import dagster as dg
 import yaml
 from dagster import Field as ConfigField
 from dagster import Permissive, Shape
-from pydantic import Field, ValidationError, field_validator
+from pydantic import Field, ValidationError, field_validator, model_validator
 
 # Chosen from the agreement-against-d curve of benchmarks/bench_sketch.py (docs/sketch.md).
 SKETCH_DIM = 16384
@@ -184,14 +185,21 @@ class CandidateSketchesConfig(dg.Config):
     seed: int = 0
 
 
+SELECTION_FRACTION = 0.05
+
+
 class SelectionConfig(dg.Config):
     # Any: Dagster's config schema has no "a number or a list"; the validator below checks the value.
-    percentage: Any = Field(
-        default=0.05,
-        description="Top fraction of scored candidates, or a list of them "
+    fraction: Any = Field(
+        default=SELECTION_FRACTION,
+        description="Top fraction of scored candidates (0.05: the top 5%), or a list of them "
         "(budgets, e.g. [0.01, 0.05, 0.1]: one selection each)",
     )
-    n: Any = Field(default=None, description="Instead of percentage: top n, or a list (set percentage to null)")
+    n: Any = Field(default=None, description="Instead of fraction: top n, or a list (set fraction to null)")
+    percentage: Any = Field(
+        default=None,
+        description="Deprecated name of fraction (it always held a fraction); accepted for one release",
+    )
     strategy: Literal["top", "round_robin"] = Field(
         default="top",
         description="'top' (global top by score) or 'round_robin' (subtasks take turns picking "
@@ -199,10 +207,10 @@ class SelectionConfig(dg.Config):
     )
     max_per_source: int | None = Field(default=None, ge=1, description="Cap on selected candidates per source")
 
-    @field_validator("percentage", "n")
+    @field_validator("fraction", "n", "percentage")
     @classmethod
     def _budget(cls, value, info):
-        kind = float if info.field_name == "percentage" else int
+        kind = int if info.field_name == "n" else float
         values = value if isinstance(value, list) else [value]
         if value is None:
             return None
@@ -212,6 +220,28 @@ class SelectionConfig(dg.Config):
         ):
             raise ValueError(f"{info.field_name} must be a {kind.__name__} or a non-empty list of them, got {value!r}")
         return [kind(v) for v in values] if isinstance(value, list) else kind(value)
+
+    @model_validator(mode="after")
+    def _deprecated_percentage(self):
+        # The launchpad fills fraction's default in, so a fraction equal to the default counts as not given.
+        if self.percentage is None:
+            return self
+        if self.fraction not in (None, SELECTION_FRACTION, self.percentage):
+            raise ValueError(
+                f"percentage={self.percentage!r} and fraction={self.fraction!r} are both set; "
+                "percentage is the deprecated name of fraction: keep fraction only"
+            )
+        # FutureWarning, not DeprecationWarning: it is meant for users and Python shows it by default.
+        warnings.warn(PERCENTAGE_DEPRECATED, FutureWarning, stacklevel=2)
+        object.__setattr__(self, "fraction", self.percentage)
+        object.__setattr__(self, "percentage", None)
+        return self
+
+
+PERCENTAGE_DEPRECATED = (
+    "selected_subset.config.percentage is deprecated (it always held a fraction, 0.05 = the top 5%): "
+    "rename it to fraction; percentage will be removed in the next release"
+)
 
 
 class LessFeaturesConfig(dg.Config):

@@ -427,7 +427,7 @@ def read_selection_rows(
     """
     n_scored = score_store.count_scores(target, method)
     if n_scored and config.strategy == "top" and config.max_per_source is None:
-        return score_store.top_scores(target, method, selection_size(n_scored, config.percentage, config.n)), n_scored
+        return score_store.top_scores(target, method, selection_size(n_scored, config.fraction, config.n)), n_scored
     return score_store.read_scores(target, method), n_scored
 
 
@@ -439,7 +439,7 @@ def choose(
     ``scores`` may be only the best rows (see ``read_selection_rows``); ``n_scored`` is then
     the number of scored candidates the selection size is a fraction of.
     """
-    size = selection_size(scores.height if n_scored is None else n_scored, config.percentage, config.n)
+    size = selection_size(scores.height if n_scored is None else n_scored, config.fraction, config.n)
     ids = scores["candidate_id"]
     sources = scores["source"].to_list()
     if config.strategy == "top":
@@ -489,8 +489,7 @@ def training_messages(messages_json: str) -> list[dict]:
 def selection_budgets(config: SelectionConfig) -> list[tuple[str, SelectionConfig]]:
     """(label, the config with that one budget) for every configured budget."""
     return [
-        (label, config.model_copy(update={"percentage": p, "n": n}))
-        for label, p, n in budgets(config.percentage, config.n)
+        (label, config.model_copy(update={"fraction": p, "n": n})) for label, p, n in budgets(config.fraction, config.n)
     ]
 
 

@@ -13,36 +13,36 @@ import polars as pl
 CandidateIds = Sequence[str] | pl.Series | np.ndarray
 
 
-def selection_size(n_candidates: int, percentage: float | None = None, n: int | None = None) -> int:
-    if (percentage is None) == (n is None):
-        raise ValueError("set exactly one of percentage (a fraction in (0, 1]) or n (a count)")
+def selection_size(n_candidates: int, fraction: float | None = None, n: int | None = None) -> int:
+    if (fraction is None) == (n is None):
+        raise ValueError("set exactly one of fraction (in (0, 1]) or n (a count)")
     if n_candidates == 0:
         raise ValueError("there are no scored candidates to select from")
     if n is not None:
         if n < 1 or n > n_candidates:
             raise ValueError(f"n={n} must be between 1 and the number of scored candidates ({n_candidates})")
         return n
-    assert percentage is not None  # exactly one of percentage and n is set, checked above
-    if not 0 < percentage <= 1:
-        raise ValueError(f"percentage={percentage} must be in (0, 1] (0.05 means the top 5%)")
-    return max(1, math.floor(percentage * n_candidates + 1e-9))
+    assert fraction is not None  # exactly one of fraction and n is set, checked above
+    if not 0 < fraction <= 1:
+        raise ValueError(f"fraction={fraction} must be in (0, 1] (0.05 means the top 5%)")
+    return max(1, math.floor(fraction * n_candidates + 1e-9))
 
 
 def budgets(
-    percentage: float | Sequence[float] | None = None, n: int | Sequence[int] | None = None
+    fraction: float | Sequence[float] | None = None, n: int | Sequence[int] | None = None
 ) -> list[tuple[str, float | None, int | None]]:
-    """The configured selection budgets as (label, percentage, n), one per value, in the order given.
+    """The configured selection budgets as (label, fraction, n), one per value, in the order given.
 
     A label names the budget in tables and folders: ``p0.05`` (the top 5%), ``n200`` (the top 200).
     """
-    if (percentage is None) == (n is None):
-        raise ValueError("set exactly one of percentage (a fraction in (0, 1], or a list) or n (a count, or a list)")
-    given = percentage if percentage is not None else n
+    if (fraction is None) == (n is None):
+        raise ValueError("set exactly one of fraction (in (0, 1], or a list) or n (a count, or a list)")
+    given = fraction if fraction is not None else n
     values: list[Any] = list(given) if isinstance(given, (list, tuple)) else [given]
     if not values:
-        raise ValueError("the list of selection budgets is empty; give at least one percentage or n")
+        raise ValueError("the list of selection budgets is empty; give at least one fraction or n")
     out: list[tuple[str, float | None, int | None]] = [
-        (f"p{v:g}", v, None) if percentage is not None else (f"n{v}", None, v) for v in values
+        (f"p{v:g}", v, None) if fraction is not None else (f"n{v}", None, v) for v in values
     ]
     labels = [label for label, _, _ in out]
     if len(set(labels)) != len(labels):
@@ -88,10 +88,10 @@ def rank_order(scores: np.ndarray, candidate_ids: CandidateIds) -> np.ndarray:
 
 
 def top_selection(
-    scores: np.ndarray, candidate_ids: CandidateIds, percentage: float | None = None, n: int | None = None
+    scores: np.ndarray, candidate_ids: CandidateIds, fraction: float | None = None, n: int | None = None
 ) -> np.ndarray:
     """Indices of the selected candidates, best first."""
-    return rank_order(scores, candidate_ids)[: selection_size(len(candidate_ids), percentage, n)]
+    return rank_order(scores, candidate_ids)[: selection_size(len(candidate_ids), fraction, n)]
 
 
 def capped_top(

@@ -15,7 +15,7 @@ SMALL = {
         },
         "warmup_checkpoint": {"config": {"fraction": 0.1, "epochs": 2}},
         "spectral_basis": {"config": {"k": 8}},
-        "selected_subset": {"config": {"percentage": [0.05, 0.1]}},  # two budgets
+        "selected_subset": {"config": {"fraction": [0.05, 0.1]}},  # two budgets
         "selection_evaluation": {"config": {"epochs": 1, "seeds": [0, 1]}},
     }
 }

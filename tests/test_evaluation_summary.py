@@ -99,9 +99,9 @@ def test_budgets_and_their_config():
         budgets([0.1, 0.1])
     with pytest.raises(ValueError, match="exactly one"):
         budgets(0.1, 5)
-    assert SelectionConfig(percentage=[0.01, 0.05]).percentage == [0.01, 0.05]
-    with pytest.raises(RunConfigError, match=r"ops.selected_subset.config.percentage.*float or a non-empty list"):
-        check_run_config({"ops": {"selected_subset": {"config": {"percentage": ["5%"]}}}})
+    assert SelectionConfig(fraction=[0.01, 0.05]).fraction == [0.01, 0.05]
+    with pytest.raises(RunConfigError, match=r"ops.selected_subset.config.fraction.*float or a non-empty list"):
+        check_run_config({"ops": {"selected_subset": {"config": {"fraction": ["5%"]}}}})
     with pytest.raises(RunConfigError, match=r"seeds.*distinct"):
         check_run_config({"ops": {"selection_evaluation": {"config": {"seeds": [1, 1]}}}})
 

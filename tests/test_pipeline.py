@@ -45,7 +45,7 @@ def test_graph_outputs(small_run):
         assert all(r[2] == 1 and r[3] == r[4] == r[5] == n_scored for r in ranks)
         sel_counts = db.execute("SELECT target, method, budget, count(*) FROM selections GROUP BY 1, 2, 3").fetchall()
         evaluations = db.execute("SELECT target, method, budget, seed FROM evaluations").fetchall()
-    expected = {"p0.05": selection_size(n_scored, percentage=0.05), "p0.1": selection_size(n_scored, percentage=0.1)}
+    expected = {"p0.05": selection_size(n_scored, fraction=0.05), "p0.1": selection_size(n_scored, fraction=0.1)}
     assert len(sel_counts) == 15 * 2 and all(r[3] == expected[r[2]] for r in sel_counts)
     methods = ("gist", "gist_sketch", "random", "less", "representation")
     assert sorted(evaluations, key=str) == sorted(
@@ -114,7 +114,7 @@ def test_scores_match_plain_computation(small_run):
             )
             np.testing.assert_allclose([got[i] for i in ids], expected, atol=1e-4)
             order = sorted(range(len(ids)), key=lambda j: (-expected[j], ids[j]))
-            n_sel = selection_size(len(ids), percentage=0.1)
+            n_sel = selection_size(len(ids), fraction=0.1)
             chosen = [
                 r[0]
                 for r in db.execute(

@@ -71,10 +71,33 @@ def test_one_file_is_valid_for_every_unpartitioned_job_and_dagster_rejects_a_typ
 
 
 def test_fallback_config_and_defaults_are_filled_in():
-    cfg = {"ops": {"selected_subset": {"config": {"percentage": 0.2}}}}
-    assert effective_config(cfg, "baseline_selections")["percentage"] == 0.2
+    cfg = {"ops": {"selected_subset": {"config": {"fraction": 0.2}}}}
+    assert effective_config(cfg, "baseline_selections")["fraction"] == 0.2
     assert effective_config(cfg, "spectral_basis") == {"k": 16, "energy": None, "eps": 1e-8, "memory_budget_mb": 256}
     check_run_config(cfg)
+
+
+def test_deprecated_percentage_still_selects_and_warns():
+    """`percentage` (the old name of `fraction`) works for one release, through Dagster's own config
+    processing, which fills fraction's default in beside it."""
+    from gist_assets.config import SelectionConfig
+
+    seen = {}
+
+    @dg.asset
+    def budget(config: SelectionConfig) -> None:
+        seen.update(config.model_dump())
+
+    with pytest.warns(FutureWarning, match="percentage is deprecated.*rename it to fraction"):
+        result = dg.materialize([budget], run_config={"ops": {"budget": {"config": {"percentage": 0.2}}}})
+    assert result.success
+    assert seen["fraction"] == 0.2 and seen["percentage"] is None
+    with pytest.warns(FutureWarning):
+        assert effective_config(
+            {"ops": {"selected_subset": {"config": {"percentage": [0.01, 0.1]}}}}, "baseline_selections"
+        )["fraction"] == [0.01, 0.1]
+    with pytest.raises(RunConfigError, match="percentage=0.2 and fraction=0.1 are both set"):
+        check_run_config({"ops": {"selected_subset": {"config": {"percentage": 0.2, "fraction": 0.1}}}})
 
 
 def test_resources_from_the_file_are_kept_and_the_storage_root_added(tmp_path):

@@ -92,14 +92,14 @@ def test_cli_reruns_only_what_changed_and_the_ui_launches_and_reexecutes(tmp_pat
     assert wall < 15, f"a rerun with nothing to do took {wall:.1f}s"
 
     # Only the selection's budget changed: only the selection recomputes.
-    changed = {"ops": {**TINY["ops"], "selected_subset": {"config": {"percentage": 0.2}}}}
+    changed = {"ops": {**TINY["ops"], "selected_subset": {"config": {"fraction": 0.2}}}}
     config.write_text(yaml.safe_dump(changed))
     third = run_cli(env, "--config", str(config))
     assert third.returncode == 0, third.stderr[-4000:]
     lines = _assets_lines(third.stdout)
     recomputed = sorted(k for k, v in lines.items() if v.startswith("recomputed"))
     assert recomputed == ["selected_subset"], lines
-    assert "percentage [0.05, 0.1] -> 0.2" in lines["selected_subset"]
+    assert "fraction [0.05, 0.1] -> 0.2" in lines["selected_subset"]
 
     # A misspelt key is refused before any compute, naming the key and the valid ones, without a traceback.
     config.write_text(yaml.safe_dump({"ops": {"spectral_basis": {"config": {"kk": 3}}}}))

@@ -210,7 +210,7 @@ def _config(root: Path) -> dict:
             },
             "spectral_basis": {"config": {"k": 8}},
             "candidate_scores": {"config": {"methods": ["gist"]}},
-            "selected_subset": {"config": {"percentage": 0.1}},
+            "selected_subset": {"config": {"fraction": 0.1}},
         }
     }
 
@@ -295,7 +295,7 @@ def test_smollm2_through_the_graph_matches_plain_computation(smollm2_packages, t
         assert len(got) == N_CANDIDATES
         np.testing.assert_allclose([got[i] for i in sample["candidate_id"]], expected, atol=2e-4)
         # The selection is the top 10% of the stored scores, ties by id.
-        order = sorted(got, key=lambda i: (-got[i], i))[: selection_size(len(got), percentage=0.1)]
+        order = sorted(got, key=lambda i: (-got[i], i))[: selection_size(len(got), fraction=0.1)]
         chosen = [
             r[0]
             for r in db.execute(

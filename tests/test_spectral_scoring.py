@@ -259,8 +259,8 @@ def test_checkpoint_weights():
         (10, 1.0, 10),
     ],
 )
-def test_selection_size_percentage(pool, pct, expected):
-    assert selection_size(pool, percentage=pct) == expected
+def test_selection_size_fraction(pool, pct, expected):
+    assert selection_size(pool, fraction=pct) == expected
 
 
 def test_selection_size_n_and_errors():
@@ -268,13 +268,13 @@ def test_selection_size_n_and_errors():
     assert selection_size(10, n=10) == 10
     for kwargs, match in [
         ({}, "exactly one"),
-        ({"percentage": 0.1, "n": 2}, "exactly one"),
+        ({"fraction": 0.1, "n": 2}, "exactly one"),
         ({"n": 0}, "between 1 and"),
         ({"n": 11}, "between 1 and"),
         ({"n": -1}, "between 1 and"),
-        ({"percentage": 0.0}, r"\(0, 1\]"),
-        ({"percentage": 1.5}, r"\(0, 1\]"),
-        ({"percentage": -0.2}, r"\(0, 1\]"),
+        ({"fraction": 0.0}, r"\(0, 1\]"),
+        ({"fraction": 1.5}, r"\(0, 1\]"),
+        ({"fraction": -0.2}, r"\(0, 1\]"),
     ]:
         with pytest.raises(ValueError, match=match):
             selection_size(10, **kwargs)
@@ -291,17 +291,17 @@ def test_top_selection_order_and_tie_breaking():
     assert sel.dtype == np.int64
     assert [ids[i] for i in sel] == ["b", "a", "c"]
     assert list(scores[sel]) == sorted(scores[sel], reverse=True)
-    assert [ids[i] for i in top_selection(scores, ids, percentage=0.4)] == ["b", "a"]
-    assert len(top_selection(scores, ids, percentage=1.0)) == 5
+    assert [ids[i] for i in top_selection(scores, ids, fraction=0.4)] == ["b", "a"]
+    assert len(top_selection(scores, ids, fraction=1.0)) == 5
 
 
 def test_top_selection_is_independent_of_input_order():
     rng = np.random.default_rng(3)
     ids = [f"cand-{i:03d}" for i in range(50)]
     scores = np.round(rng.random(50), 1)  # many ties
-    chosen = {ids[i] for i in top_selection(scores, ids, percentage=0.2)}
+    chosen = {ids[i] for i in top_selection(scores, ids, fraction=0.2)}
     perm = rng.permutation(50)
-    chosen_perm = {ids[i] for i in perm[top_selection(scores[perm], [ids[i] for i in perm], percentage=0.2)]}
+    chosen_perm = {ids[i] for i in perm[top_selection(scores[perm], [ids[i] for i in perm], fraction=0.2)]}
     assert chosen == chosen_perm and len(chosen) == 10
 
 
@@ -427,16 +427,16 @@ def test_method_scores_and_top_rows_read_back_as_before(tmp_path) -> None:
     assert long.equals(want_long)
 
     for cfg in (
-        SelectionConfig(percentage=0.1),
-        SelectionConfig(percentage=None, n=37),
-        SelectionConfig(percentage=0.1, max_per_source=15),
-        SelectionConfig(percentage=0.1, strategy="round_robin"),
+        SelectionConfig(fraction=0.1),
+        SelectionConfig(fraction=None, n=37),
+        SelectionConfig(fraction=0.1, max_per_source=15),
+        SelectionConfig(fraction=0.1, strategy="round_robin"),
     ):
         rows, n_scored = read_selection_rows(store, "t", "gist", cfg)
         assert n_scored == m
         subtasks = store.read_subtask_scores("t", "gist") if cfg.strategy == "round_robin" else None
         assert rows.height == (
-            cfg.n or int(cfg.percentage * m) if cfg.strategy == "top" and cfg.max_per_source is None else m
+            cfg.n or int(cfg.fraction * m) if cfg.strategy == "top" and cfg.max_per_source is None else m
         )
         assert choose(cfg, rows, subtasks, n_scored).equals(choose(cfg, full, subtasks))
 

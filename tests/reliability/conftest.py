@@ -64,7 +64,7 @@ def custom_graph(small_run, tmp_path_factory):
             "heldout_fraction": 0.5,
         },
         "spectral_basis": {"k": 8},
-        "selected_subset": {"percentage": 0.1},
+        "selected_subset": {"fraction": 0.1},
     }
     cwd = base / "cwd"
     cwd.mkdir()

@@ -193,10 +193,10 @@ def test_k_larger_than_target_examples_is_clamped_with_a_warning(custom_graph):
 @pytest.mark.parametrize(
     "config, shown",
     [
-        ({"percentage": 0.0}, "percentage=0.0 must be in (0, 1]"),
-        ({"percentage": 1.5}, "percentage=1.5 must be in (0, 1]"),
-        ({"percentage": None, "n": 1000}, "n=1000 must be between 1 and the number of scored candidates (10)"),
-        ({"percentage": 0.1, "n": 3}, "set exactly one of percentage"),
+        ({"fraction": 0.0}, "fraction=0.0 must be in (0, 1]"),
+        ({"fraction": 1.5}, "fraction=1.5 must be in (0, 1]"),
+        ({"fraction": None, "n": 1000}, "n=1000 must be between 1 and the number of scored candidates (10)"),
+        ({"fraction": 0.1, "n": 3}, "set exactly one of fraction"),
     ],
 )
 def test_selection_size_out_of_range_names_value_and_range(custom_graph, config, shown):

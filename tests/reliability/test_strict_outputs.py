@@ -95,7 +95,7 @@ def test_nonfinite_score_is_excluded_from_ranking_and_exports_stay_strict(custom
     save_file(tensors, str(feats))
     side = pl.read_parquet(root / "features" / shard / "candidates.parquet").filter(pl.col("included"))
     nan_id = side["candidate_id"][0]
-    ops = {**custom_graph["ops"], "selected_subset": {"percentage": 1.0}}  # select everything: NaN would show
+    ops = {**custom_graph["ops"], "selected_subset": {"fraction": 1.0}}  # select everything: NaN would show
     with fresh_instance(custom_graph["shards"]) as instance:
         result = materialize(["candidate_scores", "selected_subset"], root, instance, ops)
     assert result.success, user_error(result)
