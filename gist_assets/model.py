@@ -6,9 +6,10 @@ from typing import Any
 
 import dagster as dg
 
-from gist_core import modeling, smollm2, synthetic
-from gist_core.data import encode_messages, tulu_segments
+from gist_core import modeling
+from gist_core.data import encode_messages
 from gist_core.warmup import LoraTrainConfig, save_checkpoint, train_lora
+from gist_demo import smollm2, synthetic, tiny_model
 from gist_resources import ComputeResource, StorageResource
 from gist_resources.storage import strict_json
 
@@ -26,7 +27,7 @@ GPU_STEP_TAGS = {
 }
 
 EMBEDDED_DEFAULTS = {"max_length": 128, "lora_r": 8, "learning_rate": 1e-3, "effective_batch_size": 16}
-# base_model.model_name_or_path "preset:smollm2": a model converted under the storage root (gist_core.smollm2).
+# base_model.model_name_or_path "preset:smollm2": a model converted under the storage root (gist_demo.smollm2).
 PRESET_PREFIX = "preset:"
 PAPER_DEFAULTS = {"max_length": 2048, "lora_r": 128, "learning_rate": 2e-5, "effective_batch_size": 128}
 
@@ -131,11 +132,7 @@ def base_model(
         raise ValueError("the embedded model's tokenizer has no chat template: use chat_format 'tulu' with it")
 
     max_length = config.max_length or int(EMBEDDED_DEFAULTS["max_length"])
-    # Tokenizer and pretraining texts: the fixed corpus in Tulu chat format.
-    conversations = synthetic.pretraining_corpus()
-    texts = ["".join(seg for seg, _ in tulu_segments(c, modeling.EOS)) for c in conversations]
-    tokenizer = modeling.train_bpe_tokenizer(texts, vocab_size=config.vocab_size)
-    spec = modeling.TinyLlamaSpec(
+    spec = tiny_model.TinyLlamaSpec(
         hidden_size=config.hidden_size,
         layers=config.layers,
         heads=config.heads,
@@ -143,20 +140,17 @@ def base_model(
         intermediate_size=int(config.hidden_size * 2.75),
         max_positions=max(256, max_length),
     )
-    model = modeling.tiny_llama(len(tokenizer), spec, tokenizer, seed=config.seed)
-    encoded = [encode_messages(tokenizer, c, max_length) for c in conversations]
-    for e in encoded:  # pretraining learns every token, not only the replies
-        e.labels = list(e.input_ids)
-    losses = modeling.pretrain(
-        model,
-        encoded,
+    built = tiny_model.build_embedded_model(
+        spec,
+        config.vocab_size,
+        max_length,
         steps=config.pretrain_steps,
         batch_size=config.pretrain_batch_size,
-        lr=config.pretrain_learning_rate,
+        learning_rate=config.pretrain_learning_rate,
         seed=config.seed,
-        pad_id=tokenizer.pad_token_id,
         log=context.log.info,
     )
+    model, tokenizer, losses = built.model, built.tokenizer, built.pretrain_losses
     dest = storage.path("models", "base_model")
     with storage.atomic_dir(dest) as tmp:
         model.save_pretrained(str(tmp))

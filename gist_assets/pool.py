@@ -9,9 +9,9 @@ from typing import cast
 import dagster as dg
 import polars as pl
 
-from gist_core import synthetic
 from gist_core import targets as target_loaders
 from gist_core.data import read_candidates
+from gist_demo import synthetic
 from gist_resources import StorageResource
 
 from .config import CandidatePoolConfig, TargetSetsConfig

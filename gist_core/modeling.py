@@ -1,7 +1,6 @@
-"""The embedded default model: a BPE tokenizer and a small Llama trained on the pool.
+"""Loading models, tokenizers and LoRA adapters, and the batches every training loop uses.
 
-Also the model/adapter loading helpers shared by every stage. Loading never
-reaches the network: ``local_files_only`` is always set, and remote code runs
+Loading never reaches the network: ``local_files_only`` is always set, and remote code runs
 only when the caller passes ``trust_remote_code=True``.
 """
 
@@ -10,9 +9,7 @@ from __future__ import annotations
 import json
 import os
 import random
-import time
-from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Protocol
 
@@ -21,68 +18,10 @@ from torch import nn
 
 from .data import Encoded
 
-CHAT_TOKENS = ["<|system|>", "<|user|>", "<|assistant|>"]
-EOS = "</s>"
-
 
 def seed_everything(seed: int) -> None:
     random.seed(seed)
     torch.manual_seed(seed)
-
-
-def train_bpe_tokenizer(texts: Sequence[str], vocab_size: int = 2048):
-    """Byte-level BPE tokenizer trained on ``texts``; deterministic for the same texts."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-    from transformers import PreTrainedTokenizerFast
-
-    tok = Tokenizer(models.BPE())
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(
-        vocab_size=vocab_size,
-        special_tokens=["<pad>", "<s>", EOS, *CHAT_TOKENS],
-        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
-        show_progress=False,
-    )
-    tok.train_from_iterator(texts, trainer)
-    return PreTrainedTokenizerFast(
-        tokenizer_object=tok,
-        bos_token="<s>",
-        eos_token=EOS,
-        pad_token="<pad>",
-        additional_special_tokens=CHAT_TOKENS,
-        model_max_length=4096,
-    )
-
-
-@dataclass
-class TinyLlamaSpec:
-    hidden_size: int = 128
-    layers: int = 4
-    heads: int = 4
-    kv_heads: int = 4
-    intermediate_size: int = 352
-    max_positions: int = 256
-
-
-def tiny_llama(vocab_size: int, spec: TinyLlamaSpec, tokenizer=None, seed: int = 0):
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    config = LlamaConfig(
-        vocab_size=vocab_size,
-        hidden_size=spec.hidden_size,
-        intermediate_size=spec.intermediate_size,
-        num_hidden_layers=spec.layers,
-        num_attention_heads=spec.heads,
-        num_key_value_heads=spec.kv_heads,
-        max_position_embeddings=spec.max_positions,
-        tie_word_embeddings=True,
-        bos_token_id=getattr(tokenizer, "bos_token_id", None),
-        eos_token_id=getattr(tokenizer, "eos_token_id", None),
-        pad_token_id=getattr(tokenizer, "pad_token_id", None),
-    )
-    torch.manual_seed(seed)
-    return LlamaForCausalLM(config)
 
 
 class Shuffler(Protocol):
@@ -107,42 +46,6 @@ def causal_lm_batches(encoded: Sequence[Encoded], batch_size: int, rng: Shuffler
             labels[r, :n] = torch.tensor(encoded[i].labels)
             mask[r, :n] = 1
         yield ids, mask, labels
-
-
-def pretrain(
-    model: nn.Module,
-    encoded: Sequence[Encoded],
-    steps: int,
-    batch_size: int,
-    lr: float,
-    seed: int,
-    pad_id: int,
-    log: Callable[[str], None] = print,
-) -> list[float]:
-    """Plain causal-LM training of the base model; bounded by a step count (deterministic)."""
-    seed_everything(seed)
-    rng = random.Random(seed)
-    opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.01)
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / 20) * max(0.1, 1 - s / steps))
-    model.train()
-    losses: list[float] = []
-    start = time.perf_counter()
-    while len(losses) < steps:
-        for ids, mask, labels in causal_lm_batches(encoded, batch_size, rng, pad_id):
-            loss = model(input_ids=ids, attention_mask=mask, labels=labels).loss
-            loss.backward()
-            nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-            opt.step()
-            sched.step()
-            opt.zero_grad(set_to_none=True)
-            losses.append(loss.item())
-            if len(losses) % 50 == 0 or len(losses) == steps:
-                rate = len(losses) / (time.perf_counter() - start)
-                log(f"pretrain step {len(losses)}/{steps} loss {loss.item():.3f} ({rate:.1f} steps/s)")
-            if len(losses) >= steps:
-                break
-    model.eval()
-    return losses
 
 
 # ------------------------------------------------------------------ loading

@@ -8,7 +8,6 @@ import pytest
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
-from gist_core import modeling, synthetic
 from gist_core.data import IGNORE_INDEX, Encoded, encode_messages, tulu_segments
 from gist_core.gradients import (
     batch_bounds,
@@ -19,6 +18,7 @@ from gist_core.gradients import (
     reference_gradients,
 )
 from gist_core.modeling import attach_lora
+from gist_demo import synthetic, tiny_model
 
 
 def _lognormal_pool(n, seed=0, median=80, sigma=0.9, cap=2048):
@@ -78,8 +78,8 @@ def test_split_is_the_cheapest_contiguous_split():
 
 
 def test_padding_under_5_percent_on_the_embedded_and_a_long_tailed_pool():
-    texts = ["".join(s for s, _ in tulu_segments(c, modeling.EOS)) for c in synthetic.pretraining_corpus()]
-    tokenizer = modeling.train_bpe_tokenizer(texts, vocab_size=2048)
+    texts = ["".join(s for s, _ in tulu_segments(c, tiny_model.EOS)) for c in synthetic.pretraining_corpus()]
+    tokenizer = tiny_model.train_bpe_tokenizer(texts, vocab_size=2048)
     embedded = [encode_messages(tokenizer, r["messages"], 256) for r in synthetic.generate_pool(1000, seed=0)]
     long_tailed = _lognormal_pool(1000)
     for pool in (embedded, long_tailed):

@@ -347,7 +347,7 @@ def test_invalid_on_bad_record_value(tmp_path):
 
 @pytest.fixture(scope="module")
 def tok():
-    from gist_core.modeling import train_bpe_tokenizer
+    from gist_demo.tiny_model import train_bpe_tokenizer
 
     texts = [
         "The capital of France is Paris.",

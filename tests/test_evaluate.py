@@ -6,7 +6,6 @@ import numpy as np
 import pytest
 import torch
 
-from gist_core import modeling
 from gist_core.data import IGNORE_INDEX, encode_prompt_completion
 from gist_core.evaluate import (
     FinetuneSpec,
@@ -18,6 +17,7 @@ from gist_core.evaluate import (
     prepare_heldout,
 )
 from gist_core.warmup import LoraTrainConfig, mean_completion_loss
+from gist_demo import tiny_model
 
 CPU = torch.device("cpu")
 SUBJECTS = ["algebra", "biology", "history", "physics", "chemistry", "geography"]
@@ -49,15 +49,15 @@ def one_thread():
 @pytest.fixture(scope="module")
 def tiny(one_thread):
     texts = [p + c for p, c in _mc_examples(200, 0, "ABCDEF")] + ["plain text answer 12 + 30 = 42"] * 20
-    tok = modeling.train_bpe_tokenizer(texts, vocab_size=300)
-    spec = modeling.TinyLlamaSpec(hidden_size=32, layers=2, heads=2, kv_heads=1, intermediate_size=64)
-    model = modeling.tiny_llama(len(tok), spec, tok, seed=0)
+    tok = tiny_model.train_bpe_tokenizer(texts, vocab_size=300)
+    spec = tiny_model.TinyLlamaSpec(hidden_size=32, layers=2, heads=2, kv_heads=1, intermediate_size=64)
+    model = tiny_model.tiny_llama(len(tok), spec, tok, seed=0)
     with torch.no_grad():  # tied embeddings of std 0.02 keep a random model's logits near uniform
         model.get_input_embeddings().weight.mul_(25)
     state = {k: v.clone() for k, v in model.state_dict().items()}
 
     def load_base():
-        m = modeling.tiny_llama(len(tok), spec, tok, seed=0)
+        m = tiny_model.tiny_llama(len(tok), spec, tok, seed=0)
         m.load_state_dict(state)
         return m.eval()
 

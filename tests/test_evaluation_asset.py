@@ -12,7 +12,7 @@ import torch
 
 from gist_assets.definitions import make_resources
 from gist_assets.evaluation import heldout_sets, selection_evaluation
-from gist_core.modeling import train_bpe_tokenizer
+from gist_demo.tiny_model import train_bpe_tokenizer
 
 EXTRA = "random_sample"  # a second method, added straight to DuckDB, the same for every target
 

@@ -11,7 +11,7 @@ import yaml
 from gist_assets.automation import new_candidate_data
 from gist_assets.definitions import make_resources
 from gist_assets.run import materialize, run_all
-from gist_core import synthetic
+from gist_demo import synthetic
 from small_config import SMALL
 
 

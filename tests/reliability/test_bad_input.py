@@ -225,10 +225,11 @@ def test_model_path_that_does_not_exist(tmp_path, kind):
 
 def test_adapter_for_another_model_names_the_adapter_dir(tmp_path):
     from gist_core import modeling
+    from gist_demo import tiny_model
 
     def tiny(hidden):
-        spec = modeling.TinyLlamaSpec(hidden_size=hidden, layers=1, heads=2, kv_heads=1, intermediate_size=64)
-        return modeling.tiny_llama(64, spec)
+        spec = tiny_model.TinyLlamaSpec(hidden_size=hidden, layers=1, heads=2, kv_heads=1, intermediate_size=64)
+        return tiny_model.tiny_llama(64, spec)
 
     adapter = tmp_path / "adapter_h32"
     modeling.attach_lora(tiny(32), 4, 16, 0.0, ["q_proj", "v_proj"], seed=0).save_pretrained(str(adapter))

