@@ -72,7 +72,7 @@ test-slow: $(STAMP)
 # The whole Dagster service: webserver and daemon (runs, sensors, schedules, backfills), stopped
 # together by Ctrl-C.
 ui: $(STAMP)
-	$(BIN)/python -m gist_assets.instance $(if $(INSTANCE),--template $(INSTANCE))
+	$(BIN)/python -m gist_resources.dagster_home $(if $(INSTANCE),--template $(INSTANCE))
 	$(BIN)/dagster dev -h $(UI_HOST) -p $(PORT) -w workspace.yaml
 
 clean:

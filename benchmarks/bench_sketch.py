@@ -58,18 +58,18 @@ def top_overlap(exact, approx, ids, fraction: float) -> float:
     return len(a & b) / n
 
 
-def sketch_scores_at(storage, ckpts, weights, targets, sketches, projector, dims):
+def sketch_scores_at(storage, bases, weights, sketches, projector, dims):
     """{d': {target: score (M,)}}: gist_sketch scores from the first d' sketch columns, rescaled."""
     import numpy as np
 
-    from gist_assets.gradients import load_bases
-    from gist_assets.scores import target_directions
-    from gist_core.scoring import cosine_to_subtasks, weighted_sum
+    from gist_assets.scores import target_scorers
 
+    ckpts = [c["name"] for c in bases["checkpoints"]]
+    scorers = target_scorers(storage, bases, weights)
     PV = {}
     for c in ckpts:
-        V, slices = load_bases(storage, c, targets)
-        PV[c] = (projector.project_columns(V.numpy()), slices)
+        V, slices = storage.bases_side_by_side(c, sorted(scorers))
+        PV[c] = (projector.project_columns(V), slices)
 
     def smaller(x, d):
         """The d-dimensional sketch (rows of x are sketches or columns of P^T V) of the same kind."""
@@ -82,15 +82,13 @@ def sketch_scores_at(storage, ckpts, weights, targets, sketches, projector, dims
         if projector.dim % d:
             raise ValueError(f"curve dimension {d} does not divide the sketch dimension {projector.dim}")
         per_target = {}
-        for target in targets:
-            cos, names = [], None
+        for target, scorer in scorers.items():
+            z = []
             for c in ckpts:
                 pv, slices = PV[c]
                 a, b = slices[target]
-                z = smaller(sketches[c].astype(np.float64), d) @ smaller(pv[:, a:b].T, d).T
-                names, directions = target_directions(storage, c, target)
-                cos.append(cosine_to_subtasks(z, directions))
-            per_target[target] = weighted_sum(cos, weights).max(axis=1)
+                z.append(smaller(sketches[c].astype(np.float64), d) @ smaller(pv[:, a:b].T, d).T)
+            per_target[target] = scorer.subtask_scores(z).max(axis=1)
         out[d] = per_target
     return out
 
@@ -140,15 +138,15 @@ def main(argv=None) -> int:
     import dagster as dg
     import duckdb
     import numpy as np
+    import polars as pl
     import torch
 
     from gist_assets.config import SKETCH_DIM
     from gist_assets.run import materialize, run_all
-    from gist_assets.scores import load_shard_features
-    from gist_assets.sketch import load_sketches
+    from gist_assets.sketches import current_sketch_shards
     from gist_core.scoring import checkpoint_weights
     from gist_demo import synthetic
-    from gist_resources import StorageResource
+    from gist_resources import ArtifactStore
 
     dim = args.dim or SKETCH_DIM
     dims = sorted({d for d in map(int, args.curve.split(",")) if d <= dim} | {dim})
@@ -200,20 +198,20 @@ def main(argv=None) -> int:
             pool_steps = [k for k in s_sketch if k.startswith(("candidate_features", "candidate_sketches"))]
             assert not pool_steps, f"the gist_sketch run ran a pool pass: {pool_steps}"
 
-            storage = StorageResource(root=root)
-            from gist_assets.gradients import read_basis_manifest
-            from gist_assets.model import read_warmup
-
-            bases = read_basis_manifest(storage)
+            storage = ArtifactStore(root=root)
+            bases = storage.read_basis_manifest()
             ckpts = [c["name"] for c in bases["checkpoints"]]
-            avg_lr = {c["name"]: c["avg_lr"] for c in read_warmup(storage)["checkpoints"]}
+            avg_lr = {c["name"]: c["avg_lr"] for c in storage.read_warmup()["checkpoints"]}
             weights = checkpoint_weights([avg_lr[c] for c in ckpts])
             shards = sorted(instance.get_dynamic_partitions("candidate_shards"))
-            side, sketches, _, projector = load_sketches(storage, shards, ckpts)
-            exact_side, _, _ = load_shard_features(storage, shards, bases)
+            _, projector = current_sketch_shards(storage, shards, ckpts)
+            parts = [storage.read_shard_features("gist_sketch", s) for s in shards]
+            sketches = {c: np.concatenate([tensors[c] for _, tensors in parts]) for c in ckpts}
+            side = pl.concat([p[0] for p in parts])
+            exact_side = pl.concat([storage.read_shard_features("gist", s)[0] for s in shards])
             ids = side.filter(side["included"])["candidate_id"]
             assert ids.to_list() == exact_side.filter(exact_side["included"])["candidate_id"].to_list()
-            curve = sketch_scores_at(storage, ckpts, weights, names, sketches, projector, dims)
+            curve = sketch_scores_at(storage, bases, weights, sketches, projector, dims)
 
             db = duckdb.connect(str(Path(root) / "gist.duckdb"), read_only=True)
 

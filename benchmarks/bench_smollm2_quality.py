@@ -38,6 +38,7 @@ def run_config(pool: Path, targets: list[str], seeds: list[int], budget: float, 
     ]
     ops["warmup_checkpoint"]["config"]["fraction"] = 0.1
     ops["selected_subset"]["config"]["fraction"] = budget
+    ops["less_candidate_features"] = {"config": {"projection_dim": 8192}}  # LESS's own d, as measured before
     # Fine-tunes of a few dozen examples: a rate and batch that make a dozen steps move the adapter.
     ops["selection_evaluation"] = {
         "config": {

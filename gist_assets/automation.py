@@ -19,20 +19,20 @@ YAML (the same file as ``python -m gist_assets.run --config``) applied to these 
 """
 
 import glob
-import json
 import os
 
 import dagster as dg
 
-from gist_resources import StorageResource
+from gist_core.data import file_signatures
+from gist_resources import ArtifactStore
 
-from .config import effective_config, for_assets, load_run_config
-from .gradients import candidate_features, stale_gist_shards
-from .model import read_warmup
+from .config import SCORING_METHODS, effective_config, for_assets, load_run_config
+from .features import candidate_features, gist_shard_state
+from .inputs import candidate_pool
 from .partitions import CANDIDATE_SHARDS
-from .pool import candidate_pool, file_signatures, read_pool_version
-from .scores import candidate_scores, scores_inputs, scores_version_path, selected_subset
-from .sketch import candidate_sketches, sketch_scores_inputs, stale_sketch_shards
+from .scores import METHOD, SKETCH_METHOD, candidate_scores, scores_inputs
+from .selection import selected_subset
+from .sketches import candidate_sketches, sketch_shard_state
 from .versions import fingerprint
 
 WATCH_ENV = "GIST_WATCH_DIR"
@@ -58,16 +58,14 @@ def pool_run_config(watch_dir: str) -> dict:
     return cfg
 
 
-def refresh_requests(
-    storage: StorageResource, watch_dir: str, shards: list[str]
-) -> list[dg.RunRequest] | dg.SkipReason:
+def refresh_requests(storage: ArtifactStore, watch_dir: str, shards: list[str]) -> list[dg.RunRequest] | dg.SkipReason:
     """The next step of the refresh (see the module docstring), as run requests."""
     files = watched_files(watch_dir)
     if not files:
         return dg.SkipReason(f"no *.jsonl files under {watch_dir}")
     signatures = file_signatures(files)
     try:
-        pool = read_pool_version(storage)
+        pool = storage.pool_record()
     except FileNotFoundError:
         pool = {"files": {}}
     if pool["files"] != signatures:
@@ -80,23 +78,26 @@ def refresh_requests(
         ]
     methods = effective_config(_user_ops(["candidate_scores"]), "candidate_scores")["methods"]
     try:
-        stale, versions, basis_version = stale_gist_shards(storage, shards)
-        stale_sketches, sketch_versions = stale_sketch_shards(storage, shards)
+        missing, stale, versions = gist_shard_state(storage, shards)
+        basis_version = storage.read_basis_manifest()["version"]
+        missing_sketches, stale_sketches, sketch_metas = sketch_shard_state(storage, shards)
+        warmup_version = storage.read_warmup()["version"]
     except FileNotFoundError:
         return dg.SkipReason("no spectral basis yet: materialize the graph once (prepare_job) first")
+    reads = {SCORING_METHODS[m] for m in methods}  # the feature assets the requested methods read
     requests = []
-    if "gist" in methods:
+    if candidate_features.key.to_user_string() in reads:
         requests += [
             dg.RunRequest(
                 run_key=f"features-{s}-{pool['shards'].get(s)}-{basis_version}",
                 asset_selection=[candidate_features.key],
                 partition_key=s,
             )
-            for s in stale
+            for s in missing + stale
         ]
-    if "gist_sketch" in methods:
+    if candidate_sketches.key.to_user_string() in reads:
         sketch_config = _user_ops(["candidate_sketches"])
-        made_from = fingerprint(sketch_config, read_warmup(storage)["version"])
+        made_from = fingerprint(sketch_config, warmup_version)
         requests += [
             dg.RunRequest(
                 run_key=f"sketches-{s}-{pool['shards'].get(s)}-{made_from}",
@@ -104,18 +105,14 @@ def refresh_requests(
                 partition_key=s,
                 run_config=sketch_config,
             )
-            for s in stale_sketches
+            for s in missing_sketches + stale_sketches
         ]
     if requests:
         return requests
-    inputs = {}
-    if "gist" in methods:
-        inputs["gist"] = scores_inputs(versions, basis_version)
-    if "gist_sketch" in methods:
-        inputs["gist_sketch"] = sketch_scores_inputs(sketch_versions, basis_version)
-    path = scores_version_path(storage, "gist")
-    current = json.loads(path.read_text()).get("inputs") if path.exists() else None
-    if current == inputs:
+    sketch_versions = {s: m["version"] for s, m in sketch_metas.items()}
+    inputs = {m: scores_inputs(sketch_versions if m == SKETCH_METHOD else versions, basis_version) for m in methods}
+    record = storage.scores_record_or_none(METHOD)
+    if record is not None and record.get("inputs") == inputs:
         return dg.SkipReason("pool, features and scores are up to date")
     return [
         dg.RunRequest(
@@ -133,7 +130,7 @@ def refresh_requests(
     target=[candidate_pool, candidate_features, candidate_sketches, candidate_scores, selected_subset],
     description=f"Refresh when candidate files under ${WATCH_ENV} are added, changed or removed",
 )
-def new_candidate_data(context: dg.SensorEvaluationContext, storage: StorageResource):
+def new_candidate_data(context: dg.SensorEvaluationContext, storage: ArtifactStore):
     watch_dir = os.environ.get(WATCH_ENV)
     if not watch_dir:
         return dg.SkipReason(f"set {WATCH_ENV} to the directory of candidate JSONL files to watch")

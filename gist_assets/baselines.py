@@ -8,7 +8,7 @@ import numpy as np
 import polars as pl
 
 from gist_core.data import encode_prompt_completion
-from gist_core.gradients import GradientLayout, ParamBlock, block_features, trainable_linears
+from gist_core.gradients import GradientLayout, block_features, trainable_linears
 from gist_core.projection import BlockProjector, adam_direction
 from gist_core.representation import mean_pooled_hidden_states
 from gist_core.scoring import (
@@ -18,49 +18,20 @@ from gist_core.scoring import (
     subtask_directions,
     weighted_sum,
 )
-from gist_core.warmup import load_optimizer_state
-from gist_resources import ComputeResource, ScoreStore, StorageResource
-from gist_resources.storage import ArtifactError
+from gist_resources import ArtifactStore, ComputeResource, ScoreStore
+from gist_resources.artifacts import FEATURE_ASSETS
 
 from .config import BaselineScoresConfig, LessFeaturesConfig, SelectionConfig
-from .gradients import (
-    GPU_POOL,
-    GPU_STEP_TAGS,
-    GRADIENT_RETRY,
-    ShardInput,
-    candidate_features,
-    features_dir,
-    progress_logger,
-    read_targets_version,
-    target_gradients,
-)
-from .model import base_model, chat_format, read_model_ref, read_warmup, warmup_checkpoint
+from .features import ShardInput, candidate_features
+from .inputs import candidate_pool, target_sets
+from .model import base_model, chat_format, warmup_checkpoint
 from .partitions import candidate_shards
-from .paths import checkpoint_dir, model_path
 from .plots import md_table
-from .pool import candidate_pool, target_sets, targets_path
-from .scores import DUCKDB_POOL, scores_version_path, write_method_scores, write_selections
+from .scores import write_method_scores
+from .selection import write_selections
+from .steps import DUCKDB_POOL, GPU_POOL, GPU_STEP_TAGS, GRADIENT_RETRY, progress_logger
+from .target_gradients import target_gradients
 from .versions import asset_fingerprint, data_version
-
-
-def _optimizer_state(storage: StorageResource, ckpt: dict) -> dict:
-    path = storage.path("warmup", ckpt["name"], "optimizer_state.safetensors")
-    if not path.exists():
-        raise ArtifactError(f"{path} is missing; re-materialize the `warmup_checkpoint` asset")
-    try:
-        return load_optimizer_state(checkpoint_dir(storage, ckpt))
-    except Exception as exc:  # SafetensorError, OSError, ValueError
-        raise ArtifactError(
-            f"{path} is not a readable safetensors file ({exc}); re-materialize the `warmup_checkpoint` asset"
-        ) from None
-
-
-def _grads_manifest(storage: StorageResource) -> dict:
-    return storage.read_json(storage.path("target_gradients", "manifest.json"), "target_gradients")
-
-
-def _layout(manifest: dict) -> GradientLayout:
-    return GradientLayout(tuple(ParamBlock(n, tuple(shape), off) for n, shape, off in manifest["layout"]["blocks"]))
 
 
 @dg.asset(
@@ -74,26 +45,26 @@ def _layout(manifest: dict) -> GradientLayout:
     kinds={"pytorch", "safetensors"},
 )
 def less_candidate_features(
-    context: dg.AssetExecutionContext, config: LessFeaturesConfig, storage: StorageResource, compute: ComputeResource
+    context: dg.AssetExecutionContext, config: LessFeaturesConfig, storage: ArtifactStore, compute: ComputeResource
 ) -> dg.MaterializeResult:
     """LESS: Adam-preconditioned candidate gradients, randomly projected; target-independent.
 
     Uses the same checkpoints as the GIST target gradients.
     """
     shard = context.partition_key
-    ref, grads = read_model_ref(storage), _grads_manifest(storage)
-    dim = config.projection_dim or (1024 if ref["embedded"] else 8192)
+    ref, grads = storage.read_model_ref(), storage.read_target_gradients_manifest()
+    dim = config.projection_dim
     shard_in = ShardInput.load(storage, compute, ref, shard)
     tensors, timings = {}, {}
-    for ckpt in grads["checkpoints"]:
-        model = compute.load_model(model_path(storage, ref), checkpoint_dir(storage, ckpt))
+    for ckpt in [c["name"] for c in grads["checkpoints"]]:
+        model = compute.load_model(storage.model_path(ref), storage.checkpoint_dir(ckpt))
         layout, _ = trainable_linears(model)
-        info = storage.read_json(storage.path("warmup", ckpt["name"], "checkpoint_info.json"), "warmup_checkpoint")
-        state = _optimizer_state(storage, ckpt)
+        info = storage.checkpoint_info(ckpt)
+        state = storage.adam_moments(ckpt)
         missing = [b.name for b in layout.blocks if b.name not in state]
         if missing:
             raise ValueError(
-                f"optimizer state of {checkpoint_dir(storage, ckpt)} has no moments for {missing[:3]}; "
+                f"optimizer state of {storage.checkpoint_dir(ckpt)} has no moments for {missing[:3]}; "
                 "re-materialize warmup_checkpoint"
             )
         device = compute.torch_device()
@@ -110,29 +81,25 @@ def less_candidate_features(
 
         z, _, _, stats = block_features(
             model,
-            [shard_in.encoded[i] for i in shard_in.keep],
+            shard_in.kept,
             project,
             dim,
             pad_id=shard_in.tokenizer.pad_token_id,
-            progress=progress_logger(context.log, f"less {shard}/{ckpt['name']}"),
+            progress=progress_logger(context.log, f"less {shard}/{ckpt}"),
             **compute.batching(),
         )
-        tensors[ckpt["name"]] = z
-        timings[ckpt["name"]] = stats.timing()
+        tensors[ckpt] = z
+        timings[ckpt] = stats.timing()
     projection = {"dim": dim, "kind": config.projection, "seed": config.seed}
     version = asset_fingerprint(context, shard_in.version, grads["version"], ref["version"])
-    shard_in.write(
-        storage,
-        shard,
-        "less",
-        tensors,
-        {
-            "version": version,
-            "projection": projection,
-            "timings": timings,
-            "checkpoints": [c["name"] for c in grads["checkpoints"]],
-        },
-    )
+    meta = {
+        "version": version,
+        "shard_version": shard_in.version,
+        "projection": projection,
+        "timings": timings,
+        "checkpoints": [c["name"] for c in grads["checkpoints"]],
+    }
+    storage.write_shard_features("less", shard, tensors, shard_in.candidates, meta)
     return dg.MaterializeResult(
         data_version=data_version(version),
         metadata={
@@ -144,8 +111,8 @@ def less_candidate_features(
     )
 
 
-def _last_checkpoint(storage: StorageResource) -> dict:
-    return read_warmup(storage)["checkpoints"][-1]
+def _last_checkpoint(storage: ArtifactStore) -> str:
+    return storage.read_warmup()["checkpoints"][-1]["name"]
 
 
 @dg.asset(
@@ -159,20 +126,20 @@ def _last_checkpoint(storage: StorageResource) -> dict:
     kinds={"pytorch", "safetensors"},
 )
 def representation_features(
-    context: dg.AssetExecutionContext, storage: StorageResource, compute: ComputeResource
+    context: dg.AssetExecutionContext, storage: ArtifactStore, compute: ComputeResource
 ) -> dg.MaterializeResult:
     """Mean-pooled last-layer hidden states of each candidate (model with the last warmup adapter)."""
     import time
 
     shard = context.partition_key
-    ref, ckpt = read_model_ref(storage), _last_checkpoint(storage)
+    ref, ckpt = storage.read_model_ref(), _last_checkpoint(storage)
     shard_in = ShardInput.load(storage, compute, ref, shard)
-    model = compute.load_model(model_path(storage, ref), checkpoint_dir(storage, ckpt))
+    model = compute.load_model(storage.model_path(ref), storage.checkpoint_dir(ckpt))
     b = compute.batching()
     start = time.perf_counter()
     reps = mean_pooled_hidden_states(
         model,
-        [shard_in.encoded[i] for i in shard_in.keep],
+        shard_in.kept,
         b["device"],
         b["dtype"],
         b["max_tokens"],
@@ -180,14 +147,14 @@ def representation_features(
         shard_in.tokenizer.pad_token_id,
     )
     seconds = time.perf_counter() - start
-    version = asset_fingerprint(context, shard_in.version, read_warmup(storage)["version"], ref["version"])
-    shard_in.write(
-        storage,
-        shard,
-        "representation",
-        {"hidden": reps},
-        {"version": version, "checkpoint": ckpt["name"], "timings": {ckpt["name"]: {"seconds": seconds}}},
-    )
+    version = asset_fingerprint(context, shard_in.version, storage.read_warmup()["version"], ref["version"])
+    meta = {
+        "version": version,
+        "shard_version": shard_in.version,
+        "checkpoint": ckpt,
+        "timings": {ckpt: {"seconds": seconds}},
+    }
+    storage.write_shard_features("representation", shard, {"hidden": reps}, shard_in.candidates, meta)
     return dg.MaterializeResult(
         data_version=data_version(version),
         metadata={
@@ -198,26 +165,16 @@ def representation_features(
     )
 
 
-def _load_method_features(storage: StorageResource, shards: list[str], method: str):
-    """Concatenated sidecars and tensors of one method's shard features; missing shards named."""
-    asset = {
-        "gist": "candidate_features",
-        "less": "less_candidate_features",
-        "representation": "representation_features",
-    }[method]
-    missing = [s for s in shards if not (features_dir(storage, s, method) / "meta.json").exists()]
+def load_method_features(storage: ArtifactStore, shards: list[str], kind: str):
+    """One kind's features of every shard, concatenated (the baselines score in memory): the included
+    candidates' sidecar rows, the tensors, and each shard's meta; missing shards named."""
+    metas = [storage.shard_features_meta(kind, s) for s in shards]
+    missing = [s for s, meta in zip(shards, metas, strict=True) if meta is None]
     if missing:
-        raise ValueError(f"{asset} is missing for shards {missing}; materialize those partitions first")
-    sides, parts, metas = [], [], []
-    for s in shards:
-        d = features_dir(storage, s, method)
-        sides.append(
-            storage.read_parquet(d / "candidates.parquet", asset, partition=s).with_columns(pl.lit(s).alias("shard"))
-        )
-        parts.append(storage.load_tensors(d / "features.safetensors", asset, partition=s))
-        metas.append(storage.read_json(d / "meta.json", asset, partition=s))
-    tensors = {k: np.concatenate([p[k] for p in parts]) for k in parts[0]}
-    return pl.concat(sides).filter(pl.col("included")), tensors, metas
+        raise ValueError(f"{FEATURE_ASSETS[kind]} is missing for shards {missing}; materialize those partitions first")
+    parts = [storage.read_shard_features(kind, s) for s in shards]
+    tensors = {k: np.concatenate([p[1][k] for p in parts]) for k in parts[0][1]}
+    return pl.concat([p[0] for p in parts]).filter(pl.col("included")), tensors, metas
 
 
 def random_scores(candidate_ids: list[str], seed: int) -> np.ndarray:
@@ -244,18 +201,18 @@ def random_scores(candidate_ids: list[str], seed: int) -> np.ndarray:
 def baseline_scores(
     context: dg.AssetExecutionContext,
     config: BaselineScoresConfig,
-    storage: StorageResource,
+    storage: ArtifactStore,
     compute: ComputeResource,
     score_store: ScoreStore,
 ) -> dg.MaterializeResult:
     """Scores of the baselines in the same candidate_scores table (column `method`)."""
     shards = sorted(context.instance.get_dynamic_partitions(candidate_shards.name))
-    grads = _grads_manifest(storage)
+    grads = storage.read_target_gradients_manifest()
     targets = sorted(grads["targets"])
-    avg_lr = {c["name"]: c["avg_lr"] for c in read_warmup(storage)["checkpoints"]}
+    avg_lr = {c["name"]: c["avg_lr"] for c in storage.read_warmup()["checkpoints"]}
     summary, inputs = [], []
     if "random" in config.methods:
-        side, _, metas = _load_method_features(storage, shards, "gist")
+        side, _, metas = load_method_features(storage, shards, "gist")
         inputs.append(("random", [m.get("shard_version") for m in metas]))
         score = random_scores(side["candidate_id"].to_list(), config.random_seed)
         summary += write_method_scores(
@@ -264,7 +221,7 @@ def baseline_scores(
             [(target, side, score[:, None], ["all"], f"random-seed-{config.random_seed}") for target in targets],
         )
     if "less" in config.methods:
-        side, tensors, metas = _load_method_features(storage, shards, "less")
+        side, tensors, metas = load_method_features(storage, shards, "less")
         inputs.append(("less", [m.get("version") for m in metas]))
         projections = {json.dumps(m["projection"], sort_keys=True) for m in metas}
         ckpt_sets = {tuple(m["checkpoints"]) for m in metas}
@@ -274,18 +231,20 @@ def baseline_scores(
                 "checkpoints than the current target gradients; re-materialize all its partitions"
             )
         proj = metas[0]["projection"]
-        projector = BlockProjector(_layout(grads), proj["dim"], proj["seed"], proj["kind"])
+        projector = BlockProjector(
+            GradientLayout.from_description(grads["layout"]), proj["dim"], proj["seed"], proj["kind"]
+        )
         ckpts = [c["name"] for c in grads["checkpoints"]]
         weights = checkpoint_weights([avg_lr[c] for c in ckpts])
         per_target = []
         for target in targets:
             per_ckpt, names = [], None
             for ckpt in ckpts:
-                G = storage.open_npy(storage.path("target_gradients", ckpt, f"{target}.npy"), "target_gradients")
-                labels = storage.read_parquet(
-                    storage.path("target_gradients", ckpt, f"{target}.parquet"), "target_gradients"
+                G = storage.target_gradients(ckpt, target)
+                labels = storage.target_labels(ckpt, target)
+                names, m = mean_cosine_per_subtask(
+                    tensors[ckpt], projector.project_rows(G), labels["subtask"].to_list()
                 )
-                names, m = mean_cosine_per_subtask(tensors[ckpt], projector.project_rows(G), labels["subtask"])
                 per_ckpt.append(m)
             per_target.append(
                 (
@@ -298,12 +257,12 @@ def baseline_scores(
             )
         summary += write_method_scores(score_store, "less", per_target)
     if "representation" in config.methods:
-        side, tensors, metas = _load_method_features(storage, shards, "representation")
+        side, tensors, metas = load_method_features(storage, shards, "representation")
         inputs.append(("representation", [m.get("version") for m in metas]))
-        ref, ckpt = read_model_ref(storage), _last_checkpoint(storage)
-        model = compute.load_model(model_path(storage, ref), checkpoint_dir(storage, ckpt))
-        tokenizer = compute.load_tokenizer(model_path(storage, ref))
-        df = storage.read_parquet(targets_path(storage), "target_sets").filter(pl.col("split") == "basis")
+        ref, ckpt = storage.read_model_ref(), _last_checkpoint(storage)
+        model = compute.load_model(storage.model_path(ref), storage.checkpoint_dir(ckpt))
+        tokenizer = compute.load_tokenizer(storage.model_path(ref))
+        df = storage.read_targets().filter(pl.col("split") == "basis")
         b = compute.batching()
         per_target = []
         for target in targets:
@@ -322,15 +281,15 @@ def baseline_scores(
                     side,
                     cosine_to_subtasks(tensors["hidden"], directions),
                     names,
-                    f"representation-{ckpt['name']}",
+                    f"representation-{ckpt}",
                 )
             )
         del model
         summary += write_method_scores(score_store, "representation", per_target)
     for method in config.methods:
         score_store.delete_selections_except(targets, method)
-    version = asset_fingerprint(context, inputs, grads["version"], read_targets_version(storage))
-    storage.write_json(scores_version_path(storage, "baseline"), {"version": version})
+    version = asset_fingerprint(context, inputs, grads["version"], storage.targets_version())
+    storage.write_scores_record("baseline", {"version": version})
     return dg.MaterializeResult(
         data_version=data_version(version), metadata={"scores": dg.MetadataValue.md(md_table(summary, limit=100))}
     )
@@ -347,7 +306,7 @@ BASELINE_METHODS = ("random", "less", "representation")
     kinds={"duckdb", "parquet"},
 )
 def baseline_selections(
-    context: dg.AssetExecutionContext, config: SelectionConfig, storage: StorageResource, score_store: ScoreStore
+    context: dg.AssetExecutionContext, config: SelectionConfig, storage: ArtifactStore, score_store: ScoreStore
 ) -> dg.MaterializeResult:
     """Per target and scored baseline: a selection of the same size as GIST's (the selected_subset config
     unless this asset has its own), same exports."""

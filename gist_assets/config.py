@@ -6,10 +6,11 @@ through a ``ConfigMapping`` and keeps the entries of its own assets. Unknown
 asset names and keys are rejected by the schema, bad values by the Config
 classes' own validation, both at launch, before any step runs.
 
-Fields that depend on the model (LoRA rank, learning rate, ...) are ``null`` by
-default: the base model's recommendation then applies (the paper's values for a
-configured model, smaller ones for the embedded tiny model, see
-``gist_assets.model``); the values actually used are in each asset's metadata.
+Every default is defined here, once, and is the value the default run uses: the
+embedded tiny model on a CPU. A run on a real model sets the model-sized values
+(LoRA rank, learning rate, batch, max_length) itself; ``PAPER_WARMUP`` and
+examples/my_run.yaml hold the paper's, and the warmup warns when a configured model
+runs with every one of them left at the embedded defaults.
 """
 
 import warnings
@@ -72,10 +73,10 @@ class BaseModelConfig(dg.Config):
         description="'tulu' (LESS and the paper: <|user|>/<|assistant|> headers, for every model) "
         "or 'model' (the tokenizer's own chat template); the loss stays on the assistant replies only",
     )
-    max_length: int | None = Field(
-        default=None,
+    max_length: int = Field(
+        default=128,
         ge=8,
-        description="Max tokens per example (null: 2048 for a configured model, 128 for the embedded one)",
+        description="Max tokens per example (sized for the embedded model; the paper uses 2048)",
     )
     vocab_size: int = Field(default=2048, ge=64)
     hidden_size: int = Field(default=128, ge=8)
@@ -88,18 +89,24 @@ class BaseModelConfig(dg.Config):
     seed: int = 0
 
 
+# The paper's warmup for a real model (the defaults below are sized for the embedded one).
+PAPER_WARMUP = {"lora_r": 128, "lora_alpha": 512, "learning_rate": 2e-5, "effective_batch_size": 128}
+
+
 class WarmupConfig(dg.Config):
     fraction: float = Field(default=0.05, gt=0, le=1, description="Seeded random share of the pool to warm up on")
     epochs: int = Field(default=4, ge=1)
-    lora_r: int | None = Field(default=None, ge=1, description="null: 128 (paper) / 8 (embedded model)")
-    lora_alpha: int | None = Field(default=None, ge=1, description="null: 4 x lora_r (paper: 512 for r=128)")
+    lora_r: int = Field(default=8, ge=1, description="LoRA rank (the paper: 128)")
+    lora_alpha: int = Field(default=32, ge=1, description="LoRA alpha; set it with lora_r (the paper: 512 for r=128)")
     lora_dropout: float = Field(default=0.1, ge=0, lt=1)
-    target_modules: list[str] | None = Field(
-        default=None, description="null: the q/k/v/o projections (or GPT-2's c_attn)"
+    target_modules: list[str] = Field(
+        default=["q_proj", "k_proj", "v_proj", "o_proj"],
+        min_length=1,
+        description="Layer names LoRA attaches to (Llama-style q/k/v/o; GPT-2: [c_attn])",
     )
-    learning_rate: float | None = Field(default=None, gt=0, description="null: 2e-5 (paper) / 1e-3 (embedded)")
+    learning_rate: float = Field(default=1e-3, gt=0, description="Peak learning rate (the paper: 2e-5)")
     warmup_ratio: float = Field(default=0.03, ge=0, lt=1)
-    effective_batch_size: int | None = Field(default=None, ge=1, description="null: 128 (paper) / 16 (embedded)")
+    effective_batch_size: int = Field(default=16, ge=1, description="Examples per optimizer step (the paper: 128)")
     micro_batch_size: int = Field(default=8, ge=1)
     seed: int = 0
 
@@ -140,16 +147,24 @@ class SpectralBasisConfig(dg.Config):
     )
 
 
-# The GIST scoring methods of candidate_scores: exact candidate features, or the reusable sketches.
-SCORING_METHODS = ("gist", "gist_sketch")
+# The scoring methods of candidate_scores and the feature asset each reads: `gist` (the paper's score, on
+# exact coordinates), `gist_sketch` (the same from the reusable sketches) and `gist_fullspace` (a variant:
+# the cosine in the full gradient space, |z| cos(z, t) / |g|; opt-in, judged by the evaluation).
+SCORING_METHODS = {
+    "gist": "candidate_features",
+    "gist_sketch": "candidate_sketches",
+    "gist_fullspace": "candidate_features",
+}
+DEFAULT_SCORING_METHODS = ["gist", "gist_sketch"]
 
 
 class CandidateScoresConfig(dg.Config):
     methods: list[str] = Field(
-        default=list(SCORING_METHODS),
+        default=DEFAULT_SCORING_METHODS,
         description="Scoring methods: 'gist' (exact "
-        "candidate_features, one pool pass per change of targets) and/or 'gist_sketch' "
-        "(candidate_sketches, made once; new targets need no pass over the pool)",
+        "candidate_features, one pool pass per change of targets), 'gist_sketch' "
+        "(candidate_sketches, made once; new targets need no pass over the pool), 'gist_fullspace' "
+        "(a variant on candidate_features: the cosine in the full gradient space)",
     )
     warn_new_share: float = Field(
         default=0.25,
@@ -245,10 +260,10 @@ PERCENTAGE_DEPRECATED = (
 
 
 class LessFeaturesConfig(dg.Config):
-    projection_dim: int | None = Field(
-        default=None,
+    projection_dim: int = Field(
+        default=1024,
         ge=1,
-        description="Random projection dimension (null: 8192, LESS's default; 1024 for the embedded model)",
+        description="Random projection dimension (sized for the embedded model; LESS uses 8192)",
     )
     projection: Literal["rademacher", "gaussian"] = Field(
         default="rademacher", description="rademacher or gaussian (entries of variance 1/d)"
@@ -276,9 +291,7 @@ class EvaluationConfig(dg.Config):
     """Fine-tune settings, identical for every method compared."""
 
     epochs: int = Field(default=3, ge=1)
-    learning_rate: float | None = Field(
-        default=None, gt=0, description="null: 1e-3 for the embedded model, 2e-5 otherwise"
-    )
+    learning_rate: float = Field(default=1e-3, gt=0, description="Peak learning rate (sized for the embedded model)")
     effective_batch_size: int = Field(default=16, ge=1)
     micro_batch_size: int = Field(default=16, ge=1)
     lora_r: int = Field(default=8, ge=1)

@@ -6,10 +6,12 @@ is valid for all of them, in the launchpad and with ``python -m gist_assets.run`
 
 import dagster as dg
 
-from gist_resources import ComputeResource, ScoreStore, StorageResource
+from gist_resources import ArtifactStore, ComputeResource, ScoreStore
+from gist_resources.score_store import DATABASE_NAME
 
 from .automation import automation_sensor, new_candidate_data, periodic_refresh, refresh_job
 from .baselines import baseline_scores, baseline_selections, less_candidate_features, representation_features
+from .basis import spectral_basis
 from .checks import (
     baseline_scores_valid,
     basis_columns_orthonormal,
@@ -19,12 +21,14 @@ from .checks import (
 )
 from .config import job_config
 from .evaluation import selection_evaluation
-from .gradients import candidate_features, spectral_basis, target_gradients
+from .features import candidate_features
+from .inputs import candidate_pool, target_sets
 from .model import base_model, warmup_checkpoint
 from .parallel import parallel_features_job
-from .pool import candidate_pool, target_sets
-from .scores import candidate_scores, selected_subset
-from .sketch import candidate_sketches
+from .scores import candidate_scores
+from .selection import selected_subset
+from .sketches import candidate_sketches
+from .target_gradients import target_gradients
 
 ASSETS = [
     candidate_pool,
@@ -72,15 +76,11 @@ JOB_DESCRIPTIONS = {
     "prepare_job": "Pool, targets, base model, LoRA warmup, target gradients and spectral bases",
     "features_job": "GIST candidate features (exact) and candidate sketches (reused by new targets) of one shard "
     "(backfill: every shard)",
-    "select_job": "GIST scores (DuckDB: gist, gist_sketch) and the selections",
+    "select_job": "GIST scores (DuckDB: the methods of candidate_scores) and the selections",
     "baseline_features_job": "LESS and representation features of one shard (backfill: every shard)",
     "compare_job": "Baseline scores and selections, then fine-tune on every selection and compare held-out loss",
 }
 
-
-# The feature asset each scoring method reads: the CLI runs only those of the requested methods
-# (candidate_scores.methods), so a new target with only gist_sketch runs no pass over the pool.
-METHOD_FEATURES = {"gist": "candidate_features", "gist_sketch": "candidate_sketches"}
 
 # Dagster allows no ConfigMapping on a partitioned job: these take the standard shape (their own
 # assets' entries and resources), and the CLI passes them only that part of the file.
@@ -102,11 +102,11 @@ def make_jobs(executor: dg.ExecutorDefinition | None = None) -> list:
 
 
 def make_resources(root: str = "") -> dict:
-    storage = StorageResource(root=root)
+    storage = ArtifactStore(root=root)
     return {
         "storage": storage,
         "compute": ComputeResource(),
-        "score_store": ScoreStore(database=str(storage.root_path / "gist.duckdb")),
+        "score_store": ScoreStore(database=str(storage.root_path / DATABASE_NAME)),
     }
 
 
@@ -122,3 +122,8 @@ def build_definitions(root: str = "", executor: dg.ExecutorDefinition | None = N
 
 
 defs = build_definitions()
+
+
+def parallel_features_job_def() -> dg.JobDefinition:
+    """For dagster.build_reconstructable_job: the fan-out job with the code location's resources bound."""
+    return defs.get_job_def("parallel_features_job")

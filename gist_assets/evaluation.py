@@ -19,9 +19,8 @@ difference to ``random`` (same budget) and to ``full_pool`` with a 95% t interva
 over seeds, and a verdict.
 
 Next to the quality, each method's cost as stored: bytes of features per scored
-candidate and the seconds of its feature pass, read from ``features/<shard>/``
-(gist) or ``features_<method>/<shard>/`` (meta.json ``timings`` and
-``features.safetensors``); None where a method keeps no features.
+candidate and the seconds of its feature pass (``ArtifactStore.feature_costs``); None
+where a method keeps no features.
 """
 
 import json
@@ -37,15 +36,15 @@ from gist_core.data import encode_messages
 from gist_core.evaluate import FinetuneSpec, HeldoutSet, evaluate_heldout, finetune_and_evaluate_many, prepare_heldout
 from gist_core.selection import capped_top
 from gist_core.warmup import LoraTrainConfig
-from gist_resources import ComputeResource, ScoreStore, StorageResource
+from gist_resources import ArtifactStore, ComputeResource, ScoreStore
 
 from .baselines import baseline_selections, random_scores
 from .config import EvaluationConfig
-from .model import GPU_STEP_TAGS, base_model, chat_format, default_target_modules, read_model_ref
-from .paths import model_path
+from .inputs import candidate_pool, target_sets
+from .model import base_model, chat_format
 from .plots import budget_plot, md_table
-from .pool import candidate_pool, pool_path, target_sets, targets_path
-from .scores import DUCKDB_POOL, selected_subset, selection_dir
+from .selection import selected_subset
+from .steps import DUCKDB_POOL, GPU_STEP_TAGS
 
 BASE, FULL_POOL, RANDOM = "base", "full_pool", "random"
 SCHEMA = {
@@ -62,17 +61,14 @@ SCHEMA = {
 }
 
 
-def finetune_spec(config: EvaluationConfig, ref: dict, target_modules: list[str], seed: int) -> FinetuneSpec:
-    lr = config.learning_rate or (1e-3 if ref["embedded"] else 2e-5)
-    if config.epochs < 1 or config.effective_batch_size < 1 or config.micro_batch_size < 1:
-        raise ValueError("selection_evaluation: epochs, effective_batch_size and micro_batch_size must be >= 1")
+def finetune_spec(config: EvaluationConfig, target_modules: list[str], seed: int) -> FinetuneSpec:
     return FinetuneSpec(
         lora_r=config.lora_r,
         lora_alpha=config.lora_alpha,
         target_modules=tuple(target_modules),
         train=LoraTrainConfig(
             epochs=config.epochs,
-            learning_rate=lr,
+            learning_rate=config.learning_rate,
             effective_batch_size=config.effective_batch_size,
             micro_batch_size=min(config.micro_batch_size, config.effective_batch_size),
             seed=seed,
@@ -113,53 +109,13 @@ def read_selections(score_store: ScoreStore) -> pl.DataFrame:
     return df
 
 
-def _scored_count(d) -> int | None:
-    """Candidates with features in one shard dir: candidates.parquet's `included`, else the tensors' rows."""
-    side = d / "candidates.parquet"
-    if side.exists():
-        df = pl.read_parquet(side)
-        return int(df["included"].sum()) if "included" in df.columns else df.height
-    with open(d / "features.safetensors", "rb") as fh:  # safetensors: 8-byte length, then a JSON header
-        n = int.from_bytes(fh.read(8), "little")
-        header = json.loads(fh.read(n))
-    rows = [v["shape"][0] for k, v in header.items() if k != "__metadata__" and v.get("shape")]
-    return max(rows) if rows else None
-
-
-def feature_costs(storage: StorageResource, method: str, shards: list[str]) -> tuple[float | None, float | None]:
-    """(bytes of stored features per scored candidate, seconds of the feature pass summed over shards
-    and checkpoints); (None, None) unless every shard of the pool has them."""
-    folder = "features" if method == "gist" else f"features_{method}"
-    total_bytes, scored, seconds, timed = 0, 0, 0.0, False
-    for shard in shards:
-        try:
-            d = storage.path(folder, shard)
-        except ValueError:  # a method name that is not a plain file name keeps no features here
-            return None, None
-        meta_path, tensors = d / "meta.json", d / "features.safetensors"
-        if not meta_path.exists() or not tensors.exists():
-            return None, None
-        meta = json.loads(meta_path.read_text())
-        total_bytes += tensors.stat().st_size
-        scored += _scored_count(d) or 0
-        for timing in (meta.get("timings") or {}).values():
-            if isinstance(timing, dict) and "seconds" in timing:
-                seconds += float(timing["seconds"])
-                timed = True
-    if not shards:
-        return None, None
-    return (total_bytes / scored if scored else None), (seconds if timed else None)
-
-
 def random_draw(
-    score_store: ScoreStore, storage: StorageResource, target: str, budget: str, size: int, seed: int
+    score_store: ScoreStore, storage: ArtifactStore, target: str, budget: str, size: int, seed: int
 ) -> list[str]:
     """Seed ``seed``'s random selection of ``size`` for (target, budget): the top of ``random_scores(ids, seed)``
     over the candidates the random baseline scored, under the selection's own per-source cap."""
     scored = score_store.read_scores(target, RANDOM)
-    config = storage.read_json(selection_dir(storage, target, RANDOM, budget) / "manifest.json", "baseline_selections")[
-        "config"
-    ]
+    config = storage.read_selection_manifest(target, RANDOM, budget)["config"]
     ids = scored["candidate_id"]
     picked = capped_top(
         random_scores(ids.to_list(), seed), ids, size, scored["source"].to_list(), config["max_per_source"]
@@ -206,18 +162,16 @@ def _fmt(v):
 def selection_evaluation(
     context: dg.AssetExecutionContext,
     config: EvaluationConfig,
-    storage: StorageResource,
+    storage: ArtifactStore,
     compute: ComputeResource,
     score_store: ScoreStore,
 ) -> dg.MaterializeResult:
     """Fine-tune on each method's selection at each budget and seed (same settings), then held-out loss and
     accuracy per target, and the summary over seeds."""
-    ref = read_model_ref(storage)
-    tokenizer = compute.load_tokenizer(model_path(storage, ref))
-    pool = storage.read_parquet(pool_path(storage), "candidate_pool")
-    heldouts = heldout_sets(
-        storage.read_parquet(targets_path(storage), "target_sets"), tokenizer, ref["max_length"], chat_format(ref)
-    )
+    ref = storage.read_model_ref()
+    tokenizer = compute.load_tokenizer(storage.model_path(ref))
+    pool = storage.read_pool(columns=["candidate_id", "messages", "shard"])
+    heldouts = heldout_sets(storage.read_targets(), tokenizer, ref["max_length"], chat_format(ref))
     targets = sorted(heldouts)
     for target, held in heldouts.items():
         if held.dropped:
@@ -254,10 +208,11 @@ def selection_evaluation(
     pad_id, max_tokens = tokenizer.pad_token_id, compute.max_tokens_per_batch
     results: dict[tuple[str, str, str | None, int | None], dict] = {}
 
-    # The base model: no fine-tuning (no seed), judged on every target; it also names the LoRA target modules.
+    # The base model: no fine-tuning (no seed), judged on every target. The fine-tunes put LoRA where the
+    # warmup did.
     start = time.perf_counter()
-    model = compute.load_model(model_path(storage, ref))
-    modules = default_target_modules(model)
+    modules = storage.read_warmup()["target_modules"]
+    model = compute.load_model(storage.model_path(ref))
     for target, held in heldouts.items():
         results[(target, BASE, None, None)] = {
             **evaluate_heldout(model, held, device, pad_id, dtype, max_tokens),
@@ -276,7 +231,7 @@ def selection_evaluation(
         config.seeds,
         lambda t, b, n, seed: random_draw(score_store, storage, t, b, n, seed),
     )
-    spec = finetune_spec(config, ref, modules, config.seeds[0])
+    spec = finetune_spec(config, modules, config.seeds[0])
     context.log.info(
         f"{len(plan)} fine-tunes for {sum(len(v) for v in plan.values())} (target, method, budget, "
         f"seed) cells, methods {methods}; lr {spec.train.learning_rate:g}, {config.epochs} epochs, "
@@ -293,10 +248,10 @@ def selection_evaluation(
         context.log.info(f"fine-tune {n}/{len(plan)}: {names}, seed {seed} ({len(train)} examples)")
         judged = {t: heldouts[t] for t in sorted({t for t, _, _ in cells})}
         out = finetune_and_evaluate_many(
-            lambda: compute.load_model(model_path(storage, ref)),
+            lambda: compute.load_model(storage.model_path(ref)),
             train,
             judged,
-            finetune_spec(config, ref, modules, seed),
+            finetune_spec(config, modules, seed),
             device,
             pad_id,
             dtype,
@@ -313,7 +268,7 @@ def selection_evaluation(
         context.log.info(f"fine-tune {n}/{len(plan)} done in {time.perf_counter() - start:.1f}s: {summary}")
 
     shards = sorted(pool["shard"].unique().to_list())
-    costs = {m: feature_costs(storage, m, shards) for m in methods}
+    costs = {m: storage.feature_costs(m, shards) for m in methods}
     rows = []
     for (target, method, budget, row_seed), r in results.items():
         cost = costs.get(method, (None, None))
@@ -338,18 +293,14 @@ def selection_evaluation(
     score_store.replace_evaluations(df)
     summary_df = score_store.read_evaluation_summary()
     figure = budget_plot(summary_df.to_dicts())
-    with storage.atomic_file(storage.path("evaluation", "heldout_loss_by_budget.png")) as tmp:
-        tmp.write_bytes(figure.png)
-    storage.write_parquet(storage.path("evaluation", "summary.parquet"), summary_df)
+    plot_file = storage.write_evaluation(summary_df, figure.png)
 
     meta: dict[str, Any] = {
         "summary": dg.MetadataValue.md(
             md_table([{k: _fmt(v) for k, v in r.items()} for r in summary_df.to_dicts()], limit=1000)
         ),
         "heldout_loss_by_budget": figure.markdown,
-        "heldout_loss_by_budget_png": dg.MetadataValue.path(
-            str(storage.path("evaluation", "heldout_loss_by_budget.png"))
-        ),
+        "heldout_loss_by_budget_png": dg.MetadataValue.path(str(plot_file)),
         "comparison": dg.MetadataValue.md(
             md_table([{k: _fmt(v) for k, v in r.items()} for r in df.to_dicts()], limit=1000)
         ),

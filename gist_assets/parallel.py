@@ -13,17 +13,11 @@ import re
 
 import dagster as dg
 
-from gist_resources import ComputeResource, StorageResource
+from gist_resources import ArtifactStore, ComputeResource
 
-from .gradients import (
-    GPU_POOL,
-    GPU_STEP_TAGS,
-    GRADIENT_RETRY,
-    candidate_features,
-    compute_gist_shard,
-    stale_gist_shards,
-)
+from .features import candidate_features, compute_gist_shard, gist_shard_state
 from .partitions import CANDIDATE_SHARDS
+from .steps import GPU_POOL, GPU_STEP_TAGS, GRADIENT_RETRY
 
 
 class FanOutConfig(dg.Config):
@@ -31,18 +25,17 @@ class FanOutConfig(dg.Config):
 
 
 @dg.op(out=dg.DynamicOut(str))
-def shards_to_compute(context: dg.OpExecutionContext, config: FanOutConfig, storage: StorageResource):
+def shards_to_compute(context: dg.OpExecutionContext, config: FanOutConfig, storage: ArtifactStore):
     shards = sorted(context.instance.get_dynamic_partitions(CANDIDATE_SHARDS))
-    todo = shards if config.all_shards else stale_gist_shards(storage, shards)[0]
+    missing, stale, _ = gist_shard_state(storage, shards)
+    todo = shards if config.all_shards else sorted(missing + stale)
     context.log.info(f"{len(todo)} of {len(shards)} shards to compute")
     for shard in todo:
         yield dg.DynamicOutput(shard, mapping_key=re.sub(r"[^A-Za-z0-9_]", "_", shard))
 
 
 @dg.op(pool=GPU_POOL, retry_policy=GRADIENT_RETRY, tags=GPU_STEP_TAGS)
-def shard_features(
-    context: dg.OpExecutionContext, shard: str, storage: StorageResource, compute: ComputeResource
-) -> str:
+def shard_features(context: dg.OpExecutionContext, shard: str, storage: ArtifactStore, compute: ComputeResource) -> str:
     version, metadata = compute_gist_shard(storage, compute, shard, context.log)
     context.log_event(
         dg.AssetMaterialization(
@@ -58,10 +51,3 @@ def shard_features(
 )
 def parallel_features_job():
     shards_to_compute().map(shard_features)
-
-
-def parallel_features_job_def():
-    """For dagster.build_reconstructable_job: the job with the code location's resources bound."""
-    from .definitions import defs
-
-    return defs.get_job_def("parallel_features_job")

@@ -14,7 +14,6 @@ too. ``--force`` recomputes everything.
 """
 
 import argparse
-import json
 import sys
 import time
 import traceback
@@ -24,11 +23,20 @@ from pathlib import Path
 
 import dagster as dg
 
-from gist_resources.storage import default_storage_root
+from gist_resources import ArtifactStore, default_storage_root
+from gist_resources.dagster_home import ensure_dagster_home
+from gist_resources.score_store import DATABASE_NAME
 
-from .config import ASSET_CONFIGS, RunConfigError, check_run_config, effective_config, for_assets, load_run_config
-from .definitions import ASSETS, JOB_ASSETS, METHOD_FEATURES, PARTITIONED_JOBS
-from .instance import ensure_dagster_home
+from .config import (
+    ASSET_CONFIGS,
+    SCORING_METHODS,
+    RunConfigError,
+    check_run_config,
+    effective_config,
+    for_assets,
+    load_run_config,
+)
+from .definitions import ASSETS, JOB_ASSETS, PARTITIONED_JOBS
 from .partitions import candidate_shards
 from .scores import METHOD
 
@@ -49,7 +57,7 @@ def with_storage(run_config: dict, root: str) -> dict:
     storage = resources.setdefault("storage", {}).setdefault("config", {})
     storage.setdefault("root", str(Path(root).resolve()))
     db = resources.setdefault("score_store", {}).setdefault("config", {})
-    db.setdefault("database", str(Path(storage["root"]) / "gist.duckdb"))
+    db.setdefault("database", str(Path(storage["root"]) / DATABASE_NAME))
     return {**run_config, "resources": resources}
 
 
@@ -121,7 +129,8 @@ def plan_stage(
     graph = {a.key.to_user_string(): a for a in ASSETS}
     plan = StagePlan(job, partition)
     methods = effective_config(run_config, "candidate_scores")["methods"]
-    unused = {asset for method, asset in METHOD_FEATURES.items() if method not in methods}
+    # The feature assets no requested method reads (a new target with only gist_sketch runs no pool pass).
+    unused = set(SCORING_METHODS.values()) - {SCORING_METHODS[m] for m in methods}
     for name in JOB_ASSETS[job]:
         if name in unused:
             plan.skipped[name] = "not read by the requested methods (candidate_scores.methods)"
@@ -329,15 +338,12 @@ def summarize(report: dict[str, str]) -> list[str]:
 def current_selections(root: str, method: str = METHOD) -> dict:
     """One method's selection manifests (default: exact GIST) of the configured targets (those of the current
     bases), by target and budget; exports of targets no longer configured are left out even if still on disk."""
-    bases = Path(root, "basis", "manifest.json")
-    if not bases.exists():
+    storage = ArtifactStore(root=root)
+    try:
+        targets = sorted(storage.read_basis_manifest()["targets"])
+    except FileNotFoundError:
         return {}
-    out: dict = {}
-    for target in sorted(json.loads(bases.read_text())["targets"]):
-        for path in sorted(Path(root, "selections", target, method).glob("*/manifest.json")):
-            m = json.loads(path.read_text())
-            out.setdefault(target, {})[m["budget"]] = m
-    return out
+    return {t: manifests for t in targets if (manifests := storage.selection_manifests(t, method))}
 
 
 def print_summary(database: str) -> None:

@@ -145,6 +145,15 @@ def expand_paths(patterns: Iterable[str]) -> list[str]:
     return sorted(dict.fromkeys(os.path.abspath(p) for p in found))
 
 
+def file_signatures(paths: list[str]) -> dict[str, list[int]]:
+    """(size, mtime) per file: how the refresh sensor tells new or changed files without reading them."""
+    out = {}
+    for path in paths:
+        st = os.stat(path)
+        out[path] = [st.st_size, st.st_mtime_ns]
+    return out
+
+
 def source_from_path(path: str) -> str:
     """LESS layout ``<source>/<source>_data.jsonl`` -> ``source``; else the file stem."""
     stem = Path(path).name.split(".")[0]

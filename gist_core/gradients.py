@@ -60,6 +60,11 @@ class GradientLayout:
     def describe(self) -> dict:
         return {"dim": self.dim, "blocks": [[b.name, list(b.shape), b.offset] for b in self.blocks]}
 
+    @classmethod
+    def from_description(cls, described: dict) -> GradientLayout:
+        """The layout ``describe`` wrote (into a manifest)."""
+        return cls(tuple(ParamBlock(n, (shape[0], shape[1]), off) for n, shape, off in described["blocks"]))
+
 
 def trainable_linears(model: nn.Module) -> tuple[GradientLayout, list[nn.Linear]]:
     """The trainable parameters as (layout, owning linear layers), in named_parameters order.

@@ -10,7 +10,6 @@ import json
 import os
 import random
 from collections.abc import Sequence
-from pathlib import Path
 from typing import Protocol
 
 import torch
@@ -95,6 +94,17 @@ def load_causal_lm(path: str, device: torch.device, dtype: torch.dtype, trust_re
     )
     # transformers types the wrapped PreTrainedModel.to as taking the model as its first argument
     return model.to(device).eval()  # type: ignore[arg-type]
+
+
+def check_target_modules(model: nn.Module, target_modules: Sequence[str]) -> None:
+    """Every LoRA target module name is a layer of the model, or an error naming the layers it has."""
+    names = {n.rsplit(".", 1)[-1] for n, m in model.named_modules() if n and not list(m.children())}
+    missing = [t for t in target_modules if t not in names]
+    if missing:
+        raise ValueError(
+            f"LoRA target_modules {missing} are not layers of {type(model).__name__}; its layers are named "
+            f"{sorted(names)[:30]}: set warmup_checkpoint target_modules (e.g. [c_attn] for GPT-2)"
+        )
 
 
 def attach_lora(model: nn.Module, r: int, alpha: int, dropout: float, target_modules: Sequence[str], seed: int):
@@ -188,11 +198,3 @@ def model_summary(model: nn.Module) -> dict:
     total = sum(p.numel() for p in model.parameters())
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     return {"parameters": total, "trainable_parameters": trainable, "class": type(model).__name__}
-
-
-def save_json(path: str | Path, obj) -> None:
-    """Write JSON atomically: a reader never sees a half-written file."""
-    path = Path(path)
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    tmp.write_text(json.dumps(obj, indent=2, sort_keys=True, default=str))
-    os.replace(tmp, path)

@@ -156,6 +156,18 @@ def sketch_projector(layout: GradientLayout, dim: int, seed: int, kind: str, dev
     return BlockProjector(layout, dim, seed, kind, device=device)
 
 
+def sketched_coordinates(
+    sketches: np.ndarray, projected_bases: np.ndarray, slices: dict[str, tuple[int, int]]
+) -> dict[str, np.ndarray]:
+    """Per target, candidates' estimated GIST coordinates z ~= (g P)(P^T V_k) (M x k).
+
+    ``sketches`` is M x d (g P per candidate), ``projected_bases`` the d x sum(k) matrix P^T V of every
+    target's basis side by side, ``slices`` each target's columns. Exact when P P^T = I; E[P P^T] = I.
+    """
+    z = sketches @ projected_bases
+    return {name: z[:, a:b] for name, (a, b) in slices.items()}
+
+
 def adam_direction(
     g: torch.Tensor,
     exp_avg: torch.Tensor,

@@ -87,13 +87,6 @@ def rank_order(scores: np.ndarray, candidate_ids: CandidateIds) -> np.ndarray:
     )
 
 
-def top_selection(
-    scores: np.ndarray, candidate_ids: CandidateIds, fraction: float | None = None, n: int | None = None
-) -> np.ndarray:
-    """Indices of the selected candidates, best first."""
-    return rank_order(scores, candidate_ids)[: selection_size(len(candidate_ids), fraction, n)]
-
-
 def capped_top(
     scores: np.ndarray,
     candidate_ids: CandidateIds,
@@ -162,3 +155,37 @@ def round_robin(
         if not progressed:
             break
     return np.asarray(picked, dtype=np.int64)
+
+
+STRATEGIES = ("top", "round_robin")
+
+
+def select(
+    scores: np.ndarray,
+    candidate_ids: CandidateIds,
+    size: int,
+    strategy: str = "top",
+    sources: Sequence[str] | None = None,
+    max_per_source: int | None = None,
+    subtask_scores: np.ndarray | None = None,
+) -> np.ndarray:
+    """The selection policy: indices of the ``size`` chosen candidates, best first.
+
+    ``top``: the global top by score, ties by id; ``round_robin``: subtasks take turns (needs the
+    M x S ``subtask_scores``). Either can cap the candidates per source. Fewer than ``size``
+    candidates under the cap is an error, not a smaller selection.
+    """
+    if strategy == "top":
+        picked = capped_top(scores, candidate_ids, size, sources, max_per_source)
+    elif strategy == "round_robin":
+        if subtask_scores is None:
+            raise ValueError("round_robin needs the per-subtask scores")
+        picked = round_robin(subtask_scores, candidate_ids, size, sources, max_per_source)
+    else:
+        raise ValueError(f"selection strategy must be one of {STRATEGIES}, got {strategy!r}")
+    if len(picked) < size:
+        raise ValueError(
+            f"only {len(picked)} of {size} candidates can be selected with max_per_source="
+            f"{max_per_source}; raise the cap or lower the selection size"
+        )
+    return picked

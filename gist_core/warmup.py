@@ -13,14 +13,13 @@ import random
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from pathlib import Path
 
 import torch
 from torch import nn
 
 from .data import Encoded
 from .gradients import autocast_for
-from .modeling import causal_lm_batches, save_json, seed_everything
+from .modeling import causal_lm_batches, seed_everything
 
 
 @dataclass
@@ -113,12 +112,9 @@ def train_lora(
     return result
 
 
-def save_checkpoint(model, optimizer: torch.optim.Optimizer, out_dir: str | Path, info: dict) -> None:
-    """PEFT adapter dir + Adam moments (safetensors, keyed by parameter name) + info JSON."""
-    from safetensors.torch import save_file
-
-    out_dir = Path(out_dir)
-    model.save_pretrained(str(out_dir))
+def adam_state(model: nn.Module, optimizer: torch.optim.Optimizer) -> tuple[dict[str, torch.Tensor], dict]:
+    """The Adam moments LESS preconditions with, keyed ``<parameter name>::exp_avg`` / ``::exp_avg_sq``
+    (float32, CPU), and the optimizer's settings (step, betas, eps, weight decay)."""
     names = {id(p): n for n, p in model.named_parameters() if p.requires_grad}
     tensors: dict[str, torch.Tensor] = {}
     step = 0
@@ -131,30 +127,9 @@ def save_checkpoint(model, optimizer: torch.optim.Optimizer, out_dir: str | Path
             tensors[f"{name}::exp_avg"] = state["exp_avg"].detach().float().cpu().contiguous()
             tensors[f"{name}::exp_avg_sq"] = state["exp_avg_sq"].detach().float().cpu().contiguous()
             step = int(state["step"])
-    save_file(tensors, str(out_dir / "optimizer_state.safetensors"))
     g = optimizer.param_groups[0]
-    save_json(
-        out_dir / "checkpoint_info.json",
-        {
-            **info,
-            "adam_step": step,
-            "betas": list(g["betas"]),
-            "adam_eps": g["eps"],
-            "weight_decay": g["weight_decay"],
-        },
-    )
-
-
-def load_optimizer_state(ckpt_dir: str | Path) -> dict[str, dict[str, torch.Tensor]]:
-    """{parameter name: {"exp_avg", "exp_avg_sq"}} from a saved checkpoint."""
-    from safetensors.torch import load_file
-
-    flat = load_file(str(Path(ckpt_dir) / "optimizer_state.safetensors"))
-    out: dict[str, dict[str, torch.Tensor]] = {}
-    for key, t in flat.items():
-        name, kind = key.rsplit("::", 1)
-        out.setdefault(name, {})[kind] = t
-    return out
+    info = {"adam_step": step, "betas": list(g["betas"]), "adam_eps": g["eps"], "weight_decay": g["weight_decay"]}
+    return tensors, info
 
 
 @torch.no_grad()

@@ -1,7 +1,9 @@
-"""Things with state: storage root and files, compute device and models, the DuckDB score store."""
+"""Things with state: the artifact store (files under the storage root), the compute device and models, and
+the DuckDB score store."""
 
+from .artifacts import ArtifactStore
 from .compute import ComputeResource
+from .files import default_storage_root
 from .score_store import ScoreStore
-from .storage import StorageResource, default_storage_root
 
-__all__ = ["ComputeResource", "ScoreStore", "StorageResource", "default_storage_root"]
+__all__ = ["ArtifactStore", "ComputeResource", "ScoreStore", "default_storage_root"]

@@ -11,7 +11,7 @@ from pydantic import Field
 from gist_core import modeling
 
 from .devices import claim_slot
-from .storage import ArtifactError, asset_label
+from .files import ArtifactError, asset_label
 
 
 class ComputeResource(dg.ConfigurableResource):

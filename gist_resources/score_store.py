@@ -24,8 +24,13 @@ import polars as pl
 from dagster_duckdb import DuckDBResource
 from pydantic import Field
 
+from .files import pid_alive
+
 if TYPE_CHECKING:
     from polars._typing import PolarsDataType
+
+# The score database's file name in a storage root.
+DATABASE_NAME = "gist.duckdb"
 
 # The columns of a score row as the files hold them (target and method are the folder names).
 SCORE_SCHEMA: dict[str, PolarsDataType] = {
@@ -67,16 +72,6 @@ def _plain_name(name: str) -> bool:
 
 def _sql_text(value: str) -> str:
     return "'" + value.replace("'", "''") + "'"
-
-
-def _pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except OSError:
-        return True
-    return True
 
 
 class ScoreStoreLockedError(RuntimeError):
@@ -291,7 +286,7 @@ class ScoreStore(DuckDBResource):
         for folder in self.method_dir(method).iterdir():
             partial = _PARTIAL.fullmatch(folder.name)
             if (folder.name != current and _VERSION.fullmatch(folder.name)) or (
-                partial and not _pid_alive(int(partial.group(1)))
+                partial and not pid_alive(int(partial.group(1)))
             ):
                 shutil.rmtree(folder, ignore_errors=True)
 

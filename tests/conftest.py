@@ -29,12 +29,12 @@ def small_run(tmp_path_factory):
         yield {"root": root, "out": out, "shards": shards, "instance": instance}
 
 
-# Fixtures that run the whole graph: a test that uses one is end to end, so it is marked slow
-# (`make test-fast` skips it, `make test` runs it).
-PIPELINE_FIXTURES = {"small_run", "custom_graph"}
+# Fixtures that run the whole graph or install and convert the real model: a test that uses one is end to
+# end, so it is marked slow (`make test-fast` skips it, `make test` runs it).
+SLOW_FIXTURES = {"small_run", "custom_graph", "smollm2_packages", "smollm2_tokenizers"}
 
 
 def pytest_collection_modifyitems(config, items):
     for item in items:
-        if PIPELINE_FIXTURES & set(getattr(item, "fixturenames", ())):
+        if SLOW_FIXTURES & set(getattr(item, "fixturenames", ())):
             item.add_marker(pytest.mark.slow)

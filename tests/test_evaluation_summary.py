@@ -8,9 +8,9 @@ import pytest
 
 from gist_assets.config import RunConfigError, SelectionConfig, TargetGradientsConfig, check_run_config
 from gist_assets.evaluation import SCHEMA, plan_finetunes
-from gist_assets.gradients import recipe_epochs
 from gist_assets.run import summary_markdown
-from gist_assets.scores import training_messages
+from gist_assets.selection import training_messages
+from gist_assets.target_gradients import recipe_epochs
 from gist_core.data import record_to_messages
 from gist_core.selection import budgets
 from gist_resources import ScoreStore

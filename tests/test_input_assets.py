@@ -8,8 +8,8 @@ import polars as pl
 import pytest
 
 from gist_assets.definitions import make_resources
+from gist_assets.inputs import candidate_pool, target_sets
 from gist_assets.model import base_model
-from gist_assets.pool import candidate_pool, target_sets
 
 FIXTURES = Path(__file__).parent / "fixtures"
 LESS_DIR = FIXTURES / "less_eval"

@@ -45,7 +45,7 @@ def test_multiprocess_fan_out_scores_every_candidate_once(tmp_path, monkeypatch)
         redo = shards[:2]
         for shard in redo:
             shutil.rmtree(root / "features" / shard)
-        job = dg.build_reconstructable_job("gist_assets.parallel", "parallel_features_job_def")
+        job = dg.build_reconstructable_job("gist_assets.definitions", "parallel_features_job_def")
         result = dg.execute_job(job, instance=instance, run_config={"execution": {"config": {"max_concurrent": 2}}})
         assert result.success
         logs = [

@@ -1,6 +1,7 @@
 """The whole asset graph on a small embedded default, checked against an obviously-right computation."""
 
 import json
+import shutil
 from pathlib import Path
 
 import dagster as dg
@@ -10,7 +11,9 @@ import polars as pl
 import torch
 from dagster import AssetCheckKey, AssetKey
 
+from gist_assets.definitions import make_resources
 from gist_assets.run import run_all
+from gist_assets.scores import candidate_scores
 from gist_core.data import encode_messages, encode_prompt_completion
 from gist_core.gradients import reference_gradients
 from gist_core.selection import selection_size
@@ -71,9 +74,22 @@ def test_graph_outputs(small_run):
         assert big["candidate_id"].head(small.height).to_list() == small["candidate_id"].to_list()
 
 
-def test_scores_match_plain_computation(small_run):
-    """Batch-size-1 loss.backward() gradients, torch.linalg.svd, explicit projection and cosine."""
+def test_scores_match_plain_computation(small_run, tmp_path):
+    """Batch-size-1 loss.backward() gradients, torch.linalg.svd, explicit projection and cosine; and the
+    opt-in variant gist_fullspace, scored on a copy of the root: the cosine of g to V_k t in gradient space."""
     root = small_run["root"]
+    copy = tmp_path / "root"
+    shutil.copytree(root, copy)
+    with dg.DagsterInstance.ephemeral() as instance:
+        instance.add_dynamic_partitions("candidate_shards", list(small_run["shards"]))
+        result = dg.materialize(
+            [candidate_scores],
+            instance=instance,
+            resources=make_resources(str(copy)),
+            run_config={"ops": {"candidate_scores": {"config": {"methods": ["gist_fullspace"]}}}},
+        )
+        assert result.success
+    fullspace = {}
     ref = json.loads((root / "models" / "model_ref.json").read_text())
     warm = json.loads((root / "warmup" / "manifest.json").read_text())
     compute = ComputeResource()
@@ -94,7 +110,7 @@ def test_scores_match_plain_computation(small_run):
                 for p, c in zip(rows["prompt"], rows["completion"], strict=False)
             ]
             subtasks = np.array(rows["subtask"].to_list())
-            total = 0.0
+            total, total_full = 0.0, 0.0
             for w, ckpt in zip(weights, warm["checkpoints"], strict=False):
                 model = compute.load_model(str(root / ref["path"]), str(root / ckpt["dir"]))
                 G = torch.from_numpy(reference_gradients(model, t_enc)).double()
@@ -106,7 +122,10 @@ def test_scores_match_plain_computation(small_run):
                 dirs = torch.stack([Z[torch.from_numpy(subtasks == s)].mean(0) for s in sorted(set(subtasks))])
                 dirs = dirs / dirs.norm(dim=1, keepdim=True)
                 total = total + w * ((z / z.norm(dim=1, keepdim=True)) @ dirs.T)
+                u = V @ dirs.T  # the subtask directions in gradient space (unit columns)
+                total_full = total_full + w * ((g / g.norm(dim=1, keepdim=True)) @ (u / u.norm(dim=0)))
             expected = total.max(dim=1).values.numpy()
+            fullspace[target] = total_full.max(dim=1).values.numpy()
             got = dict(
                 db.execute(
                     "SELECT candidate_id, score FROM candidate_scores WHERE target = ? AND method = 'gist'", [target]
@@ -124,6 +143,15 @@ def test_scores_match_plain_computation(small_run):
                 ).fetchall()
             ]
             assert chosen == [ids[j] for j in order[:n_sel]]
+    with _db(copy) as db:
+        for target, expected in fullspace.items():
+            got = dict(
+                db.execute(
+                    "SELECT candidate_id, score FROM candidate_scores WHERE target = ? AND method = 'gist_fullspace'",
+                    [target],
+                ).fetchall()
+            )
+            np.testing.assert_allclose([got[i] for i in ids], expected, atol=1e-4)
 
 
 def test_sketch_scores_match_plain_computation(small_run):
@@ -221,10 +249,10 @@ def test_rematerialize_same_seed_is_identical(small_run, tmp_path):
 def test_less_features_match_plain_computation(small_run):
     """LESS candidate features: bs=1 gradients, Adam direction from the saved state, dense projection."""
     from safetensors.numpy import load_file
+    from safetensors.torch import load_file as load_torch
 
     from gist_core.gradients import trainable_linears
     from gist_core.projection import BlockProjector
-    from gist_core.warmup import load_optimizer_state
 
     root = small_run["root"]
     ref = json.loads((root / "models" / "model_ref.json").read_text())
@@ -244,10 +272,10 @@ def test_less_features_match_plain_computation(small_run):
         info = json.loads((ckpt_dir / "checkpoint_info.json").read_text())
         model = compute.load_model(str(root / ref["path"]), str(ckpt_dir))
         g = torch.from_numpy(reference_gradients(model, enc)).double()
-        state = load_optimizer_state(ckpt_dir)
+        state = load_torch(str(ckpt_dir / "optimizer_state.safetensors"))  # {"<param>::exp_avg": tensor, ...}
         names = [n for n, p in model.named_parameters() if p.requires_grad]
-        m = torch.cat([state[n]["exp_avg"].flatten() for n in names]).double()
-        v = torch.cat([state[n]["exp_avg_sq"].flatten() for n in names]).double()
+        m = torch.cat([state[f"{n}::exp_avg"].flatten() for n in names]).double()
+        v = torch.cat([state[f"{n}::exp_avg_sq"].flatten() for n in names]).double()
         b1, b2 = info["betas"]
         direction = (b1 * m + (1 - b1) * g) / torch.sqrt(b2 * v + (1 - b2) * g**2 + info["adam_eps"])
         layout, _ = trainable_linears(model)

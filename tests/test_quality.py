@@ -1,11 +1,12 @@
 """GIST on the embedded default against a random selection of the same size, on held-out target loss
 over 3 seeds at the 5% budget.
 
-What holds, and is asserted: on every target GIST's mean loss is below random's and below the base
-model's, and never significantly above random's; over all (target, seed) pairs the paired difference
-to random has a 95% interval below zero. What does not hold with the pool-independent base model
-(docs/evaluation.md): per target, the interval excludes zero on geography only (arithmetic_sums is
-lower on every seed but its 3-seed interval reaches +0.05; word_reversal is a tie).
+What holds, and is asserted: on every target GIST's mean loss is below the base model's and never
+significantly above random's; over all (target, seed) pairs the paired difference to random has a 95%
+interval below zero. What does not hold (docs/evaluation.md): per target, GIST beats random with an
+interval that excludes zero on arithmetic_sums and geography, while word_reversal is a tie (the tiny
+model barely learns to reverse words from any 200 examples: every method stays within 0.2 nats of the
+base model there), and its means fall either way from run to run of the code.
 
 The objective (docs/design.md): fine-tune on the selection, judge by the target's held-out loss
 (examples never used to build the basis). Source share is printed as a sanity indicator only.
@@ -54,10 +55,12 @@ def test_gist_selection_beats_random_on_heldout_loss(tmp_path):
     print("matching-source share of the GIST selections:", share)
     by = {(r["target"], r["method"]): r for r in rows}
     for target in TARGET_SKILL:
-        gist, random = by[(target, "gist")], by[(target, "random")]
+        gist = by[(target, "gist")]
+        assert by[(target, "random")]["seeds"] == 3
         assert gist["budget"] == "p0.05" and gist["seeds"] == 3
-        assert gist["mean_loss"] < random["mean_loss"], rows
         assert gist["better_than_random"] != "no", rows
+        if target == "geography":  # the clearest target: about 1 nat below random, every seed
+            assert gist["better_than_random"] == "yes", rows
         # Fine-tuning on the selection helps relative to the base model.
         assert gist["mean_loss"] < by[(target, "base")]["mean_loss"], rows
     # Pooled over targets and seeds: the paired (same target, same seed) difference GIST - random.

@@ -6,8 +6,15 @@ import numpy as np
 import pytest
 import torch
 
-from gist_core.scoring import checkpoint_weights, combine_and_max, cosine_to_subtasks, subtask_directions
-from gist_core.selection import rank_order, selection_size, top_selection
+from gist_core.scoring import (
+    TargetScorer,
+    checkpoint_weights,
+    combine_and_max,
+    cosine_to_subtasks,
+    gist_scores,
+    subtask_directions,
+)
+from gist_core.selection import rank_order, select, selection_size
 from gist_core.spectral import ColumnReader, build_basis, choose_rank, column_chunks, gram_matrix, spectrum
 
 
@@ -287,21 +294,21 @@ def test_top_selection_order_and_tie_breaking():
     scores = np.array([0.5, 0.9, 0.5, 0.5, 0.1])
     order = rank_order(scores, ids)
     assert [ids[i] for i in order] == ["b", "a", "c", "d", "e"]
-    sel = top_selection(scores, ids, n=3)
+    sel = select(scores, ids, 3)
     assert sel.dtype == np.int64
     assert [ids[i] for i in sel] == ["b", "a", "c"]
     assert list(scores[sel]) == sorted(scores[sel], reverse=True)
-    assert [ids[i] for i in top_selection(scores, ids, fraction=0.4)] == ["b", "a"]
-    assert len(top_selection(scores, ids, fraction=1.0)) == 5
+    assert [ids[i] for i in select(scores, ids, selection_size(5, fraction=0.4))] == ["b", "a"]
+    assert len(select(scores, ids, selection_size(5, fraction=1.0))) == 5
 
 
 def test_top_selection_is_independent_of_input_order():
     rng = np.random.default_rng(3)
     ids = [f"cand-{i:03d}" for i in range(50)]
     scores = np.round(rng.random(50), 1)  # many ties
-    chosen = {ids[i] for i in top_selection(scores, ids, fraction=0.2)}
+    chosen = {ids[i] for i in select(scores, ids, selection_size(50, fraction=0.2))}
     perm = rng.permutation(50)
-    chosen_perm = {ids[i] for i in perm[top_selection(scores[perm], [ids[i] for i in perm], fraction=0.2)]}
+    chosen_perm = {ids[i] for i in perm[select(scores[perm], [ids[i] for i in perm], 10)]}
     assert chosen == chosen_perm and len(chosen) == 10
 
 
@@ -389,7 +396,8 @@ def test_method_scores_and_top_rows_read_back_as_before(tmp_path) -> None:
     import polars as pl
 
     from gist_assets.config import SelectionConfig
-    from gist_assets.scores import add_method_scores, choose, read_selection_rows, score_summary, write_method_scores
+    from gist_assets.scores import add_method_scores, score_summary, write_method_scores
+    from gist_assets.selection import choose, read_selection_rows
     from gist_resources import ScoreStore
 
     rng = np.random.default_rng(4)
@@ -495,14 +503,14 @@ def test_shards_scored_on_threads_come_back_in_order_and_bounded() -> None:
 
 
 def test_selection_files_written_in_chunks_read_back_whole(tmp_path) -> None:
-    """SelectionFiles: records appended in chunks give the lines as the pool had them (quotes, commas,
+    """A selection written through the artifact store in chunks give the lines as the pool had them (quotes, commas,
     unicode untouched), one messages line per record, and one Parquet file equal to all the chunks."""
     import json
 
     import polars as pl
 
-    from gist_assets.scores import training_messages_column
-    from gist_resources import StorageResource
+    from gist_assets.selection import training_messages_column
+    from gist_resources import ArtifactStore
 
     records = [
         {
@@ -520,21 +528,115 @@ def test_selection_files_written_in_chunks_read_back_whole(tmp_path) -> None:
             "messages": [json.dumps(r["messages"], ensure_ascii=False) for r in records],
         }
     )
-    storage = StorageResource(root=str(tmp_path))
-    with storage.selection_files(tmp_path / "out") as files:
+
+    def chunks():
         for at in range(0, rows.height, 4):
             part = rows.slice(at, 4)
             messages = training_messages_column(part["messages"])
-            files.append(
+            yield (
                 part["original"],
                 pl.DataFrame([part["candidate_id"].alias("id"), part["source"], messages]),
                 part.drop("messages", "original").with_columns(messages),
             )
-    lines = (tmp_path / "out" / "selection.jsonl").read_text(encoding="utf-8").splitlines()
+
+    storage = ArtifactStore(root=str(tmp_path))
+    with storage.selection_writer("t", "gist") as writer:
+        manifest = writer.write_budget("p1", chunks(), {"budget": "p1"})
+    out = storage.selection_dir("t", "gist", "p1")
+    assert manifest["files"]["jsonl"] == "selections/t/gist/p1/selection.jsonl"
+    assert storage.selection_manifests("t", "gist") == {"p1": manifest}
+    lines = (out / "selection.jsonl").read_text(encoding="utf-8").splitlines()
     assert lines == rows["original"].to_list()
-    chat = [json.loads(line) for line in (tmp_path / "out" / "selection.messages.jsonl").read_text().splitlines()]
+    chat = [json.loads(line) for line in (out / "selection.messages.jsonl").read_text().splitlines()]
     assert [c["id"] for c in chat] == rows["candidate_id"].to_list()
     assert chat[3]["messages"] == records[3]["messages"]
-    back = pl.read_parquet(tmp_path / "out" / "selection.parquet")
+    back = pl.read_parquet(out / "selection.parquet")
     assert back["candidate_id"].to_list() == rows["candidate_id"].to_list()
     assert back["messages"].to_list()[10] == records[10]["messages"]
+
+
+# ------------------------------------------------- the recipe against a plain computation
+
+
+def plain_gist(Gs, subtasks, gs, weights, k):
+    """GIST by the book: a full numpy SVD per checkpoint, z = g V_k, Z = U_k S_k, per-subtask unit means,
+    explicit cosines, weighted sum over checkpoints, max over subtasks."""
+    names = sorted(set(subtasks))
+    total = 0.0
+    for G, g, w in zip(Gs, gs, weights, strict=True):
+        U, s, Vt = np.linalg.svd(G.astype(np.float64), full_matrices=False)
+        V, Z = Vt[:k].T, U[:, :k] * s[:k]
+        z = g.astype(np.float64) @ V
+        cos = np.zeros((len(g), len(names)))
+        for j, name in enumerate(names):
+            t = Z[[i for i, x in enumerate(subtasks) if x == name]].mean(axis=0)
+            t /= np.linalg.norm(t)
+            for i in range(len(g)):
+                cos[i, j] = z[i] @ t / np.linalg.norm(z[i])
+        total = total + w * cos
+    return names, total
+
+
+def test_gist_scores_match_a_full_svd_by_hand():
+    rng = np.random.default_rng(7)
+    subtasks = ["a"] * 4 + ["b"] * 5 + ["c"] * 3
+    Gs = [rng.standard_normal((12, 300)).astype(np.float32) for _ in range(2)]
+    gs = [rng.standard_normal((40, 300)).astype(np.float32) for _ in range(2)]
+    weights = checkpoint_weights([2e-5, 1e-5])
+    scorer, scores = gist_scores(Gs, subtasks, gs, weights, k=6, energy=None, eps=1e-8)
+    names, expected = plain_gist(Gs, subtasks, gs, weights, k=6)
+    assert scorer.subtasks == names
+    np.testing.assert_allclose(scores.per_subtask, expected, atol=1e-6)
+    np.testing.assert_allclose(scores.score, expected.max(axis=1), atol=1e-6)
+    np.testing.assert_array_equal(scores.best_subtask, expected.argmax(axis=1))
+    # The selection from those scores: the top 10%, ties by id.
+    ids = [f"c{i:02d}" for i in range(40)]
+    chosen = select(scores.score, ids, selection_size(40, fraction=0.1))
+    assert [ids[i] for i in chosen] == [ids[i] for i in np.argsort(-expected.max(axis=1), kind="stable")[:4]]
+
+
+def test_select_policies_and_a_cap_too_tight():
+    ids = ["a", "b", "c", "d"]
+    scores = np.array([0.9, 0.8, 0.7, 0.1])
+    per_subtask = np.array([[0.9, 0.0], [0.8, 0.1], [0.7, 0.2], [0.0, 0.1]])
+    assert select(scores, ids, 2).tolist() == [0, 1]
+    assert select(scores, ids, 2, sources=["x", "x", "y", "y"], max_per_source=1).tolist() == [0, 2]
+    assert select(scores, ids, 2, strategy="round_robin", subtask_scores=per_subtask).tolist() == [0, 2]
+    with pytest.raises(ValueError, match="only 2 of 3 candidates"):
+        select(scores, ids, 3, sources=["x", "x", "y", "y"], max_per_source=1)
+    with pytest.raises(ValueError, match="round_robin needs"):
+        select(scores, ids, 2, strategy="round_robin")
+    with pytest.raises(ValueError, match="strategy must be one of"):
+        select(scores, ids, 2, strategy="best")
+
+
+def test_fullspace_scores_are_cosines_to_the_basis_directions_in_gradient_space():
+    """gist_fullspace: per checkpoint cos(g, V_k t_s) with the full gradient g, from z = g V_k and |g| alone."""
+    rng = np.random.default_rng(11)
+    subtasks = ["a"] * 5 + ["b"] * 4
+    Gs = [rng.standard_normal((9, 200)).astype(np.float32) for _ in range(2)]
+    gs = [rng.standard_normal((30, 200)) for _ in range(2)]
+    gs[0][3] = 0.0  # a zero gradient scores 0, not NaN
+    weights = checkpoint_weights([3e-5, 1e-5])
+    expected = 0.0
+    zs, norms, Zs = [], [], []
+    for G, g, w in zip(Gs, gs, weights, strict=True):
+        U, s, Vt = np.linalg.svd(G.astype(np.float64), full_matrices=False)
+        V, Z = Vt[:5].T, U[:, :5] * s[:5]
+        cos = np.zeros((30, 2))
+        for j, name in enumerate(["a", "b"]):
+            t = Z[[i for i, x in enumerate(subtasks) if x == name]].mean(axis=0)
+            u = V @ (t / np.linalg.norm(t))  # the subtask's direction in gradient space
+            for i in range(30):
+                n = np.linalg.norm(g[i])
+                cos[i, j] = 0.0 if n == 0 else g[i] @ u / (n * np.linalg.norm(u))
+        expected = expected + w * cos
+        zs.append(g @ V)
+        norms.append(np.linalg.norm(g, axis=1))
+        Zs.append(Z)
+    scorer = TargetScorer.from_coordinates(Zs, subtasks, weights)
+    np.testing.assert_allclose(scorer.subtask_scores(zs, norms), expected, atol=1e-9)
+    assert not np.isnan(scorer.subtask_scores(zs, norms)).any()
+    # Per checkpoint never above the GIST cosine in magnitude: |z| = |g V_k| <= |g|.
+    one = TargetScorer.from_coordinates(Zs[:1], subtasks, [1.0])
+    assert np.all(np.abs(one.subtask_scores(zs[:1], norms[:1])) <= np.abs(one.subtask_scores(zs[:1])) + 1e-9)

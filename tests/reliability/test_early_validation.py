@@ -6,7 +6,7 @@ import json
 import polars as pl
 import pytest
 
-from gist_assets.pool import split_heldout
+from gist_assets.inputs import split_heldout
 from reliability_util import fresh_instance, materialize, user_error, write_jsonl
 
 

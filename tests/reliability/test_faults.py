@@ -15,9 +15,9 @@ import duckdb
 import polars as pl
 import pytest
 
-from gist_resources import ComputeResource, ScoreStore, StorageResource
+from gist_resources import ArtifactStore, ComputeResource, ScoreStore, files
+from gist_resources.files import FOREIGN_SCRATCH_STALE_S, _host
 from gist_resources.score_store import ScoreStoreWriteError
-from gist_resources.storage import FOREIGN_SCRATCH_STALE_S, _host
 from reliability_util import copy_root, fresh_instance, materialize, metadata, user_error
 
 REPO = Path(__file__).resolve().parents[2]
@@ -26,7 +26,7 @@ KILLABLE_SHARD = """
 import sys
 import dagster as dg
 from gist_assets.definitions import make_resources
-from gist_assets.gradients import candidate_features
+from gist_assets.features import candidate_features
 from gist_resources import ComputeResource
 
 root, shard, shards = sys.argv[1], sys.argv[2], sys.argv[3].split(",")
@@ -116,8 +116,8 @@ def test_sigkill_mid_shard_then_rerun_scores_every_candidate_once(small_run, tmp
 
 
 def test_stale_scratch_is_removed_live_and_foreign_scratch_is_kept(tmp_path):
-    storage = StorageResource(root=str(tmp_path))
-    dest = storage.path("features", "shard-0000")
+    storage = ArtifactStore(root=str(tmp_path))
+    dest = storage.features_location("gist", "shard-0000")
     parent = dest.parent
     parent.mkdir(parents=True)
     dead = subprocess.Popen([sys.executable, "-c", "pass"])
@@ -137,7 +137,7 @@ def test_stale_scratch_is_removed_live_and_foreign_scratch_is_kept(tmp_path):
         (parent / name).mkdir()
     old = time.time() - FOREIGN_SCRATCH_STALE_S - 60
     os.utime(parent / names["other_host_old"], (old, old))
-    with storage.atomic_dir(dest) as tmp:
+    with files.atomic_dir(dest) as tmp:
         assert tmp.name.startswith(f".shard-0000.{host}-{os.getpid()}-") and tmp.name.endswith(".tmp")
         (tmp / "x").write_text("complete")
     left = {k for k, n in names.items() if (parent / n).exists()}

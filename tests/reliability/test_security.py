@@ -12,9 +12,7 @@ import pytest
 import torch
 
 from gist_assets.config import RunConfigError, check_run_config
-from gist_assets.gradients import features_dir
-from gist_assets.scores import selection_dir
-from gist_resources import ComputeResource, StorageResource
+from gist_resources import ArtifactStore, ComputeResource
 from reliability_util import files_under, fresh_instance, materialize, user_error, warnings_logged
 
 REPO = Path(__file__).resolve().parents[2]
@@ -171,15 +169,14 @@ ESCAPING = ["../evil", "..", ".", "", "/etc/passwd", "a/b", "a\\b", "nul\x00byte
 
 @pytest.mark.parametrize("name", ESCAPING)
 def test_storage_refuses_names_that_leave_the_root(tmp_path, name):
-    storage = StorageResource(root=str(tmp_path / "root"))
+    storage = ArtifactStore(root=str(tmp_path / "root"))
     builders = [
-        lambda: storage.path("targets", name),
-        lambda: features_dir(storage, name),
-        lambda: selection_dir(storage, name, "gist"),
-        lambda: selection_dir(storage, "target", name),
+        lambda: storage.basis_dir("epoch_1", name),
+        lambda: storage.features_location("gist", name),
+        lambda: storage.selection_dir(name, "gist"),
+        lambda: storage.selection_dir("target", name),
+        lambda: storage.preset_model_dir(name),
     ]
-    if any(c in name for c in "/\\\x00"):  # a method name becomes part of `features_<method>`
-        builders.append(lambda: features_dir(storage, "shard", name))
     for build in builders:
         with pytest.raises(ValueError, match="storage root"):
             build()
@@ -192,7 +189,7 @@ def test_storage_refuses_a_symlink_out_of_the_root(tmp_path):
     outside.mkdir()
     (root / "basis").symlink_to(outside, target_is_directory=True)
     with pytest.raises(ValueError, match="outside the storage root"):
-        StorageResource(root=str(root)).path("basis", "V.npy")
+        ArtifactStore(root=str(root)).basis_dir("epoch_1", "V.npy")
 
 
 @pytest.mark.parametrize("name", ["../evil", "a/b", "..", "ABSOLUTE"])

@@ -13,7 +13,8 @@ from safetensors.numpy import load_file, save_file
 
 from gist_assets.checks import scores_valid, selections_valid
 from gist_assets.definitions import make_resources
-from gist_assets.scores import candidate_scores, selected_subset
+from gist_assets.scores import candidate_scores
+from gist_assets.selection import selected_subset
 from reliability_util import fresh_instance, materialize, metadata, user_error
 
 

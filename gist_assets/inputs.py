@@ -1,7 +1,6 @@
 """candidate_pool and target_sets: the inputs, validated and stored as Parquet."""
 
 import json
-import os
 import random
 from collections import Counter
 from typing import cast
@@ -10,9 +9,9 @@ import dagster as dg
 import polars as pl
 
 from gist_core import targets as target_loaders
-from gist_core.data import read_candidates
+from gist_core.data import file_signatures, read_candidates
 from gist_demo import synthetic
-from gist_resources import StorageResource
+from gist_resources import ArtifactStore
 
 from .config import CandidatePoolConfig, TargetSetsConfig
 from .partitions import candidate_shards, shard_keys_for_files
@@ -20,42 +19,16 @@ from .plots import md_table
 from .versions import data_version, fingerprint, rows_fingerprint
 
 
-def pool_path(storage: StorageResource):
-    return storage.path("pool", "candidate_pool.parquet")
-
-
-def file_signatures(files: list[str]) -> dict[str, list[int]]:
-    """(size, mtime) per file: how the refresh sensor tells new or changed files without reading them."""
-    out = {}
-    for f in files:
-        st = os.stat(f)
-        out[f] = [st.st_size, st.st_mtime_ns]
-    return out
-
-
-def shards_path(storage: StorageResource):
-    """{"version", "shards": {shard key: content hash}}: what each feature partition is a function of."""
-    return storage.path("pool", "shards.json")
-
-
-def read_pool_version(storage: StorageResource) -> dict:
-    return storage.read_json(shards_path(storage), "candidate_pool")
-
-
-def targets_path(storage: StorageResource):
-    return storage.path("targets", "target_sets.parquet")
-
-
 @dg.asset(group_name="inputs", code_version="2", kinds={"polars", "parquet"})
 def candidate_pool(
-    context: dg.AssetExecutionContext, config: CandidatePoolConfig, storage: StorageResource
+    context: dg.AssetExecutionContext, config: CandidatePoolConfig, storage: ArtifactStore
 ) -> dg.MaterializeResult:
     """The candidate pool: validated, deduplicated, stable ids, a source per row, sharded."""
     if config.shard_size < 1:
         raise ValueError(f"shard_size must be at least 1, got {config.shard_size}")
     patterns = list(config.paths)
     if not patterns:
-        out = storage.dir("embedded")
+        out = storage.embedded_data_dir()
         synthetic.write_pool(out, n_examples=config.embedded_pool_size, seed=config.seed)
         patterns = [str(out / "train" / "processed" / "*" / "*_data.jsonl")]
         context.log.info(f"no candidate paths configured: using the embedded pool under {out}")
@@ -88,10 +61,7 @@ def candidate_pool(
         for (k,), part in df.group_by("shard", maintain_order=True)
     }
     version = fingerprint(sorted(shard_versions.items()))
-    storage.write_parquet(pool_path(storage), df)
-    storage.write_json(
-        shards_path(storage), {"version": version, "shards": shard_versions, "files": file_signatures(report.files)}
-    )
+    storage.write_pool(df, {"version": version, "shards": shard_versions, "files": file_signatures(report.files)})
 
     existing = set(context.instance.get_dynamic_partitions(candidate_shards.name))
     new = [k for k in keys if k not in existing]
@@ -123,7 +93,7 @@ def candidate_pool(
             "chars_p50": float(cast(float, lengths.median())),
             "chars_max": int(cast(int, lengths.max())),
             "sample": dg.MetadataValue.md(md_table(sample.to_dicts())),
-            "path": dg.MetadataValue.path(str(pool_path(storage))),
+            "path": dg.MetadataValue.path(str(storage.pool_file())),
         },
     )
 
@@ -180,12 +150,12 @@ def check_splits(examples: list[dict], split: list[str], fraction: float, source
 
 @dg.asset(group_name="inputs", code_version="2", kinds={"polars", "parquet"})
 def target_sets(
-    context: dg.AssetExecutionContext, config: TargetSetsConfig, storage: StorageResource
+    context: dg.AssetExecutionContext, config: TargetSetsConfig, storage: ArtifactStore
 ) -> dg.MaterializeResult:
     """Target examples (target, subtask, prompt, completion) with a seeded basis/held-out split."""
     specs = [s.model_dump() for s in config.targets]
     if not specs:
-        paths = synthetic.write_targets(storage.dir("embedded"), seed=config.seed)
+        paths = synthetic.write_targets(storage.embedded_data_dir(), seed=config.seed)
         specs = [{"name": name, "format": "jsonl", "path": str(p)} for name, p in sorted(paths.items())]
         context.log.info(f"no targets configured: using the embedded targets {sorted(paths)}")
     names = [s["name"] for s in specs]
@@ -196,7 +166,6 @@ def target_sets(
         raise ValueError(f"target names must be unique, got {names}")
     examples: list[dict] = []
     for spec in specs:
-        storage.path("targets", spec["name"])  # refuses names that would escape the storage root
         loaded = target_loaders.load_target(spec)
         if not loaded:
             raise ValueError(f"target {spec['name']!r} ({spec['path']}) has no examples")
@@ -206,11 +175,10 @@ def target_sets(
     df = pl.DataFrame([{k: v for k, v in e.items() if k != "split"} for e in examples]).with_columns(
         pl.Series("split", split)
     )
-    storage.write_parquet(targets_path(storage), df)
     version = rows_fingerprint(
         df["example_id"], df["target"], df["subtask"], df["prompt"], df["completion"], df["split"]
     )
-    storage.write_json(storage.path("targets", "version.json"), {"version": version})
+    storage.write_targets(df, version)
     counts = (
         df.group_by("target", "subtask", "split")
         .agg(pl.len().alias("n"))
@@ -228,6 +196,6 @@ def target_sets(
             "sample": dg.MetadataValue.md(
                 md_table(df.head(3).select("target", "subtask", "prompt", "completion").to_dicts())
             ),
-            "path": dg.MetadataValue.path(str(targets_path(storage))),
+            "path": dg.MetadataValue.path(str(storage.targets_file())),
         },
     )

@@ -1,6 +1,6 @@
 """The Dagster instance home: ``$DAGSTER_HOME``, default ``<storage root>/dagster_home``.
 
-``python -m gist_assets.instance [--template FILE]`` prepares it (``make ui`` does):
+``python -m gist_resources.dagster_home [--template FILE]`` prepares it (``make ui`` does):
 a ``dagster.yaml`` is written when there is none, from ``--template`` when given
 (e.g. ``deploy/postgres/dagster.yaml`` for a team's PostgreSQL-backed instance).
 """
@@ -11,7 +11,7 @@ import shutil
 import sys
 from pathlib import Path
 
-from gist_resources.storage import default_storage_root
+from .files import default_storage_root
 
 # The embedded default: SQLite under DAGSTER_HOME. Telemetry is off because the project is meant to
 # run offline and must not try to reach anything but the package registries.

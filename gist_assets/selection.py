@@ -1,0 +1,283 @@
+"""selected_subset: per target, method and budget, the chosen candidates exported for fine-tuning (JSONL in
+the pool's own format, chat ``messages`` JSONL, Parquet) with a manifest that traces them to the model,
+checkpoints and basis that chose them. ``write_selections`` also serves the baselines' selections."""
+
+from collections.abc import Iterator
+from typing import cast
+
+import dagster as dg
+import numpy as np
+import polars as pl
+
+from gist_core.selection import budgets, select, selection_size
+from gist_resources import ArtifactStore, ScoreStore
+
+from .config import SCORING_METHODS, SelectionConfig
+from .inputs import candidate_pool
+from .plots import histogram, md_table
+from .scores import METHOD, candidate_scores
+from .steps import DUCKDB_POOL
+from .versions import asset_fingerprint, data_version
+
+MESSAGE = pl.Struct({"role": pl.Utf8, "content": pl.Utf8})
+# Selected rows converted and written at a time: the decoded messages of a 5% budget of 10M candidates
+# would otherwise be held whole.
+EXPORT_CHUNK_ROWS = 50_000
+
+
+def read_selection_rows(
+    score_store: ScoreStore, target: str, method: str, config: SelectionConfig
+) -> tuple[pl.DataFrame, int]:
+    """The candidate_scores rows ``choose`` needs, best first, and the number scored.
+
+    The plain top-n (strategy 'top', no per-source cap) reads only the best n rows (a bounded
+    top-n in DuckDB, ordered as ``rank_order``: score descending, ties by id). The per-source cap
+    and round-robin can reach below rank n, so they read every row.
+    """
+    n_scored = score_store.count_scores(target, method)
+    if n_scored and config.strategy == "top" and config.max_per_source is None:
+        return score_store.top_scores(target, method, selection_size(n_scored, config.fraction, config.n)), n_scored
+    return score_store.read_scores(target, method), n_scored
+
+
+def choose(
+    config: SelectionConfig, scores: pl.DataFrame, subtask_scores: pl.DataFrame | None, n_scored: int | None = None
+) -> pl.DataFrame:
+    """The configured policy (``gist_core.selection.select``) on one (target, method): the chosen rows, best
+    first, with their ``selection_rank``.
+
+    ``scores`` may be only the best rows (see ``read_selection_rows``); ``n_scored`` is then
+    the number of scored candidates the selection size is a fraction of.
+    """
+    size = selection_size(scores.height if n_scored is None else n_scored, config.fraction, config.n)
+    wide = None
+    if config.strategy == "round_robin":
+        if subtask_scores is None:
+            raise ValueError("round_robin needs the per-subtask scores")
+        long = subtask_scores.pivot(on="subtask", index="candidate_id", values="score")
+        wide = scores.select("candidate_id").join(long, on="candidate_id", how="left").drop("candidate_id").to_numpy()
+    picked = select(
+        scores["score"].to_numpy(),
+        scores["candidate_id"],
+        size,
+        strategy=config.strategy,
+        sources=scores["source"].to_list(),
+        max_per_source=config.max_per_source,
+        subtask_scores=wide,
+    )
+    return scores[picked.tolist()].with_columns(pl.Series("selection_rank", np.arange(1, size + 1)))
+
+
+def training_messages_column(messages_json: pl.Series) -> pl.Series:
+    """Pool records' conversations (JSON text) as chat ``messages`` for SFT trainers (open-instruct, TRL).
+
+    Turns after the last assistant turn carry no loss (only assistant tokens are trained on)
+    and TRL's conversational format ends with the assistant, so they are left out.
+    """
+    turns = messages_json.str.json_decode(pl.List(MESSAGE))
+    frame = pl.DataFrame({"m": turns}).with_columns(
+        last=pl.col("m")
+        .list.eval(pl.element().struct.field("role") == "assistant")
+        .list.eval(pl.arg_where(pl.element()))
+        .list.last()
+    )
+    return frame.select(pl.col("m").list.head(pl.col("last") + 1))["m"].alias("messages")
+
+
+def training_messages(messages_json: str) -> list[dict]:
+    """One record's ``training_messages_column``."""
+    return training_messages_column(pl.Series([messages_json], dtype=pl.Utf8))[0].to_list()
+
+
+def selection_budgets(config: SelectionConfig) -> list[tuple[str, SelectionConfig]]:
+    """(label, the config with that one budget) for every configured budget."""
+    return [
+        (label, config.model_copy(update={"fraction": p, "n": n})) for label, p, n in budgets(config.fraction, config.n)
+    ]
+
+
+def choose_budget(score_store: ScoreStore, target: str, method: str, config: SelectionConfig) -> pl.DataFrame:
+    """The selection of one (target, method) at the one budget of ``config``, best first."""
+    scores, n_scored = read_selection_rows(score_store, target, method, config)
+    if n_scored == 0:
+        raise ValueError(f"no {method!r} scores for target {target!r}; materialize its scores asset first")
+    subtasks = score_store.read_subtask_scores(target, method) if config.strategy == "round_robin" else None
+    return choose(config, scores, subtasks, n_scored).with_columns(pl.lit(n_scored).alias("n_scored"))
+
+
+def export_chunks(chosen: pl.DataFrame, label: str) -> Iterator[tuple[pl.Series, pl.DataFrame, pl.DataFrame]]:
+    """A selection's rows as the three exports take them, EXPORT_CHUNK_ROWS at a time: the original records'
+    JSON lines, (id, source, messages) for the chat JSONL, and the Parquet rows."""
+    for at in range(0, max(1, chosen.height), EXPORT_CHUNK_ROWS):  # an empty selection: empty files
+        part = chosen.slice(at, EXPORT_CHUNK_ROWS)
+        messages = training_messages_column(part["messages"])
+        yield (
+            part["original"],
+            pl.DataFrame([part["candidate_id"].alias("id"), part["source"], messages]),
+            # Parquet: the chat messages (a list of {role, content} structs) beside the scores.
+            part.drop("messages", "n_scored").with_columns(messages, pl.lit(label).alias("budget")),
+        )
+
+
+def budget_manifest(
+    storage: ArtifactStore,
+    chosen: pl.DataFrame,
+    config: SelectionConfig,
+    label: str,
+    target: str,
+    method: str,
+    bases: dict,
+    ref: dict,
+    warm: dict,
+    database: str,
+    newer_than_warmup: set[str] | None,
+) -> dict:
+    """What one budget's selection is and where it came from (paths relative to the storage root)."""
+    used = {c["name"] for c in bases["checkpoints"]}
+    manifest = {
+        "target": target,
+        "method": method,
+        "budget": label,
+        "config": config.model_dump(),
+        "selected": chosen.height,
+        "scored_candidates": int(chosen["n_scored"][0]),
+        "score_cut": float(cast(float, chosen["score"].min())),
+        "counts_per_source": source_counts(chosen),
+        "model": storage.relative(storage.model_path(ref)),
+        "checkpoints": storage.checkpoint_entries([c for c in warm["checkpoints"] if c["name"] in used]),
+        "basis": {
+            c: {**v, "dir": storage.relative(storage.basis_dir(c, target))} for c, v in bases["targets"][target].items()
+        }
+        if method in SCORING_METHODS  # every GIST method selects in the target's basis
+        else None,
+        "artifacts": storage.provenance(database),
+    }
+    if newer_than_warmup is not None:
+        manifest["selected_newer_than_warmup"] = int(chosen["candidate_id"].is_in(list(newer_than_warmup)).sum())
+    return manifest
+
+
+def write_selections(
+    context,
+    config: SelectionConfig,
+    storage: ArtifactStore,
+    score_store: ScoreStore,
+    methods: list[str],
+    score_groups: list[str],
+) -> dg.MaterializeResult:
+    """Per target, method and budget: the chosen candidates as JSONL in their own format, as chat
+    ``messages`` JSONL, Parquet, and a manifest, under ``selections/<target>/<method>/<budget>/``.
+
+    ``score_groups``: the score records (``ArtifactStore.write_scores_record``) the selections are made from.
+    """
+    bases = storage.read_basis_manifest()
+    pool_mix = storage.pool_source_counts()
+    ref, warm = storage.read_model_ref(), storage.read_warmup()
+    warmup_ids = storage.warmup_pool_ids_file()
+    targets = sorted(bases["targets"])
+    per_budget = selection_budgets(config)
+    meta: dict = {"budgets": dg.MetadataValue.json([label for label, _ in per_budget])}
+    for method in methods:
+        for target in targets:
+            rows = []
+            # Every budget is chosen before anything is written: a bad size touches no file.
+            chosen_per_budget = [choose_budget(score_store, target, method, one) for _, one in per_budget]
+            # Only the chosen records' text is read from the pool.
+            ids = pl.concat([c["candidate_id"] for c in chosen_per_budget]).unique()
+            pool = storage.read_pool(columns=["candidate_id", "original", "messages"], candidate_ids=ids)
+            newer = score_store.ids_absent_from(ids, warmup_ids) if warmup_ids else None
+            hist = score_store.score_histogram(target, method) if method == METHOD else None
+            with storage.selection_writer(target, method) as writer:
+                for (label, one), chosen in zip(per_budget, chosen_per_budget, strict=True):
+                    chosen = chosen.join(pool, on="candidate_id", how="left", maintain_order="left")
+                    rows.append(
+                        chosen.select(
+                            pl.lit(target).alias("target"),
+                            pl.lit(method).alias("method"),
+                            "candidate_id",
+                            pl.col("selection_rank").alias("rank"),
+                            "score",
+                            "source",
+                            pl.lit(label).alias("budget"),
+                        )
+                    )
+                    manifest = budget_manifest(
+                        storage, chosen, one, label, target, method, bases, ref, warm, score_store.database, newer
+                    )
+                    manifest = writer.write_budget(label, export_chunks(chosen, label), manifest)
+                    meta.update(
+                        budget_metadata(
+                            manifest, chosen, pool_mix, label, target, method, writer.manifest_location(label), hist
+                        )
+                    )
+            score_store.replace_selection(target, method, pl.concat(rows))
+    removed = storage.remove_selections_except(targets, methods)
+    for method in methods:
+        score_store.delete_selections_except(targets, method)
+    if removed:
+        context.log.info(f"removed the selections of targets no longer configured: {removed}")
+    meta["removed_unconfigured"] = dg.MetadataValue.json(removed)
+    inputs = [storage.read_scores_record(group, "scores")["version"] for group in score_groups]
+    version = asset_fingerprint(context, inputs, storage.pool_record()["version"], methods)
+    return dg.MaterializeResult(data_version=data_version(version), metadata=meta)
+
+
+def source_counts(rows: pl.DataFrame) -> dict[str, int]:
+    counts = rows.group_by("source").len().sort("source")
+    return dict(zip(counts["source"].to_list(), counts["len"].to_list(), strict=True))
+
+
+def budget_metadata(
+    manifest: dict,
+    chosen: pl.DataFrame,
+    pool_mix: dict,
+    label: str,
+    target: str,
+    method: str,
+    manifest_path,
+    hist: tuple[np.ndarray, np.ndarray] | None,
+) -> dict:
+    """The metadata a person reads for one selection: size, source mix, the top rows, the score histogram."""
+    key = (target if method == METHOD else f"{target}/{method}") + f"/{label}"
+    size, mix = chosen.height, manifest["counts_per_source"]
+    mix_rows = [
+        {
+            "source": s,
+            "selected": mix.get(s, 0),
+            "selected_share": round(mix.get(s, 0) / size, 3),
+            "pool_share": round(n / sum(pool_mix.values()), 3),
+        }
+        for s, n in sorted(pool_mix.items())
+    ]
+    meta = {
+        f"{key}/selected": size,
+        f"{key}/source_mix": dg.MetadataValue.md(md_table(mix_rows, limit=100)),
+        f"{key}/manifest": dg.MetadataValue.path(str(manifest_path)),
+    }
+    if "selected_newer_than_warmup" in manifest:
+        meta[f"{key}/selected_newer_than_warmup"] = manifest["selected_newer_than_warmup"]
+    if hist is not None:
+        meta[f"{key}/top"] = dg.MetadataValue.md(
+            md_table(
+                chosen.head(10).select("selection_rank", "candidate_id", "source", "score", "best_subtask").to_dicts()
+            )
+        )
+        meta[f"{key}/histogram"] = histogram(*hist, f"{target}: scores", mark=manifest["score_cut"])
+    return meta
+
+
+@dg.asset(
+    group_name="gist",
+    deps=[candidate_scores, candidate_pool],
+    code_version="6",
+    pool=DUCKDB_POOL,
+    kinds={"duckdb", "parquet"},
+    automation_condition=dg.AutomationCondition.eager(),
+)
+def selected_subset(
+    context: dg.AssetExecutionContext, config: SelectionConfig, storage: ArtifactStore, score_store: ScoreStore
+) -> dg.MaterializeResult:
+    """Per target, budget and scored GIST method (candidate_scores' methods): the selection as JSONL (own format
+    and chat messages), Parquet, and a manifest."""
+    methods = storage.read_scores_record(METHOD, "candidate_scores").get("methods", [METHOD])
+    return write_selections(context, config, storage, score_store, methods, [METHOD])

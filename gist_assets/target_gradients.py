@@ -1,0 +1,129 @@
+"""target_gradients: the exact LoRA gradient of every basis example of every target, per checkpoint."""
+
+import dagster as dg
+import polars as pl
+
+from gist_core.data import encode_prompt_completion
+from gist_core.gradients import full_gradients, trainable_linears
+from gist_resources import ArtifactStore, ComputeResource
+
+from .config import TargetGradientsConfig
+from .inputs import target_sets
+from .model import chat_format, warmup_checkpoint
+from .plots import md_table
+from .steps import GPU_POOL, GPU_STEP_TAGS, GRADIENT_RETRY, progress_logger
+from .versions import asset_fingerprint, data_version
+
+
+def recipe_epochs(config: TargetGradientsConfig, saved: list[int]) -> list[int]:
+    """The warmup epochs GIST selects with: ``checkpoints`` if given, else the recipe's.
+
+    candidate_scores weights the checkpoints by their average learning rate, normalized, so one
+    checkpoint (gist_paper) has weight 1 and several (less_style) get LESS's weights.
+    """
+    wanted = list(config.checkpoints) or (saved[-1:] if config.recipe == "gist_paper" else saved)
+    missing = [e for e in wanted if e not in saved]
+    if missing:
+        raise ValueError(f"target_gradients.checkpoints {missing} do not exist; the warmup saved epochs {saved}")
+    if config.recipe == "gist_paper" and len(wanted) != 1:
+        raise ValueError(
+            f"target_gradients: recipe gist_paper selects with one checkpoint, got checkpoints "
+            f"{wanted}; give one epoch, or use recipe less_style for several"
+        )
+    return wanted
+
+
+def encode_targets(examples: pl.DataFrame, tokenizer, ref: dict) -> tuple[dict[str, tuple], list[dict]]:
+    """Per target, (its basis rows, their encodings), sorted by example id, without the examples whose
+    completion is cut off by max_length; and those left out."""
+    per_target, excluded = {}, []
+    for name in sorted(examples["target"].unique().to_list()):
+        rows = examples.filter(pl.col("target") == name).sort("example_id")
+        enc = [
+            encode_prompt_completion(tokenizer, p, c, ref["max_length"], chat_format(ref))
+            for p, c in zip(rows["prompt"], rows["completion"], strict=True)
+        ]
+        keep = [i for i, e in enumerate(enc) if e.n_label_tokens > 0]
+        reason = f"no completion tokens within max_length={ref['max_length']}"
+        excluded += [
+            {"target": name, "example_id": rows["example_id"][i], "reason": reason}
+            for i in sorted(set(range(len(enc))) - set(keep))
+        ]
+        if not keep:
+            raise ValueError(
+                f"target {name!r}: no example has completion tokens within max_length="
+                f"{ref['max_length']}; raise base_model max_length"
+            )
+        per_target[name] = (rows[keep], [enc[i] for i in keep])
+    return per_target, excluded
+
+
+@dg.asset(
+    group_name="gist",
+    deps=[warmup_checkpoint, target_sets],
+    code_version="3",
+    retry_policy=GRADIENT_RETRY,
+    pool=GPU_POOL,
+    op_tags=GPU_STEP_TAGS,
+    kinds={"pytorch", "numpy"},
+)
+def target_gradients(
+    context: dg.AssetExecutionContext, config: TargetGradientsConfig, storage: ArtifactStore, compute: ComputeResource
+) -> dg.MaterializeResult:
+    """Exact LoRA gradient of every basis-split target example, per checkpoint: N x D .npy memmaps."""
+    ref, warm = storage.read_model_ref(), storage.read_warmup()
+    available = {c["epoch"]: c for c in warm["checkpoints"]}
+    checkpoints = [available[e] for e in recipe_epochs(config, sorted(available))]
+    tokenizer = compute.load_tokenizer(storage.model_path(ref))
+    basis_rows = storage.read_targets().filter(pl.col("split") == "basis")
+    per_target, excluded = encode_targets(basis_rows, tokenizer, ref)
+    version = asset_fingerprint(context, warm["version"], storage.targets_version(), ref["version"])
+    manifest: dict = {
+        "version": version,
+        "checkpoints": storage.checkpoint_entries(checkpoints),
+        "targets": {},
+        "max_length": ref["max_length"],
+    }
+    with storage.target_gradients_writer() as writer:
+        for ckpt in checkpoints:
+            model = compute.load_model(storage.model_path(ref), storage.checkpoint_dir(ckpt["name"]))
+            layout, _ = trainable_linears(model)
+            for name, (rows, enc) in per_target.items():
+                out = writer.gradients(ckpt["name"], name, len(enc), layout.dim)
+                _, losses = full_gradients(
+                    model,
+                    enc,
+                    out=out,
+                    pad_id=tokenizer.pad_token_id,
+                    progress=progress_logger(context.log, f"{ckpt['name']}/{name}"),
+                    **compute.batching(),
+                )
+                out.flush()
+                del out
+                labels = pl.DataFrame(
+                    {
+                        "example_id": rows["example_id"],
+                        "subtask": rows["subtask"],
+                        "loss": losses,
+                        "n_label_tokens": [e.n_label_tokens for e in enc],
+                    }
+                )
+                writer.labels(ckpt["name"], name, labels)
+                manifest["targets"][name] = {"n": len(enc), "subtasks": sorted(set(rows["subtask"]))}
+            manifest["dim"] = layout.dim
+            manifest["layout"] = layout.describe()
+            del model
+        writer.finish(manifest)
+    return dg.MaterializeResult(
+        data_version=data_version(version),
+        metadata={
+            "recipe": config.recipe,
+            "checkpoints": dg.MetadataValue.json([c["name"] for c in checkpoints]),
+            "gradient_dim": manifest["dim"],
+            "examples_per_target": dg.MetadataValue.json({k: v["n"] for k, v in manifest["targets"].items()}),
+            "excluded_examples": dg.MetadataValue.md(md_table(excluded)),
+            "bytes_on_disk": storage.target_gradients_bytes(),  # the target gradients G, all of them
+            "bytes_per_example_and_checkpoint": 4 * manifest["dim"],
+            "path": dg.MetadataValue.path(str(storage.target_gradients_dir())),
+        },
+    )
