@@ -60,14 +60,18 @@ lint: $(STAMP)
 	$(BIN)/ruff format --check .
 	$(BIN)/mypy gist_core gist_demo gist_resources gist_assets benchmarks scripts tests
 
+# Tests run on TEST_WORKERS processes (pytest-xdist); the tests of one shared fixture stay on one worker.
+TEST_WORKERS ?= 2
+PYTEST := $(BIN)/python -m pytest -q -n $(TEST_WORKERS) --dist loadgroup
+
 test: $(STAMP)
-	$(BIN)/python -m pytest -q
+	$(PYTEST)
 
 test-fast: $(STAMP)
-	$(BIN)/python -m pytest -q -m "not slow"
+	$(PYTEST) -m "not slow"
 
 test-slow: $(STAMP)
-	$(BIN)/python -m pytest -q -m slow
+	$(PYTEST) -m slow
 
 # The whole Dagster service: webserver and daemon (runs, sensors, schedules, backfills), stopped
 # together by Ctrl-C.

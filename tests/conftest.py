@@ -6,7 +6,9 @@ import torch
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
-torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
+# Under pytest-xdist each worker gets its share of the cores.
+_WORKERS = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
+torch.set_num_threads(max(1, min(2, (os.cpu_count() or 1) // _WORKERS)))
 
 
 @pytest.fixture
@@ -36,5 +38,10 @@ SLOW_FIXTURES = {"small_run", "custom_graph", "smollm2_packages", "smollm2_token
 
 def pytest_collection_modifyitems(config, items):
     for item in items:
-        if SLOW_FIXTURES & set(getattr(item, "fixturenames", ())):
+        used = SLOW_FIXTURES & set(getattr(item, "fixturenames", ()))
+        if used:
             item.add_marker(pytest.mark.slow)
+            # Under pytest-xdist (--dist loadgroup) the tests of one session fixture share a worker, so the
+            # fixture is built once.
+            group = "smollm2" if any(f.startswith("smollm2") for f in used) else "small_run"
+            item.add_marker(pytest.mark.xdist_group(group))
