@@ -29,20 +29,15 @@ from .partitions import candidate_shards
 from .plots import md_table
 from .scores import write_method_scores
 from .selection import write_selections
-from .steps import DUCKDB_POOL, GPU_POOL, GPU_STEP_TAGS, GRADIENT_RETRY, progress_logger
+from .steps import DUCKDB_POOL, progress_logger, shard_features_asset
 from .target_gradients import target_gradients
 from .versions import asset_fingerprint, data_version
 
 
-@dg.asset(
+@shard_features_asset(
     group_name="baselines",
     deps=[candidate_pool, target_gradients, base_model],
-    partitions_def=candidate_shards,
     code_version="1",
-    retry_policy=GRADIENT_RETRY,
-    pool=GPU_POOL,
-    op_tags=GPU_STEP_TAGS,
-    kinds={"pytorch", "safetensors"},
 )
 def less_candidate_features(
     context: dg.AssetExecutionContext, config: LessFeaturesConfig, storage: ArtifactStore, compute: ComputeResource
@@ -115,15 +110,10 @@ def _last_checkpoint(storage: ArtifactStore) -> str:
     return storage.read_warmup()["checkpoints"][-1]["name"]
 
 
-@dg.asset(
+@shard_features_asset(
     group_name="baselines",
     deps=[candidate_pool, warmup_checkpoint, base_model],
-    partitions_def=candidate_shards,
     code_version="1",
-    retry_policy=GRADIENT_RETRY,
-    pool=GPU_POOL,
-    op_tags=GPU_STEP_TAGS,
-    kinds={"pytorch", "safetensors"},
 )
 def representation_features(
     context: dg.AssetExecutionContext, storage: ArtifactStore, compute: ComputeResource

@@ -18,8 +18,7 @@ from gist_resources.files import ArtifactError
 from .basis import spectral_basis
 from .inputs import candidate_pool
 from .model import base_model, chat_format
-from .partitions import candidate_shards
-from .steps import GPU_POOL, GPU_STEP_TAGS, GRADIENT_RETRY, progress_logger
+from .steps import progress_logger, shard_features_asset
 from .versions import data_version, fingerprint
 
 FEATURES_CODE_VERSION = "2"
@@ -159,15 +158,10 @@ def compute_gist_shard(storage: ArtifactStore, compute: ComputeResource, shard: 
     }
 
 
-@dg.asset(
+@shard_features_asset(
     group_name="gist",
     deps=[candidate_pool, spectral_basis, base_model],
-    partitions_def=candidate_shards,
     code_version=FEATURES_CODE_VERSION,
-    retry_policy=GRADIENT_RETRY,
-    pool=GPU_POOL,
-    op_tags=GPU_STEP_TAGS,
-    kinds={"pytorch", "safetensors"},
 )
 def candidate_features(
     context: dg.AssetExecutionContext, storage: ArtifactStore, compute: ComputeResource

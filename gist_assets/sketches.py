@@ -20,23 +20,17 @@ from .config import CandidateSketchesConfig
 from .features import ShardInput
 from .inputs import candidate_pool
 from .model import base_model, warmup_checkpoint
-from .partitions import candidate_shards
-from .steps import GPU_POOL, GPU_STEP_TAGS, GRADIENT_RETRY, progress_logger
+from .steps import progress_logger, shard_features_asset
 from .versions import asset_fingerprint, data_version
 
 KIND = "gist_sketch"
 ASSET = "candidate_sketches"
 
 
-@dg.asset(
+@shard_features_asset(
     group_name="gist",
     deps=[candidate_pool, warmup_checkpoint, base_model],
-    partitions_def=candidate_shards,
     code_version="1",
-    retry_policy=GRADIENT_RETRY,
-    pool=GPU_POOL,
-    op_tags=GPU_STEP_TAGS,
-    kinds={"pytorch", "safetensors"},
 )
 def candidate_sketches(
     context: dg.AssetExecutionContext,

