@@ -44,22 +44,27 @@ def base_model(
         intermediate_size=int(config.hidden_size * 2.75),
         max_positions=max(256, config.max_length),
     )
-    built = tiny_model.build_embedded_model(
-        spec,
+    settings = (
         config.vocab_size,
         config.max_length,
-        steps=config.pretrain_steps,
-        batch_size=config.pretrain_batch_size,
-        learning_rate=config.pretrain_learning_rate,
-        seed=config.seed,
-        log=context.log.info,
+        config.pretrain_steps,
+        config.pretrain_batch_size,
+        config.pretrain_learning_rate,
+        config.seed,
     )
-    dest = storage.save_embedded_model(built.model, built.tokenizer)
+    dest, facts, cache_entry = storage.embedded_model(
+        tiny_model.embedded_model_key(spec, *settings),
+        lambda: tiny_model.build_embedded_model(spec, *settings, log=context.log.info),
+    )
+    if cache_entry is not None:
+        context.log.info(f"embedded model from the cache {cache_entry} (pretrained there with these settings)")
+    tokenizer = compute.load_tokenizer(str(dest))
+    losses = facts["pretrain_losses"]
     ref: dict[str, Any] = {
         "path": str(dest),
         "embedded": True,
         "max_length": config.max_length,
-        "vocab_size": len(built.tokenizer),
+        "vocab_size": len(tokenizer),
         "version": asset_fingerprint(context, synthetic.PRETRAIN_CORPUS_SEED, synthetic.PRETRAIN_CORPUS_SIZE),
     }
     storage.write_model_ref(ref)
@@ -69,10 +74,11 @@ def base_model(
             "model": dg.MetadataValue.path(str(dest)),
             "embedded": True,
             "max_length": config.max_length,
-            **modeling.model_summary(built.model),
-            "vocab_size": len(built.tokenizer),
-            "pretrain_final_loss": built.pretrain_losses[-1],
-            "pretrain_loss": line_plot(built.pretrain_losses, "Pretraining loss", "step", "loss"),
+            **facts["summary"],
+            "vocab_size": len(tokenizer),
+            "model_cache": dg.MetadataValue.path(str(cache_entry)) if cache_entry else "off",
+            "pretrain_final_loss": losses[-1],
+            "pretrain_loss": line_plot(losses, "Pretraining loss", "step", "loss"),
         },
     )
 

@@ -3,15 +3,20 @@ corpus of ``gist_demo.synthetic`` (never on the pool), so the whole graph runs o
 
 from __future__ import annotations
 
+import hashlib
+import inspect
+import json
 import random
+import sys
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from typing import Any
 
 import torch
 from torch import nn
 
+from gist_core import data, modeling
 from gist_core.data import Encoded, encode_messages, tulu_segments
 from gist_core.modeling import causal_lm_batches, seed_everything
 
@@ -118,6 +123,36 @@ class EmbeddedModel:
     tokenizer: Any  # a transformers PreTrainedTokenizerFast
     pretrain_losses: list[float]
 
+    @property
+    def facts(self) -> dict:
+        """What is kept beside the saved model: its pretraining losses and size."""
+        return {"pretrain_losses": self.pretrain_losses, "summary": modeling.model_summary(self.model)}
+
+
+def corpus_texts() -> list[str]:
+    """The pretraining corpus as the tokenizer sees it (Tulu chat format)."""
+    return ["".join(seg for seg, _ in tulu_segments(c, EOS)) for c in synthetic.pretraining_corpus()]
+
+
+def embedded_model_key(
+    spec: TinyLlamaSpec, vocab_size: int, max_length: int, steps: int, batch_size: int, learning_rate: float, seed: int
+) -> str:
+    """What the embedded model is made from, as a hash: its settings, the corpus text, the code that trains it
+    and the library versions. Two builds with the same key are the same model, so a built one can be reused."""
+    import tokenizers
+    import transformers
+
+    made_of = {
+        "spec": asdict(spec),
+        "settings": [vocab_size, max_length, steps, batch_size, learning_rate, seed],
+        "corpus": hashlib.sha256("\x00".join(corpus_texts()).encode()).hexdigest(),
+        "code": hashlib.sha256(
+            "".join(inspect.getsource(m) for m in (sys.modules[__name__], data, modeling)).encode()
+        ).hexdigest(),
+        "versions": [torch.__version__, transformers.__version__, tokenizers.__version__],
+    }
+    return hashlib.sha256(json.dumps(made_of, sort_keys=True).encode()).hexdigest()[:24]
+
 
 def build_embedded_model(
     spec: TinyLlamaSpec,
@@ -132,8 +167,7 @@ def build_embedded_model(
     """Tokenizer and model trained on the fixed corpus in Tulu chat format (every token is learned, not
     only the replies)."""
     conversations = synthetic.pretraining_corpus()
-    texts = ["".join(seg for seg, _ in tulu_segments(c, EOS)) for c in conversations]
-    tokenizer = train_bpe_tokenizer(texts, vocab_size=vocab_size)
+    tokenizer = train_bpe_tokenizer(corpus_texts(), vocab_size=vocab_size)
     model = tiny_llama(len(tokenizer), spec, tokenizer, seed=seed)
     encoded = [encode_messages(tokenizer, c, max_length) for c in conversations]
     for e in encoded:

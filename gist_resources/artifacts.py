@@ -26,10 +26,10 @@ from __future__ import annotations
 
 import json
 import shutil
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import dagster as dg
 import numpy as np
@@ -57,8 +57,21 @@ SELECTION_FILES = {
     "messages_jsonl": "selection.messages.jsonl",
     "parquet": "selection.parquet",
 }
+# Beside the embedded model's Hugging Face files: how its pretraining went.
+EMBEDDED_BUILD_FACTS = "pretraining.json"
+EMBEDDED_MODEL_FILES = ("config.json", "model.safetensors", "tokenizer.json", EMBEDDED_BUILD_FACTS)
 ADAM_MOMENTS = "optimizer_state.safetensors"
 CHECKPOINT_INFO = "checkpoint_info.json"
+
+
+class EmbeddedBuild(Protocol):
+    """A built embedded model: ``gist_demo.tiny_model.EmbeddedModel``."""
+
+    model: Any
+    tokenizer: Any
+
+    @property
+    def facts(self) -> dict: ...
 
 
 class ArtifactStore(dg.ConfigurableResource):
@@ -69,6 +82,13 @@ class ArtifactStore(dg.ConfigurableResource):
         default="",
         description="Directory holding every artifact (models, tensors, Parquet, DuckDB); "
         "empty means $GIST_STORAGE_ROOT or ./.gist",
+    )
+
+    model_cache: str = Field(
+        default="",
+        description="Directory of embedded models already pretrained, reused by every storage root on this "
+        "machine (a model is reused only when its settings, corpus, code and library versions are the same); "
+        "empty means $GIST_MODEL_CACHE or ~/.cache/gist-curation, 'off' pretrains every time",
     )
 
     # ------------------------------------------------------------------ places
@@ -145,13 +165,41 @@ class ArtifactStore(dg.ConfigurableResource):
         """Where a preset model is converted (models/<name>)."""
         return self._path("models", name)
 
-    def save_embedded_model(self, model, tokenizer) -> Path:
-        """The embedded model and its tokenizer as a Hugging Face directory (models/base_model)."""
+    def model_cache_path(self) -> Path | None:
+        """The embedded-model cache, or None when it is off."""
+        where = self.model_cache or files.default_model_cache()
+        return None if where == files.MODEL_CACHE_OFF else Path(where).expanduser().resolve()
+
+    def embedded_model(self, key: str, build: Callable[[], EmbeddedBuild]) -> tuple[Path, dict, Path | None]:
+        """The embedded model in models/base_model: copied from the cache entry ``key`` when there is one,
+        else built by ``build()`` (and cached). Returns the model's directory, its build facts
+        ({"pretrain_losses", "summary"}) and the cache entry it came from (None: built here, not cached).
+        Concurrent builds of one key on this machine wait for the first instead of repeating it."""
         dest = self._path("models", "base_model")
+        cache = self.model_cache_path()
+        if cache is not None:
+            try:
+                cache.mkdir(parents=True, exist_ok=True)
+            except OSError:
+                cache = None  # e.g. a read-only home: build without the cache
+        if cache is None:
+            built = build()
+            self._save_embedded_model(dest, built)
+            return dest, built.facts, None
+        entry = cache / f"embedded-{key}"
+        with files.exclusive_lock(cache / f"embedded-{key}.lock"):
+            if not all((entry / name).is_file() for name in EMBEDDED_MODEL_FILES):
+                self._save_embedded_model(entry, build())
         with files.atomic_dir(dest) as tmp:
-            model.save_pretrained(str(tmp))
-            tokenizer.save_pretrained(str(tmp))
-        return dest
+            shutil.copytree(entry, tmp, dirs_exist_ok=True)
+        return dest, json.loads((dest / EMBEDDED_BUILD_FACTS).read_text()), entry
+
+    @staticmethod
+    def _save_embedded_model(dest: Path, built: EmbeddedBuild) -> None:
+        with files.atomic_dir(dest) as tmp:
+            built.model.save_pretrained(str(tmp))
+            built.tokenizer.save_pretrained(str(tmp))
+            (tmp / EMBEDDED_BUILD_FACTS).write_text(strict_json(built.facts))
 
     def write_model_ref(self, ref: dict) -> None:
         """What the base model is: {"path", "embedded", "preset", "max_length", "version", ...}; the path of

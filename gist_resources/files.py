@@ -19,6 +19,9 @@ import dagster as dg
 import numpy as np
 
 ROOT_ENV = "GIST_STORAGE_ROOT"
+# Built embedded models, shared by every storage root of this machine's user: "off" turns the cache off.
+MODEL_CACHE_ENV = "GIST_MODEL_CACHE"
+MODEL_CACHE_OFF = "off"
 
 
 class ArtifactError(dg.Failure, ValueError):
@@ -119,6 +122,24 @@ def strict_json(obj) -> str:
 
 def default_storage_root() -> str:
     return os.path.abspath(os.environ.get(ROOT_ENV, ".gist"))
+
+
+def default_model_cache() -> str:
+    return os.environ.get(MODEL_CACHE_ENV) or os.path.join(os.path.expanduser("~"), ".cache", "gist-curation")
+
+
+@contextmanager
+def exclusive_lock(lock_file: Path) -> Iterator[None]:
+    """Hold an exclusive advisory lock on ``lock_file`` (another process asking for it waits)."""
+    import fcntl
+
+    lock_file.parent.mkdir(parents=True, exist_ok=True)
+    with open(lock_file, "a") as fh:
+        fcntl.flock(fh, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(fh, fcntl.LOCK_UN)
 
 
 def safe_join(root: Path, *parts: str) -> Path:

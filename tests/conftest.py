@@ -11,6 +11,23 @@ _WORKERS = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
 torch.set_num_threads(max(1, min(2, (os.cpu_count() or 1) // _WORKERS)))
 
 
+@pytest.fixture(scope="session", autouse=True)
+def model_cache(tmp_path_factory):
+    """One embedded-model cache for the session, shared by the xdist workers (and the processes tests start),
+    so each model setting is pretrained once; never the user's own cache."""
+    from gist_resources.files import MODEL_CACHE_ENV
+
+    base = tmp_path_factory.getbasetemp()
+    cache = (base.parent if os.environ.get("PYTEST_XDIST_WORKER") else base) / "model_cache"
+    old = os.environ.get(MODEL_CACHE_ENV)
+    os.environ[MODEL_CACHE_ENV] = str(cache)
+    yield cache
+    if old is None:
+        os.environ.pop(MODEL_CACHE_ENV, None)
+    else:
+        os.environ[MODEL_CACHE_ENV] = old
+
+
 @pytest.fixture
 def storage_root(tmp_path, monkeypatch):
     root = tmp_path / "gist_root"
@@ -36,6 +53,8 @@ def small_run(tmp_path_factory):
 SLOW_FIXTURES = {"small_run", "custom_graph", "smollm2_packages", "smollm2_tokenizers"}
 
 
+# tryfirst: xdist's own hook reads the xdist_group marks, so they must be on the items before it runs.
+@pytest.hookimpl(tryfirst=True)
 def pytest_collection_modifyitems(config, items):
     for item in items:
         used = SLOW_FIXTURES & set(getattr(item, "fixturenames", ()))
@@ -45,3 +64,16 @@ def pytest_collection_modifyitems(config, items):
             # fixture is built once.
             group = "smollm2" if any(f.startswith("smollm2") for f in used) else "small_run"
             item.add_marker(pytest.mark.xdist_group(group))
+
+
+def pytest_collection_finish(session):
+    """Under --dist loadgroup, fail at once when xdist could not group the tests (a pytest it does not know
+    yet), rather than build every shared end-to-end fixture once per worker."""
+    if not getattr(session.config.option, "loadgroup", False):
+        return
+    ungrouped = [i.nodeid for i in session.items if i.get_closest_marker("xdist_group") and "@" not in i.nodeid]
+    if ungrouped:
+        raise pytest.UsageError(
+            f"pytest-xdist did not group {len(ungrouped)} tests (e.g. {ungrouped[0]}): this pytest and pytest-xdist "
+            "do not work together; install the versions in requirements.lock (make install)"
+        )

@@ -239,24 +239,31 @@ def test_target_name_escaping_the_root_is_refused(tmp_path, instance):
 # ------------------------------------------------------------------ base_model
 
 
-def _train_embedded(root: Path, instance) -> dg.ExecuteInProcessResult:
+def _train_embedded(root: Path, instance, model: dict = TINY_MODEL) -> dg.ExecuteInProcessResult:
     result = _materialize(
         [candidate_pool, base_model],
         root,
         instance,
-        {"candidate_pool": {"embedded_pool_size": 200}, "base_model": TINY_MODEL},
+        {"candidate_pool": {"embedded_pool_size": 200}, "base_model": model},
     )
     assert result.success
     return result
 
 
+def _pretrain_logs(instance, result) -> list[str]:
+    return [e.user_message for e in instance.all_logs(result.run_id) if "pretrain step" in e.user_message]
+
+
 @pytest.mark.slow
-def test_base_model_embedded_and_configured(tmp_path, instance):
+def test_base_model_embedded_and_configured(tmp_path, instance, monkeypatch):
     from safetensors.torch import load_file
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    monkeypatch.setenv("GIST_MODEL_CACHE", "off")  # both roots pretrain: the determinism is what is checked
     first, second = tmp_path / "first", tmp_path / "second"
-    meta = _meta(_train_embedded(first, instance), "base_model")
+    result = _train_embedded(first, instance)
+    meta = _meta(result, "base_model")
+    assert meta["model_cache"] == "off" and _pretrain_logs(instance, result)
     _train_embedded(second, instance)
     model_dir = first / "models" / "base_model"
     assert meta["embedded"] is True and meta["model"] == str(model_dir)
@@ -303,3 +310,34 @@ def test_base_model_embedded_and_configured(tmp_path, instance):
     )
     assert str(missing) in _failure_text(result)
     assert not (fourth / "models" / "model_ref.json").exists()
+
+
+def test_embedded_model_cache(tmp_path, instance, monkeypatch):
+    """A second storage root with the same settings copies the cached model instead of pretraining again;
+    a changed setting is a new entry; a damaged entry is rebuilt."""
+    cache = tmp_path / "cache"
+    monkeypatch.setenv("GIST_MODEL_CACHE", str(cache))
+    first = _train_embedded(tmp_path / "first", instance)
+    entries = sorted(p.name for p in cache.iterdir() if p.is_dir())
+    assert len(entries) == 1 and _pretrain_logs(instance, first)
+    entry = cache / entries[0]
+    assert _meta(first, "base_model")["model_cache"] == str(entry)
+
+    second = _train_embedded(tmp_path / "second", instance)
+    assert not _pretrain_logs(instance, second)  # nothing trained
+    a_meta, b_meta = _meta(first, "base_model"), _meta(second, "base_model")
+    for key in ("parameters", "vocab_size", "pretrain_final_loss", "model_cache"):
+        assert a_meta[key] == b_meta[key], key
+    for name in ("model.safetensors", "tokenizer.json", "config.json"):
+        a = (tmp_path / "first" / "models" / "base_model" / name).read_bytes()
+        assert a == (tmp_path / "second" / "models" / "base_model" / name).read_bytes(), name
+    ref = json.loads((tmp_path / "second" / "models" / "model_ref.json").read_text())
+    assert ref["path"] == "models/base_model"  # the copy under the root is what the graph reads
+
+    third = _train_embedded(tmp_path / "third", instance, {**TINY_MODEL, "pretrain_steps": 6})
+    assert len(_pretrain_logs(instance, third)) == 1  # "step 6/6"
+    assert len([p for p in cache.iterdir() if p.is_dir()]) == 2
+
+    (entry / "model.safetensors").unlink()  # a damaged entry is built again, not copied
+    fourth = _train_embedded(tmp_path / "fourth", instance)
+    assert _pretrain_logs(instance, fourth) and (entry / "model.safetensors").is_file()

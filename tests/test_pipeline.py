@@ -12,7 +12,7 @@ import torch
 from dagster import AssetCheckKey, AssetKey
 
 from gist_assets.definitions import make_resources
-from gist_assets.run import run_all
+from gist_assets.run import launch, run_all, run_stage, with_storage
 from gist_assets.scores import candidate_scores
 from gist_core.data import encode_messages, encode_prompt_completion
 from gist_core.gradients import reference_gradients
@@ -232,7 +232,11 @@ def test_rematerialize_same_seed_is_identical(small_run, tmp_path):
     """Same inputs and seed, a fresh storage root: identical scores and selections, same row counts."""
     first = small_run["root"]
     with dg.instance_for_test() as instance:
-        run_all(SMALL, str(tmp_path), instance=instance, log=lambda _: None, compare=True)
+        run_all(SMALL, str(tmp_path), instance=instance, log=lambda _: None)
+        # The baselines too, without the fine-tuning evaluation (only scores and selections are compared).
+        run_config = with_storage(SMALL, str(tmp_path))
+        run_stage(instance, "baseline_features_job", run_config, False, lambda _: None, set())
+        launch(instance, "compare_job", ["baseline_scores", "baseline_selections"], run_config)
     query = (
         "SELECT candidate_id, target, method, score, rank FROM candidate_scores ORDER BY target, method, candidate_id"
     )

@@ -11,6 +11,7 @@ import pytest
 import yaml
 
 from gist_demo import synthetic
+from gist_resources.files import MODEL_CACHE_ENV
 from service_util import LOCATION, REPO, graphql, make_ui, postgres_bin, postgres_server, run_cli, wait_run
 from small_config import SMALL
 
@@ -53,7 +54,8 @@ query($key: [String!]!, $partitions: [String!]) {
 
 
 def _env(tmp_path: Path, **extra) -> dict:
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("DAGSTER_", "GIST_"))}
+    # The suite's embedded-model cache stays (conftest), so a service test does not pretrain again.
+    env = {k: v for k, v in os.environ.items() if k == MODEL_CACHE_ENV or not k.startswith(("DAGSTER_", "GIST_"))}
     return {
         **env,
         "DAGSTER_HOME": str(tmp_path / "home"),
