@@ -17,7 +17,7 @@ INSTANCE ?=
 export GIST_STORAGE_ROOT ?= $(CURDIR)/.gist
 export DAGSTER_HOME ?= $(GIST_STORAGE_ROOT)/dagster_home
 
-.PHONY: demo compare test test-fast test-slow lint lock ui bench install clean
+.PHONY: default-model demo compare test test-fast test-slow lint lock ui bench install clean
 
 # requirements.lock pins every other package to the versions the suite last passed with.
 $(STAMP): pyproject.toml requirements.lock
@@ -53,6 +53,11 @@ demo: $(STAMP) $(MODEL_STAMP)
 
 compare: $(STAMP) $(MODEL_STAMP)
 	$(BIN)/python -m gist_assets.run --compare $(MODEL_CONFIG)
+
+# Pretrain the embedded default model into gist_demo/default_model/ (after a change to its settings,
+# corpus or training code; the suite says when).
+default-model: $(STAMP)
+	$(BIN)/python scripts/build_default_model.py
 
 # The gates: lint, format and types (also run by .ci/run before the tests, and by pre-commit).
 lint: $(STAMP)

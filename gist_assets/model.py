@@ -9,7 +9,7 @@ import dagster as dg
 from gist_core import modeling
 from gist_core.data import encode_messages
 from gist_core.warmup import LoraTrainConfig, adam_state, train_lora
-from gist_demo import smollm2, synthetic, tiny_model
+from gist_demo import smollm2, tiny_model
 from gist_resources import ArtifactStore, ComputeResource
 
 from .config import PAPER_WARMUP, BaseModelConfig, WarmupConfig
@@ -36,6 +36,45 @@ def base_model(
         return _configured_model(context, config, storage, compute)
     if config.chat_format != "tulu":
         raise ValueError("the embedded model's tokenizer has no chat template: use chat_format 'tulu' with it")
+    spec, settings = embedded_model_settings(config)
+    key = tiny_model.embedded_model_key(spec, *settings)
+    dest, facts, cache_entry = storage.embedded_model(
+        key,
+        lambda: tiny_model.shipped_model(key) or tiny_model.build_embedded_model(spec, *settings, log=context.log.info),
+    )
+    context.log.info(
+        f"embedded model {key}: {facts['made']}" + (f", from the cache {cache_entry}" if cache_entry else "")
+    )
+    tokenizer = compute.load_tokenizer(str(dest))
+    losses = facts["pretrain_losses"]
+    ref: dict[str, Any] = {
+        "path": str(dest),
+        "embedded": True,
+        "max_length": config.max_length,
+        "vocab_size": len(tokenizer),
+        "version": asset_fingerprint(context, key),  # the key covers the settings, corpus and training code
+    }
+    storage.write_model_ref(ref)
+    return dg.MaterializeResult(
+        data_version=data_version(ref["version"]),
+        metadata={
+            "model": dg.MetadataValue.path(str(dest)),
+            "embedded": True,
+            "max_length": config.max_length,
+            **facts["summary"],
+            "vocab_size": len(tokenizer),
+            "made": facts["made"],
+            "model_cache": dg.MetadataValue.path(str(cache_entry)) if cache_entry else "off",
+            "pretrain_final_loss": losses[-1],
+            "pretrain_loss": line_plot(losses, "Pretraining loss", "step", "loss"),
+        },
+    )
+
+
+def embedded_model_settings(
+    config: BaseModelConfig,
+) -> tuple[tiny_model.TinyLlamaSpec, tuple[int, int, int, int, float, int]]:
+    """The embedded model's architecture, and (vocab_size, max_length, steps, batch size, lr, seed)."""
     spec = tiny_model.TinyLlamaSpec(
         hidden_size=config.hidden_size,
         layers=config.layers,
@@ -52,35 +91,7 @@ def base_model(
         config.pretrain_learning_rate,
         config.seed,
     )
-    dest, facts, cache_entry = storage.embedded_model(
-        tiny_model.embedded_model_key(spec, *settings),
-        lambda: tiny_model.build_embedded_model(spec, *settings, log=context.log.info),
-    )
-    if cache_entry is not None:
-        context.log.info(f"embedded model from the cache {cache_entry} (pretrained there with these settings)")
-    tokenizer = compute.load_tokenizer(str(dest))
-    losses = facts["pretrain_losses"]
-    ref: dict[str, Any] = {
-        "path": str(dest),
-        "embedded": True,
-        "max_length": config.max_length,
-        "vocab_size": len(tokenizer),
-        "version": asset_fingerprint(context, synthetic.PRETRAIN_CORPUS_SEED, synthetic.PRETRAIN_CORPUS_SIZE),
-    }
-    storage.write_model_ref(ref)
-    return dg.MaterializeResult(
-        data_version=data_version(ref["version"]),
-        metadata={
-            "model": dg.MetadataValue.path(str(dest)),
-            "embedded": True,
-            "max_length": config.max_length,
-            **facts["summary"],
-            "vocab_size": len(tokenizer),
-            "model_cache": dg.MetadataValue.path(str(cache_entry)) if cache_entry else "off",
-            "pretrain_final_loss": losses[-1],
-            "pretrain_loss": line_plot(losses, "Pretraining loss", "step", "loss"),
-        },
-    )
+    return spec, settings
 
 
 def _configured_model(

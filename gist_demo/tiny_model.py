@@ -7,10 +7,10 @@ import hashlib
 import inspect
 import json
 import random
-import sys
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -23,6 +23,7 @@ from gist_core.modeling import causal_lm_batches, seed_everything
 from . import synthetic
 
 CHAT_TOKENS = ["<|system|>", "<|user|>", "<|assistant|>"]
+SHIPPED_MODEL_DIR = Path(__file__).parent / "default_model"
 EOS = "</s>"
 
 
@@ -122,11 +123,18 @@ class EmbeddedModel:
     model: Any  # a transformers LlamaForCausalLM
     tokenizer: Any  # a transformers PreTrainedTokenizerFast
     pretrain_losses: list[float]
+    key: str  # embedded_model_key of its settings
+    made: str = "pretrained on this machine"
 
     @property
     def facts(self) -> dict:
-        """What is kept beside the saved model: its pretraining losses and size."""
-        return {"pretrain_losses": self.pretrain_losses, "summary": modeling.model_summary(self.model)}
+        """What is kept beside the saved model: its key, how it was made, its pretraining losses and size."""
+        return {
+            "key": self.key,
+            "made": self.made,
+            "pretrain_losses": self.pretrain_losses,
+            "summary": modeling.model_summary(self.model),
+        }
 
 
 def corpus_texts() -> list[str]:
@@ -137,21 +145,46 @@ def corpus_texts() -> list[str]:
 def embedded_model_key(
     spec: TinyLlamaSpec, vocab_size: int, max_length: int, steps: int, batch_size: int, learning_rate: float, seed: int
 ) -> str:
-    """What the embedded model is made from, as a hash: its settings, the corpus text, the code that trains it
-    and the library versions. Two builds with the same key are the same model, so a built one can be reused."""
-    import tokenizers
-    import transformers
-
+    """What the embedded model is made from, as a hash: its settings, the corpus text and the code that trains
+    it. Two builds of one key are the same model (up to the float rounding of the torch build), so a built one
+    is reused."""
+    code = [inspect.getsource(f) for f in TRAINING_CODE]
     made_of = {
         "spec": asdict(spec),
         "settings": [vocab_size, max_length, steps, batch_size, learning_rate, seed],
         "corpus": hashlib.sha256("\x00".join(corpus_texts()).encode()).hexdigest(),
-        "code": hashlib.sha256(
-            "".join(inspect.getsource(m) for m in (sys.modules[__name__], data, modeling)).encode()
-        ).hexdigest(),
-        "versions": [torch.__version__, transformers.__version__, tokenizers.__version__],
+        "code": hashlib.sha256("".join(code).encode()).hexdigest(),
     }
     return hashlib.sha256(json.dumps(made_of, sort_keys=True).encode()).hexdigest()[:24]
+
+
+# The code whose change makes another model of the same settings.
+TRAINING_CODE = (
+    train_bpe_tokenizer,
+    TinyLlamaSpec,
+    tiny_llama,
+    pretrain,
+    corpus_texts,
+    data.tulu_segments,
+    data.encode_segments,
+    data.encode_messages,
+    seed_everything,
+    causal_lm_batches,
+)
+
+
+def shipped_model(key: str) -> EmbeddedModel | None:
+    """The default model as shipped with the package (``default_model/``, pretrained by
+    scripts/build_default_model.py), when it was built for ``key``; else None."""
+    facts_file = SHIPPED_MODEL_DIR / "pretraining.json"
+    if not facts_file.is_file() or json.loads(facts_file.read_text())["key"] != key:
+        return None
+    from transformers import AutoModelForCausalLM, PreTrainedTokenizerFast
+
+    model = AutoModelForCausalLM.from_pretrained(str(SHIPPED_MODEL_DIR), local_files_only=True)
+    tokenizer = PreTrainedTokenizerFast.from_pretrained(str(SHIPPED_MODEL_DIR), local_files_only=True)
+    facts = json.loads(facts_file.read_text())
+    return EmbeddedModel(model.eval(), tokenizer, facts["pretrain_losses"], key, "shipped with the package")
 
 
 def build_embedded_model(
@@ -182,4 +215,5 @@ def build_embedded_model(
         pad_id=tokenizer.pad_token_id,
         log=log,
     )
-    return EmbeddedModel(model, tokenizer, losses)
+    key = embedded_model_key(spec, vocab_size, max_length, steps, batch_size, learning_rate, seed)
+    return EmbeddedModel(model, tokenizer, losses, key)

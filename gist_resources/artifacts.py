@@ -184,18 +184,19 @@ class ArtifactStore(dg.ConfigurableResource):
                 cache = None  # e.g. a read-only home: build without the cache
         if cache is None:
             built = build()
-            self._save_embedded_model(dest, built)
+            self.write_embedded_model(dest, built)
             return dest, built.facts, None
         entry = cache / f"embedded-{key}"
         with files.exclusive_lock(cache / f"embedded-{key}.lock"):
             if not all((entry / name).is_file() for name in EMBEDDED_MODEL_FILES):
-                self._save_embedded_model(entry, build())
+                self.write_embedded_model(entry, build())
         with files.atomic_dir(dest) as tmp:
             shutil.copytree(entry, tmp, dirs_exist_ok=True)
         return dest, json.loads((dest / EMBEDDED_BUILD_FACTS).read_text()), entry
 
     @staticmethod
-    def _save_embedded_model(dest: Path, built: EmbeddedBuild) -> None:
+    def write_embedded_model(dest: Path, built: EmbeddedBuild) -> None:
+        """An embedded model as a Hugging Face directory with its build facts, swapped in whole."""
         with files.atomic_dir(dest) as tmp:
             built.model.save_pretrained(str(tmp))
             built.tokenizer.save_pretrained(str(tmp))

@@ -312,6 +312,40 @@ def test_base_model_embedded_and_configured(tmp_path, instance, monkeypatch):
     assert not (fourth / "models" / "model_ref.json").exists()
 
 
+def test_shipped_default_model_is_current():
+    """The model in gist_demo/default_model/ was built by today's settings, corpus and training code."""
+    from gist_assets.config import BaseModelConfig
+    from gist_assets.model import embedded_model_settings
+    from gist_demo import tiny_model
+
+    spec, settings = embedded_model_settings(BaseModelConfig())
+    key = tiny_model.embedded_model_key(spec, *settings)
+    shipped = json.loads((tiny_model.SHIPPED_MODEL_DIR / "pretraining.json").read_text())
+    assert shipped["key"] == key, (
+        "the default embedded model's settings, corpus or training code changed: run `make default-model` and "
+        "commit gist_demo/default_model/"
+    )
+    assert len(shipped["pretrain_losses"]) == BaseModelConfig().pretrain_steps
+
+
+def test_default_embedded_model_comes_from_the_package(tmp_path, instance, monkeypatch):
+    from gist_demo import tiny_model
+
+    monkeypatch.setenv("GIST_MODEL_CACHE", "off")
+    result = _materialize([base_model], tmp_path, instance, {})
+    meta = _meta(result, "base_model")
+    assert meta["made"] == "shipped with the package" and not _pretrain_logs(instance, result)
+    got, shipped = tmp_path / "models" / "base_model", tiny_model.SHIPPED_MODEL_DIR
+    for name in ("tokenizer.json", "config.json"):
+        assert (got / name).read_bytes() == (shipped / name).read_bytes(), name
+    assert meta["pretrain_final_loss"] == json.loads((shipped / "pretraining.json").read_text())["pretrain_losses"][-1]
+    from safetensors.torch import load_file
+
+    a = load_file(str(tmp_path / "models" / "base_model" / "model.safetensors"))
+    b = load_file(str(tiny_model.SHIPPED_MODEL_DIR / "model.safetensors"))
+    assert a.keys() == b.keys() and all(a[k].equal(b[k]) for k in a)
+
+
 def test_embedded_model_cache(tmp_path, instance, monkeypatch):
     """A second storage root with the same settings copies the cached model instead of pretraining again;
     a changed setting is a new entry; a damaged entry is rebuilt."""
