@@ -50,7 +50,7 @@ def small_run(tmp_path_factory):
 
 # Fixtures that run the whole graph or install and convert the real model: a test that uses one is end to
 # end, so it is marked slow (`make test-fast` skips it, `make test` runs it).
-SLOW_FIXTURES = {"small_run", "custom_graph", "smollm2_packages", "smollm2_tokenizers"}
+SLOW_FIXTURES = {"small_run", "custom_graph", "smollm2_packages", "smollm2_converted", "smollm2_tokenizers"}
 
 
 # tryfirst: xdist's own hook reads the xdist_group marks, so they must be on the items before it runs.
@@ -64,6 +64,8 @@ def pytest_collection_modifyitems(config, items):
             # fixture is built once.
             group = "smollm2" if any(f.startswith("smollm2") for f in used) else "small_run"
             item.add_marker(pytest.mark.xdist_group(group))
+    # The slow tests first, so that the fast ones fill the workers' gaps at the end.
+    items.sort(key=lambda item: item.get_closest_marker("slow") is None)
 
 
 def pytest_collection_finish(session):
