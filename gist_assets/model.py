@@ -42,9 +42,7 @@ def base_model(
         key,
         lambda: tiny_model.shipped_model(key) or tiny_model.build_embedded_model(spec, *settings, log=context.log.info),
     )
-    context.log.info(
-        f"embedded model {key}: {facts['made']}" + (f", from the cache {cache_entry}" if cache_entry else "")
-    )
+    context.log.info(f"embedded model {key}: {facts['made']}" + (f" ({cache_entry})" if cache_entry else ""))
     tokenizer = compute.load_tokenizer(str(dest))
     losses = facts["pretrain_losses"]
     ref: dict[str, Any] = {

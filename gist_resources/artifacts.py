@@ -188,11 +188,13 @@ class ArtifactStore(dg.ConfigurableResource):
             return dest, built.facts, None
         entry = cache / f"embedded-{key}"
         with files.exclusive_lock(cache / f"embedded-{key}.lock"):
-            if not all((entry / name).is_file() for name in EMBEDDED_MODEL_FILES):
+            hit = all((entry / name).is_file() for name in EMBEDDED_MODEL_FILES)
+            if not hit:
                 self.write_embedded_model(entry, build())
         with files.atomic_dir(dest) as tmp:
             shutil.copytree(entry, tmp, dirs_exist_ok=True)
-        return dest, json.loads((dest / EMBEDDED_BUILD_FACTS).read_text()), entry
+        facts = json.loads((dest / EMBEDDED_BUILD_FACTS).read_text())
+        return dest, {**facts, "made": f"{facts['made']}, copied from the cache" if hit else facts["made"]}, entry
 
     @staticmethod
     def write_embedded_model(dest: Path, built: EmbeddedBuild) -> None:

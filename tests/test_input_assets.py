@@ -359,6 +359,8 @@ def test_embedded_model_cache(tmp_path, instance, monkeypatch):
 
     second = _train_embedded(tmp_path / "second", instance)
     assert not _pretrain_logs(instance, second)  # nothing trained
+    assert _meta(first, "base_model")["made"] == "pretrained on this machine"
+    assert _meta(second, "base_model")["made"] == "pretrained on this machine, copied from the cache"
     a_meta, b_meta = _meta(first, "base_model"), _meta(second, "base_model")
     for key in ("parameters", "vocab_size", "pretrain_final_loss", "model_cache"):
         assert a_meta[key] == b_meta[key], key
