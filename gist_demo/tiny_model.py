@@ -177,13 +177,13 @@ def shipped_model(key: str) -> EmbeddedModel | None:
     """The default model as shipped with the package (``default_model/``, pretrained by
     scripts/build_default_model.py), when it was built for ``key``; else None."""
     facts_file = SHIPPED_MODEL_DIR / "pretraining.json"
-    if not facts_file.is_file() or json.loads(facts_file.read_text())["key"] != key:
+    facts = json.loads(facts_file.read_text()) if facts_file.is_file() else {}
+    if facts.get("key") != key:
         return None
     from transformers import AutoModelForCausalLM, PreTrainedTokenizerFast
 
     model = AutoModelForCausalLM.from_pretrained(str(SHIPPED_MODEL_DIR), local_files_only=True)
     tokenizer = PreTrainedTokenizerFast.from_pretrained(str(SHIPPED_MODEL_DIR), local_files_only=True)
-    facts = json.loads(facts_file.read_text())
     return EmbeddedModel(model.eval(), tokenizer, facts["pretrain_losses"], key, "shipped with the package")
 
 

@@ -87,7 +87,7 @@ class ArtifactStore(dg.ConfigurableResource):
     model_cache: str = Field(
         default="",
         description="Directory of embedded models already pretrained, reused by every storage root on this "
-        "machine (a model is reused only when its settings, corpus, code and library versions are the same); "
+        "machine (a model is reused only when its settings, pretraining corpus and training code are the same); "
         "empty means $GIST_MODEL_CACHE or ~/.cache/gist-curation, 'off' pretrains every time",
     )
 
@@ -173,7 +173,7 @@ class ArtifactStore(dg.ConfigurableResource):
     def embedded_model(self, key: str, build: Callable[[], EmbeddedBuild]) -> tuple[Path, dict, Path | None]:
         """The embedded model in models/base_model: copied from the cache entry ``key`` when there is one,
         else built by ``build()`` (and cached). Returns the model's directory, its build facts
-        ({"pretrain_losses", "summary"}) and the cache entry it came from (None: built here, not cached).
+        ({"key", "made", "pretrain_losses", "summary"}) and the cache entry used (None: the cache is off).
         Concurrent builds of one key on this machine wait for the first instead of repeating it."""
         dest = self._path("models", "base_model")
         cache = self.model_cache_path()

@@ -19,13 +19,9 @@ def model_cache(tmp_path_factory):
 
     base = tmp_path_factory.getbasetemp()
     cache = (base.parent if os.environ.get("PYTEST_XDIST_WORKER") else base) / "model_cache"
-    old = os.environ.get(MODEL_CACHE_ENV)
-    os.environ[MODEL_CACHE_ENV] = str(cache)
-    yield cache
-    if old is None:
-        os.environ.pop(MODEL_CACHE_ENV, None)
-    else:
-        os.environ[MODEL_CACHE_ENV] = old
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv(MODEL_CACHE_ENV, str(cache))
+        yield cache
 
 
 @pytest.fixture
