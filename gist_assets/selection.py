@@ -61,11 +61,11 @@ def choose(
         scores["candidate_id"],
         size,
         strategy=config.strategy,
-        sources=scores["source"].to_list(),
+        sources=scores["source"].to_list() if config.max_per_source is not None else None,
         max_per_source=config.max_per_source,
         subtask_scores=wide,
     )
-    return scores[picked.tolist()].with_columns(pl.Series("selection_rank", np.arange(1, size + 1)))
+    return scores.select(pl.all().gather(picked)).with_columns(pl.Series("selection_rank", np.arange(1, size + 1)))
 
 
 def training_messages_column(messages_json: pl.Series) -> pl.Series:
@@ -105,11 +105,12 @@ def choose_budget(score_store: ScoreStore, target: str, method: str, config: Sel
     return choose(config, scores, subtasks, n_scored).with_columns(pl.lit(n_scored).alias("n_scored"))
 
 
-def export_chunks(chosen: pl.DataFrame, label: str) -> Iterator[tuple[pl.Series, pl.DataFrame, pl.DataFrame]]:
-    """A selection's rows as the three exports take them, EXPORT_CHUNK_ROWS at a time: the original records'
-    JSON lines, (id, source, messages) for the chat JSONL, and the Parquet rows."""
-    for at in range(0, max(1, chosen.height), EXPORT_CHUNK_ROWS):  # an empty selection: empty files
-        part = chosen.slice(at, EXPORT_CHUNK_ROWS)
+def export_chunks(parts: Iterator[pl.DataFrame], label: str) -> Iterator[tuple[pl.Series, pl.DataFrame, pl.DataFrame]]:
+    """A selection's rows, a chunk at a time with their pool text (``original``, ``messages``), as the three
+    exports take them: the original records' JSON lines, (id, source, messages) for the chat JSONL, and the
+    Parquet rows."""
+    for part in parts:
+        part = part.with_columns(pl.col(pl.Categorical).cast(pl.Utf8))
         messages = training_messages_column(part["messages"])
         yield (
             part["original"],
@@ -177,40 +178,48 @@ def write_selections(
     targets = sorted(bases["targets"])
     per_budget = selection_budgets(config)
     meta: dict = {"budgets": dg.MetadataValue.json([label for label, _ in per_budget])}
+
+    def write_target(target: str, method: str) -> dict:
+        """Every budget of one (target, method); its metadata. (A function of its own so that one target's
+        rows are freed before the next target's are read.)"""
+        target_meta, rows = {}, []
+        # Every budget is chosen before anything is written: a bad size touches no file.
+        chosen_per_budget = [choose_budget(score_store, target, method, one) for _, one in per_budget]
+        ids = pl.concat([c["candidate_id"] for c in chosen_per_budget]).unique()
+        newer = score_store.ids_absent_from(ids, warmup_ids) if warmup_ids else None
+        hist = score_store.score_histogram(target, method) if method == METHOD else None
+        with storage.selection_writer(target, method) as writer:
+            for (label, one), chosen in zip(per_budget, chosen_per_budget, strict=True):
+                rows.append(
+                    chosen.select(
+                        pl.lit(target).alias("target"),
+                        pl.lit(method).alias("method"),
+                        "candidate_id",
+                        pl.col("selection_rank").alias("rank"),
+                        "score",
+                        pl.col("source").cast(pl.Utf8),
+                        pl.lit(label).alias("budget"),
+                    )
+                )
+                manifest = budget_manifest(
+                    storage, chosen, one, label, target, method, bases, ref, warm, score_store.database, newer
+                )
+                # Only the chosen records' text is read from the pool, streamed a chunk at a time.
+                with_text = score_store.with_file_columns(
+                    chosen, str(storage.pool_file()), ["original", "messages"], EXPORT_CHUNK_ROWS
+                )
+                manifest = writer.write_budget(label, export_chunks(with_text, label), manifest)
+                target_meta.update(
+                    budget_metadata(
+                        manifest, chosen, pool_mix, label, target, method, writer.manifest_location(label), hist
+                    )
+                )
+        score_store.replace_selection(target, method, pl.concat(rows))
+        return target_meta
+
     for method in methods:
         for target in targets:
-            rows = []
-            # Every budget is chosen before anything is written: a bad size touches no file.
-            chosen_per_budget = [choose_budget(score_store, target, method, one) for _, one in per_budget]
-            # Only the chosen records' text is read from the pool.
-            ids = pl.concat([c["candidate_id"] for c in chosen_per_budget]).unique()
-            pool = storage.read_pool(columns=["candidate_id", "original", "messages"], candidate_ids=ids)
-            newer = score_store.ids_absent_from(ids, warmup_ids) if warmup_ids else None
-            hist = score_store.score_histogram(target, method) if method == METHOD else None
-            with storage.selection_writer(target, method) as writer:
-                for (label, one), chosen in zip(per_budget, chosen_per_budget, strict=True):
-                    chosen = chosen.join(pool, on="candidate_id", how="left", maintain_order="left")
-                    rows.append(
-                        chosen.select(
-                            pl.lit(target).alias("target"),
-                            pl.lit(method).alias("method"),
-                            "candidate_id",
-                            pl.col("selection_rank").alias("rank"),
-                            "score",
-                            "source",
-                            pl.lit(label).alias("budget"),
-                        )
-                    )
-                    manifest = budget_manifest(
-                        storage, chosen, one, label, target, method, bases, ref, warm, score_store.database, newer
-                    )
-                    manifest = writer.write_budget(label, export_chunks(chosen, label), manifest)
-                    meta.update(
-                        budget_metadata(
-                            manifest, chosen, pool_mix, label, target, method, writer.manifest_location(label), hist
-                        )
-                    )
-            score_store.replace_selection(target, method, pl.concat(rows))
+            meta.update(write_target(target, method))
     removed = storage.remove_selections_except(targets, methods)
     for method in methods:
         score_store.delete_selections_except(targets, method)

@@ -14,6 +14,7 @@ import shutil
 import threading
 import time
 import uuid
+from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -63,6 +64,8 @@ _EMPTY_ROWS = (
     "NULL::VARCHAR AS target WHERE false"
 )
 _VERSION = re.compile(r"\d{19}-[0-9a-f]{8}")
+# Spill folders of ``with_file_columns``, beside the database: .join-<pid>-<random>.
+_JOIN_PREFIX = ".join-"
 _PARTIAL = re.compile(r"\.partial-(\d+)-(\d{19}-[0-9a-f]{8})")
 
 
@@ -72,6 +75,22 @@ def _plain_name(name: str) -> bool:
 
 def _sql_text(value: str) -> str:
     return "'" + value.replace("'", "''") + "'"
+
+
+def _sql_name(name: str) -> str:
+    return '"' + name.replace('"', '""') + '"'
+
+
+def _arrow_frame(data) -> pl.DataFrame:
+    frame = pl.from_arrow(data)
+    assert isinstance(frame, pl.DataFrame)  # a table or record batch, never a single array
+    return frame
+
+
+def _compact(rows: pl.DataFrame) -> pl.DataFrame:
+    """Score rows with their few-valued text columns as categoricals."""
+    few = [c for c in ("source", "target", "method", "best_subtask", "shard", "basis_fingerprint") if c in rows.columns]
+    return rows.with_columns(pl.col(few).cast(pl.Categorical))
 
 
 class ScoreStoreLockedError(RuntimeError):
@@ -157,7 +176,7 @@ class ScoreStore(DuckDBResource):
         "the database before failing with a message naming it",
     )
     memory_limit: str = Field(
-        default="512MB",
+        default="256MB",
         description="DuckDB's memory cap for queries on this store; "
         "sorts and joins past it spill to disk (DuckDB's own default is 80% of RAM)",
     )
@@ -388,22 +407,24 @@ class ScoreStore(DuckDBResource):
                 ).fetchone()[0]
             )
 
-    def _ids_query(self, candidate_ids, sql: str, params: list | None = None) -> list[str]:
+    def _ids_query(self, candidate_ids, sql: str, params: list | None = None) -> pl.Series:
         """The first column of ``sql``'s rows, with ``candidate_ids`` as the table ``asked(candidate_id)``."""
         asked = pl.DataFrame([pl.Series("candidate_id", candidate_ids, dtype=pl.Utf8)])
         with self.get_connection() as conn:
             conn.register("asked", asked.to_arrow())
             try:
-                return [r[0] for r in conn.execute(sql, params or []).fetchall()]
+                return conn.sql(sql, params=params or []).pl().to_series(0).cast(pl.Utf8)
             finally:
                 conn.unregister("asked")
 
     def scored_among(self, candidate_ids: list[str]) -> list[str]:
         """Those of ``candidate_ids`` that have a score of any method."""
-        return sorted(
+        return (
             self._ids_query(
                 candidate_ids, "SELECT DISTINCT candidate_id FROM score_rows SEMI JOIN asked USING (candidate_id)"
             )
+            .sort()
+            .to_list()
         )
 
     def methods(self) -> list[str]:
@@ -420,21 +441,28 @@ class ScoreStore(DuckDBResource):
             )
 
     def top_scores(self, target: str, method: str, n: int) -> pl.DataFrame:
-        """The best ``n`` rows of (target, method) in rank order (a bounded top-n: no sort of every row)."""
+        """The best ``n`` rows of (target, method) in rank order (a bounded top-n: no sort of every row), with
+        the few-valued text columns (source, target, method, best_subtask, shard, basis_fingerprint) as
+        categoricals."""
         where, params = "WHERE target = ? AND method = ?", [target, method]
         with self.get_connection() as conn:
-            # The n-th best score first (a top-n over one float column), so that the full rows are read and
-            # ordered only for the candidates at or above it.
-            cut = conn.execute(
-                f"SELECT score FROM score_rows {where} ORDER BY score DESC LIMIT 1 OFFSET ?", [*params, max(0, n - 1)]
+            # The n-th best score first (max(score, n) keeps n floats; ORDER BY ... OFFSET sorted far more),
+            # so that only the rows at or above it are read; they are ordered here, not in DuckDB.
+            [(cut,)] = conn.execute(
+                f"SELECT list_min(max(score, ?)) FROM score_rows {where}", [max(1, n), *params]
             ).fetchall()
-            if cut:
-                where, params = where + " AND score >= ?", [*params, cut[0][0]]
-            rows = conn.sql(
+            if cut is not None:
+                where, params = where + " AND score >= ?", [*params, cut]
+            reader = conn.sql(
                 "SELECT candidate_id, source, target, method, score, best_subtask, shard, n_tokens, "
-                f"basis_fingerprint FROM score_rows {where} ORDER BY score DESC, candidate_id LIMIT ?",
-                params=[*params, n],
-            ).pl()
+                f"basis_fingerprint FROM score_rows {where}",
+                params=params,
+            ).to_arrow_reader(100_000)
+            # Batch by batch, the columns with few distinct values as categoricals: the rows of a 5% budget
+            # of 10M candidates take a third of the memory of plain strings.
+            parts = [_compact(_arrow_frame(batch)) for batch in reader]
+        rows = pl.concat(parts) if parts else _compact(_arrow_frame(reader.schema.empty_table()))
+        rows = rows.sort(["score", "candidate_id"], descending=[True, False]).head(n)
         return rows.insert_column(5, pl.Series("rank", np.arange(1, rows.height + 1, dtype=np.int64)))
 
     def read_scores(self, target: str, method: str) -> pl.DataFrame:
@@ -481,15 +509,77 @@ class ScoreStore(DuckDBResource):
             )
 
     def ids_absent_from(self, candidate_ids, ids_file: str) -> set[str]:
-        """Those of ``candidate_ids`` that are not in the Parquet file ``ids_file`` (an anti join within the
-        memory cap, not the file's ids in memory)."""
-        return set(
-            self._ids_query(
-                candidate_ids,
-                "SELECT candidate_id FROM asked ANTI JOIN read_parquet(?) USING (candidate_id)",
-                [ids_file],
-            )
+        """Those of ``candidate_ids`` that are not in the Parquet file ``ids_file``."""
+        # A semi join builds its hash table on the asked ids and streams the file past it; an anti join
+        # would build one on the file's ids, as large as the pool.
+        present = self._ids_query(
+            candidate_ids, "SELECT candidate_id FROM read_parquet(?) SEMI JOIN asked USING (candidate_id)", [ids_file]
         )
+        asked = pl.Series(candidate_ids, dtype=pl.Utf8)
+        return set(asked.filter(~asked.is_in(present.implode())).to_list())
+
+    def with_file_columns(
+        self, frame: pl.DataFrame, parquet_file: str, columns: list[str], chunk_rows: int
+    ) -> Iterator[pl.DataFrame]:
+        """``frame`` with ``columns`` of the Parquet file's row of the same ``candidate_id`` (null where it has
+        none), in ``frame``'s order, ``chunk_rows`` rows at a time.
+
+        Memory stays bounded by a chunk, whatever the sizes of the file and of ``frame``: DuckDB streams the
+        join's rows in the file's order, each row is appended to the spill file of the output chunk it
+        belongs to (Arrow IPC, beside the database), and the chunks are then read back one by one.
+        """
+        import pyarrow as pa
+        import pyarrow.compute as pc
+
+        starts = range(0, max(frame.height, 1), chunk_rows)
+        spill = Path(self.database).parent / f"{_JOIN_PREFIX}{os.getpid()}-{uuid.uuid4().hex[:8]}"
+        self._remove_stale_joins()
+        spill.mkdir(parents=True)
+        writers: dict[int, pa.ipc.RecordBatchStreamWriter] = {}
+        try:
+            asked = frame.select("candidate_id").with_row_index("at").to_arrow()
+            picked = ", ".join(f"f.{_sql_name(c)}" for c in columns)
+            with self.get_connection() as conn:
+                conn.register("asked", asked)
+                try:
+                    reader = conn.sql(
+                        f"SELECT a.at, {picked} FROM read_parquet(?) f JOIN asked a USING (candidate_id)",
+                        params=[parquet_file],
+                    ).to_arrow_reader(chunk_rows)
+                    for batch in reader:
+                        chunk_of = pc.divide(batch["at"].cast(pa.int64()), chunk_rows)
+                        for c in pc.unique(chunk_of).to_pylist():
+                            part = batch.filter(pc.equal(chunk_of, c))
+                            if c not in writers:
+                                writers[c] = pa.ipc.new_stream(str(spill / f"{c}.arrow"), part.schema)
+                            writers[c].write_batch(part)
+                finally:
+                    conn.unregister("asked")
+            for w in writers.values():
+                w.close()
+            for c, start in enumerate(starts):
+                n = min(chunk_rows, frame.height - start)
+                found = pl.DataFrame(schema={"at": pl.UInt32, **{k: pl.Utf8 for k in columns}})
+                if c in writers:
+                    with pa.ipc.open_stream(str(spill / f"{c}.arrow")) as chunk_reader:
+                        found = _arrow_frame(chunk_reader.read_all()).cast({"at": pl.UInt32})
+                if found["at"].is_duplicated().any():
+                    raise ValueError(f"{parquet_file} holds a candidate_id more than once; rebuild it")
+                rows = pl.DataFrame({"at": pl.int_range(start, start + n, dtype=pl.UInt32, eager=True)})
+                rows = rows.join(found, on="at", how="left", maintain_order="left").drop("at")
+                yield pl.concat([frame.slice(start, n), rows], how="horizontal")
+        finally:
+            for w in writers.values():
+                w.close()
+            shutil.rmtree(spill, ignore_errors=True)
+
+    def _remove_stale_joins(self) -> None:
+        """Spill folders that a killed process left behind."""
+        parent = Path(self.database).parent
+        for folder in parent.glob(f"{_JOIN_PREFIX}*") if parent.is_dir() else []:
+            pid = folder.name[len(_JOIN_PREFIX) :].split("-")[0]
+            if pid.isdigit() and not pid_alive(int(pid)):
+                shutil.rmtree(folder, ignore_errors=True)
 
     def selection_sizes(self) -> dict[tuple[str, str, str], int]:
         """{(method, target, budget): rows} of the selections table."""

@@ -555,6 +555,53 @@ def test_selection_files_written_in_chunks_read_back_whole(tmp_path) -> None:
     assert back["messages"].to_list()[10] == records[10]["messages"]
 
 
+def test_pool_text_joined_in_order_a_chunk_at_a_time(tmp_path) -> None:
+    """ScoreStore.with_file_columns gives what a plain left join in the frame's order gives, in chunks of at
+    most chunk_rows, whatever the chunk size; spill folders never outlive it, and a dead process's are removed."""
+    import subprocess
+    import sys
+
+    import polars as pl
+
+    from gist_resources import ScoreStore
+
+    rng = np.random.default_rng(7)
+    pool = pl.DataFrame(
+        {
+            "candidate_id": [f"c{i}" for i in range(500)],
+            "original": [f'{{"id": "c{i}", "q": "é {i}"}}' for i in range(500)],
+            "messages": [f"m{i}" for i in range(500)],
+            "source": ["s"] * 500,
+        }
+    )
+    pool_file = tmp_path / "pool.parquet"
+    pool.write_parquet(pool_file, row_group_size=64)
+    asked = [f"c{i}" for i in rng.choice(500, 120, replace=False)] + ["absent-1", "absent-2"]
+    frame = pl.DataFrame({"candidate_id": rng.permutation(asked).tolist(), "rank": np.arange(122)})
+    want = frame.join(pool.drop("source"), on="candidate_id", how="left", maintain_order="left")
+    store = ScoreStore(database=str(tmp_path / "db" / "scores.duckdb"))
+    (tmp_path / "db").mkdir()
+    for chunk_rows in (1, 7, 50, 122, 1000):
+        parts = list(store.with_file_columns(frame, str(pool_file), ["original", "messages"], chunk_rows))
+        assert all(0 < p.height <= chunk_rows for p in parts)
+        assert pl.concat(parts).equals(want)
+    assert sorted(p.name for p in (tmp_path / "db").iterdir()) == ["scores.duckdb"]
+
+    empty = list(store.with_file_columns(frame.head(0), str(pool_file), ["original"], 10))
+    assert len(empty) == 1 and empty[0].columns == ["candidate_id", "rank", "original"] and empty[0].height == 0
+
+    stream = store.with_file_columns(frame, str(pool_file), ["original"], 10)
+    next(stream)
+    stream.close()  # a consumer that stops early (a failed export) leaves nothing behind
+    done = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    stale = tmp_path / "db" / f".join-{int(done.stdout)}-0000"
+    stale.mkdir()
+    pl.concat([pool, pool.filter(pl.col("candidate_id") == frame["candidate_id"][0])]).write_parquet(pool_file)
+    with pytest.raises(ValueError, match=r"pool\.parquet holds a candidate_id more than once"):
+        list(store.with_file_columns(frame, str(pool_file), ["original"], 10))
+    assert sorted(p.name for p in (tmp_path / "db").iterdir()) == ["scores.duckdb"]
+
+
 # ------------------------------------------------- the recipe against a plain computation
 
 
