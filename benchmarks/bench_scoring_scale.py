@@ -304,6 +304,8 @@ def main(argv=None) -> int:
         f"sizes {sizes}, {shard_size:,} candidates per shard, {args.repeats} interleaved repeats"
     )
     results: dict[int, dict[str, list[dict]]] = {m: {"asset_path": [], "in_memory": []} for m in sizes}
+    if args.dir:
+        Path(args.dir).mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(dir=args.dir, prefix="bench_scoring_"))
     try:
         roots, layout = {}, {}

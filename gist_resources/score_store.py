@@ -14,7 +14,7 @@ import shutil
 import threading
 import time
 import uuid
-from collections.abc import Iterator
+from collections.abc import Generator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -520,7 +520,7 @@ class ScoreStore(DuckDBResource):
 
     def with_file_columns(
         self, frame: pl.DataFrame, parquet_file: str, columns: list[str], chunk_rows: int
-    ) -> Iterator[pl.DataFrame]:
+    ) -> Generator[pl.DataFrame, None, None]:
         """``frame`` with ``columns`` of the Parquet file's row of the same ``candidate_id`` (null where it has
         none), in ``frame``'s order, ``chunk_rows`` rows at a time.
 
