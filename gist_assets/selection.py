@@ -182,12 +182,11 @@ def write_selections(
     def write_target(target: str, method: str) -> dict:
         """Every budget of one (target, method); its metadata. (A function of its own so that one target's
         rows are freed before the next target's are read.)"""
-        target_meta, rows = {}, []
+        target_meta, rows, cuts = {}, [], {}
         # Every budget is chosen before anything is written: a bad size touches no file.
         chosen_per_budget = [choose_budget(score_store, target, method, one) for _, one in per_budget]
         ids = pl.concat([c["candidate_id"] for c in chosen_per_budget]).unique()
         newer = score_store.ids_absent_from(ids, warmup_ids) if warmup_ids else None
-        hist = score_store.score_histogram(target, method) if method == METHOD else None
         with storage.selection_writer(target, method) as writer:
             for (label, one), chosen in zip(per_budget, chosen_per_budget, strict=True):
                 rows.append(
@@ -210,11 +209,13 @@ def write_selections(
                 )
                 manifest = writer.write_budget(label, export_chunks(with_text, label), manifest)
                 target_meta.update(
-                    budget_metadata(
-                        manifest, chosen, pool_mix, label, target, method, writer.manifest_location(label), hist
-                    )
+                    budget_metadata(manifest, chosen, pool_mix, label, target, method, writer.manifest_location(label))
                 )
+                cuts[label] = manifest["score_cut"]
         score_store.replace_selection(target, method, pl.concat(rows))
+        if method == METHOD:  # one plot per target, every budget's cut on it
+            title = f"{target}: scores"
+            target_meta[f"{target}/histogram"] = histogram(*score_store.score_histogram(target, method), title, cuts)
         return target_meta
 
     for method in methods:
@@ -244,9 +245,8 @@ def budget_metadata(
     target: str,
     method: str,
     manifest_path,
-    hist: tuple[np.ndarray, np.ndarray] | None,
 ) -> dict:
-    """The metadata a person reads for one selection: size, source mix, the top rows, the score histogram."""
+    """The metadata a person reads for one selection: size, source mix, the top rows (exact GIST)."""
     key = (target if method == METHOD else f"{target}/{method}") + f"/{label}"
     size, mix = chosen.height, manifest["counts_per_source"]
     mix_rows = [
@@ -265,13 +265,12 @@ def budget_metadata(
     }
     if "selected_newer_than_warmup" in manifest:
         meta[f"{key}/selected_newer_than_warmup"] = manifest["selected_newer_than_warmup"]
-    if hist is not None:
+    if method == METHOD:
         meta[f"{key}/top"] = dg.MetadataValue.md(
             md_table(
                 chosen.head(10).select("selection_rank", "candidate_id", "source", "score", "best_subtask").to_dicts()
             )
         )
-        meta[f"{key}/histogram"] = histogram(*hist, f"{target}: scores", mark=manifest["score_cut"])
     return meta
 
 

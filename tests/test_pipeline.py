@@ -228,6 +228,22 @@ def test_checks_passed(small_run):
         assert summary.status.value == "SUCCEEDED", (asset, check, summary.status)
 
 
+def test_selection_metadata_reads_per_budget_with_one_histogram_per_target(small_run):
+    """What the asset page shows: per target and budget the size, source mix and top rows; per target one
+    score histogram with every budget's cut on it (the exact method only)."""
+    event = small_run["instance"].get_latest_materialization_event(AssetKey("selected_subset"))
+    meta = event.asset_materialization.metadata
+    for target in ["arithmetic_sums", "geography", "word_reversal"]:
+        assert meta[f"{target}/histogram"].value.startswith(f"**{target}: scores**")
+        assert "data:image/png;base64," in meta[f"{target}/histogram"].value
+        for budget in ["p0.05", "p0.1"]:
+            assert meta[f"{target}/{budget}/selected"].value > 0
+            assert "| source | selected |" in meta[f"{target}/{budget}/source_mix"].value
+            assert "| selection_rank |" in meta[f"{target}/{budget}/top"].value
+        assert not any(k.startswith(f"{target}/p") and k.endswith("histogram") for k in meta)
+    assert "arithmetic_sums/gist_sketch/p0.05/selected" in meta and "arithmetic_sums/gist_sketch/histogram" not in meta
+
+
 def test_rematerialize_same_seed_is_identical(small_run, tmp_path):
     """Same inputs and seed, a fresh storage root: identical scores and selections, same row counts."""
     first = small_run["root"]
