@@ -178,7 +178,10 @@ def target_sets(
     version = rows_fingerprint(
         df["example_id"], df["target"], df["subtask"], df["prompt"], df["completion"], df["split"]
     )
-    storage.write_targets(df, version)
+    # The configured files' state, so that a later run can tell they were edited (the embedded ones are
+    # written by this asset).
+    files = [f for spec in config.targets for f in target_loaders.source_files(spec.path)]
+    storage.write_targets(df, version, file_signatures(files))
     counts = (
         df.group_by("target", "subtask", "split")
         .agg(pl.len().alias("n"))

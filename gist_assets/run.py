@@ -23,6 +23,8 @@ from pathlib import Path
 
 import dagster as dg
 
+from gist_core import targets as target_loaders
+from gist_core.data import expand_paths, file_signatures
 from gist_resources import ArtifactStore, default_storage_root
 from gist_resources.dagster_home import ensure_dagster_home
 from gist_resources.score_store import DATABASE_NAME
@@ -96,6 +98,29 @@ def _config_change(asset: str, before: dict, now: dict) -> str | None:
     return None
 
 
+def _input_files_changed(asset: str, run_config: dict) -> str | None:
+    """For the assets that read the user's files: those changed (size or modification time) or added or
+    removed since the asset last read them. Dagster cannot see them: they are not assets."""
+    if asset not in ("candidate_pool", "target_sets"):
+        return None
+    storage = ArtifactStore(root=run_config["resources"]["storage"]["config"]["root"])
+    config = effective_config(run_config, asset)
+    try:
+        if asset == "candidate_pool":
+            if not config["paths"]:  # the embedded pool: written by the asset itself
+                return None
+            recorded, now = storage.pool_record().get("files"), file_signatures(expand_paths(config["paths"]))
+        else:
+            paths = [f for spec in config["targets"] for f in target_loaders.source_files(spec["path"])]
+            recorded, now = storage.targets_record().get("files"), file_signatures(paths)
+    except FileNotFoundError as exc:  # input files gone, or the asset's own record: it runs and says so
+        return f"input files changed: {exc}"
+    if recorded is None or recorded == now:  # a record from before files were kept: nothing to compare
+        return None
+    moved = sorted(p for p in set(recorded) | set(now) if recorded.get(p) != now.get(p))
+    return "input files changed: " + ", ".join(moved[:3]) + (f" (+{len(moved) - 3} more)" if len(moved) > 3 else "")
+
+
 def _label(asset: str, partition: str | None) -> str:
     return f"{asset}[{partition}]" if partition else asset
 
@@ -150,8 +175,10 @@ def plan_stage(
             reason = f"upstream {', '.join(moved)} {verb}"
         else:
             prior = instance.get_run_by_id(entry.run_id)
-            reason = _config_change(name, dict(prior.run_config) if prior else {}, run_config) or _stale_reason(
-                resolver, key, partition
+            reason = (
+                _config_change(name, dict(prior.run_config) if prior else {}, run_config)
+                or _input_files_changed(name, run_config)
+                or _stale_reason(resolver, key, partition)
             )
         if reason:
             plan.run.append(name)

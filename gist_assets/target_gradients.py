@@ -12,7 +12,7 @@ from .inputs import target_sets
 from .model import chat_format, warmup_checkpoint
 from .plots import md_table
 from .steps import GPU_POOL, GPU_STEP_TAGS, GRADIENT_RETRY, progress_logger
-from .versions import asset_fingerprint, data_version
+from .versions import asset_fingerprint, data_version, fingerprint, rows_fingerprint
 
 
 def recipe_epochs(config: TargetGradientsConfig, saved: list[int]) -> list[int]:
@@ -78,17 +78,46 @@ def target_gradients(
     basis_rows = storage.read_targets().filter(pl.col("split") == "basis")
     per_target, excluded = encode_targets(basis_rows, tokenizer, ref)
     version = asset_fingerprint(context, warm["version"], storage.targets_version(), ref["version"])
+    # A target whose examples encode the same, at the same checkpoint of the same warmup and model, has the
+    # same gradients: they are carried over from the last materialization instead of computed again (adding
+    # a target computes that target only).
+    same_recipe = asset_fingerprint(context, warm["version"], ref["version"])
+    wanted = {
+        (ckpt["name"], name): fingerprint(
+            same_recipe,
+            ckpt["name"],
+            rows_fingerprint(rows["example_id"], rows["subtask"], [e.input_ids for e in enc], [e.labels for e in enc]),
+        )
+        for ckpt in checkpoints
+        for name, (rows, enc) in per_target.items()
+    }
+    previous = storage.previous_target_gradients_manifest()
+    carried = previous.get("fingerprints", {})
     manifest: dict = {
         "version": version,
         "checkpoints": storage.checkpoint_entries(checkpoints),
         "targets": {},
+        "fingerprints": {f"{c}/{t}": f for (c, t), f in wanted.items()},
         "max_length": ref["max_length"],
     }
+    computed, reused = [], []
     with storage.target_gradients_writer() as writer:
         for ckpt in checkpoints:
+            todo = {}
+            for name, (rows, enc) in per_target.items():
+                manifest["targets"][name] = {"n": len(enc), "subtasks": sorted(set(rows["subtask"]))}
+                key = f"{ckpt['name']}/{name}"
+                if carried.get(key) == wanted[(ckpt["name"], name)] and writer.carry_over(
+                    storage.target_gradients_dir(), ckpt["name"], name, len(enc)
+                ):
+                    reused.append(key)
+                else:
+                    todo[name] = (rows, enc)
+            if not todo:
+                continue
             model = compute.load_model(storage.model_path(ref), storage.checkpoint_dir(ckpt["name"]))
             layout, _ = trainable_linears(model)
-            for name, (rows, enc) in per_target.items():
+            for name, (rows, enc) in todo.items():
                 out = writer.gradients(ckpt["name"], name, len(enc), layout.dim)
                 _, losses = full_gradients(
                     model,
@@ -109,15 +138,19 @@ def target_gradients(
                     }
                 )
                 writer.labels(ckpt["name"], name, labels)
-                manifest["targets"][name] = {"n": len(enc), "subtasks": sorted(set(rows["subtask"]))}
+                computed.append(f"{ckpt['name']}/{name}")
             manifest["dim"] = layout.dim
             manifest["layout"] = layout.describe()
             del model
+        if "dim" not in manifest:  # everything carried over
+            manifest["dim"], manifest["layout"] = previous["dim"], previous["layout"]
         writer.finish(manifest)
     return dg.MaterializeResult(
         data_version=data_version(version),
         metadata={
             "recipe": config.recipe,
+            "computed": dg.MetadataValue.json(computed),
+            "carried_over": dg.MetadataValue.json(reused),
             "checkpoints": dg.MetadataValue.json([c["name"] for c in checkpoints]),
             "gradient_dim": manifest["dim"],
             "examples_per_target": dg.MetadataValue.json({k: v["n"] for k, v in manifest["targets"].items()}),

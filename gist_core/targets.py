@@ -31,6 +31,7 @@ __all__ = [
     "load_mmlu",
     "load_target",
     "load_tydiqa",
+    "source_files",
     "tulu_prompt",
 ]
 
@@ -41,6 +42,15 @@ class TargetFormatError(ValueError):
 
 _NAME = re.compile(r"[A-Za-z0-9_-]{1,64}")
 SPLITS = ("basis", "heldout")
+
+
+def source_files(path: str) -> list[str]:
+    """The files a target spec's ``path`` is read from: the file itself, or every file under a LESS data dir
+    (none when the path is missing: loading reports that)."""
+    p = Path(path)
+    if p.is_dir():
+        return sorted(str(f) for f in p.rglob("*") if f.is_file())
+    return [path] if p.is_file() else []
 
 
 def check_target_name(name) -> str:

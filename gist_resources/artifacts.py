@@ -25,6 +25,7 @@ Layout under the root (docs/design.md has the table with the assets that write e
 from __future__ import annotations
 
 import json
+import os
 import shutil
 from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
@@ -148,16 +149,20 @@ class ArtifactStore(dg.ConfigurableResource):
     def targets_file(self) -> Path:
         return self._path("targets", "target_sets.parquet")
 
-    def write_targets(self, examples: pl.DataFrame, version: str) -> None:
+    def write_targets(self, examples: pl.DataFrame, version: str, file_signatures: dict) -> None:
+        """The target examples and their record ({"version", "files": {path: [size, mtime]}} of the files read)."""
         with files.atomic_dir(self._path("targets")) as tmp:
             examples.write_parquet(tmp / "target_sets.parquet")
-            (tmp / "version.json").write_text(strict_json({"version": version}))
+            (tmp / "version.json").write_text(strict_json({"version": version, "files": file_signatures}))
 
     def read_targets(self) -> pl.DataFrame:
         return files.read_parquet(self.targets_file(), "target_sets")
 
+    def targets_record(self) -> dict:
+        return files.read_json(self._path("targets", "version.json"), "target_sets")
+
     def targets_version(self) -> str:
-        return files.read_json(self._path("targets", "version.json"), "target_sets")["version"]
+        return self.targets_record()["version"]
 
     # ------------------------------------------------------------------ base model
 
@@ -283,6 +288,14 @@ class ArtifactStore(dg.ConfigurableResource):
 
     def read_target_gradients_manifest(self) -> dict:
         return files.read_json(self._path("target_gradients", "manifest.json"), "target_gradients")
+
+    def previous_target_gradients_manifest(self) -> dict:
+        """The last target gradients' manifest, or {} when there are none or it cannot be read (nothing to carry
+        over then)."""
+        try:
+            return self.read_target_gradients_manifest()
+        except (files.MissingArtifactError, files.ArtifactError):
+            return {}
 
     def target_gradients(self, ckpt: str, target: str) -> np.ndarray:
         """G of one target at one checkpoint (N x D float32, memory-mapped)."""
@@ -496,6 +509,24 @@ class TargetGradientsWriter:
 
     def labels(self, ckpt: str, target: str, rows: pl.DataFrame) -> None:
         rows.write_parquet(self.folder / ckpt / f"{target}.parquet")
+
+    def carry_over(self, previous: Path, ckpt: str, target: str, n: int) -> bool:
+        """One target's gradients and labels at one checkpoint from the ``previous`` folder (hard links where
+        the file system allows, else copies); False, carrying nothing, when they are missing or not N rows."""
+        src = [previous / ckpt / f"{target}.npy", previous / ckpt / f"{target}.parquet"]
+        try:
+            if np.load(src[0], mmap_mode="r", allow_pickle=False).shape[0] != n or not src[1].is_file():
+                return False
+        except (OSError, ValueError, EOFError):
+            return False
+        (self.folder / ckpt).mkdir(exist_ok=True)
+        for path in src:
+            dest = self.folder / ckpt / path.name
+            try:
+                os.link(path, dest)
+            except OSError:
+                shutil.copy2(path, dest)
+        return True
 
     def finish(self, manifest: dict) -> None:
         (self.folder / "manifest.json").write_text(strict_json(manifest))

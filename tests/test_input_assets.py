@@ -377,3 +377,45 @@ def test_embedded_model_cache(tmp_path, instance, monkeypatch):
     (entry / "model.safetensors").unlink()  # a damaged entry is built again, not copied
     fourth = _train_embedded(tmp_path / "fourth", instance)
     assert _pretrain_logs(instance, fourth) and (entry / "model.safetensors").is_file()
+
+
+def test_the_cli_sees_edited_input_files(tmp_path, instance):
+    """An edited, added or removed pool or target file makes its input asset stale for the CLI's plan (Dagster
+    cannot see those files); the other input stays up to date."""
+    import shutil
+
+    from gist_assets.run import materialize, plan_stage, with_storage
+
+    less = tmp_path / "less"
+    shutil.copytree(LESS_DIR, less)
+    (tmp_path / "pool").mkdir()
+    pool = _write_jsonl(
+        tmp_path / "pool" / "mine_data.jsonl",
+        [
+            {"id": f"r{i}", "messages": [{"role": "user", "content": f"q{i}"}, {"role": "assistant", "content": "a"}]}
+            for i in range(4)
+        ],
+    )
+    targets = [{**t, "path": str(less)} if t["path"] == str(LESS_DIR) else t for t in TARGETS]
+    ops = {
+        "candidate_pool": {"config": {"paths": [str(tmp_path / "pool" / "*.jsonl")]}},
+        "target_sets": {"config": {"targets": targets}},
+    }
+    config = with_storage({"ops": ops}, str(tmp_path / "root"))
+    materialize(["candidate_pool", "target_sets"], config, instance, str(tmp_path / "root"))
+
+    def reasons() -> dict:
+        plan = plan_stage(instance, "prepare_job", config)
+        return {name: plan.reasons.get(name, "up to date") for name in ("candidate_pool", "target_sets")}
+
+    assert reasons() == {"candidate_pool": "up to date", "target_sets": "up to date"}
+    with open(pool, "a", encoding="utf-8") as fh:
+        turns = [{"role": "user", "content": "x"}, {"role": "assistant", "content": "y"}]
+        fh.write(json.dumps({"id": "new", "messages": turns}) + "\n")
+    assert reasons() == {"candidate_pool": f"input files changed: {pool}", "target_sets": "up to date"}
+    materialize(["candidate_pool"], config, instance, str(tmp_path / "root"))
+    edited = sorted(p for p in less.rglob("*") if p.is_file())[0]
+    edited.write_text(edited.read_text(encoding="utf-8") + "\n", encoding="utf-8")
+    assert reasons() == {"candidate_pool": "up to date", "target_sets": f"input files changed: {edited}"}
+    pool.unlink()
+    assert "does not exist" in reasons()["candidate_pool"] or "matched no files" in reasons()["candidate_pool"]

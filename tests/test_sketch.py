@@ -1,5 +1,7 @@
 """gist_sketch: sketched coordinates converge to the exact ones, and a new target needs no pass over the pool."""
 
+import json
+
 import dagster as dg
 import duckdb
 import numpy as np
@@ -59,6 +61,13 @@ def _materializations(instance, asset: str) -> int:
     return len(instance.fetch_materializations(dg.AssetKey(asset), limit=10_000).records)
 
 
+def _gradient_work(instance) -> tuple[list[str], list[str]]:
+    """(computed, carried over) of the last target_gradients materialization: ckpt/target names."""
+    event = instance.get_latest_materialization_event(dg.AssetKey("target_gradients"))
+    meta = event.asset_materialization.metadata
+    return meta["computed"].value, meta["carried_over"].value
+
+
 @pytest.mark.slow
 def test_new_target_gets_sketch_scores_without_a_pass_over_the_pool(tmp_path):
     paths = synthetic.write_targets(tmp_path / "targets")
@@ -75,6 +84,9 @@ def test_new_target_gets_sketch_scores_without_a_pass_over_the_pool(tmp_path):
     root = str(tmp_path / "root")
     with dg.instance_for_test() as instance:
         run_all(first, root, instance=instance, log=lambda _: None)
+        grads = tmp_path / "root" / "target_gradients"
+        ckpts = [c["name"] for c in json.loads((grads / "manifest.json").read_text())["checkpoints"]]
+        first_bytes = {c: (grads / c / "arithmetic_sums.npy").read_bytes() for c in ckpts}
         n_features, n_sketches = (_materializations(instance, a) for a in ("candidate_features", "candidate_sketches"))
         n_shards = len(instance.get_dynamic_partitions("candidate_shards"))
         assert n_features == n_sketches == n_shards  # one per shard
@@ -90,6 +102,24 @@ def test_new_target_gets_sketch_scores_without_a_pass_over_the_pool(tmp_path):
         assert _materializations(instance, "candidate_features") == n_features
         assert _materializations(instance, "candidate_sketches") == n_sketches
         assert set(out["selections_by_method"]["gist_sketch"]) == {"arithmetic_sums", "geography", "word_reversal"}
+        # Only the new target's gradients were computed; the others' were carried over unchanged.
+        assert _gradient_work(instance) == (
+            [f"{c}/geography" for c in ckpts],
+            [f"{c}/{t}" for c in ckpts for t in ("arithmetic_sums", "word_reversal")],
+        )
+        assert all((grads / c / "arithmetic_sums.npy").read_bytes() == first_bytes[c] for c in ckpts)
+
+        # A target whose examples change is computed again; the others are still carried over.
+        lines = paths["word_reversal"].read_text().splitlines()
+        paths["word_reversal"].write_text("\n".join(lines[:-1]) + "\n")
+        third = run_all(second, root, instance=instance, log=lambda _: None)["report"]
+        assert third["target_sets"].startswith("recomputed") and "input files changed" in third["target_sets"]
+        assert _gradient_work(instance) == (
+            [f"{c}/word_reversal" for c in ckpts],
+            [f"{c}/{t}" for c in ckpts for t in ("arithmetic_sums", "geography")],
+        )
+        n = json.loads((grads / "manifest.json").read_text())["targets"]["word_reversal"]["n"]
+        assert np.load(grads / ckpts[0] / "word_reversal.npy", mmap_mode="r").shape[0] == n
     with duckdb.connect(str(tmp_path / "root" / "gist.duckdb"), read_only=True) as db:
         counts = dict(
             db.execute("SELECT method || '/' || target, count(*) FROM candidate_scores GROUP BY 1").fetchall()
