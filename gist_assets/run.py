@@ -41,6 +41,7 @@ from .config import (
 from .definitions import ASSETS, JOB_ASSETS, PARTITIONED_JOBS
 from .partitions import candidate_shards
 from .scores import METHOD
+from .steps import RECOMPUTE_TAG
 
 LOCATION_NAME = "gist"  # workspace.yaml's location_name: CLI runs re-execute from the UI under it
 DEFINITIONS_MODULE, DEFINITIONS_ATTR = "gist_assets.definitions", "defs"
@@ -229,14 +230,24 @@ def _root_error(result) -> str:
     return failed[0].message if failed else "see the run's logs in the UI"
 
 
-def launch(instance: dg.DagsterInstance, job: str, assets: list[str], run_config: dict, partition: str | None = None):
-    """One run of ``job`` for ``assets`` (and their checks), executed here, recorded as the UI records its own."""
+def launch(
+    instance: dg.DagsterInstance,
+    job: str,
+    assets: list[str],
+    run_config: dict,
+    partition: str | None = None,
+    recompute: bool = False,
+):
+    """One run of ``job`` for ``assets`` (and their checks), executed here, recorded as the UI records its own;
+    ``recompute``: nothing is carried over from earlier materializations (``--force``)."""
     from dagster._core.execution.api import execute_run
 
     recon = _recon_job(job)
     if job in PARTITIONED_JOBS:
         run_config = for_assets(run_config, JOB_ASSETS[job])
     tags = {"dagster/partition": partition} if partition else {}
+    if recompute:
+        tags[RECOMPUTE_TAG] = "all"
     run = instance.create_run_for_job(
         job_def=recon.get_definition(),
         run_config=run_config,
@@ -293,7 +304,7 @@ def run_stage(instance, job: str, run_config: dict, force: bool, log, changed: s
                 log(f"  {_label(name, partition)}: recomputing ({plan.reasons[name]})")
             before = {name: _data_version(instance, name, partition) for name in plan.run}
             start = time.perf_counter()
-            launch(instance, job, plan.run, run_config, partition)
+            launch(instance, job, plan.run, run_config, partition, recompute=force)
             secs = time.perf_counter() - start
             changed.update(n for n in plan.run if _data_version(instance, n, partition) != before[n])
             for name in plan.run:

@@ -19,6 +19,9 @@ GPU_STEP_TAGS = {
         "container_config": {"resources": {"requests": {"nvidia.com/gpu": "1"}, "limits": {"nvidia.com/gpu": "1"}}}
     }
 }
+# A run tagged gist/recompute=all computes every output afresh instead of carrying unchanged parts over from
+# the last materialization (target_gradients' per-target gradients); the CLI's --force sets it.
+RECOMPUTE_TAG = "gist/recompute"
 # Gradient passes can fail for passing reasons (a preempted node, a CUDA error); a damaged input does
 # not retry (ArtifactError sets allow_retries=False).
 GRADIENT_RETRY = dg.RetryPolicy(max_retries=2, delay=5)

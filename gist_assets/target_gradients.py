@@ -11,7 +11,7 @@ from .config import TargetGradientsConfig
 from .inputs import target_sets
 from .model import chat_format, warmup_checkpoint
 from .plots import md_table
-from .steps import GPU_POOL, GPU_STEP_TAGS, GRADIENT_RETRY, progress_logger
+from .steps import GPU_POOL, GPU_STEP_TAGS, GRADIENT_RETRY, RECOMPUTE_TAG, progress_logger
 from .versions import asset_fingerprint, data_version, fingerprint, rows_fingerprint
 
 
@@ -92,7 +92,7 @@ def target_gradients(
         for name, (rows, enc) in per_target.items()
     }
     previous = storage.previous_target_gradients_manifest()
-    carried = previous.get("fingerprints", {})
+    carried = previous.get("fingerprints", {}) if context.run.tags.get(RECOMPUTE_TAG) != "all" else {}
     manifest: dict = {
         "version": version,
         "checkpoints": storage.checkpoint_entries(checkpoints),

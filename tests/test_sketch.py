@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from gist_assets.config import RunConfigError, check_run_config
-from gist_assets.run import run_all
+from gist_assets.run import launch, run_all, with_storage
 from gist_core.gradients import block_features, full_gradients, trainable_linears
 from gist_core.projection import BlockProjector, sketch_projector
 from gist_core.spectral import build_basis
@@ -120,6 +120,10 @@ def test_new_target_gets_sketch_scores_without_a_pass_over_the_pool(tmp_path):
         )
         n = json.loads((grads / "manifest.json").read_text())["targets"]["word_reversal"]["n"]
         assert np.load(grads / ckpts[0] / "word_reversal.npy", mmap_mode="r").shape[0] == n
+        # --force (the recompute tag) computes every target afresh, to the same bytes.
+        launch(instance, "prepare_job", ["target_gradients"], with_storage(second, root), recompute=True)
+        assert _gradient_work(instance) == ([f"{c}/{t}" for c in ckpts for t in sorted(paths)], [])
+        assert all((grads / c / "arithmetic_sums.npy").read_bytes() == first_bytes[c] for c in ckpts)
     with duckdb.connect(str(tmp_path / "root" / "gist.duckdb"), read_only=True) as db:
         counts = dict(
             db.execute("SELECT method || '/' || target, count(*) FROM candidate_scores GROUP BY 1").fetchall()

@@ -20,6 +20,7 @@ def materialize(
     partition_key: str | None = None,
     resources: dict | None = None,
     checks: bool = True,
+    tags: dict[str, str] | None = None,
 ) -> dg.ExecuteInProcessResult:
     """Materialize the named assets (and their checks) into ``root``; never raises on a failed step."""
     known = {a.key.to_user_string(): a for a in ASSETS}
@@ -38,6 +39,7 @@ def materialize(
         run_config=run_config,
         partition_key=partition_key,
         raise_on_error=False,
+        tags=tags,
     )
 
 

@@ -16,6 +16,7 @@ import numpy as np
 import polars as pl
 import pytest
 
+from gist_assets.steps import RECOMPUTE_TAG
 from gist_resources import ScoreStore
 from reliability_util import (
     check_results,
@@ -301,6 +302,9 @@ def test_corrupted_tensor_file_names_file_and_asset_to_rematerialize(custom_grap
             custom_graph["ops"],
             partition_key=shard if asset == "candidate_features" else None,
             checks=False,
+            # Unchanged targets' gradients are carried over without loading the adapter; a recompute
+            # (the CLI's --force) reads it.
+            tags={RECOMPUTE_TAG: "all"} if asset == "target_gradients" else None,
         )
     msg = user_error(result)
     assert str(root / rel) in msg and fix in msg, msg
