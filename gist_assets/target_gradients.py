@@ -78,10 +78,11 @@ def target_gradients(
     basis_rows = storage.read_targets().filter(pl.col("split") == "basis")
     per_target, excluded = encode_targets(basis_rows, tokenizer, ref)
     version = asset_fingerprint(context, warm["version"], storage.targets_version(), ref["version"])
-    # A target whose examples encode the same, at the same checkpoint of the same warmup and model, has the
-    # same gradients: they are carried over from the last materialization instead of computed again (adding
-    # a target computes that target only).
-    same_recipe = asset_fingerprint(context, warm["version"], ref["version"])
+    # A target whose examples encode the same, at the same checkpoint of the same warmup and model, on the
+    # same kind of device and precision, has the same gradients: they are carried over from the last
+    # materialization instead of computed again (adding a target computes that target only).
+    precision = (compute.torch_device().type, str(compute.autocast_dtype()))
+    same_recipe = asset_fingerprint(context, warm["version"], ref["version"], precision)
     wanted = {
         (ckpt["name"], name): fingerprint(
             same_recipe,
