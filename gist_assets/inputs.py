@@ -180,7 +180,7 @@ def target_sets(
     )
     # The configured files' state, so that a later run can tell they were edited (the embedded ones are
     # written by this asset).
-    files = [f for spec in config.targets for f in target_loaders.source_files(spec.path)]
+    files = target_loaders.source_files([spec.path for spec in config.targets])
     storage.write_targets(df, version, file_signatures(files))
     counts = (
         df.group_by("target", "subtask", "split")

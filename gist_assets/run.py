@@ -112,7 +112,7 @@ def _input_files_changed(asset: str, run_config: dict) -> str | None:
                 return None
             recorded, now = storage.pool_record().get("files"), file_signatures(expand_paths(config["paths"]))
         else:
-            paths = [f for spec in config["targets"] for f in target_loaders.source_files(spec["path"])]
+            paths = target_loaders.source_files([spec["path"] for spec in config["targets"]])
             recorded, now = storage.targets_record().get("files"), file_signatures(paths)
     except FileNotFoundError as exc:  # input files gone, or the asset's own record: it runs and says so
         return f"input files changed: {exc}"

@@ -44,13 +44,17 @@ _NAME = re.compile(r"[A-Za-z0-9_-]{1,64}")
 SPLITS = ("basis", "heldout")
 
 
-def source_files(path: str) -> list[str]:
-    """The files a target spec's ``path`` is read from: the file itself, or every file under a LESS data dir
-    (none when the path is missing: loading reports that)."""
-    p = Path(path)
-    if p.is_dir():
-        return sorted(str(f) for f in p.rglob("*") if f.is_file())
-    return [path] if p.is_file() else []
+def source_files(paths: list[str]) -> list[str]:
+    """The files target specs with these ``path``s are read from: each file itself, or every file under a
+    LESS data dir (none for a missing path: loading reports that)."""
+    out: list[str] = []
+    for path in paths:
+        p = Path(path)
+        if p.is_dir():
+            out += sorted(str(f) for f in p.rglob("*") if f.is_file())
+        elif p.is_file():
+            out.append(path)
+    return out
 
 
 def check_target_name(name) -> str:

@@ -294,7 +294,7 @@ class ArtifactStore(dg.ConfigurableResource):
         over then)."""
         try:
             return self.read_target_gradients_manifest()
-        except (files.MissingArtifactError, files.ArtifactError):
+        except files.ArtifactError:  # missing or unreadable
             return {}
 
     def target_gradients(self, ckpt: str, target: str) -> np.ndarray:

@@ -195,6 +195,20 @@ def atomic_dir(dest: Path) -> Iterator[Path]:
         shutil.rmtree(tmp, ignore_errors=True)
 
 
+@contextmanager
+def scratch_dir(dest: Path) -> Iterator[Path]:
+    """A scratch directory beside ``dest`` for work files, removed when the block ends; those of killed
+    writers are removed on the next use (``clean_stale_scratch``)."""
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    clean_stale_scratch(dest)
+    tmp = _scratch(dest, "tmp")
+    tmp.mkdir()
+    try:
+        yield tmp
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
 def write_json(dest: Path, obj) -> Path:
     """Strict JSON, atomically (into a scratch folder of ``atomic_dir`` it is written as is)."""
     with atomic_file(dest) as tmp:

@@ -15,7 +15,7 @@ import threading
 import time
 import uuid
 from collections.abc import Generator
-from contextlib import contextmanager
+from contextlib import ExitStack, contextmanager
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -25,6 +25,7 @@ import polars as pl
 from dagster_duckdb import DuckDBResource
 from pydantic import Field
 
+from . import files
 from .files import pid_alive
 
 if TYPE_CHECKING:
@@ -64,8 +65,6 @@ _EMPTY_ROWS = (
     "NULL::VARCHAR AS target WHERE false"
 )
 _VERSION = re.compile(r"\d{19}-[0-9a-f]{8}")
-# Spill folders of ``with_file_columns``, beside the database: .join-<pid>-<random>.
-_JOIN_PREFIX = ".join-"
 _PARTIAL = re.compile(r"\.partial-(\d+)-(\d{19}-[0-9a-f]{8})")
 
 
@@ -526,40 +525,37 @@ class ScoreStore(DuckDBResource):
 
         Memory stays bounded by a chunk, whatever the sizes of the file and of ``frame``: DuckDB streams the
         join's rows in the file's order, each row is appended to the spill file of the output chunk it
-        belongs to (Arrow IPC, beside the database), and the chunks are then read back one by one.
+        belongs to (Arrow IPC, in a scratch folder beside the database), and the chunks are then read back
+        one by one.
         """
         import pyarrow as pa
         import pyarrow.compute as pc
 
-        starts = range(0, max(frame.height, 1), chunk_rows)
-        spill = Path(self.database).parent / f"{_JOIN_PREFIX}{os.getpid()}-{uuid.uuid4().hex[:8]}"
-        self._remove_stale_joins()
-        spill.mkdir(parents=True)
-        writers: dict[int, pa.ipc.RecordBatchStreamWriter] = {}
-        try:
-            asked = frame.select("candidate_id").with_row_index("at").to_arrow()
-            picked = ", ".join(f"f.{_sql_name(c)}" for c in columns)
-            with self.get_connection() as conn:
+        asked = frame.select("candidate_id").with_row_index("at").to_arrow()
+        picked = ", ".join(f"f.{_sql_name(c)}" for c in columns)
+        with files.scratch_dir(Path(self.database).with_name("export_join")) as spill:
+            with self.get_connection() as conn, ExitStack() as writers_open:
                 conn.register("asked", asked)
                 try:
                     reader = conn.sql(
                         f"SELECT a.at, {picked} FROM read_parquet(?) f JOIN asked a USING (candidate_id)",
                         params=[parquet_file],
                     ).to_arrow_reader(chunk_rows)
+                    writers: dict[int, pa.ipc.RecordBatchStreamWriter] = {}
                     for batch in reader:
                         chunk_of = pc.divide(batch["at"].cast(pa.int64()), chunk_rows)
                         for c in pc.unique(chunk_of).to_pylist():
                             part = batch.filter(pc.equal(chunk_of, c))
                             if c not in writers:
-                                writers[c] = pa.ipc.new_stream(str(spill / f"{c}.arrow"), part.schema)
+                                path = str(spill / f"{c}.arrow")
+                                writers[c] = writers_open.enter_context(pa.ipc.new_stream(path, part.schema))
                             writers[c].write_batch(part)
                 finally:
                     conn.unregister("asked")
-            for w in writers.values():
-                w.close()
-            for c, start in enumerate(starts):
+            none_found = _arrow_frame(reader.schema.empty_table()).cast({"at": pl.UInt32})
+            for c, start in enumerate(range(0, max(frame.height, 1), chunk_rows)):
                 n = min(chunk_rows, frame.height - start)
-                found = pl.DataFrame(schema={"at": pl.UInt32, **{k: pl.Utf8 for k in columns}})
+                found = none_found
                 if c in writers:
                     with pa.ipc.open_stream(str(spill / f"{c}.arrow")) as chunk_reader:
                         found = _arrow_frame(chunk_reader.read_all()).cast({"at": pl.UInt32})
@@ -568,18 +564,6 @@ class ScoreStore(DuckDBResource):
                 rows = pl.DataFrame({"at": pl.int_range(start, start + n, dtype=pl.UInt32, eager=True)})
                 rows = rows.join(found, on="at", how="left", maintain_order="left").drop("at")
                 yield pl.concat([frame.slice(start, n), rows], how="horizontal")
-        finally:
-            for w in writers.values():
-                w.close()
-            shutil.rmtree(spill, ignore_errors=True)
-
-    def _remove_stale_joins(self) -> None:
-        """Spill folders that a killed process left behind."""
-        parent = Path(self.database).parent
-        for folder in parent.glob(f"{_JOIN_PREFIX}*") if parent.is_dir() else []:
-            pid = folder.name[len(_JOIN_PREFIX) :].split("-")[0]
-            if pid.isdigit() and not pid_alive(int(pid)):
-                shutil.rmtree(folder, ignore_errors=True)
 
     def selection_sizes(self) -> dict[tuple[str, str, str], int]:
         """{(method, target, budget): rows} of the selections table."""

@@ -564,6 +564,7 @@ def test_pool_text_joined_in_order_a_chunk_at_a_time(tmp_path) -> None:
     import polars as pl
 
     from gist_resources import ScoreStore
+    from gist_resources.files import _host
 
     rng = np.random.default_rng(7)
     pool = pl.DataFrame(
@@ -594,7 +595,7 @@ def test_pool_text_joined_in_order_a_chunk_at_a_time(tmp_path) -> None:
     next(stream)
     stream.close()  # a consumer that stops early (a failed export) leaves nothing behind
     done = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
-    stale = tmp_path / "db" / f".join-{int(done.stdout)}-0000"
+    stale = tmp_path / "db" / f".export_join.{_host()}-{int(done.stdout)}-00000000.tmp"  # a killed writer's
     stale.mkdir()
     pl.concat([pool, pool.filter(pl.col("candidate_id") == frame["candidate_id"][0])]).write_parquet(pool_file)
     with pytest.raises(ValueError, match=r"pool\.parquet holds a candidate_id more than once"):
