@@ -155,6 +155,8 @@ def main(argv=None) -> int:
     with tempfile.TemporaryDirectory() as tmp, dg.instance_for_test() as instance:
         root = str(Path(tmp) / "root")
         ops = dict(SMALL["ops"]) if args.quick else {}
+        if args.quick:  # the smallest pool that still fills every shard: a smoke test of the steps
+            ops["candidate_pool"] = {"config": {"embedded_pool_size": 160, "shard_size": 40}}
         ops.pop("selection_evaluation", None)
         ops.pop("selected_subset", None)  # the default 5%, as in the top-5% overlap
         if args.pool == "realtext":

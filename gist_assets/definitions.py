@@ -111,6 +111,8 @@ def make_resources(root: str = "") -> dict:
 
 
 def build_definitions(root: str = "", executor: dg.ExecutorDefinition | None = None) -> dg.Definitions:
+    """The code location; ``executor`` (default in-process) also runs what sensors and automation launch, so a
+    refresh loads the model once per run rather than once per step."""
     return dg.Definitions(
         assets=ASSETS,
         asset_checks=CHECKS,
@@ -118,6 +120,7 @@ def build_definitions(root: str = "", executor: dg.ExecutorDefinition | None = N
         jobs=[*make_jobs(executor), refresh_job, parallel_features_job],
         sensors=[new_candidate_data, automation_sensor],
         schedules=[periodic_refresh],
+        executor=executor or dg.in_process_executor,
     )
 
 

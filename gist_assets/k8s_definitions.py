@@ -9,9 +9,8 @@ most one DuckDB writer and as many gradient steps as there are GPUs
 (deploy/k8s/dagster.yaml).
 """
 
-import dagster as dg
 from dagster_k8s import k8s_job_executor
 
 from .definitions import build_definitions
 
-defs = dg.Definitions.merge(build_definitions(executor=k8s_job_executor), dg.Definitions(executor=k8s_job_executor))
+defs = build_definitions(executor=k8s_job_executor)

@@ -190,7 +190,7 @@ def test_target_labels_are_the_completion_only(smollm2_tokenizers, chat_format):
 
 # ------------------------------------------------------------------ the whole graph, slow
 
-N_CANDIDATES, SAMPLE = 40, 8
+N_CANDIDATES, SAMPLE = 24, 8
 
 
 def _config(root: Path) -> dict:
@@ -200,7 +200,7 @@ def _config(root: Path) -> dict:
     data = REPO / "benchmarks" / "data" / "realtext"
     return {
         "ops": {
-            "candidate_pool": {"config": {"paths": [str(pool)], "shard_size": 20}},
+            "candidate_pool": {"config": {"paths": [str(pool)], "shard_size": 12}},  # two shards
             "target_sets": {
                 "config": {
                     "targets": [
@@ -283,7 +283,8 @@ def test_smollm2_through_the_graph_matches_plain_computation(smollm2_converted, 
     g = torch.from_numpy(reference_gradients(model, cand)).double()
     k = config["ops"]["spectral_basis"]["config"]["k"]
     db = duckdb.connect(str(root / "gist.duckdb"), read_only=True)
-    for target in ("capitals", "past_tense"):
+    # One target against the plain computation (the per-target path is the same; suite time); both are selected.
+    for target in ("capitals",):
         rows = targets.filter(pl.col("target") == target).sort("example_id")
         t_enc = [
             encode_prompt_completion(tok, p, c, ref["max_length"])
@@ -315,4 +316,5 @@ def test_smollm2_through_the_graph_matches_plain_computation(smollm2_converted, 
         ]
         assert chosen == order
         assert out["selections"][target]["p0.1"]["selected"] == len(order)
+    assert sorted(out["selections"]) == ["capitals", "past_tense"]
     db.close()

@@ -15,12 +15,15 @@ import duckdb
 import polars as pl
 import pytest
 
+from gist_assets.steps import RECOMPUTE_TAG
 from gist_resources import ArtifactStore, ComputeResource, ScoreStore, files
 from gist_resources.files import FOREIGN_SCRATCH_STALE_S, _host
 from gist_resources.score_store import ScoreStoreWriteError
 from reliability_util import copy_root, fresh_instance, materialize, metadata, user_error
+from small_config import SMALL
 
 REPO = Path(__file__).resolve().parents[2]
+FEATURE_FOLDERS = ("features", "features_gist_sketch", "features_less", "features_representation")
 
 KILLABLE_SHARD = """
 import sys
@@ -273,29 +276,56 @@ def test_same_inputs_same_seed_same_bytes_per_asset(small_run, tmp_path):
         )  # ("files" holds mtimes)
     assert outputs[0] == outputs[1]
 
-    # Basis, one feature shard and the scores, re-materialized over a copy of the small run: the same bytes
-    # and the same rows as the first time.
+    # Every asset after the inputs and the base model, re-materialized in graph order over a copy of the small
+    # run with its config: the same bytes in every file it writes and the same rows (by induction, the whole
+    # graph is reproducible). Manifests and metadata files hold timings, so they are left out.
     src = small_run["root"]
     root = copy_root(src, tmp_path / "again")
     shard = sorted(small_run["shards"])[2]
+    ops = {name: entry["config"] for name, entry in SMALL["ops"].items()}
+    ops["candidate_scores"] = {"methods": ["gist", "gist_sketch"]}
+    ops["baseline_selections"] = ops["selected_subset"]  # as the CLI does (CONFIG_FALLBACKS)
     with fresh_instance(small_run["shards"]) as instance:
-        for names, partition in (
-            (["spectral_basis"], None),
-            (["candidate_features"], shard),
-            (["candidate_scores"], None),
+        for names, partition, tags in (
+            (["warmup_checkpoint"], None, None),
+            (["target_gradients"], None, {RECOMPUTE_TAG: "all"}),  # not carried over: computed again
+            (["spectral_basis"], None, None),
+            (
+                ["candidate_features", "candidate_sketches", "less_candidate_features", "representation_features"],
+                shard,
+                None,
+            ),
+            (["candidate_scores", "selected_subset", "baseline_scores", "baseline_selections"], None, None),
         ):
-            result = materialize(names, root, instance, {"spectral_basis": {"k": 8}}, partition_key=partition)
+            result = materialize(names, root, instance, ops, partition_key=partition, tags=tags)
             assert result.success, user_error(result)
-    basis_files = sorted(p.relative_to(src) for p in (src / "basis").rglob("*") if p.is_file())
-    assert basis_files and all((src / p).read_bytes() == (root / p).read_bytes() for p in basis_files)
-    for name in ("features.safetensors", "candidates.parquet"):
-        assert (src / "features" / shard / name).read_bytes() == (root / "features" / shard / name).read_bytes()
-    query = (
-        "SELECT candidate_id, target, score, rank, best_subtask FROM candidate_scores WHERE method = 'gist' "
-        "ORDER BY target, candidate_id"
-    )
+            if "target_gradients" in names:
+                assert metadata(result, "target_gradients")["carried_over"] == []
+    written = {"warmup", "target_gradients", "basis", "selections"}  # scores: compared as rows below
+    written |= {f"{folder}/{shard}" for folder in FEATURE_FOLDERS}
+    compared = [
+        p.relative_to(src)
+        for folder in sorted(written)
+        for p in (src / folder).rglob("*")
+        if p.is_file() and p.name not in ("manifest.json", "meta.json", "README.md")
+    ]
+    assert {p.parts[0] for p in compared} >= {"warmup", "target_gradients", "basis", "selections"}, compared
+    for rel in compared:
+        again = root / rel
+        assert again.stat().st_mtime_ns != (src / rel).stat().st_mtime_ns, f"{rel} was not written again"
+        if rel.name == "adapter_config.json":  # PEFT records where the base model was loaded from
+            mine, theirs = (json.loads(f.read_text()) for f in (again, src / rel))
+            assert mine.pop("base_model_name_or_path") == str(root / "models" / "base_model")
+            theirs.pop("base_model_name_or_path")
+            assert mine == theirs, rel
+        else:
+            assert again.read_bytes() == (src / rel).read_bytes(), rel
     with (
         duckdb.connect(str(src / "gist.duckdb"), read_only=True) as a,
         duckdb.connect(str(root / "gist.duckdb"), read_only=True) as b,
     ):
-        assert a.execute(query).fetchall() == b.execute(query).fetchall()
+        for query in (
+            "SELECT candidate_id, target, method, score, rank, best_subtask FROM candidate_scores ORDER BY ALL",
+            "SELECT * FROM selections ORDER BY ALL",
+        ):
+            assert a.execute(query).fetchall() == b.execute(query).fetchall()
