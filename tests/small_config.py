@@ -2,7 +2,7 @@
 
 SMALL = {
     "ops": {
-        "candidate_pool": {"config": {"embedded_pool_size": 480, "shard_size": 60}},
+        "candidate_pool": {"config": {"embedded_pool_size": 240, "shard_size": 30}},
         "base_model": {
             "config": {
                 "vocab_size": 400,
@@ -19,3 +19,8 @@ SMALL = {
         "selection_evaluation": {"config": {"epochs": 1, "seeds": [0, 1]}},
     }
 }
+
+# Smaller still: 160 candidates (20 per skill file, 8 shards), the whole graph in well under a minute.
+TINY = {"ops": {**SMALL["ops"], "candidate_pool": {"config": {"embedded_pool_size": 160, "shard_size": 40}}}}
+# The exact path alone (no sketch pass), for tests that are not about the sketches.
+TINY_EXACT = {"ops": {**TINY["ops"], "candidate_scores": {"config": {"methods": ["gist"]}}}}

@@ -10,9 +10,7 @@ import pytest
 
 from gist_assets.run import materialize, run_all
 from gist_resources.devices import claim_slot
-from small_config import SMALL
-
-TINY = {"ops": {**SMALL["ops"], "candidate_pool": {"config": {"embedded_pool_size": 160, "shard_size": 40}}}}
+from small_config import TINY_EXACT
 
 
 def _claim(lock_dir, n, queue, hold):
@@ -39,7 +37,7 @@ def test_multiprocess_fan_out_scores_every_candidate_once(tmp_path, monkeypatch)
     root = tmp_path / "root"
     monkeypatch.setenv("GIST_STORAGE_ROOT", str(root))  # the step processes build resources from it
     with dg.instance_for_test() as instance:
-        run_all(TINY, str(root), instance=instance, log=lambda _: None)
+        run_all(TINY_EXACT, str(root), instance=instance, log=lambda _: None)
         shards = sorted(instance.get_dynamic_partitions("candidate_shards"))
         # Lose two shards' features (as after new data), then recompute the stale ones in parallel processes.
         redo = shards[:2]
@@ -59,7 +57,7 @@ def test_multiprocess_fan_out_scores_every_candidate_once(tmp_path, monkeypatch)
         assert starts[1] < ends[0]  # the two shard steps overlapped in time
         mats = instance.fetch_materializations(dg.AssetKey("candidate_features"), limit=1000).records
         assert {r.partition_key for r in mats if r.run_id == result.run_id} == set(redo)
-        materialize(["candidate_scores"], TINY, instance, str(root))
+        materialize(["candidate_scores"], TINY_EXACT, instance, str(root))
     pool = pl.read_parquet(root / "pool" / "candidate_pool.parquet")
     with duckdb.connect(str(root / "gist.duckdb"), read_only=True) as db:
         rows = db.execute(

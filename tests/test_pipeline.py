@@ -27,7 +27,7 @@ def _db(root):
 def test_graph_outputs(small_run):
     root, out = small_run["root"], small_run["out"]
     pool = pl.read_parquet(root / "pool" / "candidate_pool.parquet")
-    assert pool.height == 480 and pool["candidate_id"].n_unique() == 480
+    assert pool.height == 240 and pool["candidate_id"].n_unique() == 240
     assert len(small_run["shards"]) == pool["shard"].n_unique() >= 8
     targets = sorted(out["selections"])
     assert targets == ["arithmetic_sums", "geography", "word_reversal"]
@@ -102,8 +102,8 @@ def test_scores_match_plain_computation(small_run, tmp_path):
     weights = weights / weights.sum()
     k = SMALL["ops"]["spectral_basis"]["config"]["k"]
     names = ["arithmetic_sums", "geography", "word_reversal"]
-    totals: dict = {t: 0.0 for t in names}
-    totals_full: dict = {t: 0.0 for t in names}
+    totals = {t: 0.0 for t in names}
+    totals_full = {t: 0.0 for t in names}
     for w, ckpt in zip(weights, warm["checkpoints"], strict=False):
         model = compute.load_model(str(root / ref["path"]), str(root / ckpt["dir"]))
         g = torch.from_numpy(reference_gradients(model, [cand_enc[i] for i in keep])).double()  # every target's

@@ -34,7 +34,8 @@ EVAL = {
 @pytest.mark.slow
 def test_gist_selection_beats_random_on_heldout_loss(tmp_path):
     root = str(tmp_path)
-    with dg.instance_for_test() as instance:
+    # An in-memory instance: this test reads no run history, and SQLite's event writes cost seconds per run.
+    with dg.DagsterInstance.ephemeral() as instance:
         # The embedded default, as `make demo`, less the sketch pass this test does not judge (suite time).
         run_all(
             {"ops": {"candidate_scores": {"config": {"methods": ["gist"]}}}},

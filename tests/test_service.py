@@ -13,10 +13,7 @@ import yaml
 from gist_demo import synthetic
 from gist_resources.files import MODEL_CACHE_ENV
 from service_util import LOCATION, REPO, graphql, make_ui, postgres_bin, postgres_server, run_cli, wait_run
-from small_config import SMALL
-
-# The small embedded default, smaller still: the whole graph in well under a minute.
-TINY = {"ops": {**SMALL["ops"], "candidate_pool": {"config": {"embedded_pool_size": 160, "shard_size": 40}}}}
+from small_config import TINY, TINY_EXACT
 
 LAUNCH = """
 mutation($p: ExecutionParams!) {
@@ -156,7 +153,7 @@ def test_refresh_fires_through_the_daemon_on_postgres(tmp_path):
     synthetic.write_pool(watch, n_examples=160, seed=0)
     cfg = {
         "ops": {
-            **TINY["ops"],
+            **TINY_EXACT["ops"],  # the sensor's sketch runs are the freshness test's
             "candidate_pool": {"config": {"paths": [str(watch / "**" / "*.jsonl")], "shard_size": 40}},
         }
     }
