@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import json
 import statistics
 import sys
 import tempfile
@@ -155,8 +156,10 @@ def main(argv=None) -> int:
     with tempfile.TemporaryDirectory() as tmp, dg.instance_for_test() as instance:
         root = str(Path(tmp) / "root")
         ops = dict(SMALL["ops"]) if args.quick else {}
-        if args.quick:  # the smallest pool that still fills every shard: a smoke test of the steps
-            ops["candidate_pool"] = {"config": {"embedded_pool_size": 160, "shard_size": 40}}
+        if args.quick:  # a smoke test of the steps: 160 embedded records in one file, two shards
+            quick_pool = Path(tmp) / "quick_pool.jsonl"
+            quick_pool.write_text("".join(json.dumps(r) + "\n" for r in synthetic.generate_pool(160)))
+            ops["candidate_pool"] = {"config": {"paths": [str(quick_pool)], "shard_size": 80}}
         ops.pop("selection_evaluation", None)
         ops.pop("selected_subset", None)  # the default 5%, as in the top-5% overlap
         if args.pool == "realtext":

@@ -1,5 +1,10 @@
 """A small run config of the embedded default, so the whole graph runs in seconds."""
 
+import json
+from pathlib import Path
+
+from gist_demo import synthetic
+
 SMALL = {
     "ops": {
         "candidate_pool": {"config": {"embedded_pool_size": 240, "shard_size": 30}},
@@ -24,3 +29,14 @@ SMALL = {
 TINY = {"ops": {**SMALL["ops"], "candidate_pool": {"config": {"embedded_pool_size": 160, "shard_size": 40}}}}
 # The exact path alone (no sketch pass), for tests that are not about the sketches.
 TINY_EXACT = {"ops": {**TINY["ops"], "candidate_scores": {"config": {"methods": ["gist"]}}}}
+
+
+def two_file_pool(folder: Path, shard_size: int = 40, n: int = 160) -> dict:
+    """The embedded generator's first ``n`` records written as two JSONL files in ``folder`` (fewer shards, so
+    fewer steps, than the embedded pool's file per skill); returns the candidate_pool entry reading them."""
+    records = synthetic.generate_pool(n, seed=0)
+    folder.mkdir(parents=True, exist_ok=True)
+    for part in range(2):
+        text = "".join(json.dumps(r) + "\n" for r in records[part::2])
+        (folder / f"part_{part}.jsonl").write_text(text, encoding="utf-8")
+    return {"config": {"paths": [str(folder / "*.jsonl")], "shard_size": shard_size}}

@@ -10,7 +10,7 @@ import pytest
 
 from gist_assets.run import materialize, run_all
 from gist_resources.devices import claim_slot
-from small_config import TINY_EXACT
+from small_config import TINY_EXACT, two_file_pool
 
 
 def _claim(lock_dir, n, queue, hold):
@@ -36,8 +36,9 @@ def test_concurrent_processes_get_different_gpu_slots(tmp_path):
 def test_multiprocess_fan_out_scores_every_candidate_once(tmp_path, monkeypatch):
     root = tmp_path / "root"
     monkeypatch.setenv("GIST_STORAGE_ROOT", str(root))  # the step processes build resources from it
+    config = {"ops": {**TINY_EXACT["ops"], "candidate_pool": two_file_pool(tmp_path / "input")}}  # 4 shards
     with dg.instance_for_test() as instance:
-        run_all(TINY_EXACT, str(root), instance=instance, log=lambda _: None)
+        run_all(config, str(root), instance=instance, log=lambda _: None)
         shards = sorted(instance.get_dynamic_partitions("candidate_shards"))
         # Lose two shards' features (as after new data), then recompute the stale ones in parallel processes.
         redo = shards[:2]
@@ -57,7 +58,7 @@ def test_multiprocess_fan_out_scores_every_candidate_once(tmp_path, monkeypatch)
         assert starts[1] < ends[0]  # the two shard steps overlapped in time
         mats = instance.fetch_materializations(dg.AssetKey("candidate_features"), limit=1000).records
         assert {r.partition_key for r in mats if r.run_id == result.run_id} == set(redo)
-        materialize(["candidate_scores"], TINY_EXACT, instance, str(root))
+        materialize(["candidate_scores"], config, instance, str(root))
     pool = pl.read_parquet(root / "pool" / "candidate_pool.parquet")
     with duckdb.connect(str(root / "gist.duckdb"), read_only=True) as db:
         rows = db.execute(

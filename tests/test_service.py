@@ -13,7 +13,7 @@ import yaml
 from gist_demo import synthetic
 from gist_resources.files import MODEL_CACHE_ENV
 from service_util import LOCATION, REPO, graphql, make_ui, postgres_bin, postgres_server, run_cli, wait_run
-from small_config import TINY, TINY_EXACT
+from small_config import TINY, TINY_EXACT, two_file_pool
 
 LAUNCH = """
 mutation($p: ExecutionParams!) {
@@ -128,14 +128,16 @@ def test_cli_reruns_only_what_changed_and_the_ui_launches_and_reexecutes(tmp_pat
         assert wait_run(base, again["run"]["runId"], 240, logs) == "SUCCESS", logs()
 
 
+def _write_jsonl(path: Path, records: list[dict]) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text("".join(json.dumps(r) + "\n" for r in records), encoding="utf-8")
+
+
 def _write_fresh_candidates(path: Path, n: int, seed: int) -> list[str]:
     """New candidates from the embedded generator (another seed), with ids of their own."""
-    records = synthetic.generate_pool(n, seed=seed)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with open(path, "w", encoding="utf-8") as fh:
-        for r in records:
-            fh.write(json.dumps({**r, "id": f"fresh-{r['id']}"}) + "\n")
-    return [f"fresh-{r['id']}" for r in records]
+    records = [{**r, "id": f"fresh-{r['id']}"} for r in synthetic.generate_pool(n, seed=seed)]
+    _write_jsonl(path, records)
+    return [r["id"] for r in records]
 
 
 def _materializations(base: str, key: str, partitions: list[str] | None = None) -> list[dict]:
@@ -150,11 +152,12 @@ def test_refresh_fires_through_the_daemon_on_postgres(tmp_path):
             pytest.fail("PostgreSQL server binaries are missing in CI: .ci/run must install postgresql")
         pytest.skip("PostgreSQL server not installed (apt-get install postgresql)")
     watch = tmp_path / "watch"
-    synthetic.write_pool(watch, n_examples=160, seed=0)
+    pool = two_file_pool(watch, shard_size=80)  # two shards
+    pool["config"]["paths"] = [str(watch / "**" / "*.jsonl")]  # the fresh folder below too
     cfg = {
         "ops": {
             **TINY_EXACT["ops"],  # the sensor's sketch runs are the freshness test's
-            "candidate_pool": {"config": {"paths": [str(watch / "**" / "*.jsonl")], "shard_size": 40}},
+            "candidate_pool": pool,
         }
     }
     config = tmp_path / "run.yaml"
@@ -173,7 +176,7 @@ def test_refresh_fires_through_the_daemon_on_postgres(tmp_path):
             first = run_cli(env, "--config", str(config))
             assert first.returncode == 0, first.stderr[-4000:]
             old_shards = sorted({m["partition"] for m in _materializations(base, "candidate_features")})
-            assert len(old_shards) == 8, old_shards
+            assert old_shards == ["part_0-0000", "part_1-0000"], old_shards
 
             started = graphql(base, START_SENSOR, {"s": {**LOCATION, "sensorName": "new_candidate_data"}})
             assert started["startSensor"]["__typename"] == "Sensor", started

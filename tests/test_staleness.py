@@ -7,7 +7,7 @@ from dagster._utils.test.data_versions import get_stale_status_resolver
 
 from gist_assets.definitions import ASSETS
 from gist_assets.run import materialize, run_all
-from small_config import TINY_EXACT
+from small_config import TINY_EXACT, two_file_pool
 
 
 def _status(instance, shards):
@@ -25,9 +25,10 @@ def _status(instance, shards):
 
 @pytest.mark.slow
 def test_changing_k_and_warmup_marks_exactly_what_depends_on_them(tmp_path):
-    root = str(tmp_path)
+    root = str(tmp_path / "root")
+    config = {"ops": {**TINY_EXACT["ops"], "candidate_pool": two_file_pool(tmp_path / "input")}}  # 4 shards
     with dg.instance_for_test() as instance:
-        run_all(TINY_EXACT, root, instance=instance, log=lambda _: None)
+        run_all(config, root, instance=instance, log=lambda _: None)
         shards = instance.get_dynamic_partitions("candidate_shards")
         fresh = {StaleStatus.FRESH}
         status = _status(instance, shards)
@@ -45,7 +46,7 @@ def test_changing_k_and_warmup_marks_exactly_what_depends_on_them(tmp_path):
             assert status[name] == fresh, (name, status[name])
 
         # Same config again: same data version, nothing downstream turns stale.
-        materialize(["spectral_basis"], TINY_EXACT, instance, root)
+        materialize(["spectral_basis"], config, instance, root)
         status = _status(instance, shards)
         assert status["candidate_features"] == fresh and status["selected_subset"] == fresh
 
@@ -59,8 +60,8 @@ def test_changing_k_and_warmup_marks_exactly_what_depends_on_them(tmp_path):
         # Dagster marks direct dependents only: the selection turns stale once the scores change.
         assert status["selected_subset"] == fresh
         for shard in shards:
-            materialize(["candidate_features"], TINY_EXACT, instance, root, partition=shard)
-        materialize(["candidate_scores"], TINY_EXACT, instance, root)
+            materialize(["candidate_features"], config, instance, root, partition=shard)
+        materialize(["candidate_scores"], config, instance, root)
         status = _status(instance, shards)
         assert status["candidate_features"] == fresh and status["candidate_scores"] == fresh
         assert status["selected_subset"] == {StaleStatus.STALE}
@@ -76,5 +77,5 @@ def test_changing_k_and_warmup_marks_exactly_what_depends_on_them(tmp_path):
         assert status["candidate_pool"] == fresh and status["base_model"] == fresh
         assert status["target_gradients"] == {StaleStatus.STALE}
         assert status["spectral_basis"] == fresh  # until the gradients are re-materialized
-        materialize(["target_gradients"], TINY_EXACT, instance, root)
+        materialize(["target_gradients"], config, instance, root)
         assert _status(instance, shards)["spectral_basis"] == {StaleStatus.STALE}
