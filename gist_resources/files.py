@@ -180,19 +180,13 @@ def atomic_dir(dest: Path) -> Iterator[Path]:
     Scratch directories left by a writer that was killed (SIGKILL, OOM, a lost node) are removed on
     the next write of the same destination.
     """
-    dest.parent.mkdir(parents=True, exist_ok=True)
-    clean_stale_scratch(dest)
-    tmp = _scratch(dest, "tmp")
-    tmp.mkdir()
-    try:
+    with scratch_dir(dest) as tmp:
         yield tmp
         old = _scratch(dest, "old")
         if dest.exists():
             os.replace(dest, old)
         os.replace(tmp, dest)
         shutil.rmtree(old, ignore_errors=True)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
 
 
 @contextmanager
