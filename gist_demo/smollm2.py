@@ -13,10 +13,12 @@ restores those, and ``verify`` checks them on the saved directory, with a greedy
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 from gist_resources.files import atomic_dir
@@ -115,6 +117,35 @@ def load_gguf_tokenizer(fixed: bool = True):
     return fix_tokenizer(tok) if fixed else tok
 
 
+@contextmanager
+def gguf_read_once() -> Iterator[None]:
+    """While open, transformers parses the GGUF file once, not once per object it builds from it.
+
+    Converting reads the file three times (tokenizer, config, weights), and each read parses the 49,152-entry
+    vocabulary in the metadata again (~10 s); the weights map rebuilds gguf's tensor-name table for every
+    module (~10 s). Both are pure functions of their arguments, so they are cached here for the conversion.
+    """
+    import gguf
+
+    originals = {name: getattr(gguf, name) for name in ("GGUFReader", "get_tensor_name_map")}
+    readers: dict = {}
+
+    def reader(path, *args, **kwargs):
+        key = (str(Path(path).resolve()), args, tuple(sorted(kwargs.items())))
+        if key not in readers:
+            readers[key] = originals["GGUFReader"](path, *args, **kwargs)
+        return readers[key]
+
+    setattr(gguf, "GGUFReader", reader)  # noqa: B010 (a function where the module has a class)
+    gguf.get_tensor_name_map = functools.lru_cache(maxsize=None)(originals["get_tensor_name_map"])
+    try:
+        yield
+    finally:
+        for name, original in originals.items():
+            setattr(gguf, name, original)
+        readers.clear()
+
+
 def check_tokenizer(tok) -> None:
     """The special tokens this model needs; ConversionError naming the first that is wrong."""
     facts = {
@@ -208,10 +239,11 @@ def convert(dest: str | Path, log: Callable[[str], None] = print) -> Path:
     log(f"converting {src.name} ({src.stat().st_size / 2**20:.0f} MiB) to float32 in {dest} ...")
     # Built beside dest and swapped in only when verified; a killed conversion's scratch is removed next time.
     with atomic_dir(dest) as tmp:
-        tok = load_gguf_tokenizer()
-        model = AutoModelForCausalLM.from_pretrained(
-            str(src.parent), gguf_file=src.name, local_files_only=True, trust_remote_code=False, dtype=torch.float32
-        )
+        with gguf_read_once():
+            tok = load_gguf_tokenizer()
+            model = AutoModelForCausalLM.from_pretrained(
+                str(src.parent), gguf_file=src.name, local_files_only=True, trust_remote_code=False, dtype=torch.float32
+            )
         model.config.bos_token_id, model.config.eos_token_id, model.config.pad_token_id = BOS_ID, EOS_ID, EOS_ID
         generation = model.generation_config
         assert generation is not None  # set by from_pretrained for every causal LM

@@ -44,21 +44,60 @@ def small_run(tmp_path_factory):
         yield {"root": root, "out": out, "shards": shards, "instance": instance}
 
 
+@pytest.fixture(scope="session")
+def tiny_graph(tmp_path_factory):
+    """The exact path of the graph (TINY_EXACT) over a two-file pool, built once per session.
+
+    Returns a function that restores a fresh copy of the built storage root and Dagster instance at the paths
+    they were built at (run configs and run history hold absolute paths) and returns (root, instance
+    directory, run config); tests open the instance with ``dg.instance_for_test(temp_dir=...)`` and may
+    change anything.
+    """
+    import shutil
+
+    from gist_assets.run import run_all
+    from small_config import TINY_EXACT, two_file_pool
+
+    base = tmp_path_factory.mktemp("tiny_graph")
+    live, snapshot = base / "live", base / "snapshot"
+    root, home = live / "root", live / "dagster_home"
+    config = {"ops": {**TINY_EXACT["ops"], "candidate_pool": two_file_pool(base / "input")}}  # 4 shards
+    home.mkdir(parents=True)
+    with dg.instance_for_test(temp_dir=str(home)) as instance:
+        run_all(config, str(root), instance=instance, log=lambda _: None)
+    shutil.copytree(live, snapshot)
+
+    def restore():
+        shutil.rmtree(live)
+        shutil.copytree(snapshot, live)
+        return root, home, config
+
+    return restore
+
+
 # Fixtures that run the whole graph or install and convert the real model: a test that uses one is end to
-# end, so it is marked slow (`make test-fast` skips it, `make test` runs it).
-SLOW_FIXTURES = {"small_run", "custom_graph", "smollm2_packages", "smollm2_converted", "smollm2_tokenizers"}
+# end, so it is marked slow (`make test-fast` skips it, `make test` runs it), and the tests of one fixture
+# share an xdist group.
+FIXTURE_GROUPS = {
+    "small_run": "small_run",
+    "custom_graph": "small_run",
+    "tiny_graph": "tiny_graph",
+    "smollm2_packages": "smollm2",
+    "smollm2_converted": "smollm2",
+    "smollm2_tokenizers": "smollm2",
+}
 
 
 # tryfirst: xdist's own hook reads the xdist_group marks, so they must be on the items before it runs.
 @pytest.hookimpl(tryfirst=True)
 def pytest_collection_modifyitems(config, items):
     for item in items:
-        used = SLOW_FIXTURES & set(getattr(item, "fixturenames", ()))
-        if used:
+        groups = {FIXTURE_GROUPS[f] for f in getattr(item, "fixturenames", ()) if f in FIXTURE_GROUPS}
+        if groups:
             item.add_marker(pytest.mark.slow)
             # Under pytest-xdist (--dist loadgroup) the tests of one session fixture share a worker, so the
             # fixture is built once.
-            group = "smollm2" if any(f.startswith("smollm2") for f in used) else "small_run"
+            (group,) = groups
             item.add_marker(pytest.mark.xdist_group(group))
     items[:] = schedule_order(items)
 

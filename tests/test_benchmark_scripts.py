@@ -7,6 +7,7 @@ from pathlib import Path
 import pytest
 
 REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO / "scripts"))
 
 
 def _run(*args: str, timeout: int = 300) -> str:
@@ -58,9 +59,12 @@ def test_sketch_benchmark_quick_runs_through_the_evaluation():
 
 
 @pytest.mark.slow
-def test_gpu_script_loads_a_saved_model_and_reports_mfu(tmp_path):
+def test_gpu_script_loads_a_saved_model_and_reports_mfu(tmp_path, capsys):
+    """In this process (the command line itself is the smoke test's): a saved model, the MFU arithmetic."""
     import torch
     from transformers import LlamaConfig, LlamaForCausalLM
+
+    from gpu_feature_pass import main
 
     cfg = LlamaConfig(
         vocab_size=300,
@@ -73,16 +77,8 @@ def test_gpu_script_loads_a_saved_model_and_reports_mfu(tmp_path):
     )
     torch.manual_seed(0)
     LlamaForCausalLM(cfg).save_pretrained(tmp_path / "tiny")
-    out = _run(
-        "scripts/gpu_feature_pass.py",
-        "--device",
-        "cpu",
-        "--tiny",
-        "--model",
-        str(tmp_path / "tiny"),
-        "--peak-tflops",
-        "1",
-    )
+    assert main(["--device", "cpu", "--tiny", "--model", str(tmp_path / "tiny"), "--peak-tflops", "1"]) == 0
+    out = capsys.readouterr().out
     assert f"model {tmp_path / 'tiny'}" in out and "vocab 300" in out
     check = [line for line in out.splitlines() if line.startswith("check:")][0]
     assert float(check.split("relative max error ")[1].split()[0]) < 1e-4
@@ -97,7 +93,6 @@ def test_gpu_script_loads_a_saved_model_and_reports_mfu(tmp_path):
 
 
 def test_peak_lookup_prefers_the_specific_name():
-    sys.path.insert(0, str(REPO / "scripts"))
     from gpu_feature_pass import peak_tflops
 
     assert peak_tflops("NVIDIA H200") == 989.0 and peak_tflops("NVIDIA H100 PCIe") == 756.0

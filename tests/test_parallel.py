@@ -6,11 +6,9 @@ import shutil
 import dagster as dg
 import duckdb
 import polars as pl
-import pytest
 
-from gist_assets.run import materialize, run_all
+from gist_assets.run import materialize
 from gist_resources.devices import claim_slot
-from small_config import TINY_EXACT, two_file_pool
 
 
 def _claim(lock_dir, n, queue, hold):
@@ -32,13 +30,10 @@ def test_concurrent_processes_get_different_gpu_slots(tmp_path):
     assert claim_slot(2, str(tmp_path)) in (0, 1)  # slots are free again once the holders exit
 
 
-@pytest.mark.slow
-def test_multiprocess_fan_out_scores_every_candidate_once(tmp_path, monkeypatch):
-    root = tmp_path / "root"
+def test_multiprocess_fan_out_scores_every_candidate_once(tiny_graph, monkeypatch):
+    root, home, config = tiny_graph()  # the whole exact path, materialized
     monkeypatch.setenv("GIST_STORAGE_ROOT", str(root))  # the step processes build resources from it
-    config = {"ops": {**TINY_EXACT["ops"], "candidate_pool": two_file_pool(tmp_path / "input")}}  # 4 shards
-    with dg.instance_for_test() as instance:
-        run_all(config, str(root), instance=instance, log=lambda _: None)
+    with dg.instance_for_test(temp_dir=str(home)) as instance:
         shards = sorted(instance.get_dynamic_partitions("candidate_shards"))
         # Lose two shards' features (as after new data), then recompute the stale ones in parallel processes.
         redo = shards[:2]

@@ -71,7 +71,8 @@ def _assets_lines(stdout: str) -> dict[str, str]:
 @pytest.mark.slow
 def test_cli_reruns_only_what_changed_and_the_ui_launches_and_reexecutes(tmp_path):
     config = tmp_path / "run.yaml"
-    config.write_text(yaml.safe_dump(TINY))
+    run = {"ops": {**TINY["ops"], "candidate_pool": two_file_pool(tmp_path / "input")}}  # 4 shards
+    config.write_text(yaml.safe_dump(run))
     env = _env(tmp_path)
 
     first = run_cli(env, "--config", str(config))
@@ -87,11 +88,11 @@ def test_cli_reruns_only_what_changed_and_the_ui_launches_and_reexecutes(tmp_pat
     assert "recomput" not in again.stdout, again.stdout
     partitioned = {"candidate_features", "candidate_sketches"}
     assert all(v.startswith("up to date") for k, v in lines.items() if k not in partitioned), lines
-    assert all(lines[k] == "8 shards up to date" for k in partitioned), lines  # one file per skill
+    assert all(lines[k] == "4 shards up to date" for k in partitioned), lines
     assert wall < 15, f"a rerun with nothing to do took {wall:.1f}s"
 
     # Only the selection's budget changed: only the selection recomputes.
-    changed = {"ops": {**TINY["ops"], "selected_subset": {"config": {"fraction": 0.2}}}}
+    changed = {"ops": {**run["ops"], "selected_subset": {"config": {"fraction": 0.2}}}}
     config.write_text(yaml.safe_dump(changed))
     third = run_cli(env, "--config", str(config))
     assert third.returncode == 0, third.stderr[-4000:]

@@ -13,7 +13,7 @@ from gist_core.gradients import block_features, full_gradients, trainable_linear
 from gist_core.projection import BlockProjector, sketch_projector
 from gist_core.spectral import build_basis
 from gist_demo import synthetic
-from small_config import SMALL
+from small_config import SMALL, two_file_pool
 from test_gradients import _examples, _llama, _perturb_lora
 
 
@@ -72,7 +72,7 @@ def _gradient_work(instance) -> tuple[list[str], list[str]]:
 def test_new_target_gets_sketch_scores_without_a_pass_over_the_pool(tmp_path):
     paths = synthetic.write_targets(tmp_path / "targets")
     spec = lambda name: {"name": name, "format": "jsonl", "path": str(paths[name])}  # noqa: E731
-    ops = {**SMALL["ops"], "candidate_pool": {"config": {"embedded_pool_size": 160, "shard_size": 40}}}
+    ops = {**SMALL["ops"], "candidate_pool": two_file_pool(tmp_path / "input")}  # 4 shards
     first = {"ops": {**ops, "target_sets": {"config": {"targets": [spec("arithmetic_sums"), spec("word_reversal")]}}}}
     second = {
         "ops": {

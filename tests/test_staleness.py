@@ -1,13 +1,11 @@
 """Staleness the UI shows: data versions follow config, so changing k or the warmup marks the right assets."""
 
 import dagster as dg
-import pytest
 from dagster._core.definitions.data_version import StaleStatus
 from dagster._utils.test.data_versions import get_stale_status_resolver
 
 from gist_assets.definitions import ASSETS
-from gist_assets.run import materialize, run_all
-from small_config import TINY_EXACT, two_file_pool
+from gist_assets.run import materialize
 
 
 def _status(instance, shards):
@@ -23,12 +21,10 @@ def _status(instance, shards):
     return out
 
 
-@pytest.mark.slow
-def test_changing_k_and_warmup_marks_exactly_what_depends_on_them(tmp_path):
-    root = str(tmp_path / "root")
-    config = {"ops": {**TINY_EXACT["ops"], "candidate_pool": two_file_pool(tmp_path / "input")}}  # 4 shards
-    with dg.instance_for_test() as instance:
-        run_all(config, root, instance=instance, log=lambda _: None)
+def test_changing_k_and_warmup_marks_exactly_what_depends_on_them(tiny_graph):
+    built, home, config = tiny_graph()  # the whole exact path, materialized
+    root = str(built)
+    with dg.instance_for_test(temp_dir=str(home)) as instance:
         shards = instance.get_dynamic_partitions("candidate_shards")
         fresh = {StaleStatus.FRESH}
         status = _status(instance, shards)
