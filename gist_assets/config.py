@@ -23,6 +23,9 @@ from dagster import Field as ConfigField
 from dagster import Permissive, Shape
 from pydantic import Field, ValidationError, field_validator, model_validator
 
+from gist_core.modeling import LORA_DROPOUT
+from gist_core.warmup import WARMUP_RATIO
+
 # Chosen from the agreement-against-d curve of benchmarks/bench_sketch.py (docs/sketch.md).
 SKETCH_DIM = 16384
 
@@ -98,14 +101,14 @@ class WarmupConfig(dg.Config):
     epochs: int = Field(default=4, ge=1)
     lora_r: int = Field(default=8, ge=1, description="LoRA rank (the paper: 128)")
     lora_alpha: int = Field(default=32, ge=1, description="LoRA alpha; set it with lora_r (the paper: 512 for r=128)")
-    lora_dropout: float = Field(default=0.1, ge=0, lt=1)
+    lora_dropout: float = Field(default=LORA_DROPOUT, ge=0, lt=1)
     target_modules: list[str] = Field(
         default=["q_proj", "k_proj", "v_proj", "o_proj"],
         min_length=1,
         description="Layer names LoRA attaches to (Llama-style q/k/v/o; GPT-2: [c_attn])",
     )
     learning_rate: float = Field(default=1e-3, gt=0, description="Peak learning rate (the paper: 2e-5)")
-    warmup_ratio: float = Field(default=0.03, ge=0, lt=1)
+    warmup_ratio: float = Field(default=WARMUP_RATIO, ge=0, lt=1)
     effective_batch_size: int = Field(default=16, ge=1, description="Examples per optimizer step (the paper: 128)")
     micro_batch_size: int = Field(default=8, ge=1)
     seed: int = 0

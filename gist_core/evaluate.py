@@ -27,8 +27,8 @@ import torch
 from torch import nn
 
 from .data import IGNORE_INDEX, Encoded, encode_prompt_completion
-from .gradients import autocast_for, length_batches
-from .modeling import attach_lora
+from .gradients import MAX_BATCH_TOKENS, autocast_for, length_batches
+from .modeling import LORA_DROPOUT, attach_lora
 from .warmup import LoraTrainConfig, train_lora
 
 LETTERS = "ABCDEFGHIJ"
@@ -37,11 +37,11 @@ MIN_OPTIONS = 4  # A-D at least, as MMLU
 
 @dataclass
 class FinetuneSpec:
-    lora_r: int = 8
-    lora_alpha: int = 32
-    lora_dropout: float = 0.1
-    target_modules: tuple[str, ...] = ("q_proj", "k_proj", "v_proj", "o_proj")
-    train: LoraTrainConfig = None  # type: ignore[assignment]
+    lora_r: int
+    lora_alpha: int
+    target_modules: tuple[str, ...]
+    train: LoraTrainConfig
+    lora_dropout: float = LORA_DROPOUT
 
 
 # ------------------------------------------------------------ multiple choice
@@ -129,7 +129,7 @@ def completion_scores(
     device: torch.device,
     pad_id: int = 0,
     dtype: torch.dtype = torch.float32,
-    max_tokens: int = 4096,
+    max_tokens: int = MAX_BATCH_TOKENS,
     max_batch_size: int = 32,
 ) -> tuple[np.ndarray, np.ndarray]:
     """Per example: (mean completion-token loss, summed completion log-probability).
@@ -165,7 +165,7 @@ def option_log_probs(
     device: torch.device,
     pad_id: int = 0,
     dtype: torch.dtype = torch.float32,
-    max_tokens: int = 4096,
+    max_tokens: int = MAX_BATCH_TOKENS,
 ) -> np.ndarray:
     """(examples, options): log P(option completion | prompt), summed over its tokens."""
     if held.options is None:  # not held.is_multiple_choice
@@ -188,7 +188,7 @@ def evaluate_heldout(
     device: torch.device,
     pad_id: int = 0,
     dtype: torch.dtype = torch.float32,
-    max_tokens: int = 4096,
+    max_tokens: int = MAX_BATCH_TOKENS,
 ) -> dict:
     """{"heldout_loss", "accuracy" (None unless multiple choice), "heldout_examples"}."""
     mean_loss, _ = completion_scores(model, held.encoded, device, pad_id, dtype, max_tokens)
@@ -211,7 +211,7 @@ def finetune_and_evaluate_many(
     device: torch.device,
     pad_id: int,
     dtype: torch.dtype = torch.float32,
-    max_tokens: int = 4096,
+    max_tokens: int = MAX_BATCH_TOKENS,
     log: Callable[[str], None] = lambda _: None,
 ) -> dict[str, dict]:
     """One LoRA fine-tune of a fresh base model on ``train``, judged on every held-out set.

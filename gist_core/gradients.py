@@ -107,6 +107,9 @@ class Batch:
     n_tokens: int  # real tokens (for throughput)
 
 
+# The default batch limits: padded tokens (B x T) and examples per batch.
+MAX_BATCH_TOKENS = 4096
+MAX_BATCH_SIZE = 64
 # Per-batch fixed cost, in padded tokens, that the batch split weighs against padding,
 # and the padding share the split keeps under (lowering that cost until it does).
 BATCH_OVERHEAD_TOKENS = 128
@@ -145,7 +148,7 @@ def padding_share(lengths: Sequence[int] | np.ndarray, ends: Sequence[int]) -> f
 def batch_bounds(
     lengths: Sequence[int],
     max_tokens: int,
-    max_batch_size: int = 64,
+    max_batch_size: int = MAX_BATCH_SIZE,
     overhead_tokens: float = BATCH_OVERHEAD_TOKENS,
     max_padding: float | None = MAX_PADDING_SHARE,
 ) -> list[int]:
@@ -170,7 +173,7 @@ def batch_bounds(
 def length_batches(
     encoded: Sequence[Encoded],
     max_tokens: int,
-    max_batch_size: int = 64,
+    max_batch_size: int = MAX_BATCH_SIZE,
     pad_id: int = 0,
     overhead_tokens: float = BATCH_OVERHEAD_TOKENS,
     max_padding: float | None = MAX_PADDING_SHARE,
@@ -189,7 +192,7 @@ def length_batches(
 
 
 def greedy_length_batches(
-    encoded: Sequence[Encoded], max_tokens: int, max_batch_size: int = 64, pad_id: int = 0
+    encoded: Sequence[Encoded], max_tokens: int, max_batch_size: int = MAX_BATCH_SIZE, pad_id: int = 0
 ) -> Iterator[Batch]:
     """The previous split (fill the budget greedily over the sorted order), kept for comparison."""
     order = sorted(range(len(encoded)), key=lambda i: (len(encoded[i].input_ids), i))
@@ -492,8 +495,8 @@ def gradient_pass(
     consume: Callable[[Batch, torch.Tensor, Iterator], None],
     device: torch.device,
     dtype: torch.dtype = torch.float32,
-    max_tokens: int = 4096,
-    max_batch_size: int = 64,
+    max_tokens: int = MAX_BATCH_TOKENS,
+    max_batch_size: int = MAX_BATCH_SIZE,
     pad_id: int = 0,
     gradient_checkpointing: bool = False,
     progress: Callable[[int, int, PassStats], None] | None = None,

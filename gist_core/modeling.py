@@ -17,6 +17,8 @@ from torch import nn
 
 from .data import Encoded
 
+LORA_DROPOUT = 0.1  # the warmup's default and the evaluation fine-tunes'
+
 
 def seed_everything(seed: int) -> None:
     random.seed(seed)

@@ -8,7 +8,7 @@ import numpy as np
 import torch
 
 from .data import Encoded
-from .gradients import autocast_for, length_batches
+from .gradients import MAX_BATCH_SIZE, MAX_BATCH_TOKENS, autocast_for, length_batches
 
 
 @torch.no_grad()
@@ -17,8 +17,8 @@ def mean_pooled_hidden_states(
     encoded: Sequence[Encoded],
     device: torch.device,
     dtype: torch.dtype = torch.float32,
-    max_tokens: int = 4096,
-    max_batch_size: int = 64,
+    max_tokens: int = MAX_BATCH_TOKENS,
+    max_batch_size: int = MAX_BATCH_SIZE,
     pad_id: int = 0,
 ) -> np.ndarray:
     """(N, hidden) mean of the last hidden layer over each example's real tokens."""

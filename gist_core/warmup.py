@@ -21,14 +21,17 @@ from .data import Encoded
 from .gradients import autocast_for
 from .modeling import causal_lm_batches, seed_everything
 
+# Share of the optimizer steps the learning rate ramps up over (warmup and evaluation fine-tunes).
+WARMUP_RATIO = 0.03
+
 
 @dataclass
 class LoraTrainConfig:
-    epochs: int = 4
-    learning_rate: float = 2e-5
-    warmup_ratio: float = 0.03
-    effective_batch_size: int = 128
-    micro_batch_size: int = 16
+    epochs: int
+    learning_rate: float
+    effective_batch_size: int
+    micro_batch_size: int
+    warmup_ratio: float = WARMUP_RATIO
     weight_decay: float = 0.0
     max_grad_norm: float = 1.0
     seed: int = 0

@@ -9,6 +9,7 @@ import torch
 from pydantic import Field
 
 from gist_core import modeling
+from gist_core.gradients import MAX_BATCH_SIZE, MAX_BATCH_TOKENS
 
 from .devices import claim_slot
 from .files import ArtifactError, asset_label
@@ -25,8 +26,8 @@ class ComputeResource(dg.ConfigurableResource):
 
     device: str = Field(default="auto", description="auto, cpu, cuda or cuda:N")
     dtype: str = Field(default="auto", description="auto, float32 or bfloat16 (autocast on CUDA)")
-    max_tokens_per_batch: int = Field(default=4096, description="Token budget (B x T) of a gradient batch")
-    max_batch_size: int = Field(default=64)
+    max_tokens_per_batch: int = Field(default=MAX_BATCH_TOKENS, description="Token budget (B x T) of a gradient batch")
+    max_batch_size: int = Field(default=MAX_BATCH_SIZE)
     gradient_checkpointing: bool = Field(
         default=False,
         description="Recompute each decoder layer in the "

@@ -139,6 +139,7 @@ def test_always_b_model_scores_share_of_b(tiny):
         lora_r=8,
         lora_alpha=32,
         lora_dropout=0.0,
+        target_modules=("q_proj", "k_proj", "v_proj", "o_proj"),
         train=LoraTrainConfig(epochs=6, learning_rate=1e-2, effective_batch_size=16, micro_batch_size=16, seed=0),
     )
     # One fine-tune, judged on two held-out sets at once.
