@@ -7,6 +7,7 @@ background load on a shared machine affects all of them alike.
 
 from __future__ import annotations
 
+import argparse
 import os
 import platform
 import random
@@ -223,3 +224,14 @@ def wait_for_quiet(
             log(f"background load before start: {bg.value:.2f} CPUs")
             return bg.value
         log(f"  waiting for a quiet machine (other processes use {bg.value:.2f} CPUs)")
+
+
+def add_wait_quiet(parser: argparse.ArgumentParser) -> None:
+    """The benchmarks' ``--wait-quiet S`` option (see ``wait_for_quiet``)."""
+    parser.add_argument(
+        "--wait-quiet",
+        type=float,
+        default=0,
+        metavar="S",
+        help="first wait up to S seconds for other processes to leave the CPUs idle",
+    )

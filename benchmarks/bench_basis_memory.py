@@ -35,7 +35,7 @@ from pathlib import Path
 from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import REPO, interleaved, machine_line, median, table, wait_for_quiet  # noqa: E402
+from _common import REPO, add_wait_quiet, interleaved, machine_line, median, table, wait_for_quiet  # noqa: E402
 
 MB = 1 << 20
 
@@ -181,13 +181,7 @@ def main(argv=None) -> int:
     p.add_argument("--k", type=int, default=16)
     p.add_argument("--repeats", type=int, default=None, help="runs of each mode, interleaved (default 3, quick 1)")
     p.add_argument("--dir", default=None, help="where to write G (default a temporary directory)")
-    p.add_argument(
-        "--wait-quiet",
-        type=float,
-        default=0,
-        metavar="S",
-        help="first wait up to S seconds for other processes to leave the CPUs idle",
-    )
+    add_wait_quiet(p)
     p.add_argument("--child", help=argparse.SUPPRESS)
     p.add_argument("--path", help=argparse.SUPPRESS)
     p.add_argument("--budget-bytes", type=int, help=argparse.SUPPRESS)

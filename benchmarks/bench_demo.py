@@ -22,7 +22,7 @@ from collections import defaultdict
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import REPO, BackgroundLoad, machine_line, table, wait_for_quiet  # noqa: E402
+from _common import REPO, BackgroundLoad, add_wait_quiet, machine_line, table, wait_for_quiet  # noqa: E402
 
 sys.path.insert(0, str(REPO / "tests"))
 from small_config import SMALL  # noqa: E402
@@ -67,13 +67,7 @@ def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--quick", action="store_true", help="a tiny run config instead of the embedded default")
     p.add_argument("--dir", default=None, help="parent of the temporary storage root")
-    p.add_argument(
-        "--wait-quiet",
-        type=float,
-        default=0,
-        metavar="S",
-        help="first wait up to S seconds for other processes to leave the CPUs idle",
-    )
+    add_wait_quiet(p)
     p.add_argument(
         "--verbose",
         action="store_true",

@@ -51,8 +51,9 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import (  # noqa: E402
+from _common import (
     BackgroundLoad,
+    add_wait_quiet,  # noqa: E402
     lora_model,
     machine_line,
     median,
@@ -365,13 +366,7 @@ def main(argv=None) -> int:
         metavar="S",
         help="total seconds to wait for a quiet machine before accepting loaded runs (default 1800, quick 60)",
     )
-    p.add_argument(
-        "--wait-quiet",
-        type=float,
-        default=0,
-        metavar="S",
-        help="first wait up to S seconds for other processes to leave the CPUs idle",
-    )
+    add_wait_quiet(p)
     args = p.parse_args(argv)
     args.candidates = args.candidates or (120 if args.quick else 1000)
     args.subset = min(args.candidates, args.subset or (30 if args.quick else 200))

@@ -37,7 +37,7 @@ from pathlib import Path
 from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import REPO, BackgroundLoad, machine_line, median, spread, table, wait_for_quiet  # noqa: E402
+from _common import REPO, BackgroundLoad, add_wait_quiet, machine_line, median, spread, table, wait_for_quiet  # noqa: E402
 
 K, SUBTASKS, CHECKPOINTS, N_TARGET = 16, ("algebra", "geometry", "logic"), ("ckpt-1", "ckpt-2"), 60
 TARGETS = ("arithmetic", "geography", "reversal")
@@ -270,13 +270,7 @@ def main(argv=None) -> int:
     p.add_argument("--shard-size", type=int, default=100_000, help="candidates per feature shard (default 100000)")
     p.add_argument("--repeats", type=int, default=2, help="interleaved repeats (default 2)")
     p.add_argument("--dir", default=None, help="where the storage roots go (default a temporary directory)")
-    p.add_argument(
-        "--wait-quiet",
-        type=float,
-        default=0,
-        metavar="S",
-        help="first wait up to S seconds for other processes to leave the CPUs idle",
-    )
+    add_wait_quiet(p)
     p.add_argument("--child-asset-path", type=Path, help=argparse.SUPPRESS)
     p.add_argument("--child-in-memory", type=Path, help=argparse.SUPPRESS)
     args = p.parse_args(argv)
