@@ -72,24 +72,31 @@ def trainable_linears(model: nn.Module) -> tuple[GradientLayout, list[nn.Linear]
     Only bias-free ``nn.Linear`` weights are supported (that is what LoRA trains);
     anything else trainable is a configuration error we report by name.
     """
-    owner: dict[int, tuple[str, nn.Module]] = {}
+    # One walk over the modules, each module's own parameters in turn: named_parameters' order (a shared
+    # parameter counts where it is first met). The feature pass calls this once per batch list.
+    blocks, modules, offset = [], [], 0
+    seen: set[int] = set()
     for mod_name, mod in model.named_modules():
         for p_name, p in mod.named_parameters(recurse=False):
-            owner[id(p)] = (f"{mod_name}.{p_name}" if mod_name else p_name, mod)
-    blocks, modules, offset = [], [], 0
-    for name, p in model.named_parameters():
-        if not p.requires_grad:
-            continue
-        _, mod = owner[id(p)]
-        if not isinstance(mod, nn.Linear) or p is not mod.weight or (mod.bias is not None and mod.bias.requires_grad):
-            raise ValueError(
-                f"trainable parameter {name!r} is not the weight of a bias-free nn.Linear; "
-                "per-example gradients support LoRA adapters on linear layers only "
-                "(no modules_to_save, no trainable biases or embeddings)"
-            )
-        blocks.append(ParamBlock(name, (p.shape[0], p.shape[1]), offset))
-        modules.append(mod)
-        offset += p.numel()
+            if id(p) in seen:
+                continue
+            seen.add(id(p))
+            if not p.requires_grad:
+                continue
+            name = f"{mod_name}.{p_name}" if mod_name else p_name
+            if (
+                not isinstance(mod, nn.Linear)
+                or p is not mod.weight
+                or (mod.bias is not None and mod.bias.requires_grad)
+            ):
+                raise ValueError(
+                    f"trainable parameter {name!r} is not the weight of a bias-free nn.Linear; "
+                    "per-example gradients support LoRA adapters on linear layers only "
+                    "(no modules_to_save, no trainable biases or embeddings)"
+                )
+            blocks.append(ParamBlock(name, (p.shape[0], p.shape[1]), offset))
+            modules.append(mod)
+            offset += p.numel()
     if not blocks:
         raise ValueError("model has no trainable parameters; load a LoRA adapter first")
     return GradientLayout(tuple(blocks)), modules
@@ -500,10 +507,14 @@ def gradient_pass(
     pad_id: int = 0,
     gradient_checkpointing: bool = False,
     progress: Callable[[int, int, PassStats], None] | None = None,
+    linears: tuple[GradientLayout, list[nn.Linear]] | None = None,
 ) -> PassStats:
-    """Drive the per-example gradient computation over examples in length-sorted batches."""
+    """Drive the per-example gradient computation over examples in length-sorted batches.
+
+    ``linears``: ``trainable_linears(model)`` when the caller has it already.
+    """
     model.eval()
-    _, modules = trainable_linears(model)
+    _, modules = linears or trainable_linears(model)
     parts = split_causal_lm(model)
     stats = PassStats()
     batches = length_batches(encoded, max_tokens, max_batch_size, pad_id)
@@ -537,7 +548,7 @@ def full_gradients(
 
     Returns (gradients, losses).
     """
-    layout, _ = trainable_linears(model)
+    layout, modules = trainable_linears(model)
     if out is None:
         out = np.zeros((len(encoded), layout.dim), dtype=np.float32)
     losses = np.zeros(len(encoded), dtype=np.float64)
@@ -552,7 +563,7 @@ def full_gradients(
             out[rows[order], b.offset : b.offset + b.size] = g.cpu().numpy()[order]
 
     device = kwargs.pop("device", torch.device("cpu"))
-    gradient_pass(model, encoded, consume, device=device, **kwargs)
+    gradient_pass(model, encoded, consume, device=device, linears=(layout, modules), **kwargs)
     return out, losses
 
 
@@ -593,7 +604,7 @@ def projected_gradients(
     ``basis`` may hold the bases of many targets side by side, so one pass
     serves them all. It is sliced block by block, matching the flat layout.
     """
-    layout, _ = trainable_linears(model)
+    layout, modules = trainable_linears(model)
     if basis.shape[0] != layout.dim:
         raise ValueError(
             f"basis has {basis.shape[0]} rows but the model's LoRA gradient has "
@@ -602,7 +613,9 @@ def projected_gradients(
     device = kwargs.get("device", torch.device("cpu"))
     basis = basis.to(device=device, dtype=torch.float32)
     slices = [basis[b.offset : b.offset + b.size] for b in layout.blocks]
-    return block_features(model, encoded, lambda k, g: g @ slices[k], basis.shape[1], **kwargs)
+    return block_features(
+        model, encoded, lambda k, g: g @ slices[k], basis.shape[1], linears=(layout, modules), **kwargs
+    )
 
 
 def reference_gradients(model: nn.Module, encoded: Sequence[Encoded], device: torch.device = _CPU) -> np.ndarray:
