@@ -220,8 +220,7 @@ def write_selections(
 
     for method in methods:
         for target in targets:
-            with score_store.session():
-                meta.update(write_target(target, method))
+            meta.update(write_target(target, method))
     removed = storage.remove_selections_except(targets, methods)
     for method in methods:
         score_store.delete_selections_except(targets, method)

@@ -159,16 +159,6 @@ class ScoreSetWriter:
         frame.write_parquet(folder / f"part-{part:06d}.parquet", compression="lz4", statistics=True)
 
 
-_THREAD = threading.local()
-
-
-def _sessions() -> dict:
-    """This thread's open ``ScoreStore.session`` connections, by database path."""
-    if not hasattr(_THREAD, "sessions"):
-        _THREAD.sessions = {}
-    return _THREAD.sessions
-
-
 class ScoreStore(DuckDBResource):
     """The one DuckDB file and the Parquet score sets beside it (``<database stem>.scores/``).
 
@@ -200,28 +190,7 @@ class ScoreStore(DuckDBResource):
         return self.score_root / f"method={method}"
 
     @contextmanager
-    def session(self):
-        """One connection for every call in the block (an asset's reads and writes for one target), opened and
-        prepared once instead of per call (~45 ms each). It holds DuckDB's lock on the file for the block."""
-        held = _sessions()
-        if self.database in held:  # re-entered: the outer block's connection serves
-            yield
-            return
-        conn = self._connect()
-        try:
-            self._prepare(conn)
-            held[self.database] = conn
-            yield
-        finally:
-            held.pop(self.database, None)
-            conn.close()
-
-    @contextmanager
     def get_connection(self):
-        held = _sessions().get(self.database)
-        if held is not None:
-            yield held
-            return
         conn = self._connect()
         try:
             self._prepare(conn)

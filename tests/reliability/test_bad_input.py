@@ -363,28 +363,3 @@ def test_score_database_lock_wait_succeeds_when_the_holder_finishes(tmp_path):
         store = ScoreStore(database=str(database), lock_timeout_s=60)
         with store.get_connection() as conn:  # waits for the holder to exit, then connects
             assert conn.execute("SELECT 42").fetchone() == (42,)
-
-
-def test_score_store_session_holds_one_connection_and_releases_the_file(tmp_path):
-    """Inside ``session()`` every call shares one connection (nested sessions too); afterwards the file is free
-    for another process, also when the block raised."""
-    database = tmp_path / "scores.duckdb"
-    store = ScoreStore(database=str(database), lock_timeout_s=0.5)
-    other = ScoreStore(database=str(tmp_path / "other.duckdb"))
-
-    def another_process_can_write() -> bool:
-        code = "import duckdb, sys; duckdb.connect(sys.argv[1]).execute('CREATE TABLE IF NOT EXISTS t (x INT)')"
-        return subprocess.run([sys.executable, "-c", code, str(database)], capture_output=True).returncode == 0
-
-    with store.session():
-        with store.get_connection() as a, store.session(), store.get_connection() as b:
-            assert a is b
-        with store.get_connection() as c, other.get_connection() as d:
-            assert c is a and d is not a  # another database gets its own connection
-        assert not another_process_can_write()  # the session holds the file
-    assert another_process_can_write()
-    with pytest.raises(RuntimeError, match="inside"), store.session():
-        raise RuntimeError("inside")
-    assert another_process_can_write()
-    with store.get_connection() as e:
-        assert e is not a and e.execute("SELECT count(*) FROM t").fetchone() == (0,)
