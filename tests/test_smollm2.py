@@ -52,21 +52,21 @@ def smollm2_packages():
 @pytest.fixture(scope="session")
 def smollm2_converted(smollm2_packages, tmp_path_factory) -> dict:
     """The model converted once for the session (in a subprocess: a transformers imported before gguf was
-    installed would not read GGUF), and how long that took."""
+    installed would not read GGUF), how long that took, and the tokenizer as transformers reads the file."""
     dest = tmp_path_factory.mktemp("smollm2") / smollm2.DIR_NAME
+    raw = dest.parent / "raw_tokenizer"
     start = time.perf_counter()
-    _cli("convert", str(dest))
-    return {"dir": dest, "seconds": time.perf_counter() - start}
+    _cli("convert", str(dest), "--raw-tokenizer", str(raw))
+    return {"dir": dest, "raw_tokenizer": raw, "seconds": time.perf_counter() - start}
 
 
 @pytest.fixture(scope="session")
-def smollm2_tokenizers(smollm2_converted, tmp_path_factory):
+def smollm2_tokenizers(smollm2_converted):
     """The fixed tokenizer (the converted model's) and the one transformers reads from the GGUF file."""
     from transformers import AutoTokenizer
 
-    raw = tmp_path_factory.mktemp("smollm2_tokenizer") / "raw"
-    _cli("tokenizer", "--raw", str(raw))
-    return {"fixed": load_tokenizer(str(smollm2_converted["dir"])), "raw": AutoTokenizer.from_pretrained(str(raw))}
+    raw = AutoTokenizer.from_pretrained(str(smollm2_converted["raw_tokenizer"]))
+    return {"fixed": load_tokenizer(str(smollm2_converted["dir"])), "raw": raw}
 
 
 def label_runs(enc) -> list[list[int]]:
