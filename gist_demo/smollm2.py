@@ -286,16 +286,11 @@ if __name__ == "__main__":
         metavar="DIR",
         help="also write the tokenizer as transformers reads the GGUF (before the fixes), for comparison",
     )
-    tk = sub.add_parser("tokenizer", help="write the tokenizer alone (--raw: as transformers reads the GGUF)")
-    tk.add_argument("dest")
-    tk.add_argument("--raw", action="store_true")
     args = parser.parse_args()
     if args.cmd == "install":
         install_packages()
-    elif args.cmd == "convert":
+    else:
         with gguf_read_once():  # the raw tokenizer reads the file the conversion parsed
             print(convert(args.dest))
             if args.raw_tokenizer:
                 load_gguf_tokenizer(fixed=False).save_pretrained(args.raw_tokenizer)
-    else:
-        load_gguf_tokenizer(fixed=not args.raw).save_pretrained(args.dest)
