@@ -51,9 +51,9 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import (
+from _common import (  # noqa: E402
     BackgroundLoad,
-    add_wait_quiet,  # noqa: E402
+    add_wait_quiet,
     lora_model,
     machine_line,
     median,

@@ -73,7 +73,7 @@ def trainable_linears(model: nn.Module) -> tuple[GradientLayout, list[nn.Linear]
     anything else trainable is a configuration error we report by name.
     """
     # One walk over the modules, each module's own parameters in turn: named_parameters' order (a shared
-    # parameter counts where it is first met). The feature pass calls this once per batch list.
+    # parameter counts where it is first met). Called once per gradient pass.
     blocks, modules, offset = [], [], 0
     seen: set[int] = set()
     for mod_name, mod in model.named_modules():

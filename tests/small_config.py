@@ -31,12 +31,15 @@ TINY = {"ops": {**SMALL["ops"], "candidate_pool": {"config": {"embedded_pool_siz
 TINY_EXACT = {"ops": {**TINY["ops"], "candidate_scores": {"config": {"methods": ["gist"]}}}}
 
 
+def write_jsonl(path: Path, records: list[dict]) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text("".join(json.dumps(r) + "\n" for r in records), encoding="utf-8")
+
+
 def two_file_pool(folder: Path, shard_size: int = 40, n: int = 160) -> dict:
     """The embedded generator's first ``n`` records written as two JSONL files in ``folder`` (fewer shards, so
     fewer steps, than the embedded pool's file per skill); returns the candidate_pool entry reading them."""
     records = synthetic.generate_pool(n, seed=0)
-    folder.mkdir(parents=True, exist_ok=True)
     for part in range(2):
-        text = "".join(json.dumps(r) + "\n" for r in records[part::2])
-        (folder / f"part_{part}.jsonl").write_text(text, encoding="utf-8")
+        write_jsonl(folder / f"part_{part}.jsonl", records[part::2])
     return {"config": {"paths": [str(folder / "*.jsonl")], "shard_size": shard_size}}

@@ -13,7 +13,7 @@ import yaml
 from gist_demo import synthetic
 from gist_resources.files import MODEL_CACHE_ENV
 from service_util import LOCATION, REPO, graphql, make_ui, postgres_bin, postgres_server, run_cli, wait_run
-from small_config import TINY, TINY_EXACT, two_file_pool
+from small_config import TINY, TINY_EXACT, two_file_pool, write_jsonl
 
 LAUNCH = """
 mutation($p: ExecutionParams!) {
@@ -129,15 +129,10 @@ def test_cli_reruns_only_what_changed_and_the_ui_launches_and_reexecutes(tmp_pat
         assert wait_run(base, again["run"]["runId"], 240, logs) == "SUCCESS", logs()
 
 
-def _write_jsonl(path: Path, records: list[dict]) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text("".join(json.dumps(r) + "\n" for r in records), encoding="utf-8")
-
-
 def _write_fresh_candidates(path: Path, n: int, seed: int) -> list[str]:
     """New candidates from the embedded generator (another seed), with ids of their own."""
     records = [{**r, "id": f"fresh-{r['id']}"} for r in synthetic.generate_pool(n, seed=seed)]
-    _write_jsonl(path, records)
+    write_jsonl(path, records)
     return [r["id"] for r in records]
 
 
