@@ -3,7 +3,6 @@ the pool's own format, chat ``messages`` JSONL, Parquet) with a manifest that tr
 checkpoints and basis that chose them. ``write_selections`` also serves the baselines' selections."""
 
 from collections.abc import Iterator
-from typing import cast
 
 import dagster as dg
 import numpy as np
@@ -25,31 +24,10 @@ MESSAGE = pl.Struct({"role": pl.Utf8, "content": pl.Utf8})
 EXPORT_CHUNK_ROWS = 50_000
 
 
-def read_selection_rows(
-    score_store: ScoreStore, target: str, method: str, config: SelectionConfig
-) -> tuple[pl.DataFrame, int]:
-    """The candidate_scores rows ``choose`` needs, best first, and the number scored.
-
-    The plain top-n (strategy 'top', no per-source cap) reads only the best n rows (a bounded
-    top-n in DuckDB, ordered as ``rank_order``: score descending, ties by id). The per-source cap
-    and round-robin can reach below rank n, so they read every row.
-    """
-    n_scored = score_store.count_scores(target, method)
-    if n_scored and config.strategy == "top" and config.max_per_source is None:
-        return score_store.top_scores(target, method, selection_size(n_scored, config.fraction, config.n)), n_scored
-    return score_store.read_scores(target, method), n_scored
-
-
-def choose(
-    config: SelectionConfig, scores: pl.DataFrame, subtask_scores: pl.DataFrame | None, n_scored: int | None = None
-) -> pl.DataFrame:
-    """The configured policy (``gist_core.selection.select``) on one (target, method): the chosen rows, best
-    first, with their ``selection_rank``.
-
-    ``scores`` may be only the best rows (see ``read_selection_rows``); ``n_scored`` is then
-    the number of scored candidates the selection size is a fraction of.
-    """
-    size = selection_size(scores.height if n_scored is None else n_scored, config.fraction, config.n)
+def choose(config: SelectionConfig, scores: pl.DataFrame, subtask_scores: pl.DataFrame | None) -> pl.DataFrame:
+    """The configured policy (``gist_core.selection.select``) on every scored row of one (target, method): the
+    chosen rows, best first, with their ``selection_rank``."""
+    size = selection_size(scores.height, config.fraction, config.n)
     wide = None
     if config.strategy == "round_robin":
         if subtask_scores is None:
@@ -66,6 +44,24 @@ def choose(
         subtask_scores=wide,
     )
     return scores.select(pl.all().gather(picked)).with_columns(pl.Series("selection_rank", np.arange(1, size + 1)))
+
+
+def stage_budget(score_store: ScoreStore, target: str, method: str, label: str, config: SelectionConfig) -> int:
+    """Stage the selection of one (target, method) at the one budget of ``config`` (``label``) in the score
+    store; the number of scored candidates it is chosen from.
+
+    The plain top-n (strategy 'top', no per-source cap) is chosen in DuckDB and never held in memory. The
+    per-source cap and round-robin can reach below rank n: they read every row and choose in Python.
+    """
+    n_scored = score_store.count_scores(target, method)
+    if n_scored == 0:
+        raise ValueError(f"no {method!r} scores for target {target!r}; materialize its scores asset first")
+    if config.strategy == "top" and config.max_per_source is None:
+        score_store.stage_top(target, method, label, selection_size(n_scored, config.fraction, config.n))
+    else:
+        subtasks = score_store.read_subtask_scores(target, method) if config.strategy == "round_robin" else None
+        score_store.stage_rows(target, method, label, choose(config, score_store.read_scores(target, method), subtasks))
+    return n_scored
 
 
 def training_messages_column(messages_json: pl.Series) -> pl.Series:
@@ -96,33 +92,24 @@ def selection_budgets(config: SelectionConfig) -> list[tuple[str, SelectionConfi
     ]
 
 
-def choose_budget(score_store: ScoreStore, target: str, method: str, config: SelectionConfig) -> pl.DataFrame:
-    """The selection of one (target, method) at the one budget of ``config``, best first."""
-    scores, n_scored = read_selection_rows(score_store, target, method, config)
-    if n_scored == 0:
-        raise ValueError(f"no {method!r} scores for target {target!r}; materialize its scores asset first")
-    subtasks = score_store.read_subtask_scores(target, method) if config.strategy == "round_robin" else None
-    return choose(config, scores, subtasks, n_scored).with_columns(pl.lit(n_scored).alias("n_scored"))
-
-
-def export_chunks(parts: Iterator[pl.DataFrame], label: str) -> Iterator[tuple[pl.Series, pl.DataFrame, pl.DataFrame]]:
+def export_chunks(parts: Iterator[pl.DataFrame]) -> Iterator[tuple[pl.Series, pl.DataFrame, pl.DataFrame]]:
     """A selection's rows, a chunk at a time with their pool text (``original``, ``messages``), as the three
     exports take them: the original records' JSON lines, (id, source, messages) for the chat JSONL, and the
     Parquet rows."""
     for part in parts:
-        part = part.with_columns(pl.col(pl.Categorical).cast(pl.Utf8))
         messages = training_messages_column(part["messages"])
         yield (
             part["original"],
             pl.DataFrame([part["candidate_id"].alias("id"), part["source"], messages]),
             # Parquet: the chat messages (a list of {role, content} structs) beside the scores.
-            part.drop("messages", "n_scored").with_columns(messages, pl.lit(label).alias("budget")),
+            part.with_columns(messages),
         )
 
 
 def budget_manifest(
     storage: ArtifactStore,
-    chosen: pl.DataFrame,
+    staged: dict,
+    n_scored: int,
     config: SelectionConfig,
     label: str,
     target: str,
@@ -131,19 +118,20 @@ def budget_manifest(
     ref: dict,
     warm: dict,
     database: str,
-    newer_than_warmup: set[str] | None,
+    newer_than_warmup: int | None,
 ) -> dict:
-    """What one budget's selection is and where it came from (paths relative to the storage root)."""
+    """What one budget's selection (``staged``: ``ScoreStore.staged_summary``) is and where it came from (paths
+    relative to the storage root)."""
     used = {c["name"] for c in bases["checkpoints"]}
     manifest = {
         "target": target,
         "method": method,
         "budget": label,
         "config": config.model_dump(),
-        "selected": chosen.height,
-        "scored_candidates": int(chosen["n_scored"][0]),
-        "score_cut": float(cast(float, chosen["score"].min())),
-        "counts_per_source": source_counts(chosen),
+        "selected": staged["selected"],
+        "scored_candidates": n_scored,
+        "score_cut": staged["score_cut"],
+        "counts_per_source": staged["counts_per_source"],
         "model": storage.relative(storage.model_path(ref)),
         "checkpoints": storage.checkpoint_entries([c for c in warm["checkpoints"] if c["name"] in used]),
         "basis": {
@@ -154,7 +142,7 @@ def budget_manifest(
         "artifacts": storage.provenance(database),
     }
     if newer_than_warmup is not None:
-        manifest["selected_newer_than_warmup"] = int(chosen["candidate_id"].is_in(list(newer_than_warmup)).sum())
+        manifest["selected_newer_than_warmup"] = newer_than_warmup
     return manifest
 
 
@@ -180,39 +168,29 @@ def write_selections(
     meta: dict = {"budgets": dg.MetadataValue.json([label for label, _ in per_budget])}
 
     def write_target(target: str, method: str) -> dict:
-        """Every budget of one (target, method); its metadata. (A function of its own so that one target's
-        rows are freed before the next target's are read.)"""
-        target_meta, rows, cuts = {}, [], {}
+        """Every budget of one (target, method); its metadata."""
+        target_meta, cuts = {}, {}
+        score_store.clear_staged(target, method)
         # Every budget is chosen before anything is written: a bad size touches no file.
-        chosen_per_budget = [choose_budget(score_store, target, method, one) for _, one in per_budget]
-        ids = pl.concat([c["candidate_id"] for c in chosen_per_budget]).unique()
-        newer = score_store.ids_absent_from(ids, warmup_ids) if warmup_ids else None
+        for label, one in per_budget:
+            n_scored = stage_budget(score_store, target, method, label, one)
         with storage.selection_writer(target, method) as writer:
-            for (label, one), chosen in zip(per_budget, chosen_per_budget, strict=True):
-                rows.append(
-                    chosen.select(
-                        pl.lit(target).alias("target"),
-                        pl.lit(method).alias("method"),
-                        "candidate_id",
-                        pl.col("selection_rank").alias("rank"),
-                        "score",
-                        pl.col("source").cast(pl.Utf8),
-                        pl.lit(label).alias("budget"),
-                    )
-                )
+            for label, one in per_budget:
+                staged = score_store.staged_summary(target, method, label)
+                newer = score_store.count_staged_absent_from(target, method, label, warmup_ids) if warmup_ids else None
                 manifest = budget_manifest(
-                    storage, chosen, one, label, target, method, bases, ref, warm, score_store.database, newer
+                    storage, staged, n_scored, one, label, target, method, bases, ref, warm, score_store.database, newer
                 )
                 # Only the chosen records' text is read from the pool, streamed a chunk at a time.
-                with_text = score_store.with_file_columns(
-                    chosen, str(storage.pool_file()), ["original", "messages"], EXPORT_CHUNK_ROWS
+                with_text = score_store.staged_with_file_columns(
+                    target, method, label, str(storage.pool_file()), ["original", "messages"], EXPORT_CHUNK_ROWS
                 )
-                manifest = writer.write_budget(label, export_chunks(with_text, label), manifest)
+                manifest = writer.write_budget(label, export_chunks(with_text), manifest)
                 target_meta.update(
-                    budget_metadata(manifest, chosen, pool_mix, label, target, method, writer.manifest_location(label))
+                    budget_metadata(manifest, staged, pool_mix, label, target, method, writer.manifest_location(label))
                 )
                 cuts[label] = manifest["score_cut"]
-        score_store.replace_selection(target, method, pl.concat(rows))
+        score_store.publish_selection(target, method)
         if method == METHOD:  # one plot per target, every budget's cut on it
             title = f"{target}: scores"
             target_meta[f"{target}/histogram"] = histogram(*score_store.score_histogram(target, method), title, cuts)
@@ -232,14 +210,9 @@ def write_selections(
     return dg.MaterializeResult(data_version=data_version(version), metadata=meta)
 
 
-def source_counts(rows: pl.DataFrame) -> dict[str, int]:
-    counts = rows.group_by("source").len().sort("source")
-    return dict(zip(counts["source"].to_list(), counts["len"].to_list(), strict=True))
-
-
 def budget_metadata(
     manifest: dict,
-    chosen: pl.DataFrame,
+    staged: dict,
     pool_mix: dict,
     label: str,
     target: str,
@@ -248,7 +221,7 @@ def budget_metadata(
 ) -> dict:
     """The metadata a person reads for one selection: size, source mix, the top rows (exact GIST)."""
     key = (target if method == METHOD else f"{target}/{method}") + f"/{label}"
-    size, mix = chosen.height, manifest["counts_per_source"]
+    size, mix = staged["selected"], manifest["counts_per_source"]
     mix_rows = [
         {
             "source": s,
@@ -266,11 +239,7 @@ def budget_metadata(
     if "selected_newer_than_warmup" in manifest:
         meta[f"{key}/selected_newer_than_warmup"] = manifest["selected_newer_than_warmup"]
     if method == METHOD:
-        meta[f"{key}/top"] = dg.MetadataValue.md(
-            md_table(
-                chosen.head(10).select("selection_rank", "candidate_id", "source", "score", "best_subtask").to_dicts()
-            )
-        )
+        meta[f"{key}/top"] = dg.MetadataValue.md(md_table(staged["head"].to_dicts()))
     return meta
 
 

@@ -55,7 +55,26 @@ CREATE TABLE IF NOT EXISTS selections (
     rank BIGINT NOT NULL, score DOUBLE NOT NULL, source VARCHAR NOT NULL, budget VARCHAR NOT NULL
 );
 -- A database written before selections had budgets: its rows were one budget, the configured one.
-ALTER TABLE selections ADD COLUMN IF NOT EXISTS budget VARCHAR DEFAULT 'unknown'"""
+ALTER TABLE selections ADD COLUMN IF NOT EXISTS budget VARCHAR DEFAULT 'unknown';
+-- Selections being made: every budget of a (target, method) is chosen here first, its files are exported
+-- from here, and then it replaces the published rows in one transaction (publish_selection).
+CREATE TABLE IF NOT EXISTS selection_staging (
+    target VARCHAR NOT NULL, method VARCHAR NOT NULL, budget VARCHAR NOT NULL, selection_rank BIGINT NOT NULL,
+    candidate_id VARCHAR NOT NULL, source VARCHAR NOT NULL, score DOUBLE NOT NULL, rank BIGINT NOT NULL,
+    best_subtask VARCHAR, shard VARCHAR, n_tokens BIGINT, basis_fingerprint VARCHAR
+)"""
+# The columns of a staged selection after (target, method, budget), as the exports carry them.
+STAGED_COLUMNS = (
+    "selection_rank",
+    "candidate_id",
+    "source",
+    "score",
+    "rank",
+    "best_subtask",
+    "shard",
+    "n_tokens",
+    "basis_fingerprint",
+)
 # rank: position by score descending, ties by candidate id (gist_core.selection.rank_order's order).
 RANKED = "row_number() OVER (PARTITION BY target, method ORDER BY score DESC, candidate_id) AS rank"
 _EMPTY_ROWS = (
@@ -84,12 +103,6 @@ def _arrow_frame(data) -> pl.DataFrame:
     frame = pl.from_arrow(data)
     assert isinstance(frame, pl.DataFrame)  # a table or record batch, never a single array
     return frame
-
-
-def _compact(rows: pl.DataFrame) -> pl.DataFrame:
-    """Score rows with their few-valued text columns as categoricals."""
-    few = [c for c in ("source", "target", "method", "best_subtask", "shard", "basis_fingerprint") if c in rows.columns]
-    return rows.with_columns(pl.col(few).cast(pl.Categorical))
 
 
 class ScoreStoreLockedError(RuntimeError):
@@ -308,42 +321,6 @@ class ScoreStore(DuckDBResource):
             ):
                 shutil.rmtree(folder, ignore_errors=True)
 
-    def _replace_many(self, items: list[tuple[str, str, pl.DataFrame, dict[str, str]]]) -> None:
-        """Replace the rows matching ``where`` in each table with ``df``, all in one transaction.
-
-        A failure anywhere (a constraint, a crash of the insert) rolls back every
-        table: the previous rows stay, nothing is half-written.
-        """
-        with self.get_connection() as conn:
-            for _, ddl, _, _ in items:
-                conn.execute(ddl)
-            for i, (_, _, df, _) in enumerate(items):
-                conn.register(f"incoming_{i}", df.to_arrow())
-            try:
-                conn.execute("BEGIN TRANSACTION")
-                try:
-                    for i, (table, _, df, where) in enumerate(items):
-                        cond = " AND ".join(f"{k} = ?" for k in where)
-                        conn.execute(f"DELETE FROM {table} WHERE {cond}", list(where.values()))
-                        cols = ", ".join(df.columns)
-                        conn.execute(f"INSERT INTO {table} ({cols}) SELECT {cols} FROM incoming_{i}")
-                    conn.execute("COMMIT")
-                except Exception as exc:
-                    conn.execute("ROLLBACK")
-                    what = "; ".join(
-                        f"{t} where {' and '.join(f'{k}={v!r}' for k, v in w.items())}" for t, _, _, w in items
-                    )
-                    raise ScoreStoreWriteError(
-                        f"writing {what} to {self.database} failed and was rolled back; "
-                        f"the previous rows are unchanged: {exc}"
-                    ) from None
-            finally:
-                for i in range(len(items)):
-                    conn.unregister(f"incoming_{i}")
-
-    def replace_selection(self, target: str, method: str, df: pl.DataFrame) -> None:
-        self._replace_many([("selections", SELECTIONS_DDL, df, {"target": target, "method": method})])
-
     def delete_selections_except(self, keep: list[str], method: str) -> int:
         """Drop the selections of ``method`` for targets no longer configured; the number of rows dropped."""
         marks = ", ".join("?" for _ in keep) or "''"
@@ -351,6 +328,7 @@ class ScoreStore(DuckDBResource):
             where = f"WHERE method = ? AND target NOT IN ({marks})"
             n = conn.execute(f"SELECT count(*) FROM selections {where}", [method, *keep]).fetchone()[0]
             conn.execute(f"DELETE FROM selections {where}", [method, *keep])
+            conn.execute(f"DELETE FROM selection_staging {where}", [method, *keep])
             return int(n)
 
     def scored_targets(self, method: str) -> list[str]:
@@ -439,31 +417,6 @@ class ScoreStore(DuckDBResource):
                 ).fetchone()[0]
             )
 
-    def top_scores(self, target: str, method: str, n: int) -> pl.DataFrame:
-        """The best ``n`` rows of (target, method) in rank order (a bounded top-n: no sort of every row), with
-        the few-valued text columns (source, target, method, best_subtask, shard, basis_fingerprint) as
-        categoricals."""
-        where, params = "WHERE target = ? AND method = ?", [target, method]
-        with self.get_connection() as conn:
-            # The n-th best score first (max(score, n) keeps n floats; ORDER BY ... OFFSET sorted far more),
-            # so that only the rows at or above it are read; they are ordered here, not in DuckDB.
-            [(cut,)] = conn.execute(
-                f"SELECT list_min(max(score, ?)) FROM score_rows {where}", [max(1, n), *params]
-            ).fetchall()
-            if cut is not None:
-                where, params = where + " AND score >= ?", [*params, cut]
-            reader = conn.sql(
-                "SELECT candidate_id, source, target, method, score, best_subtask, shard, n_tokens, "
-                f"basis_fingerprint FROM score_rows {where}",
-                params=params,
-            ).to_arrow_reader(100_000)
-            # Batch by batch, the columns with few distinct values as categoricals: the rows of a 5% budget
-            # of 10M candidates take a third of the memory of plain strings.
-            parts = [_compact(_arrow_frame(batch)) for batch in reader]
-        rows = pl.concat(parts) if parts else _compact(_arrow_frame(reader.schema.empty_table()))
-        rows = rows.sort(["score", "candidate_id"], descending=[True, False]).head(n)
-        return rows.insert_column(5, pl.Series("rank", np.arange(1, rows.height + 1, dtype=np.int64)))
-
     def read_scores(self, target: str, method: str) -> pl.DataFrame:
         """Every row of (target, method) in rank order."""
         with self.get_connection() as conn:
@@ -507,63 +460,156 @@ class ScoreStore(DuckDBResource):
                 ).fetchone()[0]
             )
 
-    def ids_absent_from(self, candidate_ids, ids_file: str) -> set[str]:
-        """Those of ``candidate_ids`` that are not in the Parquet file ``ids_file``."""
-        # A semi join builds its hash table on the asked ids and streams the file past it; an anti join
-        # would build one on the file's ids, as large as the pool.
-        present = self._ids_query(
-            candidate_ids, "SELECT candidate_id FROM read_parquet(?) SEMI JOIN asked USING (candidate_id)", [ids_file]
-        )
-        asked = pl.Series(candidate_ids, dtype=pl.Utf8)
-        return set(asked.filter(~asked.is_in(present.implode())).to_list())
+    # ---- selections: staged (chosen, exported from), then published
 
-    def with_file_columns(
-        self, frame: pl.DataFrame, parquet_file: str, columns: list[str], chunk_rows: int
+    _STAGED = "selection_staging WHERE target = ? AND method = ? AND budget = ?"
+
+    def clear_staged(self, target: str, method: str) -> None:
+        """Drop what an earlier, unfinished selection of (target, method) left staged."""
+        with self.get_connection() as conn:
+            conn.execute("DELETE FROM selection_staging WHERE target = ? AND method = ?", [target, method])
+
+    def stage_top(self, target: str, method: str, budget: str, n: int) -> None:
+        """Stage the best ``n`` rows of (target, method) as the selection of ``budget``, ranked as
+        ``rank_order`` ranks (score descending, ties by id). Chosen in DuckDB, no row passes through Python:
+        memory does not grow with the pool or the selection."""
+        where, params = "WHERE target = ? AND method = ?", [target, method]
+        with self.get_connection() as conn:
+            # The n-th best score first (max(score, n) keeps n floats), so that only the rows at or above it
+            # are ranked.
+            [(cut,)] = conn.execute(
+                f"SELECT list_min(max(score, ?)) FROM score_rows {where}", [max(1, n), *params]
+            ).fetchall()
+            conn.execute(f"DELETE FROM {self._STAGED}", [target, method, budget])
+            conn.execute(
+                "INSERT INTO selection_staging SELECT target, method, ?, r, candidate_id, source, score, r, "
+                "best_subtask, shard, n_tokens, basis_fingerprint FROM (SELECT *, row_number() OVER "
+                f"(ORDER BY score DESC, candidate_id) AS r FROM score_rows {where} AND score >= ?) "
+                "WHERE r <= ? ORDER BY r",
+                [budget, *params, cut, n],
+            )
+
+    def stage_rows(self, target: str, method: str, budget: str, rows: pl.DataFrame) -> None:
+        """Stage a selection chosen in Python: ``rows`` has STAGED_COLUMNS, ``selection_rank`` 1..n."""
+        frame = rows.select(STAGED_COLUMNS).with_columns(pl.col(pl.Categorical).cast(pl.Utf8))
+        with self.get_connection() as conn:
+            conn.register("incoming", frame.to_arrow())
+            try:
+                conn.execute(f"DELETE FROM {self._STAGED}", [target, method, budget])
+                conn.execute(
+                    f"INSERT INTO selection_staging SELECT ?, ?, ?, {', '.join(STAGED_COLUMNS)} FROM incoming",
+                    [target, method, budget],
+                )
+            finally:
+                conn.unregister("incoming")
+
+    def staged_summary(self, target: str, method: str, budget: str, head: int = 10) -> dict:
+        """A staged selection's size, score cut (its lowest score), rows per source and first ``head`` rows."""
+        key = [target, method, budget]
+        with self.get_connection() as conn:
+            selected, score_cut = conn.execute(f"SELECT count(*), min(score) FROM {self._STAGED}", key).fetchone()
+            per_source = conn.execute(
+                f"SELECT source, count(*) FROM {self._STAGED} GROUP BY source ORDER BY source", key
+            ).fetchall()
+            first = conn.sql(
+                f"SELECT selection_rank, candidate_id, source, score, best_subtask FROM {self._STAGED} "
+                "ORDER BY selection_rank LIMIT ?",
+                params=[*key, head],
+            ).pl()
+        return {
+            "selected": int(selected),
+            "score_cut": score_cut,
+            "counts_per_source": {s: int(c) for s, c in per_source},
+            "head": first,
+        }
+
+    def count_staged_absent_from(self, target: str, method: str, budget: str, ids_file: str) -> int:
+        """Staged candidates of the selection that are not in the Parquet file ``ids_file``."""
+        key = [target, method, budget]
+        with self.get_connection() as conn:
+            # A semi join builds its hash table on the staged ids and streams the file past it; an anti join
+            # would build one on the file's ids, as large as the pool.
+            [(selected, present)] = conn.execute(
+                f"SELECT (SELECT count(*) FROM {self._STAGED}), (SELECT count(DISTINCT candidate_id) FROM "
+                f"read_parquet(?) SEMI JOIN (SELECT candidate_id FROM {self._STAGED}) USING (candidate_id))",
+                [*key, ids_file, *key],
+            ).fetchall()
+        return int(selected) - int(present)
+
+    def staged_with_file_columns(
+        self, target: str, method: str, budget: str, parquet_file: str, columns: list[str], chunk_rows: int
     ) -> Generator[pl.DataFrame, None, None]:
-        """``frame`` with ``columns`` of the Parquet file's row of the same ``candidate_id`` (null where it has
-        none), in ``frame``'s order, ``chunk_rows`` rows at a time.
+        """The staged selection's rows (every column of ``selection_staging``) best first, with ``columns`` of
+        the Parquet file's row of the same ``candidate_id`` (null where it has none), ``chunk_rows`` rows at a
+        time.
 
-        Memory stays bounded by a chunk, whatever the sizes of the file and of ``frame``: DuckDB streams the
-        join's rows in the file's order, each row is appended to the spill file of the output chunk it
+        Memory stays bounded by a chunk, whatever the sizes of the file and of the selection: DuckDB streams
+        the join's rows in the file's order, each row is appended to the spill file of the output chunk it
         belongs to (Arrow IPC, in a scratch folder beside the database), and the chunks are then read back
-        one by one.
+        one by one beside the staged rows of the same ranks.
         """
         import pyarrow as pa
         import pyarrow.compute as pc
 
-        asked = frame.select("candidate_id").with_row_index("at").to_arrow()
+        key = [target, method, budget]
         picked = ", ".join(f"f.{_sql_name(c)}" for c in columns)
         with files.scratch_dir(Path(self.database).with_name("export_join")) as spill:
             with self.get_connection() as conn, ExitStack() as writers_open:
-                conn.register("asked", asked)
-                try:
-                    reader = conn.sql(
-                        f"SELECT a.at, {picked} FROM read_parquet(?) f JOIN asked a USING (candidate_id)",
-                        params=[parquet_file],
-                    ).to_arrow_reader(chunk_rows)
-                    writers: dict[int, pa.ipc.RecordBatchStreamWriter] = {}
-                    for batch in reader:
-                        chunk_of = pc.divide(batch["at"].cast(pa.int64()), chunk_rows)
-                        for c in pc.unique(chunk_of).to_pylist():
-                            part = batch.filter(pc.equal(chunk_of, c))
-                            if c not in writers:
-                                path = str(spill / f"{c}.arrow")
-                                writers[c] = writers_open.enter_context(pa.ipc.new_stream(path, part.schema))
-                            writers[c].write_batch(part)
-                finally:
-                    conn.unregister("asked")
-            none_found = _arrow_frame(reader.schema.empty_table()).cast({"at": pl.UInt32})
-            for c, start in enumerate(range(0, max(frame.height, 1), chunk_rows)):
-                n = min(chunk_rows, frame.height - start)
+                [(selected,)] = conn.execute(f"SELECT count(*) FROM {self._STAGED}", key).fetchall()
+                reader = conn.sql(
+                    f"SELECT a.at, {picked} FROM read_parquet(?) f JOIN (SELECT selection_rank - 1 AS at, "
+                    f"candidate_id FROM {self._STAGED}) a USING (candidate_id)",
+                    params=[parquet_file, *key],
+                ).to_arrow_reader(chunk_rows)
+                writers: dict[int, pa.ipc.RecordBatchStreamWriter] = {}
+                for batch in reader:
+                    chunk_of = pc.divide(batch["at"].cast(pa.int64()), chunk_rows)
+                    for c in pc.unique(chunk_of).to_pylist():
+                        part = batch.filter(pc.equal(chunk_of, c))
+                        if c not in writers:
+                            path = str(spill / f"{c}.arrow")
+                            writers[c] = writers_open.enter_context(pa.ipc.new_stream(path, part.schema))
+                        writers[c].write_batch(part)
+            none_found = _arrow_frame(reader.schema.empty_table()).cast({"at": pl.Int64})
+            for c, start in enumerate(range(0, max(selected, 1), chunk_rows)):
+                with self.get_connection() as conn:
+                    rows = conn.sql(
+                        f"SELECT * FROM {self._STAGED} AND selection_rank > ? AND "
+                        "selection_rank <= ? ORDER BY selection_rank",
+                        params=[*key, start, start + chunk_rows],
+                    ).pl()
                 found = none_found
                 if c in writers:
                     with pa.ipc.open_stream(str(spill / f"{c}.arrow")) as chunk_reader:
-                        found = _arrow_frame(chunk_reader.read_all()).cast({"at": pl.UInt32})
+                        found = _arrow_frame(chunk_reader.read_all()).cast({"at": pl.Int64})
                 if found["at"].is_duplicated().any():
                     raise ValueError(f"{parquet_file} holds a candidate_id more than once; rebuild it")
-                rows = pl.DataFrame({"at": pl.int_range(start, start + n, dtype=pl.UInt32, eager=True)})
-                rows = rows.join(found, on="at", how="left", maintain_order="left").drop("at")
-                yield pl.concat([frame.slice(start, n), rows], how="horizontal")
+                at = pl.DataFrame({"at": pl.int_range(start, start + rows.height, dtype=pl.Int64, eager=True)})
+                text = at.join(found, on="at", how="left", maintain_order="left").drop("at")
+                yield pl.concat([rows, text], how="horizontal")
+
+    def publish_selection(self, target: str, method: str) -> None:
+        """Every staged budget of (target, method) replaces its published rows in ``selections``, in one
+        transaction: readers see the old selection or the new, never a mix."""
+        key = [target, method]
+        with self.get_connection() as conn:
+            conn.execute("BEGIN TRANSACTION")
+            try:
+                conn.execute("DELETE FROM selections WHERE target = ? AND method = ?", key)
+                conn.execute(
+                    "INSERT INTO selections (target, method, candidate_id, rank, score, source, budget) SELECT "
+                    "target, method, candidate_id, selection_rank, score, source, budget FROM selection_staging "
+                    "WHERE target = ? AND method = ? ORDER BY budget, selection_rank",
+                    key,
+                )
+                conn.execute("DELETE FROM selection_staging WHERE target = ? AND method = ?", key)
+                conn.execute("COMMIT")
+            except Exception as exc:
+                conn.execute("ROLLBACK")
+                raise ScoreStoreWriteError(
+                    f"writing the {method} selections of {target!r} to {self.database} failed and was rolled "
+                    f"back; the previous rows are unchanged: {exc}"
+                ) from None
 
     def selection_sizes(self) -> dict[tuple[str, str, str], int]:
         """{(method, target, budget): rows} of the selections table."""

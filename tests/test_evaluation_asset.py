@@ -41,21 +41,21 @@ def test_selection_evaluation(small_run, tmp_path):
             pool_ids, sel.filter((pl.col("target") == sel["target"][0]) & (pl.col("budget") == budget)).height
         )
         for target in sorted(sel["target"].unique().to_list()):
-            store.replace_selection(
-                target,
-                EXTRA,
-                pl.DataFrame(
-                    {
-                        "target": target,
-                        "method": EXTRA,
-                        "candidate_id": picked,
-                        "rank": range(1, len(picked) + 1),
-                        "score": 0.0,
-                        "source": "?",
-                        "budget": budget,
-                    }
-                ),
+            rows = pl.DataFrame(
+                {
+                    "selection_rank": range(1, len(picked) + 1),
+                    "candidate_id": picked,
+                    "source": "?",
+                    "score": 0.0,
+                    "rank": range(1, len(picked) + 1),
+                    "best_subtask": None,
+                    "shard": None,
+                    "n_tokens": None,
+                    "basis_fingerprint": None,
+                }
             )
+            store.stage_rows(target, EXTRA, budget, rows)
+            store.publish_selection(target, EXTRA)
         with store.get_connection() as conn:
             cells = set(conn.execute("SELECT DISTINCT target, method, budget FROM selections").fetchall())
         targets = sorted({t for t, _, _ in cells})

@@ -390,14 +390,14 @@ def test_rank_order_nan_last_string_ids_and_edges():
 
 
 def test_method_scores_and_top_rows_read_back_as_before(tmp_path) -> None:
-    """write_method_scores' columns as the old list code built them; the bounded top-n picks the same rows
-    as choosing on every row; capped/round-robin still see every row; a set streamed in shards is the
-    same as one written at once; the DuckDB histogram counts what numpy counts."""
+    """write_method_scores' columns as the old list code built them; the top-n chosen in DuckDB picks the same
+    rows as choosing on every row in Python; capped/round-robin are staged as chosen; a set streamed in shards
+    is the same as one written at once; the DuckDB histogram counts what numpy counts."""
     import polars as pl
 
     from gist_assets.config import SelectionConfig
     from gist_assets.scores import add_method_scores, score_summary, write_method_scores
-    from gist_assets.selection import choose, read_selection_rows
+    from gist_assets.selection import choose, stage_budget
     from gist_resources import ScoreStore
 
     rng = np.random.default_rng(4)
@@ -421,9 +421,10 @@ def test_method_scores_and_top_rows_read_back_as_before(tmp_path) -> None:
     want = pl.DataFrame({"candidate_id": ids, "rank": rank, "best_subtask": [names[i] for i in best]}).sort("rank")
     assert full.select("candidate_id", "rank", "best_subtask").equals(want)
     for n in (1, 37, 40, 399, 400, 500):  # cuts through tied scores, and past the last row
-        top = store.top_scores("t", "gist", n)
+        store.stage_top("t", "gist", f"n{n}", n)
+        top = store.staged_summary("t", "gist", f"n{n}", head=m)["head"]
         assert top["candidate_id"].to_list() == want["candidate_id"].to_list()[:n]
-        assert top["rank"].to_list() == list(range(1, min(n, m) + 1))
+        assert top["selection_rank"].to_list() == list(range(1, min(n, m) + 1))
     long = store.read_subtask_scores("t", "gist").sort("candidate_id", "subtask")
     want_long = pl.DataFrame(
         {
@@ -440,13 +441,14 @@ def test_method_scores_and_top_rows_read_back_as_before(tmp_path) -> None:
         SelectionConfig(fraction=0.1, max_per_source=15),
         SelectionConfig(fraction=0.1, strategy="round_robin"),
     ):
-        rows, n_scored = read_selection_rows(store, "t", "gist", cfg)
-        assert n_scored == m
+        assert stage_budget(store, "t", "gist", "b", cfg) == m
         subtasks = store.read_subtask_scores("t", "gist") if cfg.strategy == "round_robin" else None
-        assert rows.height == (
-            cfg.n or int(cfg.fraction * m) if cfg.strategy == "top" and cfg.max_per_source is None else m
-        )
-        assert choose(cfg, rows, subtasks, n_scored).equals(choose(cfg, full, subtasks))
+        staged = store.staged_summary("t", "gist", "b", head=m)
+        want_rows = choose(cfg, full, subtasks).select(staged["head"].columns)
+        assert staged["selected"] == want_rows.height == (cfg.n or int(cfg.fraction * m))
+        assert staged["head"].equals(want_rows)
+        assert staged["counts_per_source"] == dict(want_rows.group_by("source").len().sort("source").iter_rows())
+        assert staged["score_cut"] == want_rows["score"].min()
 
     edges, counts = store.score_histogram("t", "gist", bins=7)
     np.testing.assert_array_equal(counts, np.histogram(score, bins=7, range=(score.min(), score.max()))[0])
@@ -556,8 +558,9 @@ def test_selection_files_written_in_chunks_read_back_whole(tmp_path) -> None:
 
 
 def test_pool_text_joined_in_order_a_chunk_at_a_time(tmp_path) -> None:
-    """ScoreStore.with_file_columns gives what a plain left join in the frame's order gives, in chunks of at
-    most chunk_rows, whatever the chunk size; spill folders never outlive it, and a dead process's are removed."""
+    """ScoreStore.staged_with_file_columns gives what a plain left join of the staged rows, best first, gives, in
+    chunks of at most chunk_rows, whatever the chunk size; spill folders never outlive it, and a dead process's
+    are removed."""
     import subprocess
     import sys
 
@@ -578,20 +581,38 @@ def test_pool_text_joined_in_order_a_chunk_at_a_time(tmp_path) -> None:
     pool_file = tmp_path / "pool.parquet"
     pool.write_parquet(pool_file, row_group_size=64)
     asked = [f"c{i}" for i in rng.choice(500, 120, replace=False)] + ["absent-1", "absent-2"]
-    frame = pl.DataFrame({"candidate_id": rng.permutation(asked).tolist(), "rank": np.arange(122)})
+    ranks = pl.Series(np.arange(1, 123), dtype=pl.Int64)
+    frame = pl.DataFrame(
+        {
+            "selection_rank": ranks,
+            "candidate_id": rng.permutation(asked).tolist(),
+            "source": "s",
+            "score": np.linspace(1.0, 0.0, 122),
+            "rank": ranks,
+            "best_subtask": "a",
+            "shard": "x-0000",
+            "n_tokens": pl.Series(rng.integers(1, 100, 122), dtype=pl.Int64),
+            "basis_fingerprint": "fp",
+        }
+    )
     want = frame.join(pool.drop("source"), on="candidate_id", how="left", maintain_order="left")
     store = ScoreStore(database=str(tmp_path / "db" / "scores.duckdb"))
     (tmp_path / "db").mkdir()
+    store.stage_rows("t", "gist", "p1", frame)
     for chunk_rows in (1, 7, 50, 122, 1000):
-        parts = list(store.with_file_columns(frame, str(pool_file), ["original", "messages"], chunk_rows))
+        parts = list(
+            store.staged_with_file_columns("t", "gist", "p1", str(pool_file), ["original", "messages"], chunk_rows)
+        )
         assert all(0 < p.height <= chunk_rows for p in parts)
-        assert pl.concat(parts).equals(want)
+        got = pl.concat(parts)
+        assert got.select("target", "method", "budget").unique().rows() == [("t", "gist", "p1")]
+        assert got.drop("target", "method", "budget").equals(want)
     assert sorted(p.name for p in (tmp_path / "db").iterdir()) == ["scores.duckdb"]
 
-    empty = list(store.with_file_columns(frame.head(0), str(pool_file), ["original"], 10))
-    assert len(empty) == 1 and empty[0].columns == ["candidate_id", "rank", "original"] and empty[0].height == 0
+    empty = list(store.staged_with_file_columns("t", "gist", "none", str(pool_file), ["original"], 10))
+    assert len(empty) == 1 and empty[0].columns[-2:] == ["basis_fingerprint", "original"] and empty[0].height == 0
 
-    stream = store.with_file_columns(frame, str(pool_file), ["original"], 10)
+    stream = store.staged_with_file_columns("t", "gist", "p1", str(pool_file), ["original"], 10)
     next(stream)
     stream.close()  # a consumer that stops early (a failed export) leaves nothing behind
     done = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
@@ -599,7 +620,7 @@ def test_pool_text_joined_in_order_a_chunk_at_a_time(tmp_path) -> None:
     stale.mkdir()
     pl.concat([pool, pool.filter(pl.col("candidate_id") == frame["candidate_id"][0])]).write_parquet(pool_file)
     with pytest.raises(ValueError, match=r"pool\.parquet holds a candidate_id more than once"):
-        list(store.with_file_columns(frame, str(pool_file), ["original"], 10))
+        list(store.staged_with_file_columns("t", "gist", "p1", str(pool_file), ["original"], 10))
     assert sorted(p.name for p in (tmp_path / "db").iterdir()) == ["scores.duckdb"]
 
 
