@@ -15,6 +15,7 @@ import duckdb
 import polars as pl
 import pytest
 
+from gist_assets.baselines import BASELINE_METHODS
 from gist_assets.steps import RECOMPUTE_TAG
 from gist_resources import ArtifactStore, ComputeResource, ScoreStore, files
 from gist_resources.files import FOREIGN_SCRATCH_STALE_S, _host
@@ -329,3 +330,55 @@ def test_same_inputs_same_seed_same_bytes_per_asset(small_run, tmp_path):
             "SELECT * FROM selections ORDER BY ALL",
         ):
             assert a.execute(query).fetchall() == b.execute(query).fetchall()
+
+
+def test_failed_export_keeps_the_published_selections_and_a_rerun_finishes(small_run, tmp_path, monkeypatch):
+    """A new selection (other budgets) that fails in its exports (disk full in the second budget of the first
+    (target, method); the first budget's files are written by then) leaves the published selections table and
+    every selection file as they were; the re-run publishes each new selection once and leaves nothing staged."""
+    root = copy_root(small_run["root"], tmp_path / "root")
+    store = ScoreStore(database=str(root / "gist.duckdb"))
+    assert SMALL["ops"]["selected_subset"]["config"]["fraction"] == [0.05, 0.1]
+    config = {"selected_subset": {"fraction": [0.02, 0.1]}}
+
+    def published() -> pl.DataFrame:
+        with store.get_connection() as conn:
+            return conn.sql("SELECT * FROM selections ORDER BY target, method, budget, rank").pl()
+
+    def staged_rows() -> int:
+        with store.get_connection() as conn:
+            return conn.execute("SELECT count(*) FROM selection_staging").fetchone()[0]
+
+    def selection_files() -> dict:
+        return {p.relative_to(root): p.read_bytes() for p in (root / "selections").rglob("*") if p.is_file()}
+
+    rows_before, files_before = published(), selection_files()
+    assert rows_before.height and staged_rows() == 0
+    exports, export = [], ScoreStore.staged_with_file_columns
+
+    def disk_full_on_the_second(self, target, method, *args, **kwargs):
+        exports.append((target, method))
+        if len(exports) == 2:
+            raise OSError(28, "No space left on device (simulated)")
+        return export(self, target, method, *args, **kwargs)
+
+    monkeypatch.setattr(ScoreStore, "staged_with_file_columns", disk_full_on_the_second)
+    with fresh_instance() as instance:
+        failed = materialize(["selected_subset"], root, instance, ops=config, checks=False)
+    assert "No space left on device" in user_error(failed)
+    assert exports[0] == exports[1] and staged_rows() > 0  # both budgets of one selection, never published
+    assert published().equals(rows_before)
+    assert selection_files() == files_before  # the first budget's new files were not swapped in
+    monkeypatch.undo()
+
+    with fresh_instance() as instance:
+        result = materialize(["selected_subset"], root, instance, ops=config)
+    assert result.success, user_error(result)
+    assert staged_rows() == 0
+    gist_methods = ~pl.col("method").is_in(BASELINE_METHODS)  # baseline_selections' rows are not rewritten here
+    after, before = published().filter(gist_methods), rows_before.filter(gist_methods)
+    assert set(after["method"]) == {"gist", "gist_sketch"} and set(after["budget"]) == {"p0.02", "p0.1"}
+    assert not after.select("target", "method", "budget", "candidate_id").is_duplicated().any()
+    assert after.filter(pl.col("budget") == "p0.1").equals(before.filter(pl.col("budget") == "p0.1"))
+    for _, rows in after.group_by("target", "method"):
+        assert rows.filter(pl.col("budget") == "p0.02")["rank"].to_list() == list(range(1, rows.height // 6 + 1))
