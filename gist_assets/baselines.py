@@ -2,6 +2,7 @@
 
 import hashlib
 import json
+from typing import cast
 
 import dagster as dg
 import numpy as np
@@ -27,8 +28,9 @@ from .inputs import candidate_pool, target_sets
 from .model import base_model, chat_format, warmup_checkpoint
 from .partitions import candidate_shards
 from .plots import md_table
-from .scores import write_method_scores
+from .scores import METHOD, SKETCH_METHOD, write_method_scores
 from .selection import write_selections
+from .sketches import candidate_sketches
 from .steps import DUCKDB_POOL, progress_logger, shard_features_asset
 from .target_gradients import target_gradients
 from .versions import asset_fingerprint, data_version
@@ -167,6 +169,24 @@ def load_method_features(storage: ArtifactStore, shards: list[str], kind: str):
     return pl.concat([p[0] for p in parts]).filter(pl.col("included")), tensors, metas
 
 
+def scored_candidates(storage: ArtifactStore, shards: list[str]) -> tuple[pl.DataFrame, list[dict]]:
+    """The included candidates of every shard and each shard's feature meta, from the features of the GIST
+    method candidate_scores scored first (``candidate_sketches`` for a ``[gist_sketch]`` run, else
+    ``candidate_features``): the candidates the random baseline draws from are the ones GIST chose among."""
+    record = storage.scores_record_or_none(METHOD) or {}
+    kind = "gist_sketch" if record.get("methods", [METHOD])[0] == SKETCH_METHOD else "gist"
+    metas = [storage.shard_features_meta(kind, s) for s in shards]
+    missing = [s for s, meta in zip(shards, metas, strict=True) if meta is None]
+    if missing:
+        raise ValueError(
+            f"the random baseline draws from the candidates of {FEATURE_ASSETS[kind]}, which is missing for "
+            f"shards {missing}; materialize those partitions first"
+        )
+    # Every shard has its meta, so its sidecar too (a shard's folder is swapped in whole).
+    sides = [cast(pl.DataFrame, storage.read_shard_candidates(kind, s)).with_columns(shard=pl.lit(s)) for s in shards]
+    return pl.concat(sides).filter(pl.col("included")), metas
+
+
 def random_scores(candidate_ids: list[str], seed: int) -> np.ndarray:
     """A seeded uniform number per candidate, from its id: the top-n is a seeded uniform sample."""
     return np.array(
@@ -178,13 +198,14 @@ def random_scores(candidate_ids: list[str], seed: int) -> np.ndarray:
     group_name="baselines",
     deps=[
         candidate_features,
+        candidate_sketches,
         less_candidate_features,
         representation_features,
         target_gradients,
         target_sets,
         warmup_checkpoint,
     ],
-    code_version="2",
+    code_version="3",
     pool=DUCKDB_POOL,
     kinds={"duckdb", "parquet"},
 )
@@ -202,7 +223,7 @@ def baseline_scores(
     avg_lr = {c["name"]: c["avg_lr"] for c in storage.read_warmup()["checkpoints"]}
     summary, inputs = [], []
     if "random" in config.methods:
-        side, _, metas = load_method_features(storage, shards, "gist")
+        side, metas = scored_candidates(storage, shards)
         inputs.append(("random", [m.get("shard_version") for m in metas]))
         score = random_scores(side["candidate_id"].to_list(), config.random_seed)
         summary += write_method_scores(

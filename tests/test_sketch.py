@@ -13,7 +13,7 @@ from gist_core.gradients import block_features, full_gradients, trainable_linear
 from gist_core.projection import BlockProjector, sketch_projector
 from gist_core.spectral import build_basis
 from gist_demo import synthetic
-from small_config import SMALL, two_file_pool
+from small_config import SMALL, TINY, two_file_pool
 from test_gradients import _examples, _llama, _perturb_lora
 
 
@@ -137,3 +137,36 @@ def test_new_target_gets_sketch_scores_without_a_pass_over_the_pool(tmp_path):
             ).fetchone()[0]
             > 0
         )
+
+
+@pytest.mark.slow
+def test_compare_with_the_sketch_alone_draws_random_from_the_sketched_candidates(tmp_path):
+    """`--compare` with `methods: [gist_sketch]`: no candidate_features anywhere, the random baseline draws
+    from the candidates gist_sketch scored, and the evaluation fine-tunes both methods' selections."""
+    ops = {
+        **TINY["ops"],
+        "candidate_pool": two_file_pool(tmp_path / "input"),
+        "candidate_scores": {"config": {"methods": ["gist_sketch"]}},
+        "baseline_scores": {"config": {"methods": ["random"]}},
+        "selection_evaluation": {"config": {"epochs": 1, "seeds": [0], "include_full_pool": False}},
+    }
+    root = tmp_path / "root"
+    with dg.instance_for_test() as instance:
+        run_all({"ops": ops}, str(root), instance=instance, log=lambda _: None, compare=True)
+    assert not (root / "features").exists()  # no exact pass ran
+    with duckdb.connect(str(root / "gist.duckdb"), read_only=True) as db:
+        ids = {
+            method: {
+                target: set(cids)
+                for target, cids in db.execute(
+                    "SELECT target, list(candidate_id) FROM candidate_scores WHERE method = ? GROUP BY target",
+                    [method],
+                ).fetchall()
+            }
+            for method in ("gist_sketch", "random")
+        }
+        evaluated = set(db.execute("SELECT DISTINCT target, method FROM evaluations").fetchall())
+    targets = set(ids["gist_sketch"])
+    assert len(targets) == 3 and ids["random"] == ids["gist_sketch"]
+    assert all(len(c) > 100 for c in ids["random"].values())
+    assert {(t, m) for t in targets for m in ("gist_sketch", "random", "base")} <= evaluated
