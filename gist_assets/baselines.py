@@ -184,7 +184,7 @@ def scored_candidates(storage: ArtifactStore, shards: list[str]) -> tuple[pl.Dat
         )
     # Every shard has its meta, so its sidecar too (a shard's folder is swapped in whole).
     sides = [cast(pl.DataFrame, storage.read_shard_candidates(kind, s)).with_columns(shard=pl.lit(s)) for s in shards]
-    return pl.concat(sides).filter(pl.col("included")), metas
+    return pl.concat(sides).filter(pl.col("included")), [cast(dict, m) for m in metas]
 
 
 def random_scores(candidate_ids: list[str], seed: int) -> np.ndarray:
