@@ -46,22 +46,20 @@ def choose(config: SelectionConfig, scores: pl.DataFrame, subtask_scores: pl.Dat
     return scores.select(pl.all().gather(picked)).with_columns(pl.Series("selection_rank", np.arange(1, size + 1)))
 
 
-def stage_budget(score_store: ScoreStore, target: str, method: str, label: str, config: SelectionConfig) -> int:
+def stage_budget(
+    score_store: ScoreStore, target: str, method: str, label: str, config: SelectionConfig, n_scored: int
+) -> None:
     """Stage the selection of one (target, method) at the one budget of ``config`` (``label``) in the score
-    store; the number of scored candidates it is chosen from.
+    store, out of its ``n_scored`` scored candidates.
 
     The plain top-n (strategy 'top', no per-source cap) is chosen in DuckDB and never held in memory. The
     per-source cap and round-robin can reach below rank n: they read every row and choose in Python.
     """
-    n_scored = score_store.count_scores(target, method)
-    if n_scored == 0:
-        raise ValueError(f"no {method!r} scores for target {target!r}; materialize its scores asset first")
     if config.strategy == "top" and config.max_per_source is None:
         score_store.stage_top(target, method, label, selection_size(n_scored, config.fraction, config.n))
     else:
         subtasks = score_store.read_subtask_scores(target, method) if config.strategy == "round_robin" else None
         score_store.stage_rows(target, method, label, choose(config, score_store.read_scores(target, method), subtasks))
-    return n_scored
 
 
 def training_messages_column(messages_json: pl.Series) -> pl.Series:
@@ -170,14 +168,16 @@ def write_selections(
     def write_target(target: str, method: str) -> dict:
         """Every budget of one (target, method); its metadata."""
         target_meta, cuts = {}, {}
-        score_store.clear_staged(target, method)
+        n_scored = score_store.count_scores(target, method)
+        if n_scored == 0:
+            raise ValueError(f"no {method!r} scores for target {target!r}; materialize its scores asset first")
         # Every budget is chosen before anything is written: a bad size touches no file.
         for label, one in per_budget:
-            n_scored = stage_budget(score_store, target, method, label, one)
+            stage_budget(score_store, target, method, label, one, n_scored)
         with storage.selection_writer(target, method) as writer:
             for label, one in per_budget:
-                staged = score_store.staged_summary(target, method, label)
-                newer = score_store.count_staged_absent_from(target, method, label, warmup_ids) if warmup_ids else None
+                staged = score_store.staged_summary(target, method, label, warmup_ids)
+                newer = staged.get("absent_from_ids_file")
                 manifest = budget_manifest(
                     storage, staged, n_scored, one, label, target, method, bases, ref, warm, score_store.database, newer
                 )
@@ -190,7 +190,7 @@ def write_selections(
                     budget_metadata(manifest, staged, pool_mix, label, target, method, writer.manifest_location(label))
                 )
                 cuts[label] = manifest["score_cut"]
-        score_store.publish_selection(target, method)
+        score_store.publish_selection(target, method, [label for label, _ in per_budget])
         if method == METHOD:  # one plot per target, every budget's cut on it
             title = f"{target}: scores"
             target_meta[f"{target}/histogram"] = histogram(*score_store.score_histogram(target, method), title, cuts)

@@ -464,11 +464,6 @@ class ScoreStore(DuckDBResource):
 
     _STAGED = "selection_staging WHERE target = ? AND method = ? AND budget = ?"
 
-    def clear_staged(self, target: str, method: str) -> None:
-        """Drop what an earlier, unfinished selection of (target, method) left staged."""
-        with self.get_connection() as conn:
-            conn.execute("DELETE FROM selection_staging WHERE target = ? AND method = ?", [target, method])
-
     def stage_top(self, target: str, method: str, budget: str, n: int) -> None:
         """Stage the best ``n`` rows of (target, method) as the selection of ``budget``, ranked as
         ``rank_order`` ranks (score descending, ties by id). Chosen in DuckDB, no row passes through Python:
@@ -503,8 +498,11 @@ class ScoreStore(DuckDBResource):
             finally:
                 conn.unregister("incoming")
 
-    def staged_summary(self, target: str, method: str, budget: str, head: int = 10) -> dict:
-        """A staged selection's size, score cut (its lowest score), rows per source and first ``head`` rows."""
+    def staged_summary(
+        self, target: str, method: str, budget: str, ids_file: str | None = None, head: int = 10
+    ) -> dict:
+        """A staged selection's size, score cut (its lowest score), rows per source and first ``head`` rows; with
+        ``ids_file`` (a Parquet file of candidate ids), also how many of the selection it does not hold."""
         key = [target, method, budget]
         with self.get_connection() as conn:
             selected, score_cut = conn.execute(f"SELECT count(*), min(score) FROM {self._STAGED}", key).fetchone()
@@ -516,25 +514,22 @@ class ScoreStore(DuckDBResource):
                 "ORDER BY selection_rank LIMIT ?",
                 params=[*key, head],
             ).pl()
-        return {
-            "selected": int(selected),
-            "score_cut": score_cut,
-            "counts_per_source": {s: int(c) for s, c in per_source},
-            "head": first,
-        }
-
-    def count_staged_absent_from(self, target: str, method: str, budget: str, ids_file: str) -> int:
-        """Staged candidates of the selection that are not in the Parquet file ``ids_file``."""
-        key = [target, method, budget]
-        with self.get_connection() as conn:
-            # A semi join builds its hash table on the staged ids and streams the file past it; an anti join
-            # would build one on the file's ids, as large as the pool.
-            [(selected, present)] = conn.execute(
-                f"SELECT (SELECT count(*) FROM {self._STAGED}), (SELECT count(DISTINCT candidate_id) FROM "
-                f"read_parquet(?) SEMI JOIN (SELECT candidate_id FROM {self._STAGED}) USING (candidate_id))",
-                [*key, ids_file, *key],
-            ).fetchall()
-        return int(selected) - int(present)
+            summary = {
+                "selected": int(selected),
+                "score_cut": score_cut,
+                "counts_per_source": {s: int(c) for s, c in per_source},
+                "head": first,
+            }
+            if ids_file is not None:
+                # A semi join builds its hash table on the staged ids and streams the file past it; an anti
+                # join would build one on the file's ids, as large as the pool.
+                [(present,)] = conn.execute(
+                    "SELECT count(DISTINCT candidate_id) FROM read_parquet(?) SEMI JOIN "
+                    f"(SELECT candidate_id FROM {self._STAGED}) USING (candidate_id)",
+                    [ids_file, *key],
+                ).fetchall()
+                summary["absent_from_ids_file"] = int(selected) - int(present)
+        return summary
 
     def staged_with_file_columns(
         self, target: str, method: str, budget: str, parquet_file: str, columns: list[str], chunk_rows: int
@@ -556,6 +551,8 @@ class ScoreStore(DuckDBResource):
         with files.scratch_dir(Path(self.database).with_name("export_join")) as spill:
             with self.get_connection() as conn, ExitStack() as writers_open:
                 [(selected,)] = conn.execute(f"SELECT count(*) FROM {self._STAGED}", key).fetchall()
+                # The first chunk's staged rows too, while connected (a small selection is one chunk).
+                first_rows = self._staged_ranks(conn, key, 0, chunk_rows)
                 reader = conn.sql(
                     f"SELECT a.at, {picked} FROM read_parquet(?) f JOIN (SELECT selection_rank - 1 AS at, "
                     f"candidate_id FROM {self._STAGED}) a USING (candidate_id)",
@@ -572,12 +569,11 @@ class ScoreStore(DuckDBResource):
                         writers[c].write_batch(part)
             none_found = _arrow_frame(reader.schema.empty_table()).cast({"at": pl.Int64})
             for c, start in enumerate(range(0, max(selected, 1), chunk_rows)):
-                with self.get_connection() as conn:
-                    rows = conn.sql(
-                        f"SELECT * FROM {self._STAGED} AND selection_rank > ? AND "
-                        "selection_rank <= ? ORDER BY selection_rank",
-                        params=[*key, start, start + chunk_rows],
-                    ).pl()
+                if c == 0:
+                    rows = first_rows
+                else:
+                    with self.get_connection() as conn:
+                        rows = self._staged_ranks(conn, key, start, chunk_rows)
                 found = none_found
                 if c in writers:
                     with pa.ipc.open_stream(str(spill / f"{c}.arrow")) as chunk_reader:
@@ -588,10 +584,19 @@ class ScoreStore(DuckDBResource):
                 text = at.join(found, on="at", how="left", maintain_order="left").drop("at")
                 yield pl.concat([rows, text], how="horizontal")
 
-    def publish_selection(self, target: str, method: str) -> None:
-        """Every staged budget of (target, method) replaces its published rows in ``selections``, in one
-        transaction: readers see the old selection or the new, never a mix."""
+    def _staged_ranks(self, conn, key: list[str], start: int, n: int) -> pl.DataFrame:
+        """The staged rows ranked start + 1 .. start + n, in rank order."""
+        return conn.sql(
+            f"SELECT * FROM {self._STAGED} AND selection_rank > ? AND selection_rank <= ? ORDER BY selection_rank",
+            params=[*key, start, start + n],
+        ).pl()
+
+    def publish_selection(self, target: str, method: str, budgets: list[str]) -> None:
+        """The staged ``budgets`` of (target, method) replace its published rows in ``selections``, in one
+        transaction (readers see the old selection or the new, never a mix); whatever else of (target, method)
+        is staged (left by a run that failed) is dropped."""
         key = [target, method]
+        marks = ", ".join("?" for _ in budgets)
         with self.get_connection() as conn:
             conn.execute("BEGIN TRANSACTION")
             try:
@@ -599,8 +604,8 @@ class ScoreStore(DuckDBResource):
                 conn.execute(
                     "INSERT INTO selections (target, method, candidate_id, rank, score, source, budget) SELECT "
                     "target, method, candidate_id, selection_rank, score, source, budget FROM selection_staging "
-                    "WHERE target = ? AND method = ? ORDER BY budget, selection_rank",
-                    key,
+                    f"WHERE target = ? AND method = ? AND budget IN ({marks}) ORDER BY budget, selection_rank",
+                    [*key, *budgets],
                 )
                 conn.execute("DELETE FROM selection_staging WHERE target = ? AND method = ?", key)
                 conn.execute("COMMIT")
