@@ -312,7 +312,7 @@ BASELINE_METHODS = ("random", "less", "representation")
 @dg.asset(
     group_name="baselines",
     deps=[baseline_scores, candidate_pool],
-    code_version="2",
+    code_version="3",
     pool=DUCKDB_POOL,
     kinds={"duckdb", "parquet"},
 )

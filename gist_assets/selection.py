@@ -246,7 +246,7 @@ def budget_metadata(
 @dg.asset(
     group_name="gist",
     deps=[candidate_scores, candidate_pool],
-    code_version="6",
+    code_version="7",
     pool=DUCKDB_POOL,
     kinds={"duckdb", "parquet"},
     automation_condition=dg.AutomationCondition.eager(),
