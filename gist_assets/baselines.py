@@ -169,12 +169,12 @@ def load_method_features(storage: ArtifactStore, shards: list[str], kind: str):
     return pl.concat([p[0] for p in parts]).filter(pl.col("included")), tensors, metas
 
 
-def scored_candidates(storage: ArtifactStore, shards: list[str]) -> tuple[pl.DataFrame, list[dict]]:
-    """The included candidates of every shard and each shard's feature meta, from the features of the GIST
+def scored_candidates(storage: ArtifactStore, shards: list[str]) -> tuple[pl.DataFrame, list[dict], str]:
+    """The included candidates of every shard, each shard's feature meta and their kind, from the features of the GIST
     method candidate_scores scored first (``candidate_sketches`` for a ``[gist_sketch]`` run, else
     ``candidate_features``): the candidates the random baseline draws from are the ones GIST chose among."""
     record = storage.scores_record_or_none(METHOD) or {}
-    kind = "gist_sketch" if record.get("methods", [METHOD])[0] == SKETCH_METHOD else "gist"
+    kind = "gist_sketch" if (record.get("methods") or [METHOD])[0] == SKETCH_METHOD else "gist"
     metas = [storage.shard_features_meta(kind, s) for s in shards]
     missing = [s for s, meta in zip(shards, metas, strict=True) if meta is None]
     if missing:
@@ -184,7 +184,7 @@ def scored_candidates(storage: ArtifactStore, shards: list[str]) -> tuple[pl.Dat
         )
     # Every shard has its meta, so its sidecar too (a shard's folder is swapped in whole).
     sides = [cast(pl.DataFrame, storage.read_shard_candidates(kind, s)).with_columns(shard=pl.lit(s)) for s in shards]
-    return pl.concat(sides).filter(pl.col("included")), [cast(dict, m) for m in metas]
+    return pl.concat(sides).filter(pl.col("included")), [cast(dict, m) for m in metas], kind
 
 
 def random_scores(candidate_ids: list[str], seed: int) -> np.ndarray:
@@ -221,10 +221,11 @@ def baseline_scores(
     grads = storage.read_target_gradients_manifest()
     targets = sorted(grads["targets"])
     avg_lr = {c["name"]: c["avg_lr"] for c in storage.read_warmup()["checkpoints"]}
-    summary, inputs = [], []
+    summary: list[dict] = []
+    inputs: list[tuple] = []  # per method, what its scores were made from
     if "random" in config.methods:
-        side, metas = scored_candidates(storage, shards)
-        inputs.append(("random", [m.get("shard_version") for m in metas]))
+        side, metas, kind = scored_candidates(storage, shards)
+        inputs.append(("random", kind, [m.get("shard_version") for m in metas]))
         score = random_scores(side["candidate_id"].to_list(), config.random_seed)
         summary += write_method_scores(
             score_store,

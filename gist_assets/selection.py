@@ -2,6 +2,7 @@
 the pool's own format, chat ``messages`` JSONL, Parquet) with a manifest that traces them to the model,
 checkpoints and basis that chose them. ``write_selections`` also serves the baselines' selections."""
 
+import contextlib
 from collections.abc import Iterator
 
 import dagster as dg
@@ -167,7 +168,16 @@ def write_selections(
 
     def write_target(target: str, method: str) -> dict:
         """Every budget of one (target, method); its metadata."""
-        target_meta, cuts = {}, {}
+        try:
+            return stage_export_publish(target, method)
+        except BaseException:
+            # Nothing of a failed selection stays staged (best effort: the next publish drops leftovers too).
+            with contextlib.suppress(Exception):
+                score_store.drop_staged(target, method)
+            raise
+
+    def stage_export_publish(target: str, method: str) -> dict:
+        target_meta, cuts, sizes = {}, {}, {}
         n_scored = score_store.count_scores(target, method)
         if n_scored == 0:
             raise ValueError(f"no {method!r} scores for target {target!r}; materialize its scores asset first")
@@ -189,8 +199,8 @@ def write_selections(
                 target_meta.update(
                     budget_metadata(manifest, staged, pool_mix, label, target, method, writer.manifest_location(label))
                 )
-                cuts[label] = manifest["score_cut"]
-        score_store.publish_selection(target, method, [label for label, _ in per_budget])
+                cuts[label], sizes[label] = manifest["score_cut"], staged["selected"]
+        score_store.publish_selection(target, method, sizes)
         if method == METHOD:  # one plot per target, every budget's cut on it
             title = f"{target}: scores"
             target_meta[f"{target}/histogram"] = histogram(*score_store.score_histogram(target, method), title, cuts)

@@ -384,13 +384,13 @@ class ScoreStore(DuckDBResource):
                 ).fetchone()[0]
             )
 
-    def _ids_query(self, candidate_ids, sql: str, params: list | None = None) -> pl.Series:
+    def _ids_query(self, candidate_ids, sql: str) -> pl.Series:
         """The first column of ``sql``'s rows, with ``candidate_ids`` as the table ``asked(candidate_id)``."""
         asked = pl.DataFrame([pl.Series("candidate_id", candidate_ids, dtype=pl.Utf8)])
         with self.get_connection() as conn:
             conn.register("asked", asked.to_arrow())
             try:
-                return conn.sql(sql, params=params or []).pl().to_series(0).cast(pl.Utf8)
+                return conn.sql(sql).pl().to_series(0).cast(pl.Utf8)
             finally:
                 conn.unregister("asked")
 
@@ -462,7 +462,8 @@ class ScoreStore(DuckDBResource):
 
     # ---- selections: staged (chosen, exported from), then published
 
-    _STAGED = "selection_staging WHERE target = ? AND method = ? AND budget = ?"
+    # What follows FROM to read one staged selection; takes (target, method, budget) as parameters.
+    _ONE_STAGED = "selection_staging WHERE target = ? AND method = ? AND budget = ?"
 
     def stage_top(self, target: str, method: str, budget: str, n: int) -> None:
         """Stage the best ``n`` rows of (target, method) as the selection of ``budget``, ranked as
@@ -475,10 +476,11 @@ class ScoreStore(DuckDBResource):
             [(cut,)] = conn.execute(
                 f"SELECT list_min(max(score, ?)) FROM score_rows {where}", [max(1, n), *params]
             ).fetchall()
-            conn.execute(f"DELETE FROM {self._STAGED}", [target, method, budget])
+            conn.execute(f"DELETE FROM {self._ONE_STAGED}", [target, method, budget])
             conn.execute(
-                "INSERT INTO selection_staging SELECT target, method, ?, r, candidate_id, source, score, r, "
-                "best_subtask, shard, n_tokens, basis_fingerprint FROM (SELECT *, row_number() OVER "
+                f"INSERT INTO selection_staging (target, method, budget, {', '.join(STAGED_COLUMNS)}) SELECT "
+                "target, method, ?, r, candidate_id, source, score, r, best_subtask, shard, n_tokens, "
+                "basis_fingerprint FROM (SELECT *, row_number() OVER "
                 f"(ORDER BY score DESC, candidate_id) AS r FROM score_rows {where} AND score >= ?) "
                 "WHERE r <= ? ORDER BY r",
                 [budget, *params, cut, n],
@@ -486,13 +488,14 @@ class ScoreStore(DuckDBResource):
 
     def stage_rows(self, target: str, method: str, budget: str, rows: pl.DataFrame) -> None:
         """Stage a selection chosen in Python: ``rows`` has STAGED_COLUMNS, ``selection_rank`` 1..n."""
-        frame = rows.select(STAGED_COLUMNS).with_columns(pl.col(pl.Categorical).cast(pl.Utf8))
+        frame = rows.select(STAGED_COLUMNS)
         with self.get_connection() as conn:
             conn.register("incoming", frame.to_arrow())
             try:
-                conn.execute(f"DELETE FROM {self._STAGED}", [target, method, budget])
+                conn.execute(f"DELETE FROM {self._ONE_STAGED}", [target, method, budget])
                 conn.execute(
-                    f"INSERT INTO selection_staging SELECT ?, ?, ?, {', '.join(STAGED_COLUMNS)} FROM incoming",
+                    f"INSERT INTO selection_staging (target, method, budget, {', '.join(STAGED_COLUMNS)}) "
+                    f"SELECT ?, ?, ?, {', '.join(STAGED_COLUMNS)} FROM incoming",
                     [target, method, budget],
                 )
             finally:
@@ -505,12 +508,12 @@ class ScoreStore(DuckDBResource):
         ``ids_file`` (a Parquet file of candidate ids), also how many of the selection it does not hold."""
         key = [target, method, budget]
         with self.get_connection() as conn:
-            selected, score_cut = conn.execute(f"SELECT count(*), min(score) FROM {self._STAGED}", key).fetchone()
+            selected, score_cut = conn.execute(f"SELECT count(*), min(score) FROM {self._ONE_STAGED}", key).fetchone()
             per_source = conn.execute(
-                f"SELECT source, count(*) FROM {self._STAGED} GROUP BY source ORDER BY source", key
+                f"SELECT source, count(*) FROM {self._ONE_STAGED} GROUP BY source ORDER BY source", key
             ).fetchall()
             first = conn.sql(
-                f"SELECT selection_rank, candidate_id, source, score, best_subtask FROM {self._STAGED} "
+                f"SELECT selection_rank, candidate_id, source, score, best_subtask FROM {self._ONE_STAGED} "
                 "ORDER BY selection_rank LIMIT ?",
                 params=[*key, head],
             ).pl()
@@ -525,7 +528,7 @@ class ScoreStore(DuckDBResource):
                 # join would build one on the file's ids, as large as the pool.
                 [(present,)] = conn.execute(
                     "SELECT count(DISTINCT candidate_id) FROM read_parquet(?) SEMI JOIN "
-                    f"(SELECT candidate_id FROM {self._STAGED}) USING (candidate_id)",
+                    f"(SELECT candidate_id FROM {self._ONE_STAGED}) USING (candidate_id)",
                     [ids_file, *key],
                 ).fetchall()
                 summary["absent_from_ids_file"] = int(selected) - int(present)
@@ -550,12 +553,12 @@ class ScoreStore(DuckDBResource):
         picked = ", ".join(f"f.{_sql_name(c)}" for c in columns)
         with files.scratch_dir(Path(self.database).with_name("export_join")) as spill:
             with self.get_connection() as conn, ExitStack() as writers_open:
-                [(selected,)] = conn.execute(f"SELECT count(*) FROM {self._STAGED}", key).fetchall()
+                [(selected,)] = conn.execute(f"SELECT count(*) FROM {self._ONE_STAGED}", key).fetchall()
                 # The first chunk's staged rows too, while connected (a small selection is one chunk).
                 first_rows = self._staged_ranks(conn, key, 0, chunk_rows)
                 reader = conn.sql(
                     f"SELECT a.at, {picked} FROM read_parquet(?) f JOIN (SELECT selection_rank - 1 AS at, "
-                    f"candidate_id FROM {self._STAGED}) a USING (candidate_id)",
+                    f"candidate_id FROM {self._ONE_STAGED}) a USING (candidate_id)",
                     params=[parquet_file, *key],
                 ).to_arrow_reader(chunk_rows)
                 writers: dict[int, pa.ipc.RecordBatchStreamWriter] = {}
@@ -587,16 +590,17 @@ class ScoreStore(DuckDBResource):
     def _staged_ranks(self, conn, key: list[str], start: int, n: int) -> pl.DataFrame:
         """The staged rows ranked start + 1 .. start + n, in rank order."""
         return conn.sql(
-            f"SELECT * FROM {self._STAGED} AND selection_rank > ? AND selection_rank <= ? ORDER BY selection_rank",
+            f"SELECT * FROM {self._ONE_STAGED} AND selection_rank > ? AND selection_rank <= ? ORDER BY selection_rank",
             params=[*key, start, start + n],
         ).pl()
 
-    def publish_selection(self, target: str, method: str, budgets: list[str]) -> None:
-        """The staged ``budgets`` of (target, method) replace its published rows in ``selections``, in one
-        transaction (readers see the old selection or the new, never a mix); whatever else of (target, method)
-        is staged (left by a run that failed) is dropped."""
+    def publish_selection(self, target: str, method: str, sizes: dict[str, int]) -> None:
+        """The staged budgets of (target, method) (``sizes``: {budget: rows staged}) replace its published rows
+        in ``selections``, in one transaction (readers see the old selection or the new, never a mix); whatever
+        else of (target, method) is staged is dropped. Staged rows that are not the ones counted (another run
+        staging the same selection at the same time) fail the publish and change nothing."""
         key = [target, method]
-        marks = ", ".join("?" for _ in budgets)
+        marks = ", ".join("?" for _ in sizes)
         with self.get_connection() as conn:
             conn.execute("BEGIN TRANSACTION")
             try:
@@ -605,16 +609,33 @@ class ScoreStore(DuckDBResource):
                     "INSERT INTO selections (target, method, candidate_id, rank, score, source, budget) SELECT "
                     "target, method, candidate_id, selection_rank, score, source, budget FROM selection_staging "
                     f"WHERE target = ? AND method = ? AND budget IN ({marks}) ORDER BY budget, selection_rank",
-                    [*key, *budgets],
+                    [*key, *sizes],
                 )
+                found = dict(
+                    conn.execute(
+                        "SELECT budget, count(*) FROM selections WHERE target = ? AND method = ? GROUP BY budget", key
+                    ).fetchall()
+                )
+                if found != sizes:
+                    raise ScoreStoreWriteError(
+                        f"the staged {method} selections of {target!r} changed while they were exported (another "
+                        f"run selecting at the same time?): staged {sizes}, found {found}; run it again"
+                    )
                 conn.execute("DELETE FROM selection_staging WHERE target = ? AND method = ?", key)
                 conn.execute("COMMIT")
             except Exception as exc:
                 conn.execute("ROLLBACK")
+                if isinstance(exc, ScoreStoreWriteError):
+                    raise
                 raise ScoreStoreWriteError(
                     f"writing the {method} selections of {target!r} to {self.database} failed and was rolled "
                     f"back; the previous rows are unchanged: {exc}"
                 ) from None
+
+    def drop_staged(self, target: str, method: str) -> None:
+        """Forget what is staged for (target, method) (a selection that failed before it was published)."""
+        with self.get_connection() as conn:
+            conn.execute("DELETE FROM selection_staging WHERE target = ? AND method = ?", [target, method])
 
     def selection_sizes(self) -> dict[tuple[str, str, str], int]:
         """{(method, target, budget): rows} of the selections table."""

@@ -55,7 +55,7 @@ def test_selection_evaluation(small_run, tmp_path):
                 }
             )
             store.stage_rows(target, EXTRA, budget, rows)
-            store.publish_selection(target, EXTRA, [budget])
+            store.publish_selection(target, EXTRA, {budget: rows.height})
         with store.get_connection() as conn:
             cells = set(conn.execute("SELECT DISTINCT target, method, budget FROM selections").fetchall())
         targets = sorted({t for t, _, _ in cells})

@@ -212,6 +212,35 @@ def test_failed_score_write_leaves_previous_rows_intact(tmp_path, broken, monkey
     assert len(list(store.method_dir("gist").iterdir())) == 1
 
 
+def test_publish_refuses_staged_rows_another_run_changed(tmp_path):
+    """Two selection runs at once (no writer pool configured): when the staged rows are not the ones this run
+    counted, the publish fails and the published selection stays; a clean stage then publishes."""
+    store = ScoreStore(database=str(tmp_path / "scores.duckdb"))
+    _write(store, {"t": _rows(200)})
+
+    def published() -> list[tuple]:
+        with store.get_connection() as conn:
+            return conn.execute("SELECT budget, count(*) FROM selections GROUP BY budget ORDER BY 1").fetchall()
+
+    store.stage_top("t", "gist", "n10", 10)
+    store.publish_selection("t", "gist", {"n10": 10})
+    assert published() == [("n10", 10)]
+    store.stage_top("t", "gist", "n20", 20)
+    store.stage_top("t", "gist", "n20", 30)  # the other run restaged the same budget meanwhile
+    with pytest.raises(ScoreStoreWriteError, match=r"changed while they were exported.*staged \{'n20': 20\}"):
+        store.publish_selection("t", "gist", {"n20": 20})
+    assert published() == [("n10", 10)]
+    store.drop_staged("t", "gist")
+    with pytest.raises(ScoreStoreWriteError, match="found {}"):  # the other run's publish took the rows away
+        store.publish_selection("t", "gist", {"n20": 20})
+    assert published() == [("n10", 10)]
+    store.stage_top("t", "gist", "n20", 20)
+    store.publish_selection("t", "gist", {"n20": 20})
+    assert published() == [("n20", 20)]
+    with store.get_connection() as conn:
+        assert conn.execute("SELECT count(*) FROM selection_staging").fetchone()[0] == 0
+
+
 class FlakyCompute(ComputeResource):
     """Fails the first model load (as a transient CUDA OOM or a busy file system would), then works."""
 
@@ -366,7 +395,7 @@ def test_failed_export_keeps_the_published_selections_and_a_rerun_finishes(small
     with fresh_instance() as instance:
         failed = materialize(["selected_subset"], root, instance, ops=config, checks=False)
     assert "No space left on device" in user_error(failed)
-    assert exports[0] == exports[1] and staged_rows() > 0  # both budgets of one selection, never published
+    assert exports[0] == exports[1] and staged_rows() == 0  # both budgets of one selection, dropped unpublished
     assert published().equals(rows_before)
     assert selection_files() == files_before  # the first budget's new files were not swapped in
     monkeypatch.undo()
