@@ -73,8 +73,8 @@ def less_candidate_features(
         betas, eps = tuple(info["betas"]), info["adam_eps"]
 
         # B023: the closure is only called by block_features below, within this loop iteration.
-        def project(k, g):
-            return projector.project_block(k, adam_direction(g, *moments[k], betas=betas, eps=eps))  # noqa: B023
+        def project(acc, k, g):
+            projector.add_block(acc, k, adam_direction(g, *moments[k], betas=betas, eps=eps))  # noqa: B023
 
         z, _, _, stats = block_features(
             model,

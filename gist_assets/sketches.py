@@ -50,7 +50,7 @@ def candidate_sketches(
         s, norms, losses, stats = block_features(
             model,
             shard_in.kept,
-            projector.project_block,
+            projector.add_block,
             config.dim,
             pad_id=shard_in.tokenizer.pad_token_id,
             progress=progress_logger(context.log, f"sketch {shard}/{ckpt}"),

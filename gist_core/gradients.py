@@ -570,11 +570,12 @@ def full_gradients(
 def block_features(
     model: nn.Module,
     encoded: Sequence[Encoded],
-    project_block: Callable[[int, torch.Tensor], torch.Tensor],
+    add_block: Callable[[torch.Tensor, int, torch.Tensor], None],
     out_dim: int,
     **kwargs,
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray, PassStats]:
-    """Per-example features sum_k project_block(k, g_k) built block by block: (z (N, out_dim), |g|, losses, stats)."""
+    """Per-example features sum_k P_k(g_k), built block by block: ``add_block(acc, k, g_k)`` adds block k's
+    share (B, out_dim) of the batch's projection into ``acc``. Returns (z (N, out_dim), |g|, losses, stats)."""
     device = kwargs.pop("device", torch.device("cpu"))
     n = len(encoded)
     z = np.zeros((n, out_dim), dtype=np.float32)
@@ -585,7 +586,7 @@ def block_features(
         acc = torch.zeros(len(batch.indices), out_dim, device=device)
         sq = torch.zeros(len(batch.indices), device=device, dtype=torch.float64)
         for k, g in blocks:
-            acc.add_(project_block(k, g))
+            add_block(acc, k, g)
             sq += (g * g).sum(dim=1, dtype=torch.float64)
         rows = np.asarray(batch.indices)
         z[rows] = acc.cpu().numpy()
@@ -613,9 +614,11 @@ def projected_gradients(
     device = kwargs.get("device", torch.device("cpu"))
     basis = basis.to(device=device, dtype=torch.float32)
     slices = [basis[b.offset : b.offset + b.size] for b in layout.blocks]
-    return block_features(
-        model, encoded, lambda k, g: g @ slices[k], basis.shape[1], linears=(layout, modules), **kwargs
-    )
+
+    def add_block(acc: torch.Tensor, k: int, g: torch.Tensor) -> None:
+        acc.add_(g @ slices[k])
+
+    return block_features(model, encoded, add_block, basis.shape[1], linears=(layout, modules), **kwargs)
 
 
 def reference_gradients(model: nn.Module, encoded: Sequence[Encoded], device: torch.device = _CPU) -> np.ndarray:

@@ -32,7 +32,7 @@ def test_sketched_coordinates_converge_to_exact_as_d_grows(kind):
     projector = sketch_projector(layout, 64, 0, kind)
     if kind == "rademacher":
         projector = BlockProjector(layout, 64, seed=0, chunk_rows=300)  # chunks that split blocks, too
-    s, _, _, _ = block_features(model, candidates, projector.project_block, 64)
+    s, _, _, _ = block_features(model, candidates, projector.add_block, 64)
     np.testing.assert_allclose(s, g @ projector.dense().double().numpy(), rtol=1e-4, atol=1e-5)
     errors = {}
     for d in (16, 256, 2048):
