@@ -144,7 +144,7 @@ def main(argv=None) -> int:
 
     from gist_assets.config import SKETCH_DIM
     from gist_assets.run import materialize, run_all
-    from gist_assets.sketches import current_sketch_shards
+    from gist_assets.sketches import current_sketch_shards, sketch_rows
     from gist_core.scoring import checkpoint_weights
     from gist_demo import synthetic
     from gist_resources import ArtifactStore
@@ -211,7 +211,7 @@ def main(argv=None) -> int:
             shards = sorted(instance.get_dynamic_partitions("candidate_shards"))
             _, projector = current_sketch_shards(storage, shards, ckpts)
             parts = [storage.read_shard_features("gist_sketch", s) for s in shards]
-            sketches = {c: np.concatenate([tensors[c] for _, tensors in parts]) for c in ckpts}
+            sketches = {c: np.concatenate([sketch_rows(tensors, c) for _, tensors in parts]) for c in ckpts}
             side = pl.concat([p[0] for p in parts])
             exact_side = pl.concat([storage.read_shard_features("gist", s)[0] for s in shards])
             ids = side.filter(side["included"])["candidate_id"]

@@ -13,7 +13,7 @@ import dagster as dg
 import numpy as np
 
 from gist_core.gradients import GradientLayout, block_features, trainable_linears
-from gist_core.projection import sketch_projector
+from gist_core.projection import pack_rows, sketch_projector, unpack_rows
 from gist_resources import ArtifactStore, ComputeResource
 
 from .config import CandidateSketchesConfig
@@ -30,7 +30,7 @@ ASSET = "candidate_sketches"
 @shard_features_asset(
     group_name="gist",
     deps=[candidate_pool, warmup_checkpoint, base_model],
-    code_version="1",
+    code_version="2",
 )
 def candidate_sketches(
     context: dg.AssetExecutionContext,
@@ -56,7 +56,7 @@ def candidate_sketches(
             progress=progress_logger(context.log, f"sketch {shard}/{ckpt}"),
             **compute.batching(),
         )
-        tensors[ckpt] = s
+        tensors[ckpt], tensors[f"{ckpt}/scale"] = pack_rows(s)  # half the bytes of float32 (pack_rows)
         tensors[f"{ckpt}/grad_norm"] = norms
         tensors[f"{ckpt}/loss"] = losses
         timings[ckpt] = stats.timing()
@@ -75,7 +75,7 @@ def candidate_sketches(
         "timings": timings,
     }
     storage.write_shard_features(KIND, shard, tensors, shard_in.candidates, meta)
-    n_sketch = sum(tensors[c].nbytes for c in checkpoints)
+    n_sketch = sum(tensors[c].nbytes + tensors[f"{c}/scale"].nbytes for c in checkpoints)
     return dg.MaterializeResult(
         data_version=data_version(version),
         metadata={
@@ -88,6 +88,13 @@ def candidate_sketches(
             "path": dg.MetadataValue.path(str(storage.features_location(KIND, shard))),
         },
     )
+
+
+def sketch_rows(tensors: dict[str, np.ndarray], ckpt: str) -> np.ndarray:
+    """A shard's sketches at one checkpoint (M x d float32) from its stored tensors (packed float16 rows and
+    their scales; plain float32 in shards written before packing)."""
+    scale = tensors.get(f"{ckpt}/scale")
+    return tensors[ckpt] if scale is None else unpack_rows(tensors[ckpt], scale)
 
 
 def sketch_shard_state(

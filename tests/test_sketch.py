@@ -170,3 +170,23 @@ def test_compare_with_the_sketch_alone_draws_random_from_the_sketched_candidates
     assert len(targets) == 3 and ids["random"] == ids["gist_sketch"]
     assert all(len(c) > 100 for c in ids["random"].values())
     assert {(t, m) for t in targets for m in ("gist_sketch", "random", "base")} <= evaluated
+
+
+def test_packed_rows_keep_each_entry_to_its_row_max_whatever_the_magnitude():
+    """pack_rows: float16 rows scaled by their max: half the bytes, every entry within 2^-11 of its row's max
+    (rows of 1e-9 do not flush to zero, as plain float16 would), zero rows and no rows come back as such."""
+    from gist_core.projection import pack_rows, unpack_rows
+
+    rng = np.random.default_rng(3)
+    rows = rng.standard_normal((50, 4096)).astype(np.float32) * np.logspace(-12, 3, 50, dtype=np.float32)[:, None]
+    rows[7] = 0.0
+    packed, scale = pack_rows(rows)
+    assert packed.dtype == np.float16 and scale.dtype == np.float32 and packed.nbytes == rows.nbytes // 2
+    back = unpack_rows(packed, scale)
+    assert back.dtype == np.float32 and not back[7].any()
+    bound = 2.0**-11 * np.abs(rows).max(axis=1, keepdims=True)
+    assert (np.abs(back - rows) <= bound).all()
+    assert np.count_nonzero(back[0]) > 0.99 * back.shape[1]  # the 1e-12 row survives
+    assert np.count_nonzero(rows[0].astype(np.float16)) == 0  # which plain float16 loses
+    empty, no_scale = pack_rows(np.zeros((0, 16), np.float32))
+    assert empty.shape == (0, 16) and no_scale.shape == (0,)
