@@ -212,6 +212,8 @@ def main(argv=None) -> int:
             _, projector = current_sketch_shards(storage, shards, ckpts)
             parts = [storage.read_shard_features("gist_sketch", s) for s in shards]
             sketches = {c: np.concatenate([sketch_rows(tensors, c) for _, tensors in parts]) for c in ckpts}
+            # As stored (packed float16 rows and their scales), not as unpacked for scoring.
+            stored_bytes = sum(t[k].nbytes for _, t in parts for c in ckpts for k in (c, f"{c}/scale") if k in t)
             side = pl.concat([p[0] for p in parts])
             exact_side = pl.concat([storage.read_shard_features("gist", s)[0] for s in shards])
             ids = side.filter(side["included"])["candidate_id"]
@@ -262,7 +264,7 @@ def main(argv=None) -> int:
                 evals = db.execute("SELECT seed, target, method, heldout_loss FROM evaluations").fetchall()
 
         n_scored, n_ckpt = len(ids), len(ckpts)
-        sketch_bytes = sum(sketches[c][:1].nbytes for c in ckpts)
+        sketch_bytes = round(stored_bytes / n_scored)
         print(
             f"\npool: {args.pool}{' (quick)' if args.quick else ''}; "
             f"{n_scored} scored candidates, {len(shards)} shards, "
@@ -312,7 +314,10 @@ def main(argv=None) -> int:
         print("\nCost of a new target (Dagster step durations, shards summed)")
         print(table(cost, floatfmt="{:.1f}"))
         storage_rows = [
-            {"features": f"gist_sketch sketches (d={dim} float32 x {n_ckpt} ckpts)", "bytes/candidate": sketch_bytes},
+            {
+                "features": f"gist_sketch sketches (d={dim} float16 + a float32 scale, x {n_ckpt} ckpts)",
+                "bytes/candidate": sketch_bytes,
+            },
             {"features": f"LESS ({LESS_DIM} float32 x {n_ckpt} ckpts)", "bytes/candidate": LESS_DIM * 4 * n_ckpt},
         ]
         print("\nStorage per candidate")
