@@ -157,13 +157,21 @@ def representation_features(
     )
 
 
-def load_method_features(storage: ArtifactStore, shards: list[str], kind: str):
-    """One kind's features of every shard, concatenated (the baselines score in memory): the included
-    candidates' sidecar rows, the tensors, and each shard's meta; missing shards named."""
+def shard_metas(storage: ArtifactStore, shards: list[str], kind: str, needed_by: str = "") -> list[dict]:
+    """Every shard's feature meta of one kind; an error naming the shards that have none."""
     metas = [storage.shard_features_meta(kind, s) for s in shards]
     missing = [s for s, meta in zip(shards, metas, strict=True) if meta is None]
     if missing:
-        raise ValueError(f"{FEATURE_ASSETS[kind]} is missing for shards {missing}; materialize those partitions first")
+        raise ValueError(
+            f"{needed_by}{FEATURE_ASSETS[kind]} is missing for shards {missing}; materialize those partitions first"
+        )
+    return [cast(dict, m) for m in metas]
+
+
+def load_method_features(storage: ArtifactStore, shards: list[str], kind: str):
+    """One kind's features of every shard, concatenated (the baselines score in memory): the included
+    candidates' sidecar rows, the tensors, and each shard's meta; missing shards named."""
+    metas = shard_metas(storage, shards, kind)
     parts = [storage.read_shard_features(kind, s) for s in shards]
     tensors = {k: np.concatenate([p[1][k] for p in parts]) for k in parts[0][1]}
     return pl.concat([p[0] for p in parts]).filter(pl.col("included")), tensors, metas
@@ -175,16 +183,10 @@ def scored_candidates(storage: ArtifactStore, shards: list[str]) -> tuple[pl.Dat
     ``candidate_features``): the candidates the random baseline draws from are the ones GIST chose among."""
     record = storage.scores_record_or_none(METHOD) or {}
     kind = "gist_sketch" if (record.get("methods") or [METHOD])[0] == SKETCH_METHOD else "gist"
-    metas = [storage.shard_features_meta(kind, s) for s in shards]
-    missing = [s for s, meta in zip(shards, metas, strict=True) if meta is None]
-    if missing:
-        raise ValueError(
-            f"the random baseline draws from the candidates of {FEATURE_ASSETS[kind]}, which is missing for "
-            f"shards {missing}; materialize those partitions first"
-        )
+    metas = shard_metas(storage, shards, kind, needed_by="the random baseline draws from its candidates: ")
     # Every shard has its meta, so its sidecar too (a shard's folder is swapped in whole).
     sides = [cast(pl.DataFrame, storage.read_shard_candidates(kind, s)).with_columns(shard=pl.lit(s)) for s in shards]
-    return pl.concat(sides).filter(pl.col("included")), [cast(dict, m) for m in metas], kind
+    return pl.concat(sides).filter(pl.col("included")), metas, kind
 
 
 def random_scores(candidate_ids: list[str], seed: int) -> np.ndarray:

@@ -170,7 +170,7 @@ def pack_rows(rows: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """Rows stored in half the bytes: float16 after scaling each row to a max |entry| of 1, and the float32
     scales. Scaling keeps every row inside float16's range whatever the gradients' magnitude (unscaled,
     entries under 6e-8 would flush to zero); each entry is kept to 2^-11 of its row's max."""
-    scale = np.abs(rows).max(axis=1).astype(np.float32) if rows.size else np.zeros(len(rows), np.float32)
+    scale = np.abs(rows).max(axis=1).astype(np.float32)
     safe = np.where(scale > 0, scale, 1.0).astype(np.float32)
     return (rows / safe[:, None]).astype(np.float16), scale
 

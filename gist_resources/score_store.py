@@ -464,6 +464,7 @@ class ScoreStore(DuckDBResource):
 
     # What follows FROM to read one staged selection; takes (target, method, budget) as parameters.
     _ONE_STAGED = "selection_staging WHERE target = ? AND method = ? AND budget = ?"
+    _STAGE_INTO = f"INSERT INTO selection_staging (target, method, budget, {', '.join(STAGED_COLUMNS)})"
 
     def stage_top(self, target: str, method: str, budget: str, n: int) -> None:
         """Stage the best ``n`` rows of (target, method) as the selection of ``budget``, ranked as
@@ -478,9 +479,8 @@ class ScoreStore(DuckDBResource):
             ).fetchall()
             conn.execute(f"DELETE FROM {self._ONE_STAGED}", [target, method, budget])
             conn.execute(
-                f"INSERT INTO selection_staging (target, method, budget, {', '.join(STAGED_COLUMNS)}) SELECT "
-                "target, method, ?, r, candidate_id, source, score, r, best_subtask, shard, n_tokens, "
-                "basis_fingerprint FROM (SELECT *, row_number() OVER "
+                f"{self._STAGE_INTO} SELECT target, method, ?, r, candidate_id, source, score, r, best_subtask, "
+                "shard, n_tokens, basis_fingerprint FROM (SELECT *, row_number() OVER "
                 f"(ORDER BY score DESC, candidate_id) AS r FROM score_rows {where} AND score >= ?) "
                 "WHERE r <= ? ORDER BY r",
                 [budget, *params, cut, n],
@@ -494,8 +494,7 @@ class ScoreStore(DuckDBResource):
             try:
                 conn.execute(f"DELETE FROM {self._ONE_STAGED}", [target, method, budget])
                 conn.execute(
-                    f"INSERT INTO selection_staging (target, method, budget, {', '.join(STAGED_COLUMNS)}) "
-                    f"SELECT ?, ?, ?, {', '.join(STAGED_COLUMNS)} FROM incoming",
+                    f"{self._STAGE_INTO} SELECT ?, ?, ?, {', '.join(STAGED_COLUMNS)} FROM incoming",
                     [target, method, budget],
                 )
             finally:
