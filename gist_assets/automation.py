@@ -7,10 +7,11 @@ moves the refresh one step, and only when needed:
 
 1. a new, changed or removed file -> a ``candidate_pool`` run (re-reads the files,
    registers new shard partitions, removes those of deleted files);
-2. shards whose content hash or basis changed -> one ``candidate_features`` run
-   per such shard (unchanged shards are not recomputed), and shards whose content
-   or warmup changed -> one ``candidate_sketches`` run each, for the scoring methods
-   of the run config (``candidate_scores.methods``) only;
+2. one run per shard whose features are due (content hash or basis changed:
+   ``candidate_features``) or whose sketches are due (content or warmup changed:
+   ``candidate_sketches``), for the scoring methods of the run config
+   (``candidate_scores.methods``) only; a shard due for both gets both from one
+   gradient pass; unchanged shards are not recomputed;
 3. every shard up to date but the scores made from other inputs -> a run of
    ``candidate_scores`` and ``selected_subset``.
 
@@ -27,12 +28,12 @@ from gist_core.data import file_signatures
 from gist_resources import ArtifactStore
 
 from .config import SCORING_METHODS, effective_config, for_assets, load_run_config
-from .features import candidate_features, gist_shard_state
+from .features import FEATURES, SKETCHES, candidate_gradient_pass, gist_shard_state
 from .inputs import candidate_pool
 from .partitions import CANDIDATE_SHARDS
 from .scores import METHOD, SKETCH_METHOD, candidate_scores, scores_inputs
 from .selection import selected_subset
-from .sketches import candidate_sketches, sketch_shard_state
+from .sketches import sketch_shard_state
 from .versions import fingerprint
 
 WATCH_ENV = "GIST_WATCH_DIR"
@@ -85,28 +86,25 @@ def refresh_requests(storage: ArtifactStore, watch_dir: str, shards: list[str]) 
     except FileNotFoundError:
         return dg.SkipReason("no spectral basis yet: materialize the graph once (prepare_job) first")
     reads = {SCORING_METHODS[m] for m in methods}  # the feature assets the requested methods read
+    due = {
+        FEATURES: set(missing + stale) if FEATURES.to_user_string() in reads else set(),
+        SKETCHES: set(missing_sketches + stale_sketches) if SKETCHES.to_user_string() in reads else set(),
+    }
+    sketch_config = _user_ops(["candidate_sketches"])
+    made_from = {FEATURES: basis_version, SKETCHES: fingerprint(sketch_config, warmup_version)}
     requests = []
-    if candidate_features.key.to_user_string() in reads:
-        requests += [
+    for s in sorted(due[FEATURES] | due[SKETCHES]):
+        keys = [k for k in (FEATURES, SKETCHES) if s in due[k]]
+        requests.append(
             dg.RunRequest(
-                run_key=f"features-{s}-{pool['shards'].get(s)}-{basis_version}",
-                asset_selection=[candidate_features.key],
-                partition_key=s,
-            )
-            for s in missing + stale
-        ]
-    if candidate_sketches.key.to_user_string() in reads:
-        sketch_config = _user_ops(["candidate_sketches"])
-        made_from = fingerprint(sketch_config, warmup_version)
-        requests += [
-            dg.RunRequest(
-                run_key=f"sketches-{s}-{pool['shards'].get(s)}-{made_from}",
-                asset_selection=[candidate_sketches.key],
+                run_key="-".join(
+                    ["pass", s, str(pool["shards"].get(s))] + [f"{k.path[-1]}-{made_from[k]}" for k in keys]
+                ),
+                asset_selection=keys,
                 partition_key=s,
                 run_config=sketch_config,
             )
-            for s in missing_sketches + stale_sketches
-        ]
+        )
     if requests:
         return requests
     sketch_versions = {s: m["version"] for s, m in sketch_metas.items()}
@@ -127,7 +125,7 @@ def refresh_requests(storage: ArtifactStore, watch_dir: str, shards: list[str]) 
     name="new_candidate_data",
     minimum_interval_seconds=int(os.environ.get(INTERVAL_ENV, "60")),
     default_status=dg.DefaultSensorStatus.STOPPED,
-    target=[candidate_pool, candidate_features, candidate_sketches, candidate_scores, selected_subset],
+    target=[candidate_pool, candidate_gradient_pass, candidate_scores, selected_subset],
     description=f"Refresh when candidate files under ${WATCH_ENV} are added, changed or removed",
 )
 def new_candidate_data(context: dg.SensorEvaluationContext, storage: ArtifactStore):

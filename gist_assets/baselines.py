@@ -23,14 +23,13 @@ from gist_resources import ArtifactStore, ComputeResource, ScoreStore
 from gist_resources.artifacts import FEATURE_ASSETS
 
 from .config import BaselineScoresConfig, LessFeaturesConfig, SelectionConfig
-from .features import ShardInput, candidate_features
+from .features import FEATURES, SKETCHES, ShardInput
 from .inputs import candidate_pool, target_sets
 from .model import base_model, chat_format, warmup_checkpoint
 from .partitions import candidate_shards
 from .plots import md_table
 from .scores import METHOD, SKETCH_METHOD, write_method_scores
 from .selection import write_selections
-from .sketches import candidate_sketches
 from .steps import DUCKDB_POOL, progress_logger, shard_features_asset
 from .target_gradients import target_gradients
 from .versions import asset_fingerprint, data_version
@@ -199,8 +198,8 @@ def random_scores(candidate_ids: list[str], seed: int) -> np.ndarray:
 @dg.asset(
     group_name="baselines",
     deps=[
-        candidate_features,
-        candidate_sketches,
+        FEATURES,
+        SKETCHES,
         less_candidate_features,
         representation_features,
         target_gradients,

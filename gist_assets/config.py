@@ -336,6 +336,8 @@ ASSET_CONFIGS: dict[str, type[dg.Config]] = {
 }
 # The baselines select on the same budget as GIST unless told otherwise.
 CONFIG_FALLBACKS = {"baseline_selections": "selected_subset"}
+# Assets computed by a multi-asset node: a run-config file names the asset, a Dagster run config the node.
+CONFIG_NODES = {"candidate_sketches": "candidate_gradient_pass"}
 
 
 class RunConfigError(ValueError):
@@ -349,7 +351,11 @@ def _where(loc: tuple) -> str:
 def effective_config(run_config: dict, asset: str) -> dict:
     """The asset's config with every default filled in, as the asset will see it (validated)."""
     ops = (run_config or {}).get("ops") or {}
-    name = asset if asset in ops or asset not in CONFIG_FALLBACKS else CONFIG_FALLBACKS[asset]
+    node = CONFIG_NODES.get(asset, asset)
+    if asset not in ops and node in ops:  # a Dagster run config, as a run records it
+        name = node
+    else:
+        name = asset if asset in ops or asset not in CONFIG_FALLBACKS else CONFIG_FALLBACKS[asset]
     raw = (ops.get(name) or {}).get("config") or {}
     try:
         return ASSET_CONFIGS[asset](**raw).model_dump()
@@ -433,7 +439,7 @@ def for_assets(run_config: dict, assets: list[str]) -> dict:
     for name in assets:
         source = name if name in ops else CONFIG_FALLBACKS.get(name)
         if source in ops and (ops[source] or {}).get("config") is not None:
-            out["ops"][name] = {"config": ops[source]["config"]}
+            out["ops"][CONFIG_NODES.get(name, name)] = {"config": ops[source]["config"]}
     for key in ("resources", "loggers"):
         if run_config.get(key):
             out[key] = run_config[key]

@@ -21,13 +21,12 @@ from .checks import (
 )
 from .config import job_config
 from .evaluation import selection_evaluation
-from .features import candidate_features
+from .features import candidate_gradient_pass
 from .inputs import candidate_pool, target_sets
 from .model import base_model, warmup_checkpoint
 from .parallel import parallel_features_job
 from .scores import candidate_scores
 from .selection import selected_subset
-from .sketches import candidate_sketches
 from .target_gradients import target_gradients
 
 ASSETS = [
@@ -37,8 +36,7 @@ ASSETS = [
     warmup_checkpoint,
     target_gradients,
     spectral_basis,
-    candidate_features,
-    candidate_sketches,
+    candidate_gradient_pass,
     candidate_scores,
     selected_subset,
     less_candidate_features,

@@ -1,7 +1,10 @@
-"""candidate_features: one shard's candidate gradients projected onto every target's basis, and what every
-shard-partitioned feature asset shares (a shard's candidates, tokenized; which shards are current)."""
+"""The pass over the pool: one shard's candidate gradients, projected onto every target's basis
+(``candidate_features``, exact GIST) and sketched for later targets (``candidate_sketches``), both from one
+backward per checkpoint when both are due; and what every shard-partitioned feature asset shares (a shard's
+candidates, tokenized; which shards are current)."""
 
 import json
+from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -11,17 +14,23 @@ import polars as pl
 import torch
 
 from gist_core.data import encode_messages
-from gist_core.gradients import projected_gradients
+from gist_core.gradients import GradientLayout, basis_projection, block_features, side_by_side, trainable_linears
+from gist_core.projection import pack_rows, sketch_projector
 from gist_resources import ArtifactStore, ComputeResource
 from gist_resources.files import ArtifactError
 
 from .basis import spectral_basis
+from .config import CandidateSketchesConfig
 from .inputs import candidate_pool
-from .model import base_model, chat_format
-from .steps import progress_logger, shard_features_asset
+from .model import base_model, chat_format, warmup_checkpoint
+from .sketches import KIND as SKETCH_KIND
+from .sketches import SKETCHES_CODE_VERSION, sketch_version
+from .steps import SHARD_PASS, progress_logger
 from .versions import data_version, fingerprint
 
 FEATURES_CODE_VERSION = "2"
+FEATURES = dg.AssetKey("candidate_features")
+SKETCHES = dg.AssetKey("candidate_sketches")
 
 
 @dataclass
@@ -33,6 +42,7 @@ class ShardInput:
     keep: list[int]
     candidates: pl.DataFrame  # per candidate: id, source, token counts, included, exclude_reason
     version: str  # the shard's content hash from candidate_pool
+    shard: str
 
     @classmethod
     def load(cls, storage: ArtifactStore, compute: ComputeResource, ref: dict, shard: str) -> "ShardInput":
@@ -59,7 +69,7 @@ class ShardInput:
                 dtype=pl.Utf8,
             ),
         )
-        return cls(tokenizer, encoded, [i for i, ok in enumerate(included) if ok], candidates, version)
+        return cls(tokenizer, encoded, [i for i, ok in enumerate(included) if ok], candidates, version, shard)
 
     @property
     def kept(self) -> list:
@@ -99,32 +109,92 @@ def current_feature_shards(storage: ArtifactStore, shards: list[str]) -> dict[st
     return versions
 
 
-def compute_gist_shard(storage: ArtifactStore, compute: ComputeResource, shard: str, log) -> tuple[str, dict]:
-    """One shard's GIST features (shared by the partitioned asset and the parallel fan-out job).
+class ShardPass:
+    """What one shard's pass computes at each checkpoint: exact features onto the targets' bases, sketches, or
+    both from the same backward."""
 
-    Returns (data version, metadata).
-    """
-    ref, bases = storage.read_model_ref(), storage.read_basis_manifest()
-    shard_in = ShardInput.load(storage, compute, ref, shard)
-    targets = sorted(bases["targets"])
-    tensors, timings = {}, {}
-    for ckpt in [c["name"] for c in bases["checkpoints"]]:
-        model = compute.load_model(storage.model_path(ref), storage.checkpoint_dir(ckpt))
-        V, slices = storage.bases_side_by_side(ckpt, targets)
-        z, norms, losses, stats = projected_gradients(
+    def __init__(self, storage: ArtifactStore, features: bool, sketch: CandidateSketchesConfig | None):
+        self.bases = storage.read_basis_manifest() if features else None
+        self.warmup = storage.read_warmup() if sketch is not None else None
+        self.sketch = sketch
+        basis_ckpts = [c["name"] for c in self.bases["checkpoints"]] if self.bases else []
+        sketch_ckpts = [c["name"] for c in self.warmup["checkpoints"]] if self.warmup else []
+        self.basis_checkpoints, self.sketch_checkpoints = basis_ckpts, sketch_ckpts
+        self.checkpoints = list(dict.fromkeys(sketch_ckpts + basis_ckpts))  # warmup order
+        self.targets = sorted(self.bases["targets"]) if self.bases else []
+        self.features: dict[str, np.ndarray] = {}
+        self.sketches: dict[str, np.ndarray] = {}
+        self.timings: dict[str, dict] = {"features": {}, "sketches": {}}
+        self.layout: GradientLayout | None = None
+
+    def run(self, storage: ArtifactStore, compute: ComputeResource, shard_in: "ShardInput", ckpt: str, log) -> None:
+        model = compute.load_model(storage.model_path(storage.read_model_ref()), storage.checkpoint_dir(ckpt))
+        layout, modules = trainable_linears(model)
+        self.layout = layout
+        device = compute.torch_device()
+        parts: dict[str, tuple] = {}
+        slices: dict[str, tuple[int, int]] = {}
+        if ckpt in self.basis_checkpoints:
+            V, slices = storage.bases_side_by_side(ckpt, self.targets)
+            parts["features"] = (basis_projection(layout, torch.from_numpy(V), device), V.shape[1])
+        if self.sketch is not None and ckpt in self.sketch_checkpoints:
+            projector = sketch_projector(layout, self.sketch.dim, self.sketch.seed, self.sketch.projection, device)
+            parts["sketches"] = (projector.add_block, self.sketch.dim)
+        add_block, width, columns = side_by_side(list(parts.values()))
+        values, norms, losses, stats = block_features(
             model,
             shard_in.kept,
-            torch.from_numpy(V),
+            add_block,
+            width,
+            linears=(layout, modules),
             pad_id=shard_in.tokenizer.pad_token_id,
-            progress=progress_logger(log, f"{shard}/{ckpt}"),
+            progress=progress_logger(log, f"{' + '.join(parts)} {shard_in.shard}/{ckpt}"),
             **compute.batching(),
         )
-        for name, (a, b) in slices.items():
-            tensors[f"{ckpt}/{name}"] = np.ascontiguousarray(z[:, a:b])
-        tensors[f"{ckpt}/grad_norm"] = norms
-        tensors[f"{ckpt}/loss"] = losses
-        timings[ckpt] = stats.timing()
-        del model
+        for part, cols in zip(parts, columns, strict=True):
+            tensors = self.features if part == "features" else self.sketches
+            if part == "features":
+                for name, (a, b) in slices.items():
+                    tensors[f"{ckpt}/{name}"] = np.ascontiguousarray(values[:, cols.start + a : cols.start + b])
+            else:  # half the bytes of float32 (pack_rows)
+                tensors[ckpt], tensors[f"{ckpt}/scale"] = pack_rows(np.ascontiguousarray(values[:, cols]))
+            tensors[f"{ckpt}/grad_norm"] = norms
+            tensors[f"{ckpt}/loss"] = losses
+            self.timings[part][ckpt] = {**stats.timing(), "pass_shared_by": len(parts)}
+
+
+def compute_shard(
+    storage: ArtifactStore,
+    compute: ComputeResource,
+    shard: str,
+    log,
+    features: bool = True,
+    sketch: CandidateSketchesConfig | None = None,
+) -> Iterator[tuple[dg.AssetKey, str, dict]]:
+    """One shard's pass: its exact GIST features (``features``) and/or its sketches (``sketch``: the
+    projection), from one backward per checkpoint. Writes each asset's files, then yields (asset key, data
+    version, metadata) for it; shared by the partitioned assets and the parallel fan-out job."""
+    ref = storage.read_model_ref()
+    shard_in = ShardInput.load(storage, compute, ref, shard)
+    todo = ShardPass(storage, features, sketch)
+    for ckpt in todo.checkpoints:
+        todo.run(storage, compute, shard_in, ckpt, log)
+    n_excluded = len(shard_in.encoded) - len(shard_in.keep)
+    if n_excluded:
+        log.warning(
+            f"{n_excluded} candidates in {shard} have no completion tokens within "
+            f"max_length={ref['max_length']}; they are excluded from scoring"
+        )
+    common = {"scored": len(shard_in.keep), "device": str(compute.torch_device())}
+    if todo.bases is not None:
+        yield FEATURES, *_write_features(storage, shard_in, ref, todo, common)
+    if todo.warmup is not None and sketch is not None:
+        yield SKETCHES, *_write_sketches(storage, shard_in, ref, todo, sketch, common)
+
+
+def _write_features(storage: ArtifactStore, shard_in: "ShardInput", ref: dict, todo: ShardPass, common: dict):
+    bases, tensors, timings = todo.bases, todo.features, todo.timings["features"]
+    assert bases is not None
     version = fingerprint(
         "candidate_features", FEATURES_CODE_VERSION, None, shard_in.version, bases["version"], ref["version"]
     )
@@ -133,39 +203,91 @@ def compute_gist_shard(storage: ArtifactStore, compute: ComputeResource, shard: 
         "shard_version": shard_in.version,
         "basis_version": bases["version"],
         "fingerprints": basis_fingerprints(bases),
-        "checkpoints": [c["name"] for c in bases["checkpoints"]],
+        "checkpoints": todo.basis_checkpoints,
         "timings": timings,
     }
-    storage.write_shard_features("gist", shard, tensors, shard_in.candidates, meta)
-    n_excluded = len(shard_in.encoded) - len(shard_in.keep)
-    if n_excluded:
-        log.warning(
-            f"{n_excluded} candidates in {shard} have no completion tokens within "
-            f"max_length={ref['max_length']}; they are excluded from scoring"
-        )
+    storage.write_shard_features("gist", shard_in.shard, tensors, shard_in.candidates, meta)
     candidates = shard_in.candidates
     return version, {
+        **common,
         "candidates": len(shard_in.encoded),
-        "scored": len(shard_in.keep),
-        "excluded_no_completion": n_excluded,
+        "excluded_no_completion": len(shard_in.encoded) - len(shard_in.keep),
         "truncated": int(candidates["truncated"].sum()),
         "tokens": int(candidates["n_tokens"].sum()),
         "timings": dg.MetadataValue.json(timings),
         "padding_share": max((t["padding_share"] for t in timings.values()), default=0.0),
         "bytes_per_candidate": round(sum(t.nbytes for t in tensors.values()) / max(1, len(shard_in.keep)), 1),
-        "device": str(compute.torch_device()),
-        "path": dg.MetadataValue.path(str(storage.features_location("gist", shard))),
+        "path": dg.MetadataValue.path(str(storage.features_location("gist", shard_in.shard))),
     }
 
 
-@shard_features_asset(
-    group_name="gist",
-    deps=[candidate_pool, spectral_basis, base_model],
-    code_version=FEATURES_CODE_VERSION,
+def _write_sketches(
+    storage: ArtifactStore, shard_in: "ShardInput", ref: dict, todo: ShardPass, sketch: CandidateSketchesConfig, common
+):
+    warm, tensors, timings = todo.warmup, todo.sketches, todo.timings["sketches"]
+    assert warm is not None and todo.layout is not None  # a warmup has at least one checkpoint
+    projection = {"dim": sketch.dim, "kind": sketch.projection, "seed": sketch.seed}
+    version = sketch_version(sketch, shard_in.version, warm["version"], ref["version"])
+    meta = {
+        "version": version,
+        "shard_version": shard_in.version,
+        "warmup_version": warm["version"],
+        "projection": projection,
+        "layout": todo.layout.describe(),
+        "checkpoints": todo.sketch_checkpoints,
+        "timings": timings,
+    }
+    storage.write_shard_features(SKETCH_KIND, shard_in.shard, tensors, shard_in.candidates, meta)
+    n_sketch = sum(tensors[c].nbytes + tensors[f"{c}/scale"].nbytes for c in todo.sketch_checkpoints)
+    return version, {
+        **common,
+        "projection": dg.MetadataValue.json(projection),
+        "checkpoints": dg.MetadataValue.json(todo.sketch_checkpoints),
+        "timings": dg.MetadataValue.json(timings),
+        "sketch_bytes_per_candidate": round(n_sketch / max(1, len(shard_in.keep)), 1),
+        "path": dg.MetadataValue.path(str(storage.features_location(SKETCH_KIND, shard_in.shard))),
+    }
+
+
+_SHARD_KINDS = {"pytorch", "safetensors"}
+
+
+@dg.multi_asset(
+    name="candidate_gradient_pass",
+    specs=[
+        dg.AssetSpec(
+            FEATURES,
+            deps=[candidate_pool, spectral_basis, base_model],
+            code_version=FEATURES_CODE_VERSION,
+            group_name="gist",
+            kinds=_SHARD_KINDS,
+            description="One shard's candidate gradients projected onto every target's basis (exact GIST "
+            "coordinates z), one pass per checkpoint for all targets",
+        ),
+        dg.AssetSpec(
+            SKETCHES,
+            deps=[candidate_pool, warmup_checkpoint, base_model],
+            code_version=SKETCHES_CODE_VERSION,
+            group_name="gist",
+            kinds=_SHARD_KINDS,
+            description="One shard's target-independent gradient sketches g P (d per warmup checkpoint), "
+            "for `gist_sketch`: later targets are scored without a pass over the pool",
+        ),
+    ],
+    can_subset=True,
+    **SHARD_PASS,
 )
-def candidate_features(
-    context: dg.AssetExecutionContext, storage: ArtifactStore, compute: ComputeResource
-) -> dg.MaterializeResult:
-    """One shard's candidate gradients projected onto every target's basis, in one pass per checkpoint."""
-    version, metadata = compute_gist_shard(storage, compute, context.partition_key, context.log)
-    return dg.MaterializeResult(data_version=data_version(version), metadata=metadata)
+def candidate_gradient_pass(
+    context: dg.AssetExecutionContext,
+    config: CandidateSketchesConfig,
+    storage: ArtifactStore,
+    compute: ComputeResource,
+) -> Iterator[dg.MaterializeResult]:
+    """One shard's gradient pass: the selected assets of the two from one backward per checkpoint (the config
+    is the sketches' projection)."""
+    selected = context.selected_asset_keys
+    sketch = config if SKETCHES in selected else None
+    for key, version, metadata in compute_shard(
+        storage, compute, context.partition_key, context.log, FEATURES in selected, sketch
+    ):
+        yield dg.MaterializeResult(asset_key=key, data_version=data_version(version), metadata=metadata)

@@ -15,7 +15,7 @@ import dagster as dg
 
 from gist_resources import ArtifactStore, ComputeResource
 
-from .features import candidate_features, compute_gist_shard, gist_shard_state
+from .features import compute_shard, gist_shard_state
 from .partitions import CANDIDATE_SHARDS
 from .steps import GPU_POOL, GPU_STEP_TAGS, GRADIENT_RETRY
 
@@ -36,12 +36,12 @@ def shards_to_compute(context: dg.OpExecutionContext, config: FanOutConfig, stor
 
 @dg.op(pool=GPU_POOL, retry_policy=GRADIENT_RETRY, tags=GPU_STEP_TAGS)
 def shard_features(context: dg.OpExecutionContext, shard: str, storage: ArtifactStore, compute: ComputeResource) -> str:
-    version, metadata = compute_gist_shard(storage, compute, shard, context.log)
-    context.log_event(
-        dg.AssetMaterialization(
-            asset_key=candidate_features.key, partition=shard, metadata=metadata, tags={"dagster/data_version": version}
+    for key, version, metadata in compute_shard(storage, compute, shard, context.log):
+        context.log_event(
+            dg.AssetMaterialization(
+                asset_key=key, partition=shard, metadata=metadata, tags={"dagster/data_version": version}
+            )
         )
-    )
     return shard
 
 

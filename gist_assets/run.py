@@ -152,7 +152,7 @@ def plan_stage(
     from dagster._utils.test.data_versions import get_stale_status_resolver
 
     resolver = get_stale_status_resolver(instance, ASSETS)
-    graph = {a.key.to_user_string(): a for a in ASSETS}
+    graph = {key.to_user_string(): (a, key) for a in ASSETS for key in a.keys}
     plan = StagePlan(job, partition)
     methods = effective_config(run_config, "candidate_scores")["methods"]
     # The feature assets no requested method reads (a new target with only gist_sketch runs no pool pass).
@@ -161,8 +161,8 @@ def plan_stage(
         if name in unused:
             plan.skipped[name] = "not read by the requested methods (candidate_scores.methods)"
             continue
-        key = graph[name].key
-        upstream = {k.to_user_string() for k in graph[name].dependency_keys}
+        assets_def, key = graph[name]
+        upstream = {k.to_user_string() for k in assets_def.asset_deps[key]}
         entry = _latest(instance, key, partition)
         reason = None
         if force:

@@ -22,11 +22,11 @@ from gist_resources.score_store import SCORE_SCHEMA, ScoreSetWriter
 
 from .basis import spectral_basis
 from .config import CandidateScoresConfig
-from .features import candidate_features, current_feature_shards
+from .features import FEATURES, SKETCHES, current_feature_shards
 from .inputs import candidate_pool
 from .partitions import candidate_shards
 from .plots import md_table
-from .sketches import candidate_sketches, current_sketch_shards, projected_bases, sketch_rows
+from .sketches import current_sketch_shards, projected_bases, sketch_rows
 from .steps import DUCKDB_POOL
 from .versions import asset_fingerprint, data_version, fingerprint
 
@@ -236,7 +236,7 @@ def scores_inputs(shard_versions: dict[str, str], basis_version: str) -> str:
 
 @dg.asset(
     group_name="gist",
-    deps=[candidate_features, candidate_sketches, spectral_basis, candidate_pool],
+    deps=[FEATURES, SKETCHES, spectral_basis, candidate_pool],
     code_version="5",
     pool=DUCKDB_POOL,
     kinds={"duckdb", "parquet"},

@@ -6,88 +6,27 @@ a seeded random projection s = g P (d numbers per checkpoint, E[P P^T] = I; by d
 a CountSketch, O(D) per example) of each candidate's raw LoRA gradient; it depends on the pool
 and the warmup, not on any target. For any later target, z ~= s (P^T V_k): exact target
 gradients and SVD as for `gist`, and P^T V_k (d x k) is computed from the basis alone, so no
-model runs over the pool (candidate_scores, method `gist_sketch`).
+model runs over the pool (candidate_scores, method `gist_sketch`). The sketches are made by
+``candidate_gradient_pass`` (features.py), from the same backward as the exact features when both are due.
 """
 
-import dagster as dg
 import numpy as np
 
-from gist_core.gradients import GradientLayout, block_features, trainable_linears
-from gist_core.projection import pack_rows, sketch_projector, unpack_rows
-from gist_resources import ArtifactStore, ComputeResource
+from gist_core.gradients import GradientLayout
+from gist_core.projection import sketch_projector, unpack_rows
+from gist_resources import ArtifactStore
 
 from .config import CandidateSketchesConfig
-from .features import ShardInput
-from .inputs import candidate_pool
-from .model import base_model, warmup_checkpoint
-from .steps import progress_logger, shard_features_asset
-from .versions import asset_fingerprint, data_version
+from .versions import fingerprint
 
 KIND = "gist_sketch"
 ASSET = "candidate_sketches"
+SKETCHES_CODE_VERSION = "2"
 
 
-@shard_features_asset(
-    group_name="gist",
-    deps=[candidate_pool, warmup_checkpoint, base_model],
-    code_version="2",
-)
-def candidate_sketches(
-    context: dg.AssetExecutionContext,
-    config: CandidateSketchesConfig,
-    storage: ArtifactStore,
-    compute: ComputeResource,
-) -> dg.MaterializeResult:
-    """One shard's target-independent gradient sketches g P (d per warmup checkpoint), for `gist_sketch`."""
-    shard = context.partition_key
-    ref, warm = storage.read_model_ref(), storage.read_warmup()
-    shard_in = ShardInput.load(storage, compute, ref, shard)
-    tensors, timings, layout = {}, {}, None
-    for ckpt in [c["name"] for c in warm["checkpoints"]]:
-        model = compute.load_model(storage.model_path(ref), storage.checkpoint_dir(ckpt))
-        layout, _ = trainable_linears(model)
-        projector = sketch_projector(layout, config.dim, config.seed, config.projection, device=compute.torch_device())
-        s, norms, losses, stats = block_features(
-            model,
-            shard_in.kept,
-            projector.add_block,
-            config.dim,
-            pad_id=shard_in.tokenizer.pad_token_id,
-            progress=progress_logger(context.log, f"sketch {shard}/{ckpt}"),
-            **compute.batching(),
-        )
-        tensors[ckpt], tensors[f"{ckpt}/scale"] = pack_rows(s)  # half the bytes of float32 (pack_rows)
-        tensors[f"{ckpt}/grad_norm"] = norms
-        tensors[f"{ckpt}/loss"] = losses
-        timings[ckpt] = stats.timing()
-        del model
-    assert layout is not None  # set by the loop above: a warmup has at least one checkpoint
-    projection = {"dim": config.dim, "kind": config.projection, "seed": config.seed}
-    version = asset_fingerprint(context, shard_in.version, warm["version"], ref["version"])
-    checkpoints = [c["name"] for c in warm["checkpoints"]]
-    meta = {
-        "version": version,
-        "shard_version": shard_in.version,
-        "warmup_version": warm["version"],
-        "projection": projection,
-        "layout": layout.describe(),
-        "checkpoints": checkpoints,
-        "timings": timings,
-    }
-    storage.write_shard_features(KIND, shard, tensors, shard_in.candidates, meta)
-    n_sketch = sum(tensors[c].nbytes + tensors[f"{c}/scale"].nbytes for c in checkpoints)
-    return dg.MaterializeResult(
-        data_version=data_version(version),
-        metadata={
-            "scored": len(shard_in.keep),
-            "projection": dg.MetadataValue.json(projection),
-            "checkpoints": dg.MetadataValue.json(checkpoints),
-            "timings": dg.MetadataValue.json(timings),
-            "sketch_bytes_per_candidate": round(n_sketch / max(1, len(shard_in.keep)), 1),
-            "device": str(compute.torch_device()),
-            "path": dg.MetadataValue.path(str(storage.features_location(KIND, shard))),
-        },
-    )
+def sketch_version(config: CandidateSketchesConfig, shard_version: str, warmup_version: str, model_version: str):
+    """A shard's sketch version: the code version, the projection, and what the gradients are taken of."""
+    return fingerprint(ASSET, SKETCHES_CODE_VERSION, config.model_dump(), shard_version, warmup_version, model_version)
 
 
 def sketch_rows(tensors: dict[str, np.ndarray], ckpt: str) -> np.ndarray:

@@ -42,13 +42,15 @@ def progress_logger(log, what: str, every_s: float = 10.0):
     return report
 
 
+# A model pass over one shard of the pool (a partition): GPU pool and request, retries.
+SHARD_PASS: dict[str, Any] = {
+    "partitions_def": candidate_shards,
+    "retry_policy": GRADIENT_RETRY,
+    "pool": GPU_POOL,
+    "op_tags": GPU_STEP_TAGS,
+}
+
+
 def shard_features_asset(**kwargs: Any):
-    """``dg.asset`` for a model pass over one shard of the pool (a partition): GPU pool and request, retries."""
-    return dg.asset(
-        partitions_def=candidate_shards,
-        retry_policy=GRADIENT_RETRY,
-        pool=GPU_POOL,
-        op_tags=GPU_STEP_TAGS,
-        kinds={"pytorch", "safetensors"},
-        **kwargs,
-    )
+    """``dg.asset`` for a model pass over one shard of the pool (``SHARD_PASS``)."""
+    return dg.asset(kinds={"pytorch", "safetensors"}, **SHARD_PASS, **kwargs)

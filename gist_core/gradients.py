@@ -597,27 +597,50 @@ def block_features(
     return z, norms, losses, stats
 
 
-def projected_gradients(
-    model: nn.Module, encoded: Sequence[Encoded], basis: torch.Tensor, **kwargs
-) -> tuple[np.ndarray, np.ndarray, np.ndarray, PassStats]:
-    """Per-example gradients projected on ``basis`` (D x K): returns (z (N, K), |g| (N,), losses, stats).
-
-    ``basis`` may hold the bases of many targets side by side, so one pass
-    serves them all. It is sliced block by block, matching the flat layout.
-    """
-    layout, modules = trainable_linears(model)
+def basis_projection(
+    layout: GradientLayout, basis: torch.Tensor, device: torch.device = _CPU
+) -> Callable[[torch.Tensor, int, torch.Tensor], None]:
+    """``add_block`` for z = g V with ``basis`` V (D x K), sliced block by block to match the flat layout."""
     if basis.shape[0] != layout.dim:
         raise ValueError(
             f"basis has {basis.shape[0]} rows but the model's LoRA gradient has "
             f"{layout.dim} entries; the basis was built for another adapter"
         )
-    device = kwargs.get("device", torch.device("cpu"))
     basis = basis.to(device=device, dtype=torch.float32)
     slices = [basis[b.offset : b.offset + b.size] for b in layout.blocks]
 
     def add_block(acc: torch.Tensor, k: int, g: torch.Tensor) -> None:
         acc.add_(g @ slices[k])
 
+    return add_block
+
+
+def side_by_side(
+    parts: Sequence[tuple[Callable[[torch.Tensor, int, torch.Tensor], None], int]],
+) -> tuple[Callable[[torch.Tensor, int, torch.Tensor], None], int, list[slice]]:
+    """Several projections from one gradient pass: (add_block, width) parts -> one ``add_block`` writing each
+    part into its own columns of the accumulator, the total width, and each part's columns."""
+    columns, start = [], 0
+    for _, width in parts:
+        columns.append(slice(start, start + width))
+        start += width
+
+    def add_block(acc: torch.Tensor, k: int, g: torch.Tensor) -> None:
+        for (add, _), cols in zip(parts, columns, strict=True):
+            add(acc[:, cols], k, g)
+
+    return add_block, start, columns
+
+
+def projected_gradients(
+    model: nn.Module, encoded: Sequence[Encoded], basis: torch.Tensor, **kwargs
+) -> tuple[np.ndarray, np.ndarray, np.ndarray, PassStats]:
+    """Per-example gradients projected on ``basis`` (D x K): returns (z (N, K), |g| (N,), losses, stats).
+
+    ``basis`` may hold the bases of many targets side by side, so one pass serves them all.
+    """
+    layout, modules = trainable_linears(model)
+    add_block = basis_projection(layout, basis, kwargs.get("device", _CPU))
     return block_features(model, encoded, add_block, basis.shape[1], linears=(layout, modules), **kwargs)
 
 

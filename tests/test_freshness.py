@@ -94,8 +94,7 @@ def test_sensor_adds_changes_and_removes_only_what_changed_and_new_data_scores_o
         ran = _drive(instance, resources, run_config)
         assert ran == [
             (("candidate_pool",), None),
-            (("candidate_features",), "new_task-0000"),
-            (("candidate_sketches",), "new_task-0000"),
+            (("candidate_features", "candidate_sketches"), "new_task-0000"),  # one run: one gradient pass
             (("candidate_scores", "selected_subset"), None),
         ]
         after = _scored_ids(root)
@@ -122,8 +121,7 @@ def test_sensor_adds_changes_and_removes_only_what_changed_and_new_data_scores_o
         ran = _drive(instance, resources, run_config)
         assert ran == [
             (("candidate_pool",), None),
-            (("candidate_features",), "antonyms_data-0000"),
-            (("candidate_sketches",), "antonyms_data-0000"),
+            (("candidate_features", "candidate_sketches"), "antonyms_data-0000"),  # one run: one gradient pass
             (("candidate_scores", "selected_subset"), None),
         ]
         assert all(len(ids) == len(after[t]) + 1 for t, ids in _scored_ids(root).items())

@@ -6,10 +6,19 @@ import dagster as dg
 import duckdb
 import numpy as np
 import pytest
+import safetensors.numpy
+import torch
 
 from gist_assets.config import RunConfigError, check_run_config
 from gist_assets.run import launch, run_all, with_storage
-from gist_core.gradients import block_features, full_gradients, trainable_linears
+from gist_core.gradients import (
+    basis_projection,
+    block_features,
+    full_gradients,
+    projected_gradients,
+    side_by_side,
+    trainable_linears,
+)
 from gist_core.projection import BlockProjector, sketch_projector
 from gist_core.spectral import build_basis
 from gist_demo import synthetic
@@ -48,6 +57,67 @@ def test_sketched_coordinates_converge_to_exact_as_d_grows(kind):
     assert errors[16] > errors[256] > errors[2048], errors
     # JL: the error falls like 1/sqrt(d) (a 128x larger d: ~11x smaller).
     assert errors[16] / errors[2048] > 8 and errors[2048] < 0.2, errors
+
+
+def test_one_pass_gives_the_exact_features_and_the_sketches_of_two_passes():
+    """side_by_side: the basis projection and the sketch from one backward equal each from its own pass."""
+    model = _llama(4)
+    _perturb_lora(model)
+    layout, _ = trainable_linears(model)
+    candidates = _examples(30, 97, seed=2)
+    V = torch.from_numpy(build_basis(full_gradients(model, _examples(12, 97, seed=1))[0], k=6)[0].V).float()
+    projector = sketch_projector(layout, 256, 0, "countsketch")
+    z, z_norms, z_losses, _ = projected_gradients(model, candidates, V)
+    s, _, _, _ = block_features(model, candidates, projector.add_block, 256)
+    add_block, width, (z_cols, s_cols) = side_by_side([(basis_projection(layout, V), 6), (projector.add_block, 256)])
+    both, norms, losses, _ = block_features(model, candidates, add_block, width)
+    assert width == 262 and both.shape == (30, 262)
+    np.testing.assert_array_equal(both[:, z_cols], z)
+    np.testing.assert_array_equal(both[:, s_cols], s)
+    np.testing.assert_array_equal(norms, z_norms)
+    np.testing.assert_array_equal(losses, z_losses)
+
+
+def test_features_and_sketches_of_a_shard_come_from_one_gradient_pass(tiny_graph, monkeypatch):
+    """Materialized together (features_job), candidate_features and candidate_sketches of a shard share one
+    backward per checkpoint, and store what each stores when it runs alone."""
+    import gist_assets.features as features_module
+    from gist_assets.run import materialize
+
+    root, home, config = tiny_graph()  # the exact path: features of every shard, no sketches yet
+    passes = []
+
+    def counted(model, encoded, add_block, width, **kwargs):
+        passes.append(width)
+        return block_features(model, encoded, add_block, width, **kwargs)
+
+    monkeypatch.setattr(features_module, "block_features", counted)
+    read = lambda kind, shard: safetensors.numpy.load_file(root / kind / shard / "features.safetensors")  # noqa: E731
+    with dg.instance_for_test(temp_dir=str(home)) as instance:
+        shard = sorted(instance.get_dynamic_partitions("candidate_shards"))[0]
+        n_ckpts = len(json.loads((root / "warmup" / "manifest.json").read_text())["checkpoints"])
+        alone = {"features": read("features", shard)}
+        materialize(["candidate_sketches"], config, instance, str(root), partition=shard)
+        alone["features_gist_sketch"] = read("features_gist_sketch", shard)
+        assert len(passes) == n_ckpts  # the sketches alone: one pass per checkpoint
+        passes.clear()
+        versions = {a: _data_version(instance, a, shard) for a in ("candidate_features", "candidate_sketches")}
+        materialize(["candidate_features", "candidate_sketches"], config, instance, str(root), partition=shard)
+        assert len(passes) == n_ckpts and all(w > 16384 for w in passes)  # both from one pass per checkpoint
+        for kind, before in alone.items():
+            after = read(kind, shard)
+            assert after.keys() == before.keys()
+            for name in before:
+                np.testing.assert_array_equal(after[name], before[name], err_msg=f"{kind} {name}")
+        assert {a: _data_version(instance, a, shard) for a in versions} == versions
+
+
+def _data_version(instance, asset: str, shard: str) -> str:
+    records = instance.fetch_materializations(
+        dg.AssetRecordsFilter(asset_key=dg.AssetKey(asset), asset_partitions=[shard]), limit=1
+    ).records
+    assert records
+    return records[0].event_log_entry.asset_materialization.tags["dagster/data_version"]
 
 
 def test_unknown_scoring_method_is_refused_by_name():

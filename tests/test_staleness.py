@@ -11,10 +11,9 @@ from gist_assets.run import materialize
 def _status(instance, shards):
     resolver = get_stale_status_resolver(instance, ASSETS)
     out = {}
-    for a in ASSETS:
-        key = a.key
+    for assets_def, key in ((a, k) for a in ASSETS for k in a.keys):
         name = key.to_user_string()
-        if a.partitions_def is not None:
+        if assets_def.partitions_def is not None:
             out[name] = {resolver.get_status(key, s) for s in shards}
         else:
             out[name] = {resolver.get_status(key)}

@@ -9,6 +9,7 @@ from pathlib import Path
 
 import dagster as dg
 
+from gist_assets.config import CONFIG_NODES
 from gist_assets.definitions import ASSETS, CHECKS, make_resources
 
 
@@ -23,17 +24,21 @@ def materialize(
     tags: dict[str, str] | None = None,
 ) -> dg.ExecuteInProcessResult:
     """Materialize the named assets (and their checks) into ``root``; never raises on a failed step."""
-    known = {a.key.to_user_string(): a for a in ASSETS}
-    selection = [known[n] for n in names]
+    known = {key.to_user_string(): a for a in ASSETS for key in a.keys}
+    assets = list({id(known[n]): known[n] for n in names}.values())  # a multi-asset once
+    selection: dg.AssetSelection = dg.AssetSelection.assets(*names)
     if checks:
-        selection += [c for c in CHECKS if any(k.asset_key.to_user_string() in names for k in c.check_keys)]
+        assets += [c for c in CHECKS if any(k.asset_key.to_user_string() in names for k in c.check_keys)]
+    else:
+        selection = selection.without_checks()
     res = make_resources(str(root))
     res.update(resources or {})
     # These tests are about the exact path's inputs and outputs; gist_sketch has its own (tests/test_sketch.py).
     ops = {"candidate_scores": {"methods": ["gist"]}, **(ops or {})}
-    run_config = {"ops": {name: {"config": cfg} for name, cfg in ops.items() if name in names}}
+    run_config = {"ops": {CONFIG_NODES.get(name, name): {"config": cfg} for name, cfg in ops.items() if name in names}}
     return dg.materialize(
-        selection,
+        assets,
+        selection=selection,
         instance=instance,
         resources=res,
         run_config=run_config,
@@ -54,8 +59,12 @@ def user_error(result: dg.ExecuteInProcessResult) -> str:
     return err.message.strip()
 
 
-def metadata(result: dg.ExecuteInProcessResult, node: str) -> dict:
-    mats = result.asset_materializations_for_node(node)
+def metadata(result: dg.ExecuteInProcessResult, asset: str) -> dict:
+    mats = [
+        e.step_materialization_data.materialization
+        for e in result.get_asset_materialization_events()
+        if e.asset_key == dg.AssetKey(asset)
+    ]
     assert len(mats) == 1, mats
     return {k: v.value for k, v in mats[0].metadata.items()}
 
