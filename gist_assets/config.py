@@ -180,12 +180,16 @@ class CandidateScoresConfig(dg.Config):
     @field_validator("methods")
     @classmethod
     def _known_methods(cls, methods: list[str]) -> list[str]:
-        unknown = sorted(set(methods) - set(SCORING_METHODS))
-        if unknown or not methods or len(set(methods)) != len(methods):
-            raise ValueError(
-                f"methods must be a non-empty list of distinct names from {list(SCORING_METHODS)}, got {methods}"
-            )
-        return methods
+        return known_scoring_methods(methods)
+
+
+def known_scoring_methods(methods: list[str]) -> list[str]:
+    unknown = sorted(set(methods) - set(SCORING_METHODS))
+    if unknown or not methods or len(set(methods)) != len(methods):
+        raise ValueError(
+            f"methods must be a non-empty list of distinct names from {list(SCORING_METHODS)}, got {methods}"
+        )
+    return methods
 
 
 class CandidateSketchesConfig(dg.Config):

@@ -1,42 +1,86 @@
 """Several shards at once on one machine: a fan-out job on the multiprocess executor.
 
-``shards_to_compute`` lists the shards whose GIST features are missing or stale;
-each becomes a mapped ``shard_features`` step in its own process. The steps are
-in the ``gpu`` concurrency pool (limit it to the number of GPUs), and the compute
+``shards_to_compute`` lists the shards whose exact features or sketches are missing
+or stale (for the scoring methods of its config, as ``candidate_scores.methods``);
+each becomes a mapped ``shard_gradient_pass`` step in its own process, which makes
+what is due for its shard from one gradient pass per checkpoint. The steps are in
+the ``gpu`` concurrency pool (limit it to the number of GPUs), and the compute
 resource gives each concurrent step its own GPU. Each step records a
-materialization of that ``candidate_features`` partition, with its data version,
-exactly as the partitioned asset does; shard steps write only their own files, so
-they never contend for the DuckDB file.
+materialization of the ``candidate_features`` / ``candidate_sketches`` partition it
+made, with its data version, exactly as the partitioned assets do; shard steps
+write only their own files, so they never contend for the DuckDB file.
 """
 
 import re
 
 import dagster as dg
+from pydantic import Field, field_validator
 
 from gist_resources import ArtifactStore, ComputeResource
 
-from .features import compute_shard, gist_shard_state
+from .config import DEFAULT_SCORING_METHODS, SCORING_METHODS, CandidateSketchesConfig, known_scoring_methods
+from .features import FEATURES, SKETCHES, compute_shard, gist_shard_state
 from .partitions import CANDIDATE_SHARDS
+from .sketches import sketch_shard_state
 from .steps import GPU_POOL, GPU_STEP_TAGS, GRADIENT_RETRY
 
 
 class FanOutConfig(dg.Config):
     all_shards: bool = False  # True: recompute every shard, not only missing or stale ones
+    methods: list[str] = Field(
+        default=DEFAULT_SCORING_METHODS,
+        description="The scoring methods to make features for (as candidate_scores.methods): "
+        "gist / gist_fullspace -> candidate_features, gist_sketch -> candidate_sketches",
+    )
+    sketches: CandidateSketchesConfig = CandidateSketchesConfig()  # as candidate_sketches' config
+
+    @field_validator("methods")
+    @classmethod
+    def _known_methods(cls, methods: list[str]) -> list[str]:
+        return known_scoring_methods(methods)
 
 
-@dg.op(out=dg.DynamicOut(str))
+def due_shards(storage: ArtifactStore, shards: list[str], config: FanOutConfig) -> dict[str, list[dg.AssetKey]]:
+    """{shard: the assets of it to compute}: those the methods read that are missing or stale (all with
+    ``all_shards``); sketches made with another projection are stale."""
+    reads = {SCORING_METHODS[m] for m in config.methods}
+    due: dict[str, list[dg.AssetKey]] = {}
+    if FEATURES.to_user_string() in reads:
+        missing, stale, _ = gist_shard_state(storage, shards)
+        for shard in shards if config.all_shards else missing + stale:
+            due.setdefault(shard, []).append(FEATURES)
+    if SKETCHES.to_user_string() in reads:
+        want = {"dim": config.sketches.dim, "kind": config.sketches.projection, "seed": config.sketches.seed}
+        missing, stale, current = sketch_shard_state(storage, shards)
+        other = [s for s, meta in current.items() if meta["projection"] != want]
+        for shard in shards if config.all_shards else missing + stale + other:
+            due.setdefault(shard, []).append(SKETCHES)
+    return {s: due[s] for s in sorted(due)}
+
+
+@dg.op(out=dg.DynamicOut(dict))
 def shards_to_compute(context: dg.OpExecutionContext, config: FanOutConfig, storage: ArtifactStore):
     shards = sorted(context.instance.get_dynamic_partitions(CANDIDATE_SHARDS))
-    missing, stale, _ = gist_shard_state(storage, shards)
-    todo = shards if config.all_shards else sorted(missing + stale)
-    context.log.info(f"{len(todo)} of {len(shards)} shards to compute")
-    for shard in todo:
-        yield dg.DynamicOutput(shard, mapping_key=re.sub(r"[^A-Za-z0-9_]", "_", shard))
+    due = due_shards(storage, shards, config)
+    context.log.info(f"{len(due)} of {len(shards)} shards to compute")
+    for shard, keys in due.items():
+        yield dg.DynamicOutput(
+            {
+                "shard": shard,
+                "features": FEATURES in keys,
+                "sketches": config.sketches.model_dump() if SKETCHES in keys else None,
+            },
+            mapping_key=re.sub(r"[^A-Za-z0-9_]", "_", shard),
+        )
 
 
 @dg.op(pool=GPU_POOL, retry_policy=GRADIENT_RETRY, tags=GPU_STEP_TAGS)
-def shard_features(context: dg.OpExecutionContext, shard: str, storage: ArtifactStore, compute: ComputeResource) -> str:
-    for key, version, metadata in compute_shard(storage, compute, shard, context.log):
+def shard_gradient_pass(
+    context: dg.OpExecutionContext, todo: dict, storage: ArtifactStore, compute: ComputeResource
+) -> str:
+    shard = todo["shard"]
+    sketch = CandidateSketchesConfig(**todo["sketches"]) if todo["sketches"] else None
+    for key, version, metadata in compute_shard(storage, compute, shard, context.log, todo["features"], sketch):
         context.log_event(
             dg.AssetMaterialization(
                 asset_key=key, partition=shard, metadata=metadata, tags={"dagster/data_version": version}
@@ -47,7 +91,8 @@ def shard_features(context: dg.OpExecutionContext, shard: str, storage: Artifact
 
 @dg.job(
     executor_def=dg.multiprocess_executor,
-    description="Compute the missing or stale candidate_features shards in parallel processes",
+    description="Compute the missing or stale candidate_features and candidate_sketches shards in parallel "
+    "processes (one gradient pass per shard for both)",
 )
 def parallel_features_job():
-    shards_to_compute().map(shard_features)
+    shards_to_compute().map(shard_gradient_pass)

@@ -30,7 +30,7 @@ def test_definitions_load_with_the_kubernetes_executor_and_gpu_requests():
         assert k8s["container_config"]["resources"]["limits"]["nvidia.com/gpu"] == "1", name
     for name in DUCKDB_WRITERS:
         assert defs.resolve_assets_def(name).op.pool == "duckdb_writer", name
-    fan_out = defs.resolve_job_def("parallel_features_job").graph.node_named("shard_features")
+    fan_out = defs.resolve_job_def("parallel_features_job").graph.node_named("shard_gradient_pass")
     assert "nvidia.com/gpu" in fan_out.definition.tags["dagster-k8s/config"]
     assert fan_out.definition.pool == "gpu"
 

@@ -7,7 +7,9 @@ import dagster as dg
 import duckdb
 import polars as pl
 
+from gist_assets.parallel import FanOutConfig, due_shards
 from gist_assets.run import materialize
+from gist_resources import ArtifactStore
 from gist_resources.devices import claim_slot
 
 
@@ -31,11 +33,12 @@ def test_concurrent_processes_get_different_gpu_slots(tmp_path):
 
 
 def test_multiprocess_fan_out_scores_every_candidate_once(tiny_graph, monkeypatch):
-    root, home, config = tiny_graph()  # the whole exact path, materialized
+    root, home, config = tiny_graph()  # the whole exact path, materialized; no sketches yet
     monkeypatch.setenv("GIST_STORAGE_ROOT", str(root))  # the step processes build resources from it
     with dg.instance_for_test(temp_dir=str(home)) as instance:
         shards = sorted(instance.get_dynamic_partitions("candidate_shards"))
-        # Lose two shards' features (as after new data), then recompute the stale ones in parallel processes.
+        # Lose two shards' features (as after new data), then compute what is due in parallel processes: the
+        # features of those two and (default methods: gist and gist_sketch) every shard's sketches.
         redo = shards[:2]
         for shard in redo:
             shutil.rmtree(root / "features" / shard)
@@ -45,19 +48,37 @@ def test_multiprocess_fan_out_scores_every_candidate_once(tiny_graph, monkeypatc
         logs = [
             e
             for e in instance.all_logs(result.run_id)
-            if e.dagster_event is not None and (e.dagster_event.step_key or "").startswith("shard_features[")
+            if e.dagster_event is not None and (e.dagster_event.step_key or "").startswith("shard_gradient_pass[")
         ]
         starts = sorted(e.timestamp for e in logs if e.dagster_event.event_type_value == "STEP_START")
         ends = sorted(e.timestamp for e in logs if e.dagster_event.event_type_value == "STEP_SUCCESS")
-        assert len(starts) == len(ends) == len(redo)  # only the stale shards ran
-        assert starts[1] < ends[0]  # the two shard steps overlapped in time
-        mats = instance.fetch_materializations(dg.AssetKey("candidate_features"), limit=1000).records
-        assert {r.partition_key for r in mats if r.run_id == result.run_id} == set(redo)
-        materialize(["candidate_scores"], config, instance, str(root))
+        assert len(starts) == len(ends) == len(shards)  # one step per shard, its due assets from one pass
+        assert starts[1] < ends[0]  # two shard steps overlapped in time
+        made = {
+            asset: {
+                r.partition_key
+                for r in instance.fetch_materializations(dg.AssetKey(asset), limit=1000).records
+                if r.run_id == result.run_id
+            }
+            for asset in ("candidate_features", "candidate_sketches")
+        }
+        assert made == {"candidate_features": set(redo), "candidate_sketches": set(shards)}
+        storage = ArtifactStore(root=str(root))
+        assert due_shards(storage, shards, FanOutConfig()) == {}  # nothing left to do
+        other = FanOutConfig(sketches={"dim": 64})
+        assert due_shards(storage, shards, other) == {s: [dg.AssetKey("candidate_sketches")] for s in shards}
+        assert due_shards(storage, shards, FanOutConfig(methods=["gist"], all_shards=True)) == {
+            s: [dg.AssetKey("candidate_features")] for s in shards
+        }
+        materialize(["candidate_scores"], with_methods(config, ["gist", "gist_sketch"]), instance, str(root))
     pool = pl.read_parquet(root / "pool" / "candidate_pool.parquet")
     with duckdb.connect(str(root / "gist.duckdb"), read_only=True) as db:
         rows = db.execute(
-            "SELECT target, count(*), count(DISTINCT candidate_id) FROM candidate_scores "
-            "WHERE method = 'gist' GROUP BY 1"
+            "SELECT method, target, count(*), count(DISTINCT candidate_id) FROM candidate_scores GROUP BY 1, 2"
         ).fetchall()
-    assert rows and all(n == distinct == pool.height for _, n, distinct in rows)
+    assert {m for m, *_ in rows} == {"gist", "gist_sketch"}
+    assert all(n == distinct == pool.height for _, _, n, distinct in rows)
+
+
+def with_methods(config: dict, methods: list[str]) -> dict:
+    return {"ops": {**config["ops"], "candidate_scores": {"config": {"methods": methods}}}}
