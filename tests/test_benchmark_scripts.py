@@ -50,6 +50,13 @@ def test_scoring_scale_benchmark_runs_the_asset_path_and_agrees(tmp_path):
 
 
 @pytest.mark.slow
+def test_shared_pass_benchmark_quick_gives_the_same_bytes_both_ways(tmp_path):
+    out = _run("benchmarks/bench_shared_pass.py", "--quick", "--repeats", "1", "--dir", str(tmp_path))
+    assert "outputs of the two variants identical, byte for byte: True" in out
+    assert "two passes / one pass" in out
+
+
+@pytest.mark.slow
 def test_sketch_benchmark_quick_runs_through_the_evaluation():
     out = _run(
         "benchmarks/bench_sketch.py", "--quick", "--dim", "1024", "--curve", "256,1024", "--seeds", "1", timeout=600
