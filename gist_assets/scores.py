@@ -26,7 +26,7 @@ from .features import FEATURES, SKETCHES, current_feature_shards
 from .inputs import candidate_pool
 from .partitions import candidate_shards
 from .plots import md_table
-from .sketches import current_sketch_shards, projected_bases, sketch_rows
+from .sketches import current_sketch_shards, projected_bases
 from .steps import DUCKDB_POOL
 from .versions import asset_fingerprint, data_version, fingerprint
 
@@ -225,7 +225,10 @@ def exact_coordinates(storage: ArtifactStore, ckpts: list[str], targets: list[st
 def sketched_shard_coordinates(storage: ArtifactStore, ckpts: list[str], projected: dict, shard: str):
     """A shard's sidecar and its candidates' z estimated from candidate_sketches, per target and checkpoint."""
     side, tensors = storage.read_shard_features(SKETCH_METHOD, shard)
-    per_ckpt = [sketched_coordinates(sketch_rows(tensors, c), *projected[c]) for c in ckpts]
+    # Packed shards carry a scale per row (pack_rows); shards written before packing are float32 rows.
+    per_ckpt = [
+        sketched_coordinates(tensors[c], projected[c][0], projected[c][1], tensors.get(f"{c}/scale")) for c in ckpts
+    ]
     return side, {t: [z[t] for z in per_ckpt] for t in projected[ckpts[0]][1]}, None
 
 

@@ -260,3 +260,26 @@ def test_packed_rows_keep_each_entry_to_its_row_max_whatever_the_magnitude():
     assert np.count_nonzero(rows[0].astype(np.float16)) == 0  # which plain float16 loses
     empty, no_scale = pack_rows(np.zeros((0, 16), np.float32))
     assert empty.shape == (0, 16) and no_scale.shape == (0,)
+
+
+def test_coordinates_from_packed_rows_equal_those_of_the_unpacked_rows():
+    """sketched_coordinates on pack_rows' float16 rows and scales (the row scale applied after the product)
+    equals the plain product of the unpacked rows, for every target's columns."""
+    from gist_core.projection import pack_rows, sketched_coordinates, unpack_rows
+
+    rng = np.random.default_rng(4)
+    rows = rng.standard_normal((40, 512)).astype(np.float32) * np.logspace(-9, 2, 40, dtype=np.float32)[:, None]
+    PV = rng.standard_normal((512, 7)).astype(np.float32)
+    slices = {"a": (0, 3), "b": (3, 7)}
+    packed, scale = pack_rows(rows)
+    got = sketched_coordinates(packed, PV, slices, scale)
+    unpacked = unpack_rows(packed, scale).astype(np.float64)
+    plain = unpacked @ PV.astype(np.float64)
+    bound = 1e-5 * (np.abs(unpacked) @ np.abs(PV.astype(np.float64)))  # float32 rounding of each dot product
+    for name, (a, b) in slices.items():
+        assert got[name].shape == (40, b - a)
+        assert (np.abs(got[name] - plain[:, a:b]) <= bound[:, a:b]).all(), name
+    # Unpacked float32 rows (shards written before packing) take the same call without a scale.
+    exact = rows.astype(np.float64) @ PV.astype(np.float64)
+    bound = 1e-5 * (np.abs(rows.astype(np.float64)) @ np.abs(PV.astype(np.float64)))
+    assert (np.abs(sketched_coordinates(rows, PV, slices)["b"] - exact[:, 3:7]) <= bound[:, 3:7]).all()
