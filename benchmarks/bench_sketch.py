@@ -133,7 +133,10 @@ def main(argv=None) -> int:
     )
     p.add_argument("--dim", type=int, default=None, help="sketch dimension of the run (default: the config default)")
     p.add_argument("--curve", default=",".join(map(str, CURVE)), help="dimensions of the agreement curve (<= --dim)")
-    p.add_argument("--seeds", type=int, default=3, help="evaluation seeds (fine-tunes per selection)")
+    p.add_argument("--seeds", type=int, default=3, help="evaluation seeds (fine-tunes per selection); 0: no evaluation")
+    p.add_argument(
+        "--pool-size", type=int, default=None, help="the embedded pool's size (default 4000): the cost's growth with N"
+    )
     p.add_argument("--verbose", action="store_true", help="Dagster's event log on stderr")
     args = p.parse_args(argv)
 
@@ -162,6 +165,8 @@ def main(argv=None) -> int:
             quick_pool.write_text("".join(json.dumps(r) + "\n" for r in synthetic.generate_pool(160)))
             ops["candidate_pool"] = {"config": {"paths": [str(quick_pool)], "shard_size": 80}}
         ops.pop("selection_evaluation", None)
+        if args.pool_size:
+            ops["candidate_pool"] = {"config": {"embedded_pool_size": args.pool_size}}
         ops.pop("selected_subset", None)  # the default 5%, as in the top-5% overlap
         if args.pool == "realtext":
             data = REPO / "benchmarks" / "data" / "realtext"
@@ -257,13 +262,15 @@ def main(argv=None) -> int:
                 },
             }
             eval_ops["selection_evaluation"]["config"]["seeds"] = list(range(args.seeds))
-            run_timed(
-                f"5. selection_evaluation, seeds 0-{args.seeds - 1}",
-                lambda: materialize(["selection_evaluation"], {"ops": eval_ops}, instance, root),
-                log,
-            )
-            with duckdb.connect(str(Path(root) / "gist.duckdb"), read_only=True) as db:
-                evals = db.execute("SELECT seed, target, method, heldout_loss FROM evaluations").fetchall()
+            evals = []
+            if args.seeds:
+                run_timed(
+                    f"5. selection_evaluation, seeds 0-{args.seeds - 1}",
+                    lambda: materialize(["selection_evaluation"], {"ops": eval_ops}, instance, root),
+                    log,
+                )
+                with duckdb.connect(str(Path(root) / "gist.duckdb"), read_only=True) as db:
+                    evals = db.execute("SELECT seed, target, method, heldout_loss FROM evaluations").fetchall()
 
         n_scored, n_ckpt = len(ids), len(ckpts)
         sketch_bytes = round(stored_bytes / n_scored)
@@ -282,7 +289,7 @@ def main(argv=None) -> int:
             f"{args.seeds} seed(s); base = no fine-tuning)"
         )
         rows = []
-        for target in names:
+        for target in names if evals else []:
             row = {"target": target}
             for method in ("base", "gist", "gist_sketch"):
                 losses = [loss for s, t, m, loss in evals if t == target and m == method]
