@@ -9,6 +9,7 @@ from gist_assets.config import (
     RunConfigError,
     check_run_config,
     effective_config,
+    for_assets,
     load_run_config,
 )
 from gist_assets.definitions import ASSETS, JOB_ASSETS, PARTITIONED_JOBS, defs
@@ -81,6 +82,27 @@ def test_fallback_config_and_defaults_are_filled_in():
     assert effective_config(cfg, "baseline_selections")["fraction"] == 0.2
     assert effective_config(cfg, "spectral_basis") == {"k": 16, "energy": None, "eps": 1e-8, "memory_budget_mb": 256}
     check_run_config(cfg)
+
+
+def test_the_sketches_config_reaches_the_pass_step_of_the_shard_jobs():
+    """A file names candidate_sketches; the partitioned features_job takes it under the step that computes it
+    (candidate_gradient_pass), Dagster accepts that, and a run's recorded config reads back as the file's."""
+    file_config = {"ops": {"candidate_sketches": {"config": {"dim": 256}}}}
+    job_config = for_assets(file_config, JOB_ASSETS["features_job"])
+    assert job_config == {"ops": {"candidate_gradient_pass": {"config": {"dim": 256}}}}
+    assert dg.validate_run_config(defs.resolve_job_def("features_job"), job_config) is not None
+    with pytest.raises(dg.DagsterInvalidConfigError, match="candidate_sketches"):
+        dg.validate_run_config(defs.resolve_job_def("features_job"), file_config)
+    recorded = effective_config(job_config, "candidate_sketches")
+    assert (
+        recorded
+        == effective_config(file_config, "candidate_sketches")
+        == {
+            "dim": 256,
+            "projection": "countsketch",
+            "seed": 0,
+        }
+    )
 
 
 def test_deprecated_percentage_still_selects_and_warns():
