@@ -94,9 +94,15 @@ def _config_change(asset: str, before: dict, now: dict) -> str | None:
     changed = sorted(k for k in set(old) | set(new) if old.get(k) != new.get(k))
     if changed:
         return "config changed: " + ", ".join(f"{k} {old.get(k)!r} -> {new.get(k)!r}" for k in changed)
-    if (before.get("resources") or {}) != (now.get("resources") or {}):
+    if _resources(before) != _resources(now):
         return "resource config changed"
     return None
+
+
+def _resources(run_config: dict) -> dict:
+    """The resources' config as a run used them: one launched without a storage root (from the UI) used the
+    code location's default root and its database, as the CLI does unless told another root."""
+    return with_storage(run_config, default_storage_root())["resources"]
 
 
 def _input_files_changed(asset: str, run_config: dict) -> str | None:

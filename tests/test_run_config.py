@@ -146,3 +146,19 @@ def test_plan_after_a_full_run_is_empty_and_force_takes_everything(small_run):
     changed = {"ops": {**SMALL["ops"], "spectral_basis": {"config": {"k": 4}}}}
     plan = plan_stage(instance, "prepare_job", with_storage(changed, str(small_run["root"])))
     assert plan.run == ["spectral_basis"] and plan.reasons["spectral_basis"] == "config changed: k 8 -> 4"
+
+
+def test_a_run_launched_from_the_ui_used_the_same_resources_as_the_cli(monkeypatch, tmp_path):
+    """The UI records no storage root (the code location's default); the CLI records the root it resolved. On
+    the default root they are the same resources, so the CLI does not recompute what the UI made."""
+    from gist_assets.run import _config_change
+
+    monkeypatch.setenv("GIST_STORAGE_ROOT", str(tmp_path / "root"))
+    from_ui: dict = {"ops": {}}
+    cli = with_storage({}, str(tmp_path / "root"))
+    assert _config_change("candidate_features", from_ui, cli) is None
+    assert _config_change("candidate_features", from_ui, with_storage({}, str(tmp_path / "other"))) == (
+        "resource config changed"
+    )
+    smaller_batches = {**cli, "resources": {**cli["resources"], "compute": {"config": {"max_batch_size": 4}}}}
+    assert _config_change("candidate_features", from_ui, smaller_batches) == "resource config changed"
