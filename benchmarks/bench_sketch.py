@@ -139,6 +139,8 @@ def main(argv=None) -> int:
     )
     p.add_argument("--verbose", action="store_true", help="Dagster's event log on stderr")
     args = p.parse_args(argv)
+    if args.pool_size and (args.quick or args.pool != "embedded"):
+        p.error("--pool-size sizes the embedded pool: it goes with neither --quick nor --pool realtext")
 
     import dagster as dg
     import duckdb

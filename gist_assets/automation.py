@@ -33,7 +33,7 @@ from .inputs import candidate_pool
 from .partitions import CANDIDATE_SHARDS
 from .scores import METHOD, SKETCH_METHOD, candidate_scores, scores_inputs
 from .selection import selected_subset
-from .sketches import sketch_shard_state
+from .sketches import sketch_shard_state, sketch_shards_due
 from .versions import fingerprint
 
 WATCH_ENV = "GIST_WATCH_DIR"
@@ -78,29 +78,29 @@ def refresh_requests(storage: ArtifactStore, watch_dir: str, shards: list[str]) 
             )
         ]
     methods = effective_config(_user_ops(["candidate_scores"]), "candidate_scores")["methods"]
+    sketch_config = _user_ops(["candidate_sketches"])
     try:
         missing, stale, versions = gist_shard_state(storage, shards)
         basis_version = storage.read_basis_manifest()["version"]
-        missing_sketches, stale_sketches, sketch_metas = sketch_shard_state(storage, shards)
+        # Sketches of another projection than the run config's are due too: the pool's sketches stay one kind.
+        sketches_due, _ = sketch_shards_due(storage, shards, effective_config(sketch_config, "candidate_sketches"))
+        sketch_metas = sketch_shard_state(storage, shards)[2]
         warmup_version = storage.read_warmup()["version"]
     except FileNotFoundError:
         return dg.SkipReason("no spectral basis yet: materialize the graph once (prepare_job) first")
     reads = {SCORING_METHODS[m] for m in methods}  # the feature assets the requested methods read
-    due = {
-        FEATURES: set(missing + stale) if FEATURES.to_user_string() in reads else set(),
-        SKETCHES: set(missing_sketches + stale_sketches) if SKETCHES.to_user_string() in reads else set(),
-    }
-    sketch_config = _user_ops(["candidate_sketches"])
+    read_keys = [k for k in (FEATURES, SKETCHES) if k.to_user_string() in reads]
+    due = {FEATURES: set(missing + stale), SKETCHES: set(sketches_due)}
     made_from = {FEATURES: basis_version, SKETCHES: fingerprint(sketch_config, warmup_version)}
     requests = []
-    for s in sorted(due[FEATURES] | due[SKETCHES]):
-        keys = [k for k in (FEATURES, SKETCHES) if s in due[k]]
+    for s in sorted(set().union(*(due[k] for k in read_keys))):
+        # The key names every read asset's inputs, whichever are due: a tick while the pass is half written (one
+        # output recorded, the other not yet) asks the same run again, which Dagster skips.
+        key_parts = [s, str(pool["shards"].get(s)), *(f"{k.path[-1]}-{made_from[k]}" for k in read_keys)]
         requests.append(
             dg.RunRequest(
-                run_key="-".join(
-                    ["pass", s, str(pool["shards"].get(s))] + [f"{k.path[-1]}-{made_from[k]}" for k in keys]
-                ),
-                asset_selection=keys,
+                run_key="-".join(key_parts),
+                asset_selection=[k for k in read_keys if s in due[k]],
                 partition_key=s,
                 run_config=sketch_config,
             )

@@ -21,7 +21,7 @@ from gist_resources import ArtifactStore, ComputeResource
 from .config import DEFAULT_SCORING_METHODS, SCORING_METHODS, CandidateSketchesConfig, known_scoring_methods
 from .features import FEATURES, SKETCHES, compute_shard, gist_shard_state
 from .partitions import CANDIDATE_SHARDS
-from .sketches import sketch_shard_state
+from .sketches import sketch_shards_due
 from .steps import GPU_POOL, GPU_STEP_TAGS, GRADIENT_RETRY
 
 
@@ -32,7 +32,8 @@ class FanOutConfig(dg.Config):
         description="The scoring methods to make features for (as candidate_scores.methods): "
         "gist / gist_fullspace -> candidate_features, gist_sketch -> candidate_sketches",
     )
-    sketches: CandidateSketchesConfig = CandidateSketchesConfig()  # as candidate_sketches' config
+    # As candidate_sketches' config; None: the projection the pool's sketches were made with (the default if none).
+    sketches: CandidateSketchesConfig | None = None
 
     @field_validator("methods")
     @classmethod
@@ -40,35 +41,36 @@ class FanOutConfig(dg.Config):
         return known_scoring_methods(methods)
 
 
-def due_shards(storage: ArtifactStore, shards: list[str], config: FanOutConfig) -> dict[str, list[dg.AssetKey]]:
-    """{shard: the assets of it to compute}: those the methods read that are missing or stale (all with
-    ``all_shards``); sketches made with another projection are stale."""
+def due_shards(
+    storage: ArtifactStore, shards: list[str], config: FanOutConfig
+) -> tuple[dict[str, list[dg.AssetKey]], dict]:
+    """({shard: the assets of it to compute}: those the methods read that are missing or stale, all with
+    ``all_shards``; sketches made with another projection are stale), the sketches' config to make them with."""
     reads = {SCORING_METHODS[m] for m in config.methods}
     due: dict[str, list[dg.AssetKey]] = {}
     if FEATURES.to_user_string() in reads:
         missing, stale, _ = gist_shard_state(storage, shards)
         for shard in shards if config.all_shards else missing + stale:
             due.setdefault(shard, []).append(FEATURES)
+    sketch_config = config.sketches.model_dump() if config.sketches else None
     if SKETCHES.to_user_string() in reads:
-        want = {"dim": config.sketches.dim, "kind": config.sketches.projection, "seed": config.sketches.seed}
-        missing, stale, current = sketch_shard_state(storage, shards)
-        other = [s for s, meta in current.items() if meta["projection"] != want]
-        for shard in shards if config.all_shards else missing + stale + other:
+        sketches_due, sketch_config = sketch_shards_due(storage, shards, sketch_config)
+        for shard in shards if config.all_shards else sketches_due:
             due.setdefault(shard, []).append(SKETCHES)
-    return {s: due[s] for s in sorted(due)}
+    return {s: due[s] for s in sorted(due)}, sketch_config or CandidateSketchesConfig().model_dump()
 
 
 @dg.op(out=dg.DynamicOut(dict))
 def shards_to_compute(context: dg.OpExecutionContext, config: FanOutConfig, storage: ArtifactStore):
     shards = sorted(context.instance.get_dynamic_partitions(CANDIDATE_SHARDS))
-    due = due_shards(storage, shards, config)
+    due, sketch_config = due_shards(storage, shards, config)
     context.log.info(f"{len(due)} of {len(shards)} shards to compute")
     for shard, keys in due.items():
         yield dg.DynamicOutput(
             {
                 "shard": shard,
                 "features": FEATURES in keys,
-                "sketches": config.sketches.model_dump() if SKETCHES in keys else None,
+                "sketches": sketch_config if SKETCHES in keys else None,
             },
             mapping_key=re.sub(r"[^A-Za-z0-9_]", "_", shard),
         )

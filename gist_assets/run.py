@@ -41,6 +41,9 @@ from .config import (
 from .definitions import ASSETS, JOB_ASSETS, PARTITIONED_JOBS
 from .partitions import candidate_shards
 from .scores import METHOD
+from .sketches import ASSET as SKETCH_ASSET
+from .sketches import KIND as SKETCH_KIND
+from .sketches import made_with
 from .steps import RECOMPUTE_TAG
 
 LOCATION_NAME = "gist"  # workspace.yaml's location_name: CLI runs re-execute from the UI under it
@@ -84,10 +87,11 @@ def _latest(instance: dg.DagsterInstance, key: dg.AssetKey, partition: str | Non
     return records[0].event_log_entry if records else None
 
 
-def _config_change(asset: str, before: dict, now: dict) -> str | None:
-    """What changed in the asset's effective config (or the resources) since the run that built it."""
+def _config_change(asset: str, before: dict, now: dict, made_with: dict | None = None) -> str | None:
+    """What changed in the asset's effective config (or the resources) since the run that built it;
+    ``made_with``: the config its stored output records, which outranks the run's (another job may have made it)."""
     try:
-        old = effective_config(before, asset) if asset in ASSET_CONFIGS else {}
+        old = made_with or (effective_config(before, asset) if asset in ASSET_CONFIGS else {})
     except RunConfigError:
         return "its config was invalid then"
     new = effective_config(now, asset) if asset in ASSET_CONFIGS else {}
@@ -126,6 +130,17 @@ def _input_files_changed(asset: str, run_config: dict) -> str | None:
         return None
     moved = sorted(p for p in set(recorded) | set(now) if recorded.get(p) != now.get(p))
     return "input files changed: " + ", ".join(moved[:3]) + (f" (+{len(moved) - 3} more)" if len(moved) > 3 else "")
+
+
+def _made_with(asset: str, partition: str | None, run_config: dict) -> dict | None:
+    """The config a shard's sketches were made with, from their meta: parallel_features_job and the UI make them
+    under other keys than the run-config file's."""
+    if asset != SKETCH_ASSET or partition is None:
+        return None
+    meta = ArtifactStore(root=run_config["resources"]["storage"]["config"]["root"]).shard_features_meta(
+        SKETCH_KIND, partition
+    )
+    return made_with(meta) if meta else None
 
 
 def _label(asset: str, partition: str | None) -> str:
@@ -183,7 +198,9 @@ def plan_stage(
         else:
             prior = instance.get_run_by_id(entry.run_id)
             reason = (
-                _config_change(name, dict(prior.run_config) if prior else {}, run_config)
+                _config_change(
+                    name, dict(prior.run_config) if prior else {}, run_config, _made_with(name, partition, run_config)
+                )
                 or _input_files_changed(name, run_config)
                 or _stale_reason(resolver, key, partition)
             )

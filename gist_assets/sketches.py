@@ -58,6 +58,23 @@ def sketch_shard_state(
     return missing, stale, current
 
 
+def made_with(meta: dict) -> dict:
+    """The candidate_sketches config (as ``CandidateSketchesConfig.model_dump()``) a shard's sketches were made
+    with, from its meta."""
+    projection = meta["projection"]
+    return {"dim": projection["dim"], "projection": projection["kind"], "seed": projection["seed"]}
+
+
+def sketch_shards_due(storage: ArtifactStore, shards: list[str], config: dict | None) -> tuple[list[str], dict]:
+    """(shards whose sketches are missing, stale, or made with another projection than ``config``, the config to
+    make them with). ``config`` None: the projection the pool's current sketches were made with, so new sketches
+    match them (the default where there are none)."""
+    missing, stale, current = sketch_shard_state(storage, shards)
+    want = config or next((made_with(m) for m in current.values()), None) or CandidateSketchesConfig().model_dump()
+    other = [s for s, meta in current.items() if made_with(meta) != want]
+    return sorted(missing + stale + other), want
+
+
 def current_sketch_shards(storage: ArtifactStore, shards: list[str], checkpoints: list[str]):
     """({shard: sketch version}, the projector) when every shard's sketches are current and made with one
     projection; otherwise an error naming the missing and stale shards."""

@@ -26,7 +26,7 @@ import weakref
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
-from typing import TypeGuard
+from typing import Any, TypeGuard
 
 import numpy as np
 import torch
@@ -615,21 +615,51 @@ def basis_projection(
     return add_block
 
 
-def side_by_side(
-    parts: Sequence[tuple[Callable[[torch.Tensor, int, torch.Tensor], None], int]],
-) -> tuple[Callable[[torch.Tensor, int, torch.Tensor], None], int, list[slice]]:
-    """Several projections from one gradient pass: (add_block, width) parts -> one ``add_block`` writing each
-    part into its own columns of the accumulator, the total width, and each part's columns."""
-    columns, start = [], 0
-    for _, width in parts:
-        columns.append(slice(start, start + width))
-        start += width
+class SideBySide:
+    """Several projections from one gradient pass: ``add_block`` writes each (add_block, width) part into its
+    own columns of the accumulator (``columns``, ``width`` in all), and times each part's share, so that a
+    shared pass can say what each projection cost on top of the backward (``part_seconds``)."""
 
-    def add_block(acc: torch.Tensor, k: int, g: torch.Tensor) -> None:
-        for (add, _), cols in zip(parts, columns, strict=True):
-            add(acc[:, cols], k, g)
+    # CUDA timing events kept before they are read (one synchronize per this many part calls).
+    EVENTS_PER_SYNC = 4096
 
-    return add_block, start, columns
+    def __init__(self, parts: Sequence[tuple[Callable[[torch.Tensor, int, torch.Tensor], None], int]]):
+        self.parts = list(parts)
+        self.columns: list[slice] = []
+        start = 0
+        for _, width in self.parts:
+            self.columns.append(slice(start, start + width))
+            start += width
+        self.width = start
+        self._seconds = [0.0] * len(self.parts)
+        self._events: list[tuple[int, Any, Any]] = []  # CUDA is asynchronous: timed by events, read later
+
+    def add_block(self, acc: torch.Tensor, k: int, g: torch.Tensor) -> None:
+        for i, ((add, _), cols) in enumerate(zip(self.parts, self.columns, strict=True)):
+            if g.is_cuda:
+                begin, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+                begin.record()
+                add(acc[:, cols], k, g)
+                end.record()
+                self._events.append((i, begin, end))
+                if len(self._events) >= self.EVENTS_PER_SYNC:
+                    self._read_events()
+            else:
+                t0 = time.perf_counter()
+                add(acc[:, cols], k, g)
+                self._seconds[i] += time.perf_counter() - t0
+
+    def _read_events(self) -> None:
+        if self._events:
+            torch.cuda.synchronize()
+            for i, begin, end in self._events:
+                self._seconds[i] += begin.elapsed_time(end) / 1000.0
+            self._events.clear()
+
+    def part_seconds(self) -> list[float]:
+        """Seconds spent in each part's projection so far."""
+        self._read_events()
+        return list(self._seconds)
 
 
 def projected_gradients(

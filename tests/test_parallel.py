@@ -8,7 +8,7 @@ import duckdb
 import polars as pl
 
 from gist_assets.parallel import FanOutConfig, due_shards
-from gist_assets.run import materialize
+from gist_assets.run import materialize, plan_stage, with_storage
 from gist_resources import ArtifactStore
 from gist_resources.devices import claim_slot
 
@@ -64,12 +64,30 @@ def test_multiprocess_fan_out_scores_every_candidate_once(tiny_graph, monkeypatc
         }
         assert made == {"candidate_features": set(redo), "candidate_sketches": set(shards)}
         storage = ArtifactStore(root=str(root))
-        assert due_shards(storage, shards, FanOutConfig()) == {}  # nothing left to do
-        other = FanOutConfig(sketches={"dim": 64})
-        assert due_shards(storage, shards, other) == {s: [dg.AssetKey("candidate_sketches")] for s in shards}
-        assert due_shards(storage, shards, FanOutConfig(methods=["gist"], all_shards=True)) == {
+        assert due_shards(storage, shards, FanOutConfig())[0] == {}  # nothing left to do
+        assert due_shards(storage, shards, FanOutConfig(methods=["gist"], all_shards=True))[0] == {
             s: [dg.AssetKey("candidate_features")] for s in shards
         }
+        # Sketches of another projection: every shard is due, made with the asked projection; then the CLI's
+        # planner reads what the shards were made with, not the fan-out run's config (which names no sketches).
+        small = {
+            "execution": {"config": {"max_concurrent": 2}},
+            "ops": {"shards_to_compute": {"config": {"sketches": {"dim": 64}}}},
+        }
+        assert due_shards(storage, shards, FanOutConfig(sketches={"dim": 64}))[0] == {
+            s: [dg.AssetKey("candidate_sketches")] for s in shards
+        }
+        assert dg.execute_job(job, instance=instance, run_config=small).success
+        assert due_shards(storage, shards, FanOutConfig())[0] == {}  # None: keep the pool's projection (64)
+        file_64 = with_storage({"ops": {"candidate_sketches": {"config": {"dim": 64}}}}, str(root))
+        plan = plan_stage(instance, "features_job", file_64, shards[0])
+        assert "candidate_sketches" in plan.fresh and "candidate_features" in plan.fresh, plan
+        plan = plan_stage(
+            instance, "features_job", with_storage(with_methods(config, ["gist", "gist_sketch"]), str(root)), shards[0]
+        )
+        assert plan.run == ["candidate_sketches"] and plan.reasons["candidate_sketches"] == (
+            "config changed: dim 64 -> 16384"
+        )
         materialize(["candidate_scores"], with_methods(config, ["gist", "gist_sketch"]), instance, str(root))
     pool = pl.read_parquet(root / "pool" / "candidate_pool.parquet")
     with duckdb.connect(str(root / "gist.duckdb"), read_only=True) as db:

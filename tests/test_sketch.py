@@ -12,11 +12,11 @@ import torch
 from gist_assets.config import RunConfigError, check_run_config
 from gist_assets.run import launch, run_all, with_storage
 from gist_core.gradients import (
+    SideBySide,
     basis_projection,
     block_features,
     full_gradients,
     projected_gradients,
-    side_by_side,
     trainable_linears,
 )
 from gist_core.projection import BlockProjector, sketch_projector
@@ -60,7 +60,7 @@ def test_sketched_coordinates_converge_to_exact_as_d_grows(kind):
 
 
 def test_one_pass_gives_the_exact_features_and_the_sketches_of_two_passes():
-    """side_by_side: the basis projection and the sketch from one backward equal each from its own pass."""
+    """SideBySide: the basis projection and the sketch from one backward equal each from its own pass."""
     model = _llama(4)
     _perturb_lora(model)
     layout, _ = trainable_linears(model)
@@ -69,9 +69,12 @@ def test_one_pass_gives_the_exact_features_and_the_sketches_of_two_passes():
     projector = sketch_projector(layout, 256, 0, "countsketch")
     z, z_norms, z_losses, _ = projected_gradients(model, candidates, V)
     s, _, _, _ = block_features(model, candidates, projector.add_block, 256)
-    add_block, width, (z_cols, s_cols) = side_by_side([(basis_projection(layout, V), 6), (projector.add_block, 256)])
-    both, norms, losses, _ = block_features(model, candidates, add_block, width)
-    assert width == 262 and both.shape == (30, 262)
+    together = SideBySide([(basis_projection(layout, V), 6), (projector.add_block, 256)])
+    z_cols, s_cols = together.columns
+    both, norms, losses, stats = block_features(model, candidates, together.add_block, together.width)
+    assert together.width == 262 and both.shape == (30, 262)
+    projection_seconds = together.part_seconds()
+    assert all(t > 0 for t in projection_seconds) and sum(projection_seconds) < stats.seconds
     np.testing.assert_array_equal(both[:, z_cols], z)
     np.testing.assert_array_equal(both[:, s_cols], s)
     np.testing.assert_array_equal(norms, z_norms)
@@ -110,6 +113,17 @@ def test_features_and_sketches_of_a_shard_come_from_one_gradient_pass(tiny_graph
             for name in before:
                 np.testing.assert_array_equal(after[name], before[name], err_msg=f"{kind} {name}")
         assert {a: _data_version(instance, a, shard) for a in versions} == versions
+        # Each asset records what its own pass would cost: the shared pass less the other one's projection.
+        timings = {
+            kind: json.loads((root / kind / shard / "meta.json").read_text())["timings"]
+            for kind in ("features", "features_gist_sketch")
+        }
+        for ckpt, t in timings["features"].items():
+            s = timings["features_gist_sketch"][ckpt]
+            assert t["pass_seconds"] == s["pass_seconds"] and t["pass_shared_with"] == ["sketches"]
+            assert t["seconds"] == pytest.approx(t["pass_seconds"] - s["projection_seconds"])
+            assert s["seconds"] == pytest.approx(s["pass_seconds"] - t["projection_seconds"])
+            assert 0 < s["projection_seconds"] < s["seconds"] < s["pass_seconds"]
 
 
 def _data_version(instance, asset: str, shard: str) -> str:
