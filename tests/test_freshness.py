@@ -10,10 +10,13 @@ import pytest
 import yaml
 
 from gist_assets.automation import new_candidate_data
+from gist_assets.config import CONFIG_NODES
 from gist_assets.definitions import make_resources
 from gist_assets.run import materialize, run_all
 from gist_demo import synthetic
 from small_config import SMALL
+
+FILE_KEYS = {node: asset for asset, node in CONFIG_NODES.items()}
 
 
 def _tick(instance, resources):
@@ -32,7 +35,9 @@ def _drive(instance, resources, run_config):
             return ran
         for req in requests:
             names = [k.to_user_string() for k in req.asset_selection]
-            cfg = {"ops": {**run_config["ops"], **(req.run_config or {}).get("ops", {})}}
+            # A request carries its job's run config (the sketches' under the pass step): back to the file's shape.
+            requested = {FILE_KEYS.get(k, k): v for k, v in ((req.run_config or {}).get("ops") or {}).items()}
+            cfg = {"ops": {**run_config["ops"], **requested}}
             materialize(names, cfg, instance, resources["storage"].root, partition=req.partition_key)
             ran.append((tuple(names), req.partition_key))
     raise AssertionError(f"the sensor did not settle: {ran}")
@@ -155,6 +160,19 @@ def test_sensor_adds_changes_and_removes_only_what_changed_and_new_data_scores_o
         md = instance.get_latest_materialization_event(dg.AssetKey("candidate_scores")).asset_materialization.metadata
         with duckdb.connect(str(root / "gist.duckdb"), read_only=True) as db:
             chosen = db.execute("SELECT target, budget, candidate_id FROM selections WHERE method = 'gist'").fetchall()
+
+        # 5. Another sketch projection in $GIST_RUN_CONFIG: every shard's sketches are due (made with it, no
+        # exact features), then the scores; the pool's sketches stay one kind.
+        dim64 = {"ops": {**run_config["ops"], "candidate_sketches": {"config": {"dim": 64}}}}
+        (tmp_path / "run.yaml").write_text(yaml.safe_dump(dim64))
+        ran = _drive(instance, resources, dim64)
+        shards = sorted(instance.get_dynamic_partitions("candidate_shards"))
+        assert ran == [(("candidate_sketches",), s) for s in shards] + [(("candidate_scores", "selected_subset"), None)]
+        made = {
+            json.loads((root / "features_gist_sketch" / s / "meta.json").read_text())["projection"]["dim"]
+            for s in shards
+        }
+        assert made == {64}
     warmed = set(pl.read_parquet(root / "warmup" / "pool_ids.parquet")["candidate_id"])
     newer = {c for by_id in scores.values() for c in by_id} - warmed
     assert md["candidates_newer_than_warmup"].value == len(newer) == 80 + 1  # + the record appended in step 2
