@@ -83,8 +83,8 @@ def refresh_requests(storage: ArtifactStore, watch_dir: str, shards: list[str]) 
         missing, stale, versions = gist_shard_state(storage, shards)
         basis_version = storage.read_basis_manifest()["version"]
         # Sketches of another projection than the run config's are due too: the pool's sketches stay one kind.
-        sketches_due, _ = sketch_shards_due(storage, shards, effective_config(sketch_config, "candidate_sketches"))
-        sketch_metas = sketch_shard_state(storage, shards)[2]
+        sketch_state = sketch_shard_state(storage, shards)
+        sketches_due, _ = sketch_shards_due(sketch_state, effective_config(sketch_config, "candidate_sketches"))
         warmup_version = storage.read_warmup()["version"]
     except FileNotFoundError:
         return dg.SkipReason("no spectral basis yet: materialize the graph once (prepare_job) first")
@@ -107,7 +107,7 @@ def refresh_requests(storage: ArtifactStore, watch_dir: str, shards: list[str]) 
         )
     if requests:
         return requests
-    sketch_versions = {s: m["version"] for s, m in sketch_metas.items()}
+    sketch_versions = {s: m["version"] for s, m in sketch_state[2].items()}
     inputs = {m: scores_inputs(sketch_versions if m == SKETCH_METHOD else versions, basis_version) for m in methods}
     record = storage.scores_record_or_none(METHOD)
     if record is not None and record.get("inputs") == inputs:

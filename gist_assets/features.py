@@ -25,7 +25,7 @@ from .inputs import candidate_pool
 from .model import base_model, chat_format, warmup_checkpoint
 from .sketches import KIND as SKETCH_KIND
 from .sketches import SKETCHES_CODE_VERSION, sketch_version
-from .steps import SHARD_PASS, progress_logger
+from .steps import SHARD_KINDS, SHARD_PASS, progress_logger
 from .versions import data_version, fingerprint
 
 FEATURES_CODE_VERSION = "2"
@@ -113,7 +113,8 @@ class ShardPass:
     """What one shard's pass computes at each checkpoint: exact features onto the targets' bases, sketches, or
     both from the same backward."""
 
-    def __init__(self, storage: ArtifactStore, features: bool, sketch: CandidateSketchesConfig | None):
+    def __init__(self, storage: ArtifactStore, ref: dict, features: bool, sketch: CandidateSketchesConfig | None):
+        self.ref = ref
         self.bases = storage.read_basis_manifest() if features else None
         self.warmup = storage.read_warmup() if sketch is not None else None
         self.sketch = sketch
@@ -122,13 +123,12 @@ class ShardPass:
         self.basis_checkpoints, self.sketch_checkpoints = basis_ckpts, sketch_ckpts
         self.checkpoints = list(dict.fromkeys(sketch_ckpts + basis_ckpts))  # warmup order
         self.targets = sorted(self.bases["targets"]) if self.bases else []
-        self.features: dict[str, np.ndarray] = {}
-        self.sketches: dict[str, np.ndarray] = {}
+        self.tensors: dict[str, dict[str, np.ndarray]] = {"features": {}, "sketches": {}}
         self.timings: dict[str, dict] = {"features": {}, "sketches": {}}
         self.layout: GradientLayout | None = None
 
-    def run(self, storage: ArtifactStore, compute: ComputeResource, shard_in: "ShardInput", ckpt: str, log) -> None:
-        model = compute.load_model(storage.model_path(storage.read_model_ref()), storage.checkpoint_dir(ckpt))
+    def run(self, storage: ArtifactStore, compute: ComputeResource, shard_in: ShardInput, ckpt: str, log) -> None:
+        model = compute.load_model(storage.model_path(self.ref), storage.checkpoint_dir(ckpt))
         layout, modules = trainable_linears(model)
         self.layout = layout
         device = compute.torch_device()
@@ -153,7 +153,7 @@ class ShardPass:
         )
         projection_seconds = dict(zip(parts, together.part_seconds(), strict=True))
         for part, cols in zip(parts, together.columns, strict=True):
-            tensors = self.features if part == "features" else self.sketches
+            tensors = self.tensors[part]
             if part == "features":
                 for name, (a, b) in slices.items():
                     tensors[f"{ckpt}/{name}"] = np.ascontiguousarray(values[:, cols.start + a : cols.start + b])
@@ -186,7 +186,7 @@ def compute_shard(
     version, metadata) for it; shared by the partitioned assets and the parallel fan-out job."""
     ref = storage.read_model_ref()
     shard_in = ShardInput.load(storage, compute, ref, shard)
-    todo = ShardPass(storage, features, sketch)
+    todo = ShardPass(storage, ref, features, sketch)
     for ckpt in todo.checkpoints:
         todo.run(storage, compute, shard_in, ckpt, log)
     n_excluded = len(shard_in.encoded) - len(shard_in.keep)
@@ -197,16 +197,16 @@ def compute_shard(
         )
     common = {"scored": len(shard_in.keep), "device": str(compute.torch_device())}
     if todo.bases is not None:
-        yield FEATURES, *_write_features(storage, shard_in, ref, todo, common)
-    if todo.warmup is not None and sketch is not None:
-        yield SKETCHES, *_write_sketches(storage, shard_in, ref, todo, sketch, common)
+        yield FEATURES, *_write_features(storage, shard_in, todo, common)
+    if todo.sketch is not None:
+        yield SKETCHES, *_write_sketches(storage, shard_in, todo, common)
 
 
-def _write_features(storage: ArtifactStore, shard_in: "ShardInput", ref: dict, todo: ShardPass, common: dict):
-    bases, tensors, timings = todo.bases, todo.features, todo.timings["features"]
+def _write_features(storage: ArtifactStore, shard_in: ShardInput, todo: ShardPass, common: dict):
+    bases, tensors, timings = todo.bases, todo.tensors["features"], todo.timings["features"]
     assert bases is not None
     version = fingerprint(
-        "candidate_features", FEATURES_CODE_VERSION, None, shard_in.version, bases["version"], ref["version"]
+        "candidate_features", FEATURES_CODE_VERSION, None, shard_in.version, bases["version"], todo.ref["version"]
     )
     meta = {
         "version": version,
@@ -231,13 +231,11 @@ def _write_features(storage: ArtifactStore, shard_in: "ShardInput", ref: dict, t
     }
 
 
-def _write_sketches(
-    storage: ArtifactStore, shard_in: "ShardInput", ref: dict, todo: ShardPass, sketch: CandidateSketchesConfig, common
-):
-    warm, tensors, timings = todo.warmup, todo.sketches, todo.timings["sketches"]
-    assert warm is not None and todo.layout is not None  # a warmup has at least one checkpoint
+def _write_sketches(storage: ArtifactStore, shard_in: ShardInput, todo: ShardPass, common: dict):
+    sketch, warm, tensors, timings = todo.sketch, todo.warmup, todo.tensors["sketches"], todo.timings["sketches"]
+    assert sketch is not None and warm is not None and todo.layout is not None  # a warmup has >= 1 checkpoint
     projection = {"dim": sketch.dim, "kind": sketch.projection, "seed": sketch.seed}
-    version = sketch_version(sketch, shard_in.version, warm["version"], ref["version"])
+    version = sketch_version(sketch, shard_in.version, warm["version"], todo.ref["version"])
     meta = {
         "version": version,
         "shard_version": shard_in.version,
@@ -259,9 +257,6 @@ def _write_sketches(
     }
 
 
-_SHARD_KINDS = {"pytorch", "safetensors"}
-
-
 @dg.multi_asset(
     name="candidate_gradient_pass",
     specs=[
@@ -270,7 +265,7 @@ _SHARD_KINDS = {"pytorch", "safetensors"}
             deps=[candidate_pool, spectral_basis, base_model],
             code_version=FEATURES_CODE_VERSION,
             group_name="gist",
-            kinds=_SHARD_KINDS,
+            kinds=SHARD_KINDS,
             description="One shard's candidate gradients projected onto every target's basis (exact GIST "
             "coordinates z), one pass per checkpoint for all targets",
         ),
@@ -279,7 +274,7 @@ _SHARD_KINDS = {"pytorch", "safetensors"}
             deps=[candidate_pool, warmup_checkpoint, base_model],
             code_version=SKETCHES_CODE_VERSION,
             group_name="gist",
-            kinds=_SHARD_KINDS,
+            kinds=SHARD_KINDS,
             description="One shard's target-independent gradient sketches g P (d per warmup checkpoint), "
             "for `gist_sketch`: later targets are scored without a pass over the pool",
         ),

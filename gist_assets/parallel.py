@@ -21,7 +21,7 @@ from gist_resources import ArtifactStore, ComputeResource
 from .config import DEFAULT_SCORING_METHODS, SCORING_METHODS, CandidateSketchesConfig, known_scoring_methods
 from .features import FEATURES, SKETCHES, compute_shard, gist_shard_state
 from .partitions import CANDIDATE_SHARDS
-from .sketches import sketch_shards_due
+from .sketches import sketch_shard_state, sketch_shards_due
 from .steps import GPU_POOL, GPU_STEP_TAGS, GRADIENT_RETRY
 
 
@@ -43,21 +43,23 @@ class FanOutConfig(dg.Config):
 
 def due_shards(
     storage: ArtifactStore, shards: list[str], config: FanOutConfig
-) -> tuple[dict[str, list[dg.AssetKey]], dict]:
+) -> tuple[dict[str, list[dg.AssetKey]], dict | None]:
     """({shard: the assets of it to compute}: those the methods read that are missing or stale, all with
-    ``all_shards``; sketches made with another projection are stale), the sketches' config to make them with."""
+    ``all_shards``; sketches made with another projection are stale), the sketches' config to make them with
+    (None when the methods read no sketches)."""
     reads = {SCORING_METHODS[m] for m in config.methods}
     due: dict[str, list[dg.AssetKey]] = {}
     if FEATURES.to_user_string() in reads:
         missing, stale, _ = gist_shard_state(storage, shards)
         for shard in shards if config.all_shards else missing + stale:
             due.setdefault(shard, []).append(FEATURES)
-    sketch_config = config.sketches.model_dump() if config.sketches else None
+    sketch_config = None
     if SKETCHES.to_user_string() in reads:
-        sketches_due, sketch_config = sketch_shards_due(storage, shards, sketch_config)
+        asked = config.sketches.model_dump() if config.sketches else None
+        sketches_due, sketch_config = sketch_shards_due(sketch_shard_state(storage, shards), asked)
         for shard in shards if config.all_shards else sketches_due:
             due.setdefault(shard, []).append(SKETCHES)
-    return {s: due[s] for s in sorted(due)}, sketch_config or CandidateSketchesConfig().model_dump()
+    return {s: due[s] for s in sorted(due)}, sketch_config
 
 
 @dg.op(out=dg.DynamicOut(dict))

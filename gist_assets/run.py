@@ -87,11 +87,11 @@ def _latest(instance: dg.DagsterInstance, key: dg.AssetKey, partition: str | Non
     return records[0].event_log_entry if records else None
 
 
-def _config_change(asset: str, before: dict, now: dict, made_with: dict | None = None) -> str | None:
+def _config_change(asset: str, before: dict, now: dict, recorded: dict | None = None) -> str | None:
     """What changed in the asset's effective config (or the resources) since the run that built it;
-    ``made_with``: the config its stored output records, which outranks the run's (another job may have made it)."""
+    ``recorded``: the config its stored output records, which outranks the run's (another job may have made it)."""
     try:
-        old = made_with or (effective_config(before, asset) if asset in ASSET_CONFIGS else {})
+        old = recorded or (effective_config(before, asset) if asset in ASSET_CONFIGS else {})
     except RunConfigError:
         return "its config was invalid then"
     new = effective_config(now, asset) if asset in ASSET_CONFIGS else {}

@@ -65,11 +65,13 @@ def made_with(meta: dict) -> dict:
     return {"dim": projection["dim"], "projection": projection["kind"], "seed": projection["seed"]}
 
 
-def sketch_shards_due(storage: ArtifactStore, shards: list[str], config: dict | None) -> tuple[list[str], dict]:
+def sketch_shards_due(
+    state: tuple[list[str], list[str], dict[str, dict]], config: dict | None
+) -> tuple[list[str], dict]:
     """(shards whose sketches are missing, stale, or made with another projection than ``config``, the config to
-    make them with). ``config`` None: the projection the pool's current sketches were made with, so new sketches
-    match them (the default where there are none)."""
-    missing, stale, current = sketch_shard_state(storage, shards)
+    make them with), from ``sketch_shard_state``'s answer. ``config`` None: the projection the pool's current
+    sketches were made with, so new sketches match them (the default where there are none)."""
+    missing, stale, current = state
     want = config or next((made_with(m) for m in current.values()), None) or CandidateSketchesConfig().model_dump()
     other = [s for s, meta in current.items() if made_with(meta) != want]
     return sorted(missing + stale + other), want

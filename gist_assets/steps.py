@@ -42,7 +42,8 @@ def progress_logger(log, what: str, every_s: float = 10.0):
     return report
 
 
-# A model pass over one shard of the pool (a partition): GPU pool and request, retries.
+# A model pass over one shard of the pool (a partition): GPU pool and request, retries; what it writes.
+SHARD_KINDS = {"pytorch", "safetensors"}
 SHARD_PASS: dict[str, Any] = {
     "partitions_def": candidate_shards,
     "retry_policy": GRADIENT_RETRY,
@@ -53,4 +54,4 @@ SHARD_PASS: dict[str, Any] = {
 
 def shard_features_asset(**kwargs: Any):
     """``dg.asset`` for a model pass over one shard of the pool (``SHARD_PASS``)."""
-    return dg.asset(kinds={"pytorch", "safetensors"}, **SHARD_PASS, **kwargs)
+    return dg.asset(kinds=SHARD_KINDS, **SHARD_PASS, **kwargs)

@@ -62,12 +62,6 @@ class BlockProjector:
             stop = min(size, start + self.chunk_rows)
             acc.addmm_(g[:, start:stop].float(), self._chunk(block, c, stop - start))
 
-    def project_block(self, block: int, g: torch.Tensor) -> torch.Tensor:
-        """(B, block size) -> (B, d): this block's share of g @ P."""
-        out = torch.zeros(g.shape[0], self.dim, device=g.device, dtype=torch.float32)
-        self.add_block(out, block, g)
-        return out
-
     def project_rows(self, G: np.ndarray, row_chunk: int = 256) -> np.ndarray:
         """Project full gradients (N x D, e.g. a memmap) -> N x d, reading G a slab at a time."""
         out = np.zeros((G.shape[0], self.dim), dtype=np.float32)
@@ -134,12 +128,6 @@ class CountSketch:
         """Add this block's share of g @ P ((B, block size) -> (B, d)) into ``acc`` (B, d): scattered in place,
         with no (B, d) temporary per block (which cost 25x the scatter itself)."""
         acc.index_add_(1, self.buckets[block].to(g.device), g.float() * self.signs[block].to(g.device))
-
-    def project_block(self, block: int, g: torch.Tensor) -> torch.Tensor:
-        """(B, block size) -> (B, d): this block's share of g @ P."""
-        out = torch.zeros(g.shape[0], self.dim, device=g.device, dtype=torch.float32)
-        self.add_block(out, block, g)
-        return out
 
     def project_columns(self, V: np.ndarray) -> np.ndarray:
         """P^T V for a D x k matrix -> d x k (see ``BlockProjector.project_columns``)."""
